@@ -1,0 +1,324 @@
+//! The event model shared by the kernel side (`tracer-ebpf`) and userspace (`tracer`).
+//!
+//! Everything that crosses the kernel/user boundary is defined here once: the ring-buffer
+//! record, the per-kind payloads, the map values and the offsets passed in as globals.
+//! Every type is `#[repr(C)]` with explicit padding so both sides agree byte for byte; the
+//! size asserts below catch an accidental layout change at compile time.
+#![no_std]
+
+use core::mem::size_of;
+
+/// What a ring-buffer record reports. The numeric values are part of the wire format.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventKind {
+    /// A dport became known: registered by `__devm_cxl_add_dport`, or discovered on first
+    /// sight as the result of an `xa_load` on its port's `dports` xarray.
+    DportAdd = 1,
+    /// `xa_load(xa, index)` returned `entry` (the dport, or 0).
+    XaLoad = 2,
+    /// `xa_erase(xa, index)` on a dports xarray; `entry` is what it removed.
+    XaErase = 3,
+    /// `xa_insert` / `xa_store` of `entry` at `index` in a dports xarray.
+    XaInsert = 4,
+    /// A tracked mutex (a port lock or a free lock) was taken.
+    Lock = 5,
+    /// A tracked mutex was released.
+    Unlock = 6,
+    /// A tracked dport reached a function that takes `struct cxl_dport *`.
+    Use = 7,
+    /// The memory of a tracked dport was freed.
+    Free = 8,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 8] = [
+        EventKind::DportAdd,
+        EventKind::XaLoad,
+        EventKind::XaErase,
+        EventKind::XaInsert,
+        EventKind::Lock,
+        EventKind::Unlock,
+        EventKind::Use,
+        EventKind::Free,
+    ];
+
+    pub const fn from_u32(value: u32) -> Option<EventKind> {
+        Some(match value {
+            1 => EventKind::DportAdd,
+            2 => EventKind::XaLoad,
+            3 => EventKind::XaErase,
+            4 => EventKind::XaInsert,
+            5 => EventKind::Lock,
+            6 => EventKind::Unlock,
+            7 => EventKind::Use,
+            8 => EventKind::Free,
+            _ => return None,
+        })
+    }
+
+    /// The name used in the JSON-lines interchange and in reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            EventKind::DportAdd => "dport_add",
+            EventKind::XaLoad => "xa_load",
+            EventKind::XaErase => "xa_erase",
+            EventKind::XaInsert => "xa_insert",
+            EventKind::Lock => "lock",
+            EventKind::Unlock => "unlock",
+            EventKind::Use => "use",
+            EventKind::Free => "free",
+        }
+    }
+
+    /// Size of this kind's payload, which follows the header in a record.
+    pub const fn payload_size(self) -> usize {
+        match self {
+            EventKind::DportAdd => size_of::<DportAdd>(),
+            EventKind::XaLoad | EventKind::XaErase | EventKind::XaInsert => size_of::<XaAccess>(),
+            EventKind::Lock | EventKind::Unlock => size_of::<LockOp>(),
+            EventKind::Use => size_of::<DportUse>(),
+            EventKind::Free => size_of::<DportFree>(),
+        }
+    }
+}
+
+/// `EventHeader::flags`: the kernel read `mutex->owner` of the event's free lock.
+pub const FLAG_FREE_LOCK_KNOWN: u32 = 1 << 0;
+/// `EventHeader::flags`: ... and the current task owns it.
+pub const FLAG_FREE_LOCK_HELD: u32 = 1 << 1;
+/// `EventHeader::flags`: the kernel read `mutex->owner` of the event's port lock.
+pub const FLAG_PORT_LOCK_KNOWN: u32 = 1 << 2;
+/// `EventHeader::flags`: ... and the current task owns it.
+pub const FLAG_PORT_LOCK_HELD: u32 = 1 << 3;
+/// `EventHeader::flags`: a stack was wanted but `bpf_get_stack` failed.
+pub const FLAG_STACK_LOST: u32 = 1 << 4;
+
+/// Most kernel stack frames kept per event. Probe paths through the driver core
+/// (sysfs write -> bind -> really_probe -> cxl probe) are about 30 deep.
+pub const MAX_STACK_FRAMES: usize = 48;
+
+/// The start of every ring-buffer record.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct EventHeader {
+    /// An `EventKind` value.
+    pub kind: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub cpu: u32,
+    /// Kernel task id (the thread).
+    pub tid: u32,
+    /// Thread group id (the process).
+    pub tgid: u32,
+    /// Bytes of kernel stack (u64 return addresses) after the payload; 0 when none.
+    pub stack_bytes: u32,
+    pub comm: [u8; 16],
+}
+const _: () = assert!(size_of::<EventHeader>() == 48);
+
+/// Payload of `EventKind::DportAdd`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct DportAdd {
+    pub dport: u64,
+    pub port: u64,
+    /// `&port->dports`.
+    pub xa: u64,
+    /// `&port->dev.mutex`.
+    pub port_lock: u64,
+    /// `&host->mutex`, host being `port->uport_dev` for a root port, `&port->dev` otherwise.
+    pub free_lock: u64,
+    /// 1 when `port` is a root port (`port->uport_dev == port->dev.parent`).
+    pub root: u32,
+    /// A `DportOrigin` value.
+    pub origin: u32,
+}
+const _: () = assert!(size_of::<DportAdd>() == 48);
+
+/// How the kernel side learnt of a dport.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum DportOrigin {
+    /// Seen being registered (`__devm_cxl_add_dport` returned it).
+    Registered = 0,
+    /// Validated on first sight as the result of an `xa_load` (it existed before attach).
+    Discovered = 1,
+}
+
+/// Payload of `XaLoad`, `XaErase` and `XaInsert`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct XaAccess {
+    pub xa: u64,
+    pub index: u64,
+    /// Returned entry for a load or an erase; stored entry for an insert.
+    pub entry: u64,
+}
+const _: () = assert!(size_of::<XaAccess>() == 24);
+
+/// Payload of `Lock` and `Unlock`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct LockOp {
+    /// Address of the `struct mutex`.
+    pub lock: u64,
+}
+const _: () = assert!(size_of::<LockOp>() == 8);
+
+/// Payload of `Use`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct DportUse {
+    pub dport: u64,
+    /// Kernel address inside the use site (the probed function); symbolized in userspace.
+    pub site: u64,
+}
+const _: () = assert!(size_of::<DportUse>() == 16);
+
+/// Payload of `Free`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct DportFree {
+    pub dport: u64,
+    /// The block handed to `kfree` (the devres node holding the dport).
+    pub block: u64,
+}
+const _: () = assert!(size_of::<DportFree>() == 16);
+
+/// The largest payload; the kernel reserves records of a fixed size.
+pub const MAX_PAYLOAD_SIZE: usize = 48;
+const _: () = {
+    let mut i = 0;
+    while i < EventKind::ALL.len() {
+        assert!(EventKind::ALL[i].payload_size() <= MAX_PAYLOAD_SIZE);
+        i += 1;
+    }
+};
+
+/// The payload area of a record, written by the kernel through the member of its kind.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub union Payload {
+    pub dport_add: DportAdd,
+    pub xa: XaAccess,
+    pub lock: LockOp,
+    pub dport_use: DportUse,
+    pub free: DportFree,
+    pub bytes: [u8; MAX_PAYLOAD_SIZE],
+}
+const _: () = assert!(size_of::<Payload>() == MAX_PAYLOAD_SIZE);
+
+/// A whole ring-buffer record as the kernel reserves it. Userspace never casts bytes to
+/// this: it decodes the header, then `payload_size()` bytes, then `stack_bytes` of frames.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct Record {
+    pub header: EventHeader,
+    pub payload: Payload,
+    pub stack: [u64; MAX_STACK_FRAMES],
+}
+/// Offset of the payload inside a record.
+pub const PAYLOAD_OFFSET: usize = size_of::<EventHeader>();
+/// Offset of the first stack frame inside a record.
+pub const STACK_OFFSET: usize = PAYLOAD_OFFSET + MAX_PAYLOAD_SIZE;
+const _: () = assert!(size_of::<Record>() == STACK_OFFSET + MAX_STACK_FRAMES * 8);
+
+/// Kernel-side counters, one slot each in a per-CPU array.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Records submitted to the ring buffer.
+    Emitted = 0,
+    /// Records lost because the ring buffer was full.
+    DropRingFull = 1,
+    /// Dports, locks or containers not tracked because a tracking map was full.
+    DropMapFull = 2,
+    /// Events whose stack could not be captured (the event itself was kept).
+    StackLost = 3,
+    /// Frees of a tracked block that could not be matched to its dport.
+    FreeUnmatched = 4,
+}
+pub const COUNTERS: usize = 5;
+
+impl Counter {
+    pub const ALL: [Counter; COUNTERS] = [
+        Counter::Emitted,
+        Counter::DropRingFull,
+        Counter::DropMapFull,
+        Counter::StackLost,
+        Counter::FreeUnmatched,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Emitted => "emitted",
+            Counter::DropRingFull => "ring_buffer_full",
+            Counter::DropMapFull => "map_full",
+            Counter::StackLost => "stack_lost",
+            Counter::FreeUnmatched => "free_unmatched",
+        }
+    }
+
+    /// Whether this counter stands for lost events (as opposed to lost detail).
+    pub const fn is_drop(self) -> bool {
+        matches!(self, Counter::DropRingFull | Counter::DropMapFull)
+    }
+}
+
+/// Value of the kernel's map of tracked dports (key: dport address).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct DportInfo {
+    pub port: u64,
+    pub xa: u64,
+    pub port_lock: u64,
+    pub free_lock: u64,
+    /// The devres block the dport lives in (what `kfree` receives).
+    pub block: u64,
+    pub root: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<DportInfo>() == 48);
+
+/// Struct member offsets read from the running kernel's BTF, passed as one global.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Offsets {
+    /// `struct cxl_dport`.`port`
+    pub dport_port: u64,
+    /// `struct cxl_port`.`dev`
+    pub port_dev: u64,
+    /// `struct cxl_port`.`uport_dev`
+    pub port_uport_dev: u64,
+    /// `struct cxl_port`.`dports`
+    pub port_dports: u64,
+    /// `struct device`.`parent`
+    pub device_parent: u64,
+    /// `struct device`.`mutex`
+    pub device_mutex: u64,
+    /// `struct mutex`.`owner`
+    pub mutex_owner: u64,
+    /// `struct devres`.`data`: where a devm allocation starts inside its devres block.
+    pub devres_data: u64,
+}
+const _: () = assert!(size_of::<Offsets>() == 64);
+
+/// Low bits of `mutex->owner` are flags (MUTEX_FLAGS in kernel/locking/mutex.h, v6.12).
+pub const MUTEX_OWNER_FLAGS: u64 = 0x07;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, without padding, valid for any bit pattern.
+    unsafe impl aya::Pod for EventHeader {}
+    unsafe impl aya::Pod for DportAdd {}
+    unsafe impl aya::Pod for XaAccess {}
+    unsafe impl aya::Pod for LockOp {}
+    unsafe impl aya::Pod for DportUse {}
+    unsafe impl aya::Pod for DportFree {}
+    unsafe impl aya::Pod for DportInfo {}
+    unsafe impl aya::Pod for Offsets {}
+}
