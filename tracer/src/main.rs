@@ -1,4 +1,24 @@
-fn main() {
-    let obj = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
-    println!("{}", obj.len());
+mod cli;
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+/// Exit status: 0 clean, 1 findings, 2 error (the contract of `run` and `analyze`).
+pub enum Outcome {
+    Clean,
+    Findings,
+}
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    match commands::run(cli.command) {
+        Ok(Outcome::Clean) => ExitCode::SUCCESS,
+        Ok(Outcome::Findings) => ExitCode::from(1),
+        Err(err) => {
+            eprintln!("tracer: error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
 }

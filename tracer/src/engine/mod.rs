@@ -1,0 +1,306 @@
+//! The lock-discipline engine: pure and synchronous, `(state, event) -> findings`.
+//!
+//! It rebuilds, from events alone, which tracked mutexes each thread holds (and since when),
+//! which dport pointers each thread loaded from `port->dports` and under which hold of the
+//! free lock, and the life of every dport (registration, generations, free). The rules are
+//! those of DESIGN §2, from the CXL dport lifetime rules in drivers/cxl/core/port.c (v6.12):
+//! a dport is freed by devres on its host device, under the host's `dev->mutex` (the free
+//! lock), and `port->dports` is written under `port->dev.mutex` (the port lock).
+pub mod finding;
+pub mod state;
+
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
+
+pub use self::{
+    finding::{Added, Class, ExpectedLock, Finding, FreeInfo, Group, Groups, LoadInfo, LockRole},
+    state::{EngineStats, Limits},
+};
+use self::state::{Container, Dport, Dports, Held, Ref, Thread};
+use crate::event::{Event, Kind, frame_function};
+
+#[derive(Default)]
+pub struct Engine {
+    limits: Limits,
+    dports: Dports,
+    containers: FxHashMap<u64, Container>,
+    threads: FxHashMap<u32, Thread>,
+    /// Which thread holds each tracked mutex, as far as the events tell.
+    owners: FxHashMap<u64, u32>,
+    next_period: u64,
+    stats: EngineStats,
+}
+
+impl Engine {
+    pub fn new(limits: Limits) -> Engine {
+        Engine { limits, ..Engine::default() }
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Feeds one event; returns the findings it raises (usually none).
+    pub fn process(&mut self, event: &Event) -> Vec<Finding> {
+        self.stats.events += 1;
+        let mut findings = Vec::new();
+        match &event.kind {
+            Kind::DportAdd { dport, port, xa, port_lock, free_lock, root } => {
+                let new = Dport {
+                    port: *port,
+                    xa: *xa,
+                    port_lock: *port_lock,
+                    free_lock: *free_lock,
+                    root: *root,
+                    generation: 0,
+                    freed: None,
+                };
+                self.dports.add(*dport, new, &self.limits, &mut self.stats);
+                self.containers.insert(*xa, Container { port: *port, port_lock: *port_lock });
+            }
+            Kind::XaLoad { ret, .. } => self.on_load(event, *ret, &mut findings),
+            Kind::XaErase { xa, ret, .. } => self.on_write(event, *xa, *ret, "xa_erase", &mut findings),
+            Kind::XaInsert { xa, entry, .. } => self.on_write(event, *xa, *entry, "xa_insert", &mut findings),
+            Kind::Lock { lock } => self.acquire(event.tid, *lock, event.ts),
+            Kind::Unlock { lock } => self.release(event.tid, *lock),
+            Kind::Use { dport, site } => self.on_use(event, *dport, site, &mut findings),
+            Kind::Free { dport } => self.on_free(event, *dport, &mut findings),
+        }
+        findings
+    }
+
+    fn thread(&mut self, tid: u32, ts: u64) -> &mut Thread {
+        if !self.threads.contains_key(&tid) && self.threads.len() >= self.limits.max_threads {
+            self.evict_thread();
+        }
+        let thread = self.threads.entry(tid).or_default();
+        thread.last_ts = thread.last_ts.max(ts);
+        thread
+    }
+
+    fn evict_thread(&mut self) {
+        // Past the cap only: forget idle threads first, else the least recently seen.
+        let victim = self
+            .threads
+            .iter()
+            .min_by_key(|(_, t)| (!t.is_idle(), t.last_ts))
+            .map(|(&tid, _)| tid);
+        if let Some(tid) = victim {
+            if let Some(thread) = self.threads.remove(&tid) {
+                for held in thread.held {
+                    self.owners.remove(&held.lock);
+                }
+            }
+            self.stats.evicted_threads += 1;
+        }
+    }
+
+    fn acquire(&mut self, tid: u32, lock: u64, ts: u64) {
+        // A mutex has one owner: if the events said another thread held it, its unlock was
+        // not observed.
+        if let Some(previous) = self.owners.insert(lock, tid)
+            && previous != tid
+            && let Some(other) = self.threads.get_mut(&previous)
+        {
+            other.release(lock);
+        }
+        self.next_period += 1;
+        let period = self.next_period;
+        let thread = self.thread(tid, ts);
+        thread.release(lock);
+        thread.held.push(Held { lock, period });
+    }
+
+    fn release(&mut self, tid: u32, lock: u64) {
+        if self.owners.get(&lock) == Some(&tid) {
+            self.owners.remove(&lock);
+        }
+        if let Some(thread) = self.threads.get_mut(&tid) {
+            thread.release(lock);
+        }
+    }
+
+    /// Trusts the kernel's `mutex->owner` stamp over the lock events: a lock taken before
+    /// tracing started, or whose event was not observed, still counts.
+    fn reconcile(&mut self, event: &Event, lock: u64, stamp: Option<bool>) {
+        let Some(held) = stamp else { return };
+        let known = self.threads.get(&event.tid).and_then(|t| t.period_of(lock)).is_some();
+        if held && !known {
+            self.stats.stamp_corrections += 1;
+            self.acquire(event.tid, lock, event.ts);
+        } else if !held && known {
+            self.stats.stamp_corrections += 1;
+            self.release(event.tid, lock);
+        }
+    }
+
+    fn held_locks(&self, tid: u32) -> Vec<u64> {
+        self.threads.get(&tid).map(|t| t.held.iter().map(|h| h.lock).collect()).unwrap_or_default()
+    }
+
+    fn finding(&self, event: &Event, class: Class, dport: u64, reason: &'static str) -> Finding {
+        let (generation, port, root) = match self.dports.get(dport) {
+            Some(d) => (d.generation, d.port, d.root),
+            None => (0, 0, false),
+        };
+        Finding {
+            class,
+            ts: event.ts,
+            tid: event.tid,
+            comm: event.comm.clone(),
+            site: event_site(event),
+            stack: event.stack.clone(),
+            dport,
+            generation,
+            port,
+            root,
+            expected_lock: None,
+            held_locks: self.held_locks(event.tid),
+            load: None,
+            free: None,
+            reason,
+        }
+    }
+
+    fn free_lock(dport: &Dport) -> ExpectedLock {
+        ExpectedLock {
+            role: LockRole::Free,
+            addr: dport.free_lock,
+            what: if dport.root { "&port->uport_dev->mutex" } else { "&port->dev.mutex" },
+        }
+    }
+
+    fn on_load(&mut self, event: &Event, ret: u64, findings: &mut Vec<Finding>) {
+        if ret == 0 {
+            return;
+        }
+        let Some(dport) = self.dports.get(ret).cloned() else {
+            self.stats.unknown_objects += 1;
+            return;
+        };
+        if let Some(free) = &dport.freed {
+            let mut f = self.finding(event, Class::UseAfterFree, ret, "xa_load returned a dport whose memory was already freed");
+            f.free = Some((**free).clone());
+            f.expected_lock = Some(Self::free_lock(&dport));
+            findings.push(f);
+            return;
+        }
+        self.reconcile(event, dport.free_lock, event.free_lock_held);
+        let cap = self.limits.max_refs_per_thread;
+        let thread = self.thread(event.tid, event.ts);
+        let new = Ref {
+            dport: ret,
+            generation: dport.generation,
+            ts: event.ts,
+            stack: event.stack.clone(),
+            free_lock_period: thread.period_of(dport.free_lock),
+        };
+        if thread.put_ref(new, cap) {
+            self.stats.evicted_refs += 1;
+        }
+    }
+
+    fn on_use(&mut self, event: &Event, addr: u64, site: &Arc<str>, findings: &mut Vec<Finding>) {
+        let Some(dport) = self.dports.get(addr).cloned() else {
+            self.stats.unknown_objects += 1;
+            return;
+        };
+        // Only pointers this thread was seen loading are judged.
+        let Some(load) = self.threads.get(&event.tid).and_then(|t| t.find_ref(addr)).cloned() else {
+            self.stats.unjudged_uses += 1;
+            return;
+        };
+        self.reconcile(event, dport.free_lock, event.free_lock_held);
+        let period = self.threads.get(&event.tid).and_then(|t| t.period_of(dport.free_lock));
+        let load_info = LoadInfo { ts: load.ts, stack: load.stack.clone(), free_lock_held: load.free_lock_period.is_some() };
+
+        // The object the thread loaded is gone if it was freed, or its address was reused
+        // for a newer dport (which can only happen after a free).
+        let freed = if load.generation == dport.generation { dport.freed.clone() } else { None };
+        let class_reason = if load.generation != dport.generation || freed.is_some() {
+            Some((Class::UseAfterFree, "dport used after its memory was freed"))
+        } else if period.is_none() {
+            Some((Class::UnlockedUse, "dport from a lockless xa_load used without holding its free lock"))
+        } else if load.free_lock_period.is_none() {
+            Some((Class::StaleUse, "dport loaded before its free lock was taken, used under the lock without re-fetching"))
+        } else if load.free_lock_period != period {
+            Some((Class::StaleUse, "dport loaded under an earlier hold of its free lock, used after an unlock/relock without re-fetching"))
+        } else {
+            None
+        };
+        if let Some((class, reason)) = class_reason {
+            let mut f = self.finding(event, class, addr, reason);
+            f.site = site.clone();
+            f.generation = load.generation;
+            f.expected_lock = Some(Self::free_lock(&dport));
+            f.load = Some(load_info);
+            f.free = freed.map(|free| (*free).clone());
+            findings.push(f);
+        }
+    }
+
+    fn on_write(&mut self, event: &Event, xa: u64, entry: u64, _op: &str, findings: &mut Vec<Finding>) {
+        let Some(container) = self.containers.get(&xa).copied() else {
+            self.stats.unknown_objects += 1;
+            return;
+        };
+        self.reconcile(event, container.port_lock, event.port_lock_held);
+        let held = self.threads.get(&event.tid).and_then(|t| t.period_of(container.port_lock)).is_some();
+        if !held {
+            let mut f = self.finding(event, Class::UnlockedErase, entry, "port->dports written without holding the port lock");
+            f.port = container.port;
+            f.expected_lock =
+                Some(ExpectedLock { role: LockRole::Port, addr: container.port_lock, what: "&port->dev.mutex" });
+            findings.push(f);
+        }
+    }
+
+    fn on_free(&mut self, event: &Event, addr: u64, findings: &mut Vec<Finding>) {
+        let Some(dport) = self.dports.get(addr).cloned() else {
+            self.stats.unknown_objects += 1;
+            return;
+        };
+        if dport.freed.is_some() {
+            let mut f = self.finding(event, Class::UseAfterFree, addr, "dport memory freed twice");
+            f.free = dport.freed.as_deref().cloned();
+            findings.push(f);
+            return;
+        }
+        self.reconcile(event, dport.free_lock, event.free_lock_held);
+        let held = self.threads.get(&event.tid).and_then(|t| t.period_of(dport.free_lock)).is_some();
+        if !held {
+            let mut f = self.finding(
+                event,
+                Class::RuleMismatch,
+                addr,
+                "dport freed by a thread not holding the predicted free lock: the lock model is wrong for this kernel",
+            );
+            f.expected_lock = Some(Self::free_lock(&dport));
+            findings.push(f);
+        }
+        let free = Arc::new(FreeInfo { ts: event.ts, tid: event.tid, comm: event.comm.clone(), stack: event.stack.clone() });
+        self.dports.mark_freed(addr, free, &self.limits, &mut self.stats);
+    }
+
+    /// Tracked dports (live and remembered freed ones).
+    pub fn tracked_dports(&self) -> usize {
+        self.dports.len()
+    }
+
+    pub fn tracked_threads(&self) -> usize {
+        self.threads.len()
+    }
+}
+
+/// Where an event happened: the use site, else the function of the innermost frame, else
+/// the event kind.
+fn event_site(event: &Event) -> Arc<str> {
+    if let Kind::Use { site, .. } = &event.kind {
+        return site.clone();
+    }
+    match event.stack.as_deref().and_then(|s| s.first()) {
+        Some(frame) => Arc::from(frame_function(frame)),
+        None => Arc::from(event.kind.name()),
+    }
+}

@@ -1,0 +1,92 @@
+//! Findings as JSON lines (DESIGN §4): one finding per line, then one summary line.
+use std::io::{self, Write};
+
+use serde_json::{Map, Value, json};
+
+use crate::{
+    engine::Group,
+    event::{Hex, Stack},
+    summary::Summary,
+};
+
+fn hex(v: u64) -> Value {
+    Value::String(Hex(v).to_string())
+}
+
+fn stack(stack: Option<&Stack>) -> Value {
+    match stack {
+        Some(stack) => Value::Array(stack.iter().map(|f| Value::String(f.to_string())).collect()),
+        None => Value::Null,
+    }
+}
+
+pub fn group_value(group: &Group) -> Value {
+    let f = &group.finding;
+    let mut v = json!({
+        "class": f.class.name(),
+        "dport": hex(f.dport),
+        "generation": f.generation,
+        "port": hex(f.port),
+        "root": f.root,
+        "tid": f.tid,
+        "comm": &*f.comm,
+        "site": &*f.site,
+        "ts": f.ts,
+        "stack": stack(f.stack.as_ref()),
+        "load_stack": stack(f.load.as_ref().and_then(|l| l.stack.as_ref())),
+        "expected_lock": f.expected_lock.map_or(Value::Null, |l| hex(l.addr)),
+        "held_locks": f.held_locks.iter().map(|l| hex(*l)).collect::<Vec<_>>(),
+        "reason": f.reason,
+        "count": group.count,
+        "last_ts": group.last_ts,
+    });
+    let map = v.as_object_mut().expect("object");
+    if let Some(lock) = &f.expected_lock {
+        map.insert("expected_lock_role".into(), lock.role.name().into());
+        map.insert("expected_lock_is".into(), lock.what.into());
+    }
+    if let Some(load) = &f.load {
+        map.insert("load_ts".into(), load.ts.into());
+        map.insert("load_free_lock_held".into(), load.free_lock_held.into());
+    }
+    if let Some(free) = &f.free {
+        map.insert("free_ts".into(), free.ts.into());
+        map.insert("free_tid".into(), free.tid.into());
+        map.insert("free_comm".into(), (*free.comm).into());
+        map.insert("free_stack".into(), stack(free.stack.as_ref()));
+    }
+    v
+}
+
+pub fn write_group(out: &mut impl Write, group: &Group) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, &group_value(group))?;
+    out.write_all(b"\n")
+}
+
+pub fn summary_value(s: &Summary) -> Value {
+    let by_reason: Map<String, Value> = s.drops().map(|(name, n)| (name.to_owned(), n.into())).collect();
+    let kernel: Map<String, Value> = s.kernel.iter().map(|(name, n)| (name.clone(), (*n).into())).collect();
+    let findings: Map<String, Value> = s.findings.iter().map(|(c, n, _)| (c.name().to_owned(), (*n).into())).collect();
+    let occurrences: Map<String, Value> =
+        s.findings.iter().map(|(c, _, n)| (c.name().to_owned(), (*n).into())).collect();
+    let e = &s.engine;
+    json!({ "summary": {
+        "events": s.events,
+        "dropped": s.dropped(),
+        "dropped_by_reason": by_reason,
+        "undecodable": s.undecodable,
+        "truncated_bytes": s.truncated_bytes,
+        "kernel_counters": kernel,
+        "findings": findings,
+        "occurrences": occurrences,
+        "unjudged_uses": e.unjudged_uses,
+        "unknown_objects": e.unknown_objects,
+        "stamp_corrections": e.stamp_corrections,
+        "evicted": { "dports": e.evicted_dports, "threads": e.evicted_threads, "refs": e.evicted_refs },
+    }})
+}
+
+pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, &summary_value(s))?;
+    out.write_all(b"\n")
+}

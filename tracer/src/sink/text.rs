@@ -1,0 +1,128 @@
+//! Findings as text, laid out like lockdep and KASAN reports.
+use std::io::{self, Write};
+
+use crate::{
+    engine::{Class, Group},
+    event::{Hex, Stack},
+    summary::Summary,
+};
+
+const RULE: &str = "==================================================================";
+
+/// Seconds.microseconds, as the kernel log prints time.
+fn secs(ns: u64) -> String {
+    format!("{}.{:06}", ns / 1_000_000_000, (ns % 1_000_000_000) / 1_000)
+}
+
+fn write_stack(out: &mut impl Write, title: &str, stack: Option<&Stack>) -> io::Result<()> {
+    writeln!(out, "{title}")?;
+    match stack {
+        Some(stack) if !stack.is_empty() => {
+            for frame in stack.iter() {
+                writeln!(out, "  {frame}")?;
+            }
+            Ok(())
+        }
+        _ => writeln!(out, "  (no stack recorded)"),
+    }
+}
+
+pub fn write_group(out: &mut impl Write, group: &Group) -> io::Result<()> {
+    let f = &group.finding;
+    writeln!(out, "{RULE}")?;
+    writeln!(out, "BUG: tracer: {} in {}", f.class, f.site)?;
+    writeln!(out, "{}", f.reason)?;
+    write!(out, "task {} (tid {}) at {}s", f.comm, f.tid, secs(f.ts))?;
+    if group.count > 1 {
+        write!(out, ", {} occurrences (last at {}s)", group.count, secs(group.last_ts))?;
+    }
+    writeln!(out)?;
+    if f.dport != 0 {
+        write!(out, "dport {} (generation {})", Hex(f.dport), f.generation)?;
+        if f.port != 0 {
+            write!(out, " of {} {}", if f.root { "root port" } else { "port" }, Hex(f.port))?;
+        }
+        writeln!(out)?;
+    }
+    if let Some(lock) = &f.expected_lock {
+        writeln!(out, "expected lock: {} {} ({})", lock.role.name(), Hex(lock.addr), lock.what)?;
+    }
+    if f.held_locks.is_empty() {
+        writeln!(out, "held locks: none tracked")?;
+    } else {
+        let held: Vec<String> = f.held_locks.iter().map(|l| Hex(*l).to_string()).collect();
+        writeln!(out, "held locks: {}", held.join(", "))?;
+    }
+    let what = match f.class {
+        Class::UnlockedErase => "write",
+        Class::RuleMismatch => "free",
+        Class::UseAfterFree if f.load.is_none() => "access",
+        _ => "use",
+    };
+    writeln!(out)?;
+    write_stack(out, &format!("{what} stack:"), f.stack.as_ref())?;
+    if let Some(load) = &f.load {
+        let held = if load.free_lock_held { "free lock held" } else { "free lock not held" };
+        write_stack(out, &format!("loaded by xa_load at {}s ({held}):", secs(load.ts)), load.stack.as_ref())?;
+    }
+    if let Some(free) = &f.free {
+        write_stack(
+            out,
+            &format!("freed by task {} (tid {}) at {}s:", free.comm, free.tid, secs(free.ts)),
+            free.stack.as_ref(),
+        )?;
+    }
+    writeln!(out, "{RULE}")
+}
+
+pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {
+    writeln!(out, "tracer summary:")?;
+    writeln!(out, "  events: {} seen, {} undecodable", s.events, s.undecodable)?;
+    let drops: Vec<String> = s.drops().map(|(name, n)| format!("{name} {n}")).collect();
+    if drops.is_empty() {
+        writeln!(out, "  dropped in the kernel: {} (no kernel counters)", s.dropped())?;
+    } else {
+        writeln!(out, "  dropped in the kernel: {} ({})", s.dropped(), drops.join(", "))?;
+    }
+    let other: Vec<String> = s
+        .kernel
+        .iter()
+        .filter(|(name, _)| !s.drops().any(|(drop, _)| drop == name))
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
+    if !other.is_empty() {
+        writeln!(out, "  kernel counters: {}", other.join(", "))?;
+    }
+    if s.truncated_bytes > 0 {
+        writeln!(out, "  trace cut off: {} bytes after the last complete record lost", s.truncated_bytes)?;
+    }
+    let e = &s.engine;
+    writeln!(
+        out,
+        "  engine: {} uses not judged (pointer not seen loaded), {} unknown objects, {} lock states corrected from mutex->owner",
+        e.unjudged_uses, e.unknown_objects, e.stamp_corrections
+    )?;
+    if e.evicted() > 0 {
+        writeln!(
+            out,
+            "  evicted past the state caps: {} dports, {} threads, {} references",
+            e.evicted_dports, e.evicted_threads, e.evicted_refs
+        )?;
+    }
+    write!(out, "  findings: {}", s.finding_groups())?;
+    let classes: Vec<String> = s
+        .findings
+        .iter()
+        .filter(|(_, n, _)| *n > 0)
+        .map(|(class, n, occurrences)| format!("{class} {n} ({occurrences} occurrences)"))
+        .collect();
+    if classes.is_empty() {
+        writeln!(out)?;
+    } else {
+        writeln!(out, ": {}", classes.join(", "))?;
+    }
+    if s.lost_anything() {
+        writeln!(out, "  WARNING: events were lost; findings may be incomplete")?;
+    }
+    Ok(())
+}
