@@ -1,7 +1,9 @@
 //! Developer tasks cargo cannot do by itself: set-up, the test suite, the QEMU CXL guest.
+mod fixture;
 mod setup;
 mod test;
 mod util;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -19,11 +21,17 @@ enum Command {
     Setup,
     /// Set up, then run the unit, golden and property tests, then the guest suite.
     Test(test::Options),
+    /// Build an out-of-tree cxl_mem.ko for the guest kernel from Debian's 6.12 source
+    /// (cached) and print its path: cxl-mem-fixed has the dport read-side fix, cxl-mem-stock
+    /// is the unmodified control.
+    Fixture(fixture::Options),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup => setup::run(),
         Command::Test(options) => test::run(&options),
+        Command::Vm { command } => vm::command(command),
+        Command::Fixture(options) => fixture::run(&options),
     }
 }

@@ -22,11 +22,27 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
 ];
 
+/// What `cargo xtask fixture` builds with (it ensures only these; set-up installs them too):
+/// the 6.12.117 source tarball and the guest kernel's headers (which pull in `-common`,
+/// `linux-kbuild`, pahole for module BTF, and a kernel image whose `cxl_mem.ko` the stock
+/// rebuild is compared with), the compiler Debian built that kernel with, and `patch`.
+pub const FIXTURE_PACKAGES: &[&str] = &[
+    "linux-source-6.12",
+    "linux-headers-6.12.117+deb12-amd64",
+    "gcc-12",
+    "make",
+    "patch",
+    "xz-utils",
+];
+
 /// bpf-linker release the eBPF build is known to work with (DESIGN §5).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run() -> anyhow::Result<()> {
-    ensure_packages(DEBIAN_PACKAGES)?;
+    let mut packages = [DEBIAN_PACKAGES, FIXTURE_PACKAGES].concat();
+    packages.sort_unstable();
+    packages.dedup();
+    ensure_packages(&packages)?;
     ensure_rust()?;
     ensure_bpf_linker()?;
     println!("setup: done");
