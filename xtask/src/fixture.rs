@@ -178,12 +178,14 @@ fn prepare(cxl_dir: &Path, build_dir: &Path, fixture: Fixture) -> anyhow::Result
         let to = build_dir.join(&file);
         fs::create_dir_all(to.parent().expect("a file has a parent"))
             .with_context(|| format!("creating {}", build_dir.display()))?;
-        fs::copy(cxl_dir.join(&file), &to).with_context(|| format!("copying {} to {}", file.display(), to.display()))?;
+        fs::copy(cxl_dir.join(&file), &to)
+            .with_context(|| format!("copying {} to {}", file.display(), to.display()))?;
     }
     if let Some(patch) = fixture.patch() {
         apply_patch(build_dir, patch).with_context(|| format!("applying the {} patch failed", fixture.name()))?;
     }
-    fs::write(build_dir.join("Kbuild"), KBUILD).with_context(|| format!("writing Kbuild in {}", build_dir.display()))?;
+    fs::write(build_dir.join("Kbuild"), KBUILD)
+        .with_context(|| format!("writing Kbuild in {}", build_dir.display()))?;
     Ok(())
 }
 
@@ -297,11 +299,7 @@ fn decompress_xz(path: &Path) -> anyhow::Result<Vec<u8>> {
     if !path.is_file() {
         bail!("{} is missing (it comes with the kernel image package)", path.display());
     }
-    let out = Command::new("xz")
-        .arg("-dc")
-        .arg(path)
-        .output()
-        .context("cannot start xz: install xz-utils")?;
+    let out = Command::new("xz").arg("-dc").arg(path).output().context("cannot start xz: install xz-utils")?;
     if !out.status.success() {
         bail!("xz -dc {} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim_end());
     }
