@@ -25,6 +25,11 @@ enum Command {
     /// (cached) and print its path: cxl-mem-fixed has the dport read-side fix, cxl-mem-stock
     /// is the unmodified control.
     Fixture(fixture::Options),
+    /// The QEMU CXL guest: boot it, run hotplug workloads, collect results (docs/vm.md).
+    Vm {
+        #[command(subcommand)]
+        command: vm::VmCommand,
+    },
 }
 
 fn main() -> anyhow::Result<()> {

@@ -14,6 +14,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     util::run(util::cargo().args(["test", "--workspace"]))?;
     if options.host_only {
         println!("test: guest suite not run (--host-only)");
+        return Ok(());
     }
-    Ok(())
+    println!("test: guest suite (QEMU CXL guest)");
+    crate::vm::suite()
 }

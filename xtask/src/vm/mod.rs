@@ -1,0 +1,725 @@
+//! `cargo xtask vm run`: boots a QEMU guest with an emulated CXL topology on a stock (or the
+//! user's) kernel, runs hotplug workloads in it, under the tracer or not, and brings the
+//! results back. See docs/vm.md.
+//!
+//! The harness never hangs and never lies: every boot has a wall-clock bound, the host reads
+//! the serial console for kernel failures, and a run passes only when the guest printed its
+//! result line (which carries a per-run nonce) with exit 0 and no failure was seen.
+mod cpio;
+mod initramfs;
+mod kernel;
+mod qemu;
+mod suite;
+mod workload;
+
+use std::{
+    fmt, fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, bail};
+
+pub use qemu::{Accel, Crash};
+pub use suite::suite;
+pub use workload::Workload;
+
+use crate::{setup, util};
+
+/// The packages a guest run needs on the host.
+const VM_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
+    "xz-utils",
+    "zstd",
+];
+
+#[derive(clap::Subcommand)]
+pub enum VmCommand {
+    /// Boot the CXL guest, run workloads (under the tracer unless --no-tracer), collect results.
+    Run(Box<RunOptions>),
+    /// The guest suite alone (what `cargo xtask test` runs after the host tests).
+    Suite,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Topology {
+    /// A CXL host bridge with one root port and one type3 memdev below it.
+    Rp,
+    /// A host bridge, one root port, a switch (upstream port, two downstream ports), two memdevs.
+    Switch,
+}
+
+impl Topology {
+    fn memdevs(self) -> usize {
+        match self {
+            Topology::Rp => 1,
+            Topology::Switch => 2,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Topology::Rp => "rp",
+            Topology::Switch => "switch",
+        }
+    }
+}
+
+#[derive(clap::Args, Clone)]
+pub struct RunOptions {
+    /// The emulated CXL topology.
+    #[arg(long, value_enum, default_value = "rp")]
+    pub topology: Topology,
+    /// A built-in workload to run (repeatable, or comma-separated); they run in the order
+    /// given. Default: memdev-bind, unless a script is given.
+    #[arg(long = "workload", value_enum, value_delimiter = ',')]
+    pub workloads: Vec<Workload>,
+    /// Cycles of each workload (for mix: iterations of each of its two racing loops).
+    #[arg(long, default_value_t = 5)]
+    pub cycles: u32,
+    /// Run the workload without the tracer.
+    #[arg(long)]
+    pub no_tracer: bool,
+    /// A module (.ko, .ko.xz, ...) loaded in place of the stock module of the same name, or
+    /// loaded after the CXL drivers when no stock module has its name (repeatable).
+    #[arg(long = "module", value_name = "FILE")]
+    pub modules: Vec<PathBuf>,
+    /// Boot the kernel of this linux-image .deb instead of the default Debian kernel.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "modules_dir"])]
+    pub kernel_deb: Option<PathBuf>,
+    /// Boot this kernel image (bzImage); needs --modules.
+    #[arg(long, value_name = "IMAGE", requires = "modules_dir")]
+    pub kernel: Option<PathBuf>,
+    /// The installed modules of --kernel: DIR/lib/modules/RELEASE after
+    /// `make modules_install INSTALL_MOD_PATH=DIR`.
+    #[arg(long = "modules", value_name = "DIR", requires = "kernel")]
+    pub modules_dir: Option<PathBuf>,
+    /// Where the results go (default: target/vm/<UTC time>).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Wall-clock bound for the whole boot, in seconds; QEMU is killed after it.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub timeout: u64,
+    /// How QEMU runs the guest: auto probes KVM once per host boot and falls back to TCG.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub accel: Accel,
+    /// Extra kernel command-line parameters (e.g. "dyndbg=\"module cxl_core +p\"").
+    #[arg(long, value_name = "PARAMS")]
+    pub cmdline: Option<String>,
+    /// Do not echo the guest console (it is still saved to console.log).
+    #[arg(long)]
+    pub quiet: bool,
+    /// A script to run in the guest after the workloads, and its arguments: a host file
+    /// (copied into the guest) or else a command of the guest's busybox.
+    #[arg(last = true, value_name = "SCRIPT ARGS")]
+    pub script: Vec<String>,
+}
+
+impl RunOptions {
+    /// Defaults for a run driven from code (the suite, the demo).
+    pub fn new(topology: Topology) -> Self {
+        Self {
+            topology,
+            workloads: Vec::new(),
+            cycles: 5,
+            no_tracer: false,
+            modules: Vec::new(),
+            kernel_deb: None,
+            kernel: None,
+            modules_dir: None,
+            out: None,
+            timeout: 300,
+            accel: Accel::Auto,
+            cmdline: None,
+            quiet: false,
+            script: Vec::new(),
+        }
+    }
+}
+
+pub fn command(command: VmCommand) -> anyhow::Result<()> {
+    match command {
+        VmCommand::Run(options) => {
+            let run = execute(&options)?;
+            run.print_summary();
+            match &run.failure {
+                None => Ok(()),
+                Some(failure) => bail!("{failure}"),
+            }
+        }
+        VmCommand::Suite => suite(),
+    }
+}
+
+/// How long a workload's cycles took, from the guest's own `workload NAME passed` line.
+#[derive(Clone, Debug)]
+pub struct WorkloadTiming {
+    pub name: String,
+    pub cycles: u32,
+    pub per_cycle: Duration,
+}
+
+/// Why a run failed. Each names what was seen and carries the console lines that show it.
+#[derive(Debug)]
+pub enum Failure {
+    Crash {
+        crash: Crash,
+        line: String,
+        excerpt: String,
+    },
+    Timeout {
+        secs: u64,
+        tail: String,
+    },
+    NoResult {
+        status: String,
+        tail: String,
+    },
+    Guest {
+        exit: i32,
+        tail: String,
+    },
+    Findings {
+        count: usize,
+    },
+}
+
+impl Failure {
+    pub fn crash(&self) -> Option<Crash> {
+        match self {
+            Failure::Crash { crash, .. } => Some(*crash),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Crash {
+                crash,
+                line,
+                excerpt,
+            } => write!(
+                f,
+                "guest {} detected: {line}\n--- console excerpt ---\n{excerpt}\n--- end of excerpt ---",
+                crash.describe()
+            ),
+            Failure::Timeout { secs, tail } => write!(
+                f,
+                "the guest did not finish within {secs} s (--timeout): qemu killed; last console lines:\n{tail}"
+            ),
+            Failure::NoResult { status, tail } => write!(
+                f,
+                "the guest stopped without its result line (qemu {status}); last console lines:\n{tail}"
+            ),
+            Failure::Guest { exit, tail } => write!(
+                f,
+                "the guest run failed with exit status {exit}; last console lines:\n{tail}"
+            ),
+            Failure::Findings { count } => write!(
+                f,
+                "the tracer reported {count} finding(s): see findings.jsonl in the results"
+            ),
+        }
+    }
+}
+
+/// One guest run, after QEMU is gone and the results are copied.
+pub struct Run {
+    pub out: PathBuf,
+    pub accel: Accel,
+    pub accel_reason: String,
+    /// From QEMU's start to /init's first line, and to the CXL topology being ready.
+    pub to_init: Option<Duration>,
+    pub to_ready: Option<Duration>,
+    pub elapsed: Duration,
+    pub workloads: Vec<WorkloadTiming>,
+    /// The tracer's exit status (0 clean, 1 findings, 2 error), when it ran.
+    pub tracer_exit: Option<i32>,
+    pub failure: Option<Failure>,
+    /// The whole console, for callers that check what the guest printed.
+    pub console: Vec<String>,
+}
+
+impl Run {
+    pub fn print_summary(&self) {
+        let secs =
+            |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()));
+        let verdict = if self.failure.is_some() {
+            "failed"
+        } else {
+            "passed"
+        };
+        println!(
+            "vm: {verdict} in {:.1} s ({}: {}; boot to /init {}, CXL ready {})",
+            self.elapsed.as_secs_f64(),
+            self.accel,
+            self.accel_reason,
+            secs(self.to_init),
+            secs(self.to_ready)
+        );
+        for w in &self.workloads {
+            println!(
+                "vm: workload {}: {} cycles, {:.2} s per cycle",
+                w.name,
+                w.cycles,
+                w.per_cycle.as_secs_f64()
+            );
+        }
+        if let Some(exit) = self.tracer_exit {
+            println!("vm: tracer exit status {exit}");
+        }
+        let mut files: Vec<String> = fs::read_dir(&self.out)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        println!("vm: results in {}: {}", self.out.display(), files.join(" "));
+    }
+}
+
+/// A directory removed when dropped (per-run QEMU files: the share, CXL backing files).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("tracer-vm-{tag}"));
+        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Boots the guest as `options` say and returns what happened. An `Err` means the run
+/// could not be made (a build, a download, a bad option); a run that was made and failed is
+/// an `Ok` with `failure` set, its results copied.
+pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
+    let mut workloads = options.workloads.clone();
+    if workloads.is_empty() && options.script.is_empty() {
+        workloads.push(Workload::MemdevBind);
+    }
+    workload::check(&workloads, options.topology)?;
+    if options.cycles == 0 {
+        bail!("--cycles must be at least 1");
+    }
+    setup::ensure_packages(VM_PACKAGES)?;
+
+    let source = match (&options.kernel_deb, &options.kernel, &options.modules_dir) {
+        (Some(deb), _, _) => kernel::Source::Deb(deb.clone()),
+        (None, Some(image), Some(modules)) => kernel::Source::Tree {
+            image: image.clone(),
+            modules: modules.clone(),
+        },
+        _ => kernel::Source::Package(kernel::DEFAULT_PACKAGE.to_owned()),
+    };
+    let kernel = kernel::Kernel::resolve(&source)?;
+    let index = kernel.module_index()?;
+    let user_modules: Vec<kernel::UserModule> = options
+        .modules
+        .iter()
+        .map(|m| kernel::UserModule::inspect(m))
+        .collect::<anyhow::Result<_>>()?;
+    for (name, needs_module) in [
+        ("cxl_mem", workloads.contains(&Workload::CxlMemReload)),
+        ("cxl_pci", workloads.contains(&Workload::CxlPciReload)),
+    ] {
+        if needs_module && !index.modules.contains_key(name) {
+            bail!(
+                "workload {name} reload needs {name} built as a module, but kernel {} has it built in",
+                kernel.release
+            );
+        }
+    }
+
+    // The modules the base archive holds: the share, the CXL drivers, and whatever the
+    // user's modules need.
+    let wanted = initramfs::SHARE_MODULES
+        .iter()
+        .chain(initramfs::CXL_MODULES)
+        .copied()
+        .chain(
+            user_modules
+                .iter()
+                .flat_map(|u| u.depends.iter().map(String::as_str)),
+        );
+    let modules = index.closure(wanted)?;
+    let mut load: Vec<String> = initramfs::CXL_MODULES
+        .iter()
+        .filter(|m| modules.iter().any(|x| x == *m))
+        .map(|m| (*m).to_owned())
+        .collect();
+    for u in &user_modules {
+        if !load.contains(&u.name) {
+            load.push(u.name.clone());
+        }
+    }
+
+    let tracer = if options.no_tracer {
+        None
+    } else {
+        Some(build_tracer()?)
+    };
+
+    let nonce = nonce();
+    let tmp = TempDir::new(&nonce)?;
+    let share = tmp.0.join("share");
+    let cxl_dir = tmp.0.join("cxl");
+    fs::create_dir_all(&share)?;
+    fs::create_dir_all(&cxl_dir)?;
+
+    let (script_file, user_command) = user_command(&options.script)?;
+    let config = workload::GuestConfig {
+        nonce: &nonce,
+        expect_memdevs: options.topology.memdevs(),
+        tracer: tracer.is_some(),
+        workloads: &workloads,
+        cycles: options.cycles,
+        user_command,
+        load_modules: &load,
+        settle_secs: 30,
+    };
+    let base = initramfs::base(&kernel, &index, &modules)?;
+    let initrd = tmp.0.join("initrd.cpio");
+    initramfs::write_initrd(
+        &base,
+        &initramfs::RunPart {
+            release: &kernel.release,
+            config: config.render(),
+            modules_dep: initramfs::guest_modules_dep(&index, &modules, &user_modules)?,
+            user_modules: &user_modules,
+            tracer: tracer.as_deref(),
+            script: script_file.as_deref(),
+        },
+        &initrd,
+    )?;
+
+    let (accel, accel_reason) = choose_accel(options.accel, &kernel.image, &tmp.0)?;
+    let out = match &options.out {
+        Some(out) => out.clone(),
+        None => util::workspace_root().join("target/vm").join(utc_stamp()),
+    };
+    fs::create_dir_all(&out)
+        .with_context(|| format!("creating the results directory {}", out.display()))?;
+
+    // `quiet` keeps the boot fast on the emulated serial port; failures still reach the
+    // console (an oops turns the console verbose) and the full dmesg is saved at the end.
+    let mut cmdline = String::from(
+        "console=ttyS0 quiet pci=nomsi pcie_ports=native panic=1 sysctl.kernel.hung_task_timeout_secs=60",
+    );
+    if let Some(extra) = &options.cmdline {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    let machine = qemu::Machine {
+        accel,
+        kernel: &kernel.image,
+        initrd: &initrd,
+        cmdline: &cmdline,
+        share: Some(&share),
+        cxl: Some((options.topology, &cxl_dir)),
+    };
+    println!(
+        "vm: booting {} ({}) with topology {} on {accel}, bound {} s; console in {}",
+        kernel.release,
+        kernel.image.display(),
+        options.topology.name(),
+        options.timeout,
+        out.join("console.log").display()
+    );
+    let result_prefix = format!("tracer-vm: result {nonce} ");
+    let session = qemu::boot(
+        machine.command(),
+        &qemu::Watch {
+            result_prefix: &result_prefix,
+            timeout: Duration::from_secs(options.timeout),
+            log: Some(&out.join("console.log")),
+            echo: !options.quiet,
+        },
+    )?;
+
+    copy_results(&share.join("out"), &out)?;
+    let failure = judge(&session, options.timeout, &out);
+    let tracer_exit = last_value(&session.lines, "tracer-vm: tracer exit=");
+    let failure = failure.or_else(|| {
+        (tracer_exit == Some(1)).then(|| Failure::Findings {
+            count: count_findings(&out.join("findings.jsonl")),
+        })
+    });
+    Ok(Run {
+        out,
+        accel,
+        accel_reason,
+        to_init: session.mark("tracer-vm: init started"),
+        to_ready: session.mark("tracer-vm: topology ready"),
+        elapsed: session.elapsed,
+        workloads: workload_timings(&session.lines),
+        tracer_exit,
+        failure,
+        console: session.lines,
+    })
+}
+
+/// The verdict on a finished boot, in order of what explains it best.
+fn judge(session: &qemu::Session, timeout: u64, out: &Path) -> Option<Failure> {
+    if let Some((crash, at)) = session.crash {
+        return Some(Failure::Crash {
+            crash,
+            line: session.lines[at].clone(),
+            excerpt: session.excerpt(at),
+        });
+    }
+    // Failures that stay off the console under `quiet` (warnings) are in the saved dmesg.
+    if let Ok(dmesg) = fs::read_to_string(out.join("dmesg.txt")) {
+        let lines: Vec<&str> = dmesg.lines().collect();
+        if let Some((at, crash)) = lines
+            .iter()
+            .enumerate()
+            .find_map(|(i, l)| Crash::detect(l).map(|c| (i, c)))
+        {
+            let excerpt = lines[at.saturating_sub(8)..(at + 45).min(lines.len())].join("\n");
+            return Some(Failure::Crash {
+                crash,
+                line: lines[at].to_owned(),
+                excerpt,
+            });
+        }
+    }
+    if session.timed_out {
+        return Some(Failure::Timeout {
+            secs: timeout,
+            tail: session.tail(30),
+        });
+    }
+    match session.result {
+        None => Some(Failure::NoResult {
+            status: session
+                .status
+                .map_or("status unknown".to_owned(), |s| s.to_string()),
+            tail: session.tail(30),
+        }),
+        Some(0) => None,
+        Some(exit) => Some(Failure::Guest {
+            exit,
+            tail: session.tail(30),
+        }),
+    }
+}
+
+/// The user's script as the guest runs it: a host file is copied to /vm/script, anything
+/// else is a guest command. Returns the file to copy and the shell-quoted command line.
+fn user_command(script: &[String]) -> anyhow::Result<(Option<PathBuf>, String)> {
+    let Some((first, args)) = script.split_first() else {
+        return Ok((None, String::new()));
+    };
+    let host = Path::new(first);
+    let (file, command) = if host.is_file() {
+        let file = fs::canonicalize(host).with_context(|| format!("reading {first}"))?;
+        (Some(file), "/vm/script".to_owned())
+    } else {
+        (None, first.clone())
+    };
+    let words: Vec<String> = std::iter::once(command.as_str())
+        .chain(args.iter().map(String::as_str))
+        .map(workload::shell_quote)
+        .collect();
+    Ok((file, words.join(" ")))
+}
+
+fn choose_accel(requested: Accel, kernel: &Path, tmp: &Path) -> anyhow::Result<(Accel, String)> {
+    match requested {
+        Accel::Kvm => Ok((Accel::Kvm, "requested with --accel kvm".to_owned())),
+        Accel::Tcg => Ok((Accel::Tcg, "requested with --accel tcg".to_owned())),
+        Accel::Auto => {
+            let (works, reason) = qemu::kvm_works(kernel, || {
+                let initrd = tmp.join("kvm-probe.cpio");
+                initramfs::write_probe_initrd(&initrd)?;
+                Ok(initrd)
+            })?;
+            if works {
+                Ok((Accel::Kvm, reason))
+            } else {
+                Ok((Accel::Tcg, format!("KVM unusable, {reason}")))
+            }
+        }
+    }
+}
+
+/// Builds the static musl tracer for the guest and checks that it has `tracer run`.
+fn build_tracer() -> anyhow::Result<PathBuf> {
+    setup::ensure()?;
+    println!("vm: building the static tracer for the guest");
+    util::run(util::cargo().args([
+        "build",
+        "--release",
+        "--target",
+        "x86_64-unknown-linux-musl",
+        "-p",
+        "tracer",
+    ]))
+    .context("building the musl tracer failed")?;
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| util::workspace_root().join("target"));
+    let binary = target_dir.join("x86_64-unknown-linux-musl/release/tracer");
+    // The guest runs `tracer run --format json --record FILE -- CMD`: check the build has it
+    // before spending a boot on a binary that would ignore the command.
+    let help = Command::new(&binary)
+        .args(["run", "--help"])
+        .output()
+        .with_context(|| format!("cannot run {}", binary.display()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&help.stdout),
+        String::from_utf8_lossy(&help.stderr)
+    );
+    if !help.status.success() || !text.contains("--record") || !text.contains("--format") {
+        bail!(
+            "{} does not implement `tracer run --format json --record FILE -- CMD` yet \
+             (`tracer run --help` does not list those options): use --no-tracer until it does",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
+
+fn copy_results(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let Ok(entries) = fs::read_dir(from) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            fs::create_dir_all(&target)?;
+            copy_results(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), &target).with_context(|| {
+                format!("copying {} to {}", entry.path().display(), target.display())
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn count_findings(path: &Path) -> usize {
+    fs::read_to_string(path)
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.starts_with('{') && !l.starts_with("{\"summary\""))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// The value after the last line starting with `prefix`.
+fn last_value(lines: &[String], prefix: &str) -> Option<i32> {
+    lines
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Parses `tracer-vm: workload NAME passed cycles=N total_ms=T per_cycle_ms=P` lines.
+fn workload_timings(lines: &[String]) -> Vec<WorkloadTiming> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("tracer-vm: workload "))
+        .filter_map(|rest| {
+            let (name, rest) = rest.split_once(" passed ")?;
+            let field = |key: &str| {
+                rest.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse::<u64>().ok())
+            };
+            Some(WorkloadTiming {
+                name: name.to_owned(),
+                cycles: u32::try_from(field("cycles")?).ok()?,
+                per_cycle: Duration::from_millis(field("per_cycle_ms")?),
+            })
+        })
+        .collect()
+}
+
+fn nonce() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!(
+        "{:08x}{:06x}",
+        kernel::fnv1a(&nanos.to_le_bytes()) as u32,
+        std::process::id() & 0xff_ffff
+    )
+}
+
+/// `20261123-210501` in UTC, for result directory names.
+fn utc_stamp() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (proleptic Gregorian), by 400-year eras.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_workload_timings() {
+        let lines = vec![
+            "tracer-vm: cycle memdev-bind 1/2 ms=400".to_owned(),
+            "tracer-vm: workload memdev-bind passed cycles=2 total_ms=900 per_cycle_ms=450"
+                .to_owned(),
+        ];
+        let t = workload_timings(&lines);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].name, "memdev-bind");
+        assert_eq!(t[0].cycles, 2);
+        assert_eq!(t[0].per_cycle, Duration::from_millis(450));
+    }
+
+    #[test]
+    fn guest_commands_are_quoted() {
+        let (file, cmd) =
+            user_command(&["sh".to_owned(), "-c".to_owned(), "echo 'c' > /x".to_owned()]).unwrap();
+        assert!(file.is_none());
+        assert_eq!(cmd, r#"'sh' '-c' 'echo '\''c'\'' > /x'"#);
+    }
+
+    #[test]
+    fn utc_stamp_has_the_shape_of_a_date() {
+        let s = utc_stamp();
+        assert_eq!(s.len(), 15);
+        assert!(s.starts_with("20"));
+        assert_eq!(&s[8..9], "-");
+    }
+}

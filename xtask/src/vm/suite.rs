@@ -1,0 +1,258 @@
+//! The guest suite `cargo xtask test` runs after the host tests.
+//!
+//! Until the tracer's kernel side lands it proves the harness itself: the guest boots with
+//! the CXL topology present in sysfs, every built-in workload really cycles, results come
+//! back to the host, and a crashing, failing or hanging guest is reported as such. Each check
+//! fails loudly; none is skipped.
+use std::{fs, path::Path, time::Instant};
+
+use anyhow::{Context as _, bail, ensure};
+
+use super::{Crash, Failure, Run, RunOptions, Topology, Workload, execute};
+use crate::util;
+
+/// Checked by the host after the run: written by the guest into the results share.
+const MARKER: &str = "suite-topology.txt";
+
+/// Runs in the guest after the workloads of the first boot: the topology must still be there
+/// (every workload restored it) and be the one the rp command line asks for.
+const TOPOLOGY_CHECK: &str = r#"#!/bin/sh
+set -e
+out=/share/out/suite-topology.txt
+cxl=/sys/bus/cxl/devices
+check() { [ -e "$1" ] || { echo "tracer-vm: suite: missing $1"; exit 1; }; echo "present $1" >> $out; }
+check $cxl/root0
+check $cxl/mem0
+check $cxl/mem0/driver
+check $cxl/port1
+check $cxl/port1/dport0
+ls $cxl | grep -q '^endpoint' || { echo "tracer-vm: suite: no endpoint port"; exit 1; }
+drv=$(readlink $cxl/mem0/driver)
+[ "${drv##*/}" = cxl_mem ] || { echo "tracer-vm: suite: mem0 is bound to ${drv##*/}, not cxl_mem"; exit 1; }
+echo "mem0 driver cxl_mem" >> $out
+echo "tracer-vm: suite: topology present"
+"#;
+
+struct Case {
+    name: &'static str,
+    seconds: f64,
+}
+
+pub fn suite() -> anyhow::Result<()> {
+    let start = Instant::now();
+    let root = util::workspace_root().join("target/vm/suite");
+    let _ = fs::remove_dir_all(&root);
+    fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let mut cases = Vec::new();
+    let mut case =
+        |name: &'static str, f: &dyn Fn(&Path) -> anyhow::Result<()>| -> anyhow::Result<()> {
+            println!("test: guest: {name}");
+            let t = Instant::now();
+            f(&root.join(name)).with_context(|| format!("guest test {name} failed"))?;
+            let seconds = t.elapsed().as_secs_f64();
+            println!("test: guest: {name} ok ({seconds:.1} s)");
+            cases.push(Case { name, seconds });
+            Ok(())
+        };
+    case("rp-workloads", &rp_workloads)?;
+    case("switch-workloads", &switch_workloads)?;
+    case("crash-is-detected", &crash_is_detected)?;
+    case("failing-script-fails", &failing_script_fails)?;
+    case("hang-is-bounded", &hang_is_bounded)?;
+    for c in &cases {
+        println!("test: guest: {:<22} {:6.1} s", c.name, c.seconds);
+    }
+    println!(
+        "test: guest suite took {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    println!("guest: {} passed, 0 failed", cases.len());
+    Ok(())
+}
+
+fn options(topology: Topology, out: &Path) -> RunOptions {
+    let mut o = RunOptions::new(topology);
+    o.no_tracer = true;
+    o.quiet = true;
+    o.out = Some(out.to_owned());
+    o
+}
+
+/// A run that must pass: prints its summary and fails with the run's own failure otherwise.
+fn passing(options: &RunOptions) -> anyhow::Result<Run> {
+    let run = execute(options)?;
+    run.print_summary();
+    if let Some(failure) = &run.failure {
+        bail!("{failure}");
+    }
+    Ok(run)
+}
+
+/// Every workload ran `cycles` cycles, each reported by the guest.
+fn check_cycled(run: &Run, workloads: &[Workload], cycles: u32) -> anyhow::Result<()> {
+    for w in workloads {
+        let timing = run
+            .workloads
+            .iter()
+            .find(|t| t.name == w.name())
+            .with_context(|| format!("workload {} reported no result line", w.name()))?;
+        ensure!(
+            timing.cycles == cycles,
+            "workload {} ran {} cycles, not {cycles}",
+            w.name(),
+            timing.cycles
+        );
+        if *w != Workload::Mix {
+            let prefix = format!("tracer-vm: cycle {} ", w.name());
+            let seen = run
+                .console
+                .iter()
+                .filter(|l| l.starts_with(&prefix))
+                .count();
+            ensure!(
+                seen == cycles as usize,
+                "workload {} printed {seen} cycle lines, not {cycles}",
+                w.name()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn check_copied(out: &Path, files: &[&str]) -> anyhow::Result<()> {
+    for f in files {
+        let path = out.join(f);
+        let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        ensure!(
+            len > 0,
+            "{} was not copied back from the guest (missing or empty)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn rp_workloads(out: &Path) -> anyhow::Result<()> {
+    let script = out.with_extension("sh");
+    fs::create_dir_all(out)?;
+    fs::write(&script, TOPOLOGY_CHECK).with_context(|| format!("writing {}", script.display()))?;
+    let workloads: Vec<Workload> = Workload::ALL
+        .into_iter()
+        .filter(|w| w.runs_on(Topology::Rp))
+        .collect();
+    let cycles = 3;
+    let mut o = options(Topology::Rp, out);
+    o.workloads = workloads.clone();
+    o.cycles = cycles;
+    o.script = vec![script.to_string_lossy().into_owned()];
+    let run = passing(&o)?;
+    let ready = run
+        .console
+        .iter()
+        .find(|l| l.starts_with("tracer-vm: topology ready "))
+        .context("the guest never reported its CXL topology ready")?;
+    ensure!(
+        ready.contains("roots=1 ") && ready.contains("memdevs=1 bound=1 endpoints=1"),
+        "unexpected rp topology: {ready}"
+    );
+    check_cycled(&run, &workloads, cycles)?;
+    check_copied(out, &["console.log", "dmesg.txt", "workload.log", MARKER])?;
+    let marker = fs::read_to_string(out.join(MARKER))?;
+    ensure!(
+        marker.contains("mem0 driver cxl_mem"),
+        "{MARKER} is incomplete:\n{marker}"
+    );
+    let log = fs::read_to_string(out.join("workload.log"))?;
+    ensure!(
+        log.contains("workload memdev-bind passed"),
+        "workload.log lacks the workload's output"
+    );
+    Ok(())
+}
+
+fn switch_workloads(out: &Path) -> anyhow::Result<()> {
+    let workloads = [
+        Workload::UpstreamRescan,
+        Workload::MemdevBind,
+        Workload::PortUnbind,
+    ];
+    let cycles = 2;
+    let mut o = options(Topology::Switch, out);
+    o.workloads = workloads.to_vec();
+    o.cycles = cycles;
+    let run = passing(&o)?;
+    let ready = run
+        .console
+        .iter()
+        .find(|l| l.starts_with("tracer-vm: topology ready "))
+        .context("the guest never reported its CXL topology ready")?;
+    ensure!(
+        ready.contains("memdevs=2 bound=2 endpoints=2"),
+        "unexpected switch topology: {ready}"
+    );
+    check_cycled(&run, &workloads, cycles)
+}
+
+/// A guest that panics must fail the run, naming the panic, with the console excerpt.
+fn crash_is_detected(out: &Path) -> anyhow::Result<()> {
+    let mut o = options(Topology::Rp, out);
+    o.script = ["sh", "-c", "echo c > /proc/sysrq-trigger"]
+        .map(str::to_owned)
+        .to_vec();
+    o.timeout = 120;
+    let run = execute(&o)?;
+    let failure = run
+        .failure
+        .context("a guest that crashed with sysrq-c was reported as passing")?;
+    ensure!(
+        failure.crash() == Some(Crash::Panic),
+        "expected a kernel panic, got: {failure}"
+    );
+    let text = failure.to_string();
+    ensure!(
+        text.contains("kernel panic") && text.contains("sysrq triggered crash"),
+        "the failure does not name the crash and show its console lines:\n{text}"
+    );
+    ensure!(
+        run.elapsed.as_secs() < 60,
+        "the crash took {} s to be reported",
+        run.elapsed.as_secs()
+    );
+    println!(
+        "test: guest: reported as: {}",
+        text.lines().next().unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// A script that exits non-zero must fail the run with its status.
+fn failing_script_fails(out: &Path) -> anyhow::Result<()> {
+    let mut o = options(Topology::Rp, out);
+    o.script = ["sh", "-c", "echo about to fail; exit 3"]
+        .map(str::to_owned)
+        .to_vec();
+    o.timeout = 120;
+    let run = execute(&o)?;
+    match run.failure {
+        Some(Failure::Guest { exit: 3, .. }) => Ok(()),
+        Some(other) => bail!("expected the guest to fail with exit status 3, got: {other}"),
+        None => bail!("a script that exited 3 was reported as passing"),
+    }
+}
+
+/// A guest that never finishes must be killed at the wall-clock bound and reported.
+fn hang_is_bounded(out: &Path) -> anyhow::Result<()> {
+    let mut o = options(Topology::Rp, out);
+    o.script = ["sleep", "1000"].map(str::to_owned).to_vec();
+    o.timeout = 40;
+    let t = Instant::now();
+    let run = execute(&o)?;
+    let took = t.elapsed().as_secs();
+    match run.failure {
+        Some(Failure::Timeout { secs: 40, .. }) => {}
+        Some(other) => bail!("expected a timeout after 40 s, got: {other}"),
+        None => bail!("a guest stuck in `sleep 1000` was reported as passing"),
+    }
+    ensure!(took < 60, "the 40 s bound took {took} s to enforce");
+    Ok(())
+}

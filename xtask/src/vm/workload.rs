@@ -1,0 +1,518 @@
+//! The guest side: `/init`, the shell library, and the built-in hotplug workloads.
+//!
+//! Everything here is busybox ash. Each workload cycle tears part of the CXL topology down,
+//! checks that the teardown really happened, brings it back, and waits until the topology
+//! matches the one seen before the first cycle; a cycle that does not restore it fails the
+//! run loudly with a dump of the state. Progress lines start with `tracer-vm:` so the host can
+//! pick timings out of the console.
+use std::fmt::Write as _;
+
+use anyhow::bail;
+
+use super::Topology;
+
+/// A built-in workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// Unbind every memdev from `cxl_mem` and bind it again (each bind is a `cxl_mem_probe`).
+    MemdevBind,
+    /// `rmmod cxl_mem` then `modprobe cxl_mem`.
+    CxlMemReload,
+    /// `rmmod cxl_pci` then `modprobe cxl_pci` (memdevs disappear and come back).
+    CxlPciReload,
+    /// PCI remove of every type3 device, then a PCI bus rescan.
+    Type3Rescan,
+    /// PCI remove of the switch upstream port (the whole switch), then a rescan (switch only).
+    UpstreamRescan,
+    /// Unbind ACPI0017 from `cxl_acpi` (tears down the root and every port) and bind it again.
+    AcpiUnbind,
+    /// Unbind the ports above the endpoints from `cxl_port`, bind them again if they still
+    /// exist (a switch port goes away with its last endpoint), then bind the memdevs again.
+    PortUnbind,
+    /// `memdev-bind` and `acpi-unbind` racing in two parallel loops, then a restore.
+    Mix,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 8] = [
+        Workload::MemdevBind,
+        Workload::CxlMemReload,
+        Workload::CxlPciReload,
+        Workload::Type3Rescan,
+        Workload::UpstreamRescan,
+        Workload::AcpiUnbind,
+        Workload::PortUnbind,
+        Workload::Mix,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::MemdevBind => "memdev-bind",
+            Workload::CxlMemReload => "cxl-mem-reload",
+            Workload::CxlPciReload => "cxl-pci-reload",
+            Workload::Type3Rescan => "type3-rescan",
+            Workload::UpstreamRescan => "upstream-rescan",
+            Workload::AcpiUnbind => "acpi-unbind",
+            Workload::PortUnbind => "port-unbind",
+            Workload::Mix => "mix",
+        }
+    }
+
+    pub fn runs_on(self, topology: Topology) -> bool {
+        self != Workload::UpstreamRescan || topology == Topology::Switch
+    }
+}
+
+/// Fails before booting when a workload cannot run on the topology.
+pub fn check(workloads: &[Workload], topology: Topology) -> anyhow::Result<()> {
+    for w in workloads {
+        if !w.runs_on(topology) {
+            bail!(
+                "workload {} needs a CXL switch: use --topology switch",
+                w.name()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What `/init` is told, written to `/vm/config` and sourced by every guest script.
+pub struct GuestConfig<'a> {
+    pub nonce: &'a str,
+    pub expect_memdevs: usize,
+    pub tracer: bool,
+    pub workloads: &'a [Workload],
+    pub cycles: u32,
+    /// The user's command, already shell-quoted, or empty.
+    pub user_command: String,
+    /// Modules to load at boot, in order (the CXL drivers, then the user's extra modules).
+    pub load_modules: &'a [String],
+    pub settle_secs: u32,
+}
+
+impl GuestConfig<'_> {
+    pub fn render(&self) -> String {
+        let mut s = String::from("# written by cargo xtask vm run\n");
+        let names: Vec<&str> = self.workloads.iter().map(|w| w.name()).collect();
+        let vars = [
+            ("NONCE", self.nonce.to_owned()),
+            ("EXPECT_MEMDEVS", self.expect_memdevs.to_string()),
+            ("TRACER", u8::from(self.tracer).to_string()),
+            ("WORKLOADS", names.join(" ")),
+            ("CYCLES", self.cycles.to_string()),
+            ("USER_CMD", self.user_command.clone()),
+            ("LOAD_MODULES", self.load_modules.join(" ")),
+            ("SETTLE_SECS", self.settle_secs.to_string()),
+        ];
+        for (name, value) in vars {
+            writeln!(s, "{name}={}", shell_quote(&value)).expect("writing to a String cannot fail");
+        }
+        s
+    }
+}
+
+/// Quotes `s` as one word for the guest's shell.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// `/init`: mounts, loads the modules, waits for the topology, runs the workload (under the
+/// tracer unless told not to), saves dmesg, prints the result line and powers off. It never
+/// returns: the kernel would panic when init exits.
+pub const INIT: &str = r#"#!/bin/sh
+# /init of the tracer QEMU guest, written by cargo xtask vm run
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+mount -t debugfs debugfs /sys/kernel/debug
+mount -t tracefs tracefs /sys/kernel/tracing
+. /vm/config
+. /vm/lib.sh
+say "init started kernel=$(uname -r) uptime_ms=$(now_ms)"
+
+finish() {
+	dmesg > /share/out/dmesg.txt 2>/dev/null
+	sync
+	umount /share 2>/dev/null
+	say "result $NONCE exit=$1"
+	poweroff -f
+	while :; do sleep 1; done
+}
+
+setup_failed() {
+	say "error: $*"
+	dump_state
+	finish 100
+}
+
+mkdir -p /share
+modprobe 9pnet_virtio && modprobe 9p || setup_failed "cannot load the 9p modules for the results share"
+mount -t 9p -o trans=virtio,version=9p2000.L share /share || setup_failed "cannot mount the 9p results share"
+mkdir -p /share/out || setup_failed "the results share is not writable"
+
+for m in $LOAD_MODULES; do
+	modprobe "$m" || setup_failed "modprobe $m failed"
+done
+say "modules loaded: $LOAD_MODULES"
+for m in $LOAD_MODULES; do
+	[ -e "/sys/module/$m/taint" ] || continue
+	t=$(cat "/sys/module/$m/taint")
+	[ -z "$t" ] || say "module $m taints the kernel: $t"
+done
+
+ready=0
+n=0
+while [ $n -lt 600 ]; do
+	if [ "$EXPECT_MEMDEVS" = "$(count memdevs)" ] && [ "$EXPECT_MEMDEVS" = "$(count bound)" ] \
+		&& [ "$EXPECT_MEMDEVS" = "$(count endpoints)" ]; then
+		ready=1
+		break
+	fi
+	usleep 100000
+	n=$((n + 1))
+done
+[ $ready = 1 ] || setup_failed "CXL topology not ready after 60 s: expected $EXPECT_MEMDEVS memdevs bound to cxl_mem with endpoints, have $(topology)"
+say "topology ready $(topology) uptime_ms=$(now_ms)"
+
+rm -f /tmp/workload.status
+if [ "$TRACER" = 1 ]; then
+	say "running the workload under: tracer run --format json --record /share/out/trace.bin"
+	/bin/tracer run --format json --record /share/out/trace.bin -- /vm/workload \
+		> /share/out/findings.jsonl 2> /share/out/tracer.log
+	t=$?
+	say "tracer exit=$t"
+else
+	say "running the workload without the tracer"
+	/vm/workload
+fi
+if [ ! -e /tmp/workload.status ]; then
+	say "error: the workload never ran (did the tracer start it?)"
+	finish 101
+fi
+w=$(cat /tmp/workload.status)
+say "workload exit=$w"
+if [ "$TRACER" = 1 ] && [ "$t" != 0 ] && [ "$t" != 1 ]; then
+	say "error: tracer failed with exit status $t; its log follows"
+	tail -n 30 /share/out/tracer.log
+	finish 102
+fi
+finish "$w"
+"#;
+
+/// `/vm/workload`: the workload process (what the tracer runs). Its output goes to the
+/// console and to `/share/out/workload.log`; its status to `/tmp/workload.status`.
+pub const WORKLOAD: &str = r#"#!/bin/sh
+# /vm/workload, written by cargo xtask vm run
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+{ /vm/run-workloads; echo $? > /tmp/workload.status; } 2>&1 | tee /share/out/workload.log > /dev/console
+exit "$(cat /tmp/workload.status 2>/dev/null || echo 255)"
+"#;
+
+/// `/vm/run-workloads`: the selected built-in workloads in order, then the user's command.
+pub const RUN_WORKLOADS: &str = r#"#!/bin/sh
+# /vm/run-workloads, written by cargo xtask vm run
+. /vm/config
+. /vm/lib.sh
+. /vm/workloads.sh
+for w in $WORKLOADS; do
+	run_workload "$w" "$CYCLES" || exit 1
+done
+if [ -n "$USER_CMD" ]; then
+	say "script: $USER_CMD"
+	eval "set -- $USER_CMD"
+	"$@"
+	rc=$?
+	say "script exit=$rc"
+	exit $rc
+fi
+exit 0
+"#;
+
+/// `/vm/lib.sh`: helpers shared by /init and the workloads.
+pub const LIB: &str = r#"# /vm/lib.sh, written by cargo xtask vm run
+CXL=/sys/bus/cxl
+
+say() { echo "tracer-vm: $*"; }
+
+# Milliseconds since boot, from /proc/uptime (10 ms resolution).
+now_ms() {
+	read -r up _ < /proc/uptime
+	echo $(( ${up%.*}${up#*.} * 10 ))
+}
+
+# The driver a device (sysfs directory) is bound to, or nothing.
+driver_of() {
+	[ -e "$1/driver" ] || return 0
+	l=$(readlink "$1/driver")
+	echo "${l##*/}"
+}
+
+memdev_names() { for d in $CXL/devices/mem*; do [ -e "$d" ] && echo "${d##*/}"; done; }
+bound_memdevs() { for d in $CXL/devices/mem*; do [ "$(driver_of "$d")" = cxl_mem ] && echo "${d##*/}"; done; }
+endpoint_names() { for d in $CXL/devices/endpoint*; do [ -e "$d" ] && echo "${d##*/}"; done; }
+
+# The topology as one comparable line: roots, ports, dports, memdevs, bound memdevs, endpoints.
+topology() {
+	r=0; p=0; d=0; m=0; b=0; e=0
+	for x in $CXL/devices/root*; do [ -e "$x" ] && r=$((r + 1)); done
+	for x in $CXL/devices/port*; do [ -e "$x" ] && p=$((p + 1)); done
+	for x in $CXL/devices/*/dport*; do [ -e "$x" ] && d=$((d + 1)); done
+	for x in $CXL/devices/mem*; do
+		[ -e "$x" ] || continue
+		m=$((m + 1))
+		[ "$(driver_of "$x")" = cxl_mem ] && b=$((b + 1))
+	done
+	for x in $CXL/devices/endpoint*; do [ -e "$x" ] && e=$((e + 1)); done
+	echo "roots=$r ports=$p dports=$d memdevs=$m bound=$b endpoints=$e"
+}
+
+# count KEY: one field of `topology`.
+count() { topology | tr ' ' '\n' | sed -n "s/^$1=//p"; }
+
+dump_state() {
+	say "state: $(topology)"
+	for d in $CXL/devices/*; do
+		[ -e "$d" ] || continue
+		say "state: ${d##*/} driver=$(driver_of "$d")"
+	done
+	say "state: last kernel messages:"
+	dmesg | tail -n 25 | sed 's/^/tracer-vm:   /'
+}
+
+fail() {
+	say "FAIL: $*"
+	dump_state
+	exit 1
+}
+
+# Writes $2 to the sysfs file $1, failing the workload with the kernel's error.
+sysw() {
+	if ! echo "$2" 2> /tmp/sysw.err > "$1"; then
+		fail "writing $2 to $1 failed: $(sed 's/^.*: //' /tmp/sysw.err)"
+	fi
+}
+
+# Like sysw, but a failure only counts (racing loops expect some).
+tryw() {
+	echo "$2" 2> /dev/null > "$1" && return 0
+	echo x >> /tmp/race.errors
+	return 1
+}
+
+# wait_until WHAT CMD ARGS: polls CMD for up to SETTLE_SECS, failing the workload with WHAT.
+wait_until() {
+	what=$1
+	shift
+	n=0
+	until "$@"; do
+		n=$((n + 1))
+		[ $n -ge $((SETTLE_SECS * 10)) ] && fail "$what did not happen within $SETTLE_SECS s: $(topology)"
+		usleep 100000
+	done
+}
+
+# Waits up to SETTLE_SECS for the topology to read $1.
+settle() {
+	n=0
+	while [ "$(topology)" != "$1" ]; do
+		n=$((n + 1))
+		[ $n -ge $((SETTLE_SECS * 10)) ] && return 1
+		usleep 100000
+	done
+	return 0
+}
+"#;
+
+/// `/vm/workloads.sh`: one `cycle_NAME` function per workload, and the loop around them.
+pub const WORKLOADS: &str = r#"# /vm/workloads.sh, written by cargo xtask vm run
+
+# run_workload NAME CYCLES
+run_workload() {
+	name=$1
+	cycles=$2
+	fn=cycle_$(echo "$name" | tr - _)
+	command -v "$fn" > /dev/null || fail "unknown workload $name"
+	BASE=$(topology)
+	say "workload $name: $cycles cycles from $BASE"
+	if [ "$name" = mix ]; then
+		t0=$(now_ms)
+		run_mix "$cycles"
+		total=$(( $(now_ms) - t0 ))
+		say "workload $name passed cycles=$cycles total_ms=$total per_cycle_ms=$((total / cycles))"
+		return 0
+	fi
+	t0=$(now_ms)
+	i=1
+	while [ $i -le "$cycles" ]; do
+		c0=$(now_ms)
+		"$fn"
+		settle "$BASE" || fail "$name cycle $i did not restore the topology: expected $BASE, got $(topology)"
+		say "cycle $name $i/$cycles ms=$(( $(now_ms) - c0 ))"
+		i=$((i + 1))
+	done
+	total=$(( $(now_ms) - t0 ))
+	say "workload $name passed cycles=$cycles total_ms=$total per_cycle_ms=$((total / cycles))"
+}
+
+expect_no_memdev_bound() {
+	left=$(bound_memdevs)
+	[ -z "$left" ] || fail "$1: memdevs still bound to cxl_mem: $left"
+	left=$(endpoint_names)
+	[ -z "$left" ] || fail "$1: endpoint ports left: $left"
+}
+
+no_memdev_bound() { [ -z "$(bound_memdevs)$(endpoint_names)" ]; }
+
+bind_unbound_memdevs() {
+	for m in $(memdev_names); do
+		[ "$(driver_of "$CXL/devices/$m")" = cxl_mem ] || sysw $CXL/drivers/cxl_mem/bind "$m"
+	done
+}
+
+cycle_memdev_bind() {
+	for m in $(memdev_names); do sysw $CXL/drivers/cxl_mem/unbind "$m"; done
+	expect_no_memdev_bound "after unbinding the memdevs"
+	for m in $(memdev_names); do sysw $CXL/drivers/cxl_mem/bind "$m"; done
+}
+
+reload() {
+	rmmod "$1" 2> /tmp/rmmod.err || fail "rmmod $1 failed: $(cat /tmp/rmmod.err)"
+	[ ! -e "/sys/module/$1" ] || fail "module $1 still loaded after rmmod"
+	$2 "after rmmod $1"
+	modprobe "$1" 2> /tmp/modprobe.err || fail "modprobe $1 failed: $(cat /tmp/modprobe.err)"
+}
+
+cycle_cxl_mem_reload() { reload cxl_mem expect_no_memdev_bound; }
+
+expect_no_memdev() {
+	left=$(memdev_names)
+	[ -z "$left" ] || fail "$1: memdevs left: $left"
+}
+
+cycle_cxl_pci_reload() { reload cxl_pci expect_no_memdev; }
+
+# PCI functions of class 0x050210: CXL memory device (type3).
+type3_functions() {
+	for d in /sys/bus/pci/devices/*; do
+		[ "$(cat "$d/class")" = 0x050210 ] && echo "${d##*/}"
+	done
+}
+
+cycle_type3_rescan() {
+	devs=$(type3_functions)
+	[ -n "$devs" ] || fail "no CXL type3 PCI function (class 0x050210) to remove"
+	for d in $devs; do sysw "/sys/bus/pci/devices/$d/remove" 1; done
+	expect_no_memdev "after PCI remove of $devs"
+	sysw /sys/bus/pci/rescan 1
+}
+
+# PCI functions that are the upstream device of a CXL port: switch upstream ports.
+switch_upstream_ports() {
+	for p in $CXL/devices/port*; do
+		[ -e "$p/uport" ] || continue
+		u=$(readlink -f "$p/uport")
+		case "${u##*/}" in
+		????:??:??.?) echo "${u##*/}" ;;
+		esac
+	done
+}
+
+cycle_upstream_rescan() {
+	devs=$(switch_upstream_ports)
+	[ -n "$devs" ] || fail "no switch upstream port among the CXL ports (this workload needs --topology switch)"
+	for d in $devs; do sysw "/sys/bus/pci/devices/$d/remove" 1; done
+	expect_no_memdev "after PCI remove of the switch upstream port $devs"
+	sysw /sys/bus/pci/rescan 1
+}
+
+acpi0017() {
+	for d in /sys/bus/platform/devices/ACPI0017:*; do [ -e "$d" ] && echo "${d##*/}"; done
+}
+
+cycle_acpi_unbind() {
+	dev=$(acpi0017)
+	[ -n "$dev" ] || fail "no ACPI0017 platform device (is the CXL host bridge emulated?)"
+	sysw /sys/bus/platform/drivers/cxl_acpi/unbind "$dev"
+	left=$(ls -d $CXL/devices/root* $CXL/devices/port* 2> /dev/null)
+	[ -z "$left" ] || fail "CXL ports left after unbinding $dev from cxl_acpi: $left"
+	# The memdevs lose their driver asynchronously (cxl_core's detach work): wait for it, or
+	# it could undo the rebind below.
+	wait_until "releasing the memdevs from cxl_mem after the root went away" no_memdev_bound
+	sysw /sys/bus/platform/drivers/cxl_acpi/bind "$dev"
+}
+
+# The ports the endpoints hang off (the parent device of each endpoint).
+endpoint_parents() {
+	for e in $CXL/devices/endpoint*; do
+		[ -e "$e" ] || continue
+		p=$(readlink -f "$e/..")
+		echo "${p##*/}"
+	done | sort -u
+}
+
+cycle_port_unbind() {
+	ports=$(endpoint_parents)
+	[ -n "$ports" ] || fail "no endpoint port to find the ports above it"
+	for p in $ports; do sysw $CXL/drivers/cxl_port/unbind "$p"; done
+	left=$(endpoint_names)
+	[ -z "$left" ] || fail "endpoints left after unbinding $ports from cxl_port: $left"
+	# The memdevs lose their driver asynchronously (cxl_core's detach work).
+	wait_until "releasing the memdevs from cxl_mem after unbinding $ports" no_memdev_bound
+	# A switch port with no endpoint left is unregistered (cxl_detach_ep): memdev probe
+	# enumerates it again. A host-bridge port stays and is bound back here.
+	for p in $ports; do
+		[ -e "$CXL/devices/$p" ] && sysw $CXL/drivers/cxl_port/bind "$p"
+	done
+	bind_unbound_memdevs
+}
+
+# The racing loops of `mix`: the same operations, errors only counted.
+race_memdev_bind() {
+	i=0
+	while [ $i -lt "$1" ]; do
+		for m in $(memdev_names); do tryw $CXL/drivers/cxl_mem/unbind "$m"; done
+		for m in $(memdev_names); do tryw $CXL/drivers/cxl_mem/bind "$m"; done
+		i=$((i + 1))
+	done
+	say "mix: memdev-bind loop done ($1 cycles)"
+}
+
+race_acpi_unbind() {
+	dev=$(acpi0017)
+	i=0
+	while [ $i -lt "$1" ]; do
+		tryw /sys/bus/platform/drivers/cxl_acpi/unbind "$dev"
+		tryw /sys/bus/platform/drivers/cxl_acpi/bind "$dev"
+		i=$((i + 1))
+	done
+	say "mix: acpi-unbind loop done ($1 cycles)"
+}
+
+cycle_mix() { :; }
+
+run_mix() {
+	dev=$(acpi0017)
+	[ -n "$dev" ] || fail "no ACPI0017 platform device (is the CXL host bridge emulated?)"
+	: > /tmp/race.errors
+	race_memdev_bind "$1" &
+	a=$!
+	race_acpi_unbind "$1" &
+	b=$!
+	wait $a
+	wait $b
+	say "mix: $(wc -l < /tmp/race.errors) writes failed while racing (expected: the loops undo each other)"
+	# Restore: the root bound, then every memdev bound.
+	[ -e "/sys/bus/platform/drivers/cxl_acpi/$dev" ] || sysw /sys/bus/platform/drivers/cxl_acpi/bind "$dev"
+	n=0
+	while [ "$(topology)" != "$BASE" ] && [ $n -lt $((SETTLE_SECS * 10)) ]; do
+		for m in $(memdev_names); do
+			[ "$(driver_of "$CXL/devices/$m")" = cxl_mem ] || tryw $CXL/drivers/cxl_mem/bind "$m"
+		done
+		usleep 100000
+		n=$((n + 1))
+	done
+	settle "$BASE" || fail "mix did not restore the topology: expected $BASE, got $(topology)"
+}
+"#;
