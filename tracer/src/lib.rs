@@ -3,6 +3,7 @@
 //! The library holds everything that does not need a kernel: the event model, the formats,
 //! the engine and the reports. The binary adds the CLI and the live kernel side.
 pub mod analysis;
+pub mod decode;
 pub mod engine;
 pub mod event;
 pub mod format;
@@ -10,3 +11,4 @@ pub mod intern;
 pub mod sink;
 pub mod source;
 pub mod summary;
+pub mod synth;

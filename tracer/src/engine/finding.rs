@@ -116,6 +116,9 @@ pub struct Finding {
     pub generation: u32,
     pub port: u64,
     pub root: bool,
+    /// The dport's port lock and free lock (0 when the dport is unknown).
+    pub port_lock: u64,
+    pub free_lock: u64,
     pub expected_lock: Option<ExpectedLock>,
     /// Tracked mutexes this thread held at the time, in acquisition order.
     pub held_locks: Vec<u64>,

@@ -140,9 +140,9 @@ impl Engine {
     }
 
     fn finding(&self, event: &Event, class: Class, dport: u64, reason: &'static str) -> Finding {
-        let (generation, port, root) = match self.dports.get(dport) {
-            Some(d) => (d.generation, d.port, d.root),
-            None => (0, 0, false),
+        let (generation, port, root, port_lock, free_lock) = match self.dports.get(dport) {
+            Some(d) => (d.generation, d.port, d.root, d.port_lock, d.free_lock),
+            None => (0, 0, false, 0, 0),
         };
         Finding {
             class,
@@ -155,6 +155,8 @@ impl Engine {
             generation,
             port,
             root,
+            port_lock,
+            free_lock,
             expected_lock: None,
             held_locks: self.held_locks(event.tid),
             load: None,
@@ -175,26 +177,28 @@ impl Engine {
         if ret == 0 {
             return;
         }
-        let Some(dport) = self.dports.get(ret).cloned() else {
+        let Some(dport) = self.dports.get(ret) else {
             self.stats.unknown_objects += 1;
             return;
         };
         if let Some(free) = &dport.freed {
+            let (free, lock) = ((**free).clone(), Self::free_lock(dport));
             let mut f = self.finding(event, Class::UseAfterFree, ret, "xa_load returned a dport whose memory was already freed");
-            f.free = Some((**free).clone());
-            f.expected_lock = Some(Self::free_lock(&dport));
+            f.free = Some(free);
+            f.expected_lock = Some(lock);
             findings.push(f);
             return;
         }
-        self.reconcile(event, dport.free_lock, event.free_lock_held);
+        let (free_lock, generation) = (dport.free_lock, dport.generation);
+        self.reconcile(event, free_lock, event.free_lock_held);
         let cap = self.limits.max_refs_per_thread;
         let thread = self.thread(event.tid, event.ts);
         let new = Ref {
             dport: ret,
-            generation: dport.generation,
+            generation,
             ts: event.ts,
             stack: event.stack.clone(),
-            free_lock_period: thread.period_of(dport.free_lock),
+            free_lock_period: thread.period_of(free_lock),
         };
         if thread.put_ref(new, cap) {
             self.stats.evicted_refs += 1;
@@ -202,42 +206,52 @@ impl Engine {
     }
 
     fn on_use(&mut self, event: &Event, addr: u64, site: &Arc<str>, findings: &mut Vec<Finding>) {
-        let Some(dport) = self.dports.get(addr).cloned() else {
+        let Some(dport) = self.dports.get(addr) else {
             self.stats.unknown_objects += 1;
             return;
         };
+        let (free_lock, generation, freed) = (dport.free_lock, dport.generation, dport.freed.is_some());
         // Only pointers this thread was seen loading are judged.
-        let Some(load) = self.threads.get(&event.tid).and_then(|t| t.find_ref(addr)).cloned() else {
+        let Some((load_generation, load_period)) = self
+            .threads
+            .get(&event.tid)
+            .and_then(|t| t.find_ref(addr))
+            .map(|r| (r.generation, r.free_lock_period))
+        else {
             self.stats.unjudged_uses += 1;
             return;
         };
-        self.reconcile(event, dport.free_lock, event.free_lock_held);
-        let period = self.threads.get(&event.tid).and_then(|t| t.period_of(dport.free_lock));
-        let load_info = LoadInfo { ts: load.ts, stack: load.stack.clone(), free_lock_held: load.free_lock_period.is_some() };
+        self.reconcile(event, free_lock, event.free_lock_held);
+        let period = self.threads.get(&event.tid).and_then(|t| t.period_of(free_lock));
 
-        // The object the thread loaded is gone if it was freed, or its address was reused
+        // The object the thread loaded is gone if it was freed, or if its address was reused
         // for a newer dport (which can only happen after a free).
-        let freed = if load.generation == dport.generation { dport.freed.clone() } else { None };
-        let class_reason = if load.generation != dport.generation || freed.is_some() {
-            Some((Class::UseAfterFree, "dport used after its memory was freed"))
+        let (class, reason) = if load_generation != generation || freed {
+            (Class::UseAfterFree, "dport used after its memory was freed")
         } else if period.is_none() {
-            Some((Class::UnlockedUse, "dport from a lockless xa_load used without holding its free lock"))
-        } else if load.free_lock_period.is_none() {
-            Some((Class::StaleUse, "dport loaded before its free lock was taken, used under the lock without re-fetching"))
-        } else if load.free_lock_period != period {
-            Some((Class::StaleUse, "dport loaded under an earlier hold of its free lock, used after an unlock/relock without re-fetching"))
+            (Class::UnlockedUse, "dport from a lockless xa_load used without holding its free lock")
+        } else if load_period.is_none() {
+            (Class::StaleUse, "dport loaded before its free lock was taken, used under the lock without re-fetching")
+        } else if load_period != period {
+            (
+                Class::StaleUse,
+                "dport loaded under an earlier hold of its free lock, used after an unlock/relock without re-fetching",
+            )
         } else {
-            None
+            return;
         };
-        if let Some((class, reason)) = class_reason {
-            let mut f = self.finding(event, class, addr, reason);
-            f.site = site.clone();
-            f.generation = load.generation;
-            f.expected_lock = Some(Self::free_lock(&dport));
-            f.load = Some(load_info);
-            f.free = freed.map(|free| (*free).clone());
-            findings.push(f);
-        }
+        let dport = self.dports.get(addr).expect("looked up above");
+        let free = if load_generation == generation { dport.freed.as_deref().cloned() } else { None };
+        let lock = Self::free_lock(dport);
+        let load = self.threads.get(&event.tid).and_then(|t| t.find_ref(addr)).expect("found above");
+        let load = LoadInfo { ts: load.ts, stack: load.stack.clone(), free_lock_held: load.free_lock_period.is_some() };
+        let mut f = self.finding(event, class, addr, reason);
+        f.site = site.clone();
+        f.generation = load_generation;
+        f.expected_lock = Some(lock);
+        f.load = Some(load);
+        f.free = free;
+        findings.push(f);
     }
 
     fn on_write(&mut self, event: &Event, xa: u64, entry: u64, _op: &str, findings: &mut Vec<Finding>) {
@@ -250,6 +264,7 @@ impl Engine {
         if !held {
             let mut f = self.finding(event, Class::UnlockedErase, entry, "port->dports written without holding the port lock");
             f.port = container.port;
+            f.port_lock = container.port_lock;
             f.expected_lock =
                 Some(ExpectedLock { role: LockRole::Port, addr: container.port_lock, what: "&port->dev.mutex" });
             findings.push(f);
@@ -257,18 +272,19 @@ impl Engine {
     }
 
     fn on_free(&mut self, event: &Event, addr: u64, findings: &mut Vec<Finding>) {
-        let Some(dport) = self.dports.get(addr).cloned() else {
+        let Some(dport) = self.dports.get(addr) else {
             self.stats.unknown_objects += 1;
             return;
         };
-        if dport.freed.is_some() {
+        if let Some(earlier) = dport.freed.as_deref().cloned() {
             let mut f = self.finding(event, Class::UseAfterFree, addr, "dport memory freed twice");
-            f.free = dport.freed.as_deref().cloned();
+            f.free = Some(earlier);
             findings.push(f);
             return;
         }
-        self.reconcile(event, dport.free_lock, event.free_lock_held);
-        let held = self.threads.get(&event.tid).and_then(|t| t.period_of(dport.free_lock)).is_some();
+        let (free_lock, lock) = (dport.free_lock, Self::free_lock(dport));
+        self.reconcile(event, free_lock, event.free_lock_held);
+        let held = self.threads.get(&event.tid).and_then(|t| t.period_of(free_lock)).is_some();
         if !held {
             let mut f = self.finding(
                 event,
@@ -276,7 +292,7 @@ impl Engine {
                 addr,
                 "dport freed by a thread not holding the predicted free lock: the lock model is wrong for this kernel",
             );
-            f.expected_lock = Some(Self::free_lock(&dport));
+            f.expected_lock = Some(lock);
             findings.push(f);
         }
         let free = Arc::new(FreeInfo { ts: event.ts, tid: event.tid, comm: event.comm.clone(), stack: event.stack.clone() });

@@ -2,9 +2,9 @@
 //! to the last complete record when the writer was cut off.
 //!
 //! ```text
-//! file   = MAGIC record*
-//! record = len:u32le crc32:u32le body[len]          (crc32 of body)
-//! body   = type:u8 fields...
+//! file   = MAGIC chunk*
+//! chunk  = len:u32le crc32:u32le record*             (crc32 of the records; one per flush)
+//! record = len:u32le type:u8 fields[len-1]
 //!   HEADER   (first record)  version:u16 tool:str kernel:str clock_base:u64 n:u16 (name:str value:u64)*n
 //!   STRING   id:u32 text:str32                       ids 1, 2, 3... in order
 //!   STACK    id:u32 n:u16 frame:u32*n                (frame = STRING id), ids 1, 2, 3...
@@ -17,6 +17,7 @@
 //! use dport:u64 site:u32 (STRING id); free dport:u64. Stack id 0 means no stack.
 use std::{
     io::{Read, Write},
+    ops::Range,
     sync::Arc,
 };
 
@@ -28,10 +29,11 @@ use crate::event::{Event, EventKind, Kind, Stack};
 pub const MAGIC: [u8; 8] = *b"CXLTRACE";
 /// Bumped on any incompatible change; readers refuse other versions.
 pub const FORMAT_VERSION: u16 = 1;
-/// Largest record body accepted (a stack of 127 frames is far below this).
-pub const MAX_RECORD: u32 = 1 << 20;
+/// Largest chunk accepted; the writer ends a chunk at every flush and at 64 KiB.
+pub const MAX_CHUNK: u32 = 1 << 24;
 
-const FRAME_HEADER: usize = 8;
+const CHUNK_HEADER: usize = 8;
+const RECORD_HEADER: usize = 4;
 
 const REC_HEADER: u8 = 1;
 const REC_STRING: u8 = 2;
@@ -64,9 +66,9 @@ pub enum TraceError {
     Version { found: u16 },
     #[error("byte offset {offset}: the first record is not a header (type {kind})")]
     MissingHeader { offset: u64, kind: u8 },
-    #[error("byte offset {offset}: record checksum mismatch (the file is corrupt)")]
+    #[error("byte offset {offset}: chunk checksum mismatch (the file is corrupt)")]
     Checksum { offset: u64 },
-    #[error("byte offset {offset}: record length {len} is out of range (1..={MAX_RECORD})")]
+    #[error("byte offset {offset}: chunk length {len} is out of range (1..={MAX_CHUNK})")]
     Length { offset: u64, len: u32 },
     #[error("byte offset {offset}: malformed {record} record: {what}")]
     Malformed { offset: u64, record: &'static str, what: &'static str },
@@ -79,7 +81,7 @@ pub enum TraceError {
 /// The tail of a trace whose writer was cut off mid-record.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Truncation {
-    /// Offset of the incomplete record.
+    /// Offset of the first byte not read (the incomplete record or chunk header).
     pub offset: u64,
     /// Bytes after the last complete record.
     pub lost_bytes: u64,
@@ -99,11 +101,6 @@ impl Body<'_> {
 
     fn need(&self, n: usize) -> Result<(), TraceError> {
         if self.buf.remaining() < n { Err(self.err("shorter than its fields")) } else { Ok(()) }
-    }
-
-    fn u8(&mut self) -> Result<u8, TraceError> {
-        self.need(1)?;
-        Ok(self.buf.get_u8())
     }
 
     fn u16(&mut self) -> Result<u16, TraceError> {
@@ -151,10 +148,15 @@ impl Body<'_> {
 /// Streams events out of a trace file.
 pub struct TraceReader<R> {
     input: R,
-    buf: BytesMut,
-    /// File offset of `buf[0]`.
-    offset: u64,
+    /// Bytes read and not yet consumed are `buf[start..end]`; `buf[0]` is at file offset
+    /// `base`.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    base: u64,
     eof: bool,
+    /// End (in `buf`) of the chunk being read; records are parsed up to it.
+    chunk_end: usize,
     header: TraceHeader,
     strings: Vec<Arc<str>>,
     stacks: Vec<Stack>,
@@ -168,9 +170,12 @@ impl<R: Read> TraceReader<R> {
     pub fn new(input: R) -> Result<Self, TraceError> {
         let mut reader = TraceReader {
             input,
-            buf: BytesMut::with_capacity(1 << 16),
-            offset: 0,
+            buf: vec![0; 1 << 16],
+            start: 0,
+            end: 0,
+            base: 0,
             eof: false,
+            chunk_end: 0,
             header: TraceHeader::default(),
             strings: Vec::new(),
             stacks: Vec::new(),
@@ -179,20 +184,17 @@ impl<R: Read> TraceReader<R> {
             failed: false,
         };
         reader.fill(MAGIC.len())?;
-        if reader.buf.len() < MAGIC.len() || reader.buf[..MAGIC.len()] != MAGIC {
-            let found = reader.buf[..reader.buf.len().min(MAGIC.len())].to_vec();
-            return Err(TraceError::BadMagic { found });
+        let prefix = &reader.buf[..reader.end.min(MAGIC.len())];
+        if prefix != MAGIC {
+            return Err(TraceError::BadMagic { found: prefix.to_vec() });
         }
-        reader.consume(MAGIC.len());
-        match reader.next_frame()? {
-            Some((offset, body)) => {
-                if body[0] != REC_HEADER {
-                    return Err(TraceError::MissingHeader { offset, kind: body[0] });
-                }
-                reader.header = parse_header(&body, offset)?;
-            }
+        reader.start = MAGIC.len();
+        reader.chunk_end = reader.start;
+        match reader.next_record()? {
+            Some((offset, REC_HEADER, fields)) => reader.header = parse_header(&reader.buf[fields], offset)?,
+            Some((offset, kind, _)) => return Err(TraceError::MissingHeader { offset, kind }),
             None => {
-                let offset = reader.offset;
+                let offset = reader.offset();
                 return Err(TraceError::Malformed { offset, record: "header", what: "file ends before its header" });
             }
         }
@@ -208,82 +210,124 @@ impl<R: Read> TraceReader<R> {
         &self.counters
     }
 
-    /// Set when the file ends inside a record (the writer was cut off).
+    /// Set when the file ends inside a chunk or a record (the writer was cut off).
     pub fn truncation(&self) -> Option<Truncation> {
         self.truncation
     }
 
-    /// Bytes consumed so far.
-    pub fn position(&self) -> u64 {
-        self.offset
+    /// File offset of the next unread byte.
+    pub fn offset(&self) -> u64 {
+        self.base + self.start as u64
     }
 
-    fn consume(&mut self, n: usize) {
-        self.buf.advance(n);
-        self.offset += n as u64;
-    }
-
-    /// Reads until `buf` holds at least `n` bytes or the input ends.
+    /// Reads until `buf[start..end]` holds at least `n` bytes or the input ends.
     fn fill(&mut self, n: usize) -> Result<(), TraceError> {
-        while self.buf.len() < n && !self.eof {
-            let want = (n - self.buf.len()).max(1 << 16);
-            let start = self.buf.len();
-            self.buf.resize(start + want, 0);
+        while self.end - self.start < n && !self.eof {
+            if self.start + n > self.buf.len() {
+                // Keep the unread tail (and the chunk it belongs to) at the front.
+                let keep_from = self.start.min(self.chunk_end);
+                self.buf.copy_within(keep_from..self.end, 0);
+                self.base += keep_from as u64;
+                self.start -= keep_from;
+                self.end -= keep_from;
+                self.chunk_end -= keep_from;
+                if self.start + n > self.buf.len() {
+                    self.buf.resize((self.start + n).next_power_of_two(), 0);
+                }
+            }
             let read = loop {
-                match self.input.read(&mut self.buf[start..]) {
+                match self.input.read(&mut self.buf[self.end..]) {
                     Ok(read) => break read,
                     Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(err) => {
-                        self.buf.truncate(start);
-                        return Err(err.into());
-                    }
+                    Err(err) => return Err(err.into()),
                 }
             };
-            self.buf.truncate(start + read);
+            self.end += read;
             self.eof = read == 0;
         }
         Ok(())
     }
 
-    /// The next complete record body and its offset; `None` at the end (a partial record at
-    /// the end is recorded as a truncation).
-    fn next_frame(&mut self) -> Result<Option<(u64, BytesMut)>, TraceError> {
-        self.fill(FRAME_HEADER)?;
-        if self.buf.is_empty() {
-            return Ok(None);
+    /// Opens the next chunk: checks its length and checksum. `false` at the end of the input.
+    /// A chunk cut off by the end of the file is read without its checksum (its complete
+    /// records are still delivered; the incomplete tail is recorded as a truncation).
+    fn next_chunk(&mut self) -> Result<bool, TraceError> {
+        self.fill(CHUNK_HEADER)?;
+        let offset = self.offset();
+        let avail = self.end - self.start;
+        if avail == 0 {
+            return Ok(false);
         }
-        let offset = self.offset;
-        if self.buf.len() < FRAME_HEADER {
-            self.truncation = Some(Truncation { offset, lost_bytes: self.buf.len() as u64 });
-            return Ok(None);
+        if avail < CHUNK_HEADER {
+            self.truncation = Some(Truncation { offset, lost_bytes: avail as u64 });
+            self.start = self.end;
+            return Ok(false);
         }
-        let len = u32::from_le_bytes(self.buf[0..4].try_into().expect("4 bytes"));
-        let crc = u32::from_le_bytes(self.buf[4..8].try_into().expect("4 bytes"));
-        if len == 0 || len > MAX_RECORD {
+        let at = self.start;
+        let len = u32::from_le_bytes(self.buf[at..at + 4].try_into().expect("4 bytes"));
+        let crc = u32::from_le_bytes(self.buf[at + 4..at + 8].try_into().expect("4 bytes"));
+        if len == 0 || len > MAX_CHUNK {
             return Err(TraceError::Length { offset, len });
         }
-        let total = FRAME_HEADER + len as usize;
-        self.fill(total)?;
-        if self.buf.len() < total {
-            self.truncation = Some(Truncation { offset, lost_bytes: self.buf.len() as u64 });
-            return Ok(None);
+        self.chunk_end = self.start; // keep the chunk header while filling
+        self.fill(CHUNK_HEADER + len as usize)?;
+        let body_start = self.start + CHUNK_HEADER;
+        let whole = self.end - self.start >= CHUNK_HEADER + len as usize;
+        if whole {
+            let body_end = body_start + len as usize;
+            if crc32fast::hash(&self.buf[body_start..body_end]) != crc {
+                return Err(TraceError::Checksum { offset });
+            }
+            self.chunk_end = body_end;
+        } else {
+            // Until an incomplete record shows up, the cut is at the end of the file.
+            self.chunk_end = self.end;
+            self.truncation = Some(Truncation { offset: self.base + self.end as u64, lost_bytes: 0 });
         }
-        if crc32fast::hash(&self.buf[FRAME_HEADER..total]) != crc {
-            return Err(TraceError::Checksum { offset });
-        }
-        self.consume(FRAME_HEADER);
-        let body = self.buf.split_to(len as usize);
-        self.offset += u64::from(len);
-        Ok(Some((offset, body)))
+        self.start = body_start;
+        Ok(true)
     }
 
-    /// The next event, skipping the string, stack and counter records it depends on.
+    /// The next record (offset, type, where its fields are in `buf`); `None` at the end.
+    fn next_record(&mut self) -> Result<Option<(u64, u8, Range<usize>)>, TraceError> {
+        while self.start >= self.chunk_end {
+            if self.truncation.is_some() || !self.next_chunk()? {
+                return Ok(None);
+            }
+        }
+        let offset = self.offset();
+        let avail = self.chunk_end - self.start;
+        let len = if avail >= RECORD_HEADER {
+            u32::from_le_bytes(self.buf[self.start..self.start + 4].try_into().expect("4 bytes")) as usize
+        } else {
+            usize::MAX
+        };
+        if len == usize::MAX || RECORD_HEADER + len > avail {
+            if let Some(cut) = &mut self.truncation {
+                // The file ends inside this record: everything from here on is lost.
+                *cut = Truncation { offset, lost_bytes: (self.end - self.start) as u64 };
+                self.start = self.chunk_end;
+                return Ok(None);
+            }
+            return Err(TraceError::Malformed { offset, record: "chunk", what: "a record overruns its chunk" });
+        }
+        if len == 0 {
+            return Err(TraceError::Malformed { offset, record: "chunk", what: "a record of length 0" });
+        }
+        let body = self.start + RECORD_HEADER;
+        self.start = body + len;
+        Ok(Some((offset, self.buf[body], body + 1..body + len)))
+    }
+
+    /// The next event, taking in the string, stack and counter records it depends on.
     pub fn next_event(&mut self) -> Result<Option<Event>, TraceError> {
-        while let Some((offset, body)) = self.next_frame()? {
-            match body[0] {
-                REC_EVENT => return self.parse_event(&body[1..], offset).map(Some),
+        loop {
+            let Some((offset, kind, range)) = self.next_record()? else { return Ok(None) };
+            let fields = &self.buf[range];
+            match kind {
+                REC_EVENT => return parse_event(fields, offset, &self.strings, &self.stacks).map(Some),
                 REC_STRING => {
-                    let mut b = Body { buf: &body[1..], offset, record: "string" };
+                    let mut b = Body { buf: fields, offset, record: "string" };
                     let id = b.u32()?;
                     let text = b.str32()?;
                     b.end()?;
@@ -293,13 +337,13 @@ impl<R: Read> TraceReader<R> {
                     self.strings.push(Arc::from(text));
                 }
                 REC_STACK => {
-                    let mut b = Body { buf: &body[1..], offset, record: "stack" };
+                    let mut b = Body { buf: fields, offset, record: "stack" };
                     let id = b.u32()?;
                     let n = b.u16()? as usize;
                     let mut frames = Vec::with_capacity(n.min(256));
                     for _ in 0..n {
                         let string = b.u32()?;
-                        frames.push(self.string(string).ok_or_else(|| b.err("frame names an undefined string"))?);
+                        frames.push(string_at(&self.strings, string).ok_or_else(|| b.err("frame names an undefined string"))?);
                     }
                     b.end()?;
                     if id as usize != self.stacks.len() + 1 {
@@ -308,7 +352,7 @@ impl<R: Read> TraceReader<R> {
                     self.stacks.push(Arc::from(frames));
                 }
                 REC_COUNTERS => {
-                    let mut b = Body { buf: &body[1..], offset, record: "counters" };
+                    let mut b = Body { buf: fields, offset, record: "counters" };
                     let n = b.u16()?;
                     let mut counters = Vec::with_capacity(usize::from(n).min(64));
                     for _ in 0..n {
@@ -323,62 +367,84 @@ impl<R: Read> TraceReader<R> {
                 kind => return Err(TraceError::UnknownRecord { offset, kind }),
             }
         }
-        Ok(None)
     }
+}
 
-    fn string(&self, id: u32) -> Option<Arc<str>> {
-        self.strings.get((id as usize).checked_sub(1)?).cloned()
-    }
+fn string_at(strings: &[Arc<str>], id: u32) -> Option<Arc<str>> {
+    strings.get((id as usize).checked_sub(1)?).cloned()
+}
 
-    fn parse_event(&self, buf: &[u8], offset: u64) -> Result<Event, TraceError> {
-        let mut b = Body { buf, offset, record: "event" };
-        let ts = b.u64()?;
-        let cpu = b.u32()?;
-        let tid = b.u32()?;
-        let comm = self.string(b.u32()?).ok_or_else(|| b.err("task name is an undefined string"))?;
-        let kind = EventKind::from_u32(u32::from(b.u8()?)).ok_or_else(|| b.err("unknown event kind"))?;
-        let flags = b.u8()?;
-        let stack = match b.u32()? {
-            0 => None,
-            id => Some(self.stacks.get(id as usize - 1).cloned().ok_or_else(|| b.err("undefined stack"))?),
-        };
-        let kind = match kind {
-            EventKind::DportAdd => Kind::DportAdd {
-                dport: b.u64()?,
-                port: b.u64()?,
-                xa: b.u64()?,
-                port_lock: b.u64()?,
-                free_lock: b.u64()?,
-                root: match b.u8()? {
-                    0 => false,
-                    1 => true,
-                    _ => return Err(b.err("root flag is neither 0 nor 1")),
-                },
-            },
-            EventKind::XaLoad => Kind::XaLoad { xa: b.u64()?, index: b.u64()?, ret: b.u64()? },
-            EventKind::XaErase => Kind::XaErase { xa: b.u64()?, index: b.u64()?, ret: b.u64()? },
-            EventKind::XaInsert => Kind::XaInsert { xa: b.u64()?, index: b.u64()?, entry: b.u64()? },
-            EventKind::Lock => Kind::Lock { lock: b.u64()? },
-            EventKind::Unlock => Kind::Unlock { lock: b.u64()? },
-            EventKind::Use => Kind::Use {
-                dport: b.u64()?,
-                site: self.string(b.u32()?).ok_or_else(|| b.err("use site is an undefined string"))?,
-            },
-            EventKind::Free => Kind::Free { dport: b.u64()? },
-        };
-        b.end()?;
-        let stamp = |known, held| if flags & known != 0 { Some(flags & held != 0) } else { None };
-        Ok(Event {
-            ts,
-            cpu,
-            tid,
-            comm,
-            kind,
-            stack,
-            free_lock_held: stamp(FLAG_FREE_KNOWN, FLAG_FREE_HELD),
-            port_lock_held: stamp(FLAG_PORT_KNOWN, FLAG_PORT_HELD),
-        })
+/// Bytes of an EVENT record before its payload: ts cpu tid comm kind flags stack.
+const EVENT_FIXED: usize = 8 + 4 + 4 + 4 + 1 + 1 + 4;
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("length checked by the caller"))
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("length checked by the caller"))
+}
+
+/// Decodes an EVENT record. The hot path of every replay: lengths are checked once for the
+/// fixed part and once for the payload of the kind.
+fn parse_event(buf: &[u8], offset: u64, strings: &[Arc<str>], stacks: &[Stack]) -> Result<Event, TraceError> {
+    let err = |what| TraceError::Malformed { offset, record: "event", what };
+    if buf.len() < EVENT_FIXED {
+        return Err(err("shorter than its fields"));
     }
+    let comm = string_at(strings, le_u32(buf, 16)).ok_or_else(|| err("task name is an undefined string"))?;
+    let kind = EventKind::from_u32(u32::from(buf[20])).ok_or_else(|| err("unknown event kind"))?;
+    let flags = buf[21];
+    let stack = match le_u32(buf, 22) {
+        0 => None,
+        id => Some(stacks.get(id as usize - 1).cloned().ok_or_else(|| err("undefined stack"))?),
+    };
+    let p = &buf[EVENT_FIXED..];
+    let payload_len = match kind {
+        EventKind::DportAdd => 41,
+        EventKind::XaLoad | EventKind::XaErase | EventKind::XaInsert => 24,
+        EventKind::Lock | EventKind::Unlock | EventKind::Free => 8,
+        EventKind::Use => 12,
+    };
+    if p.len() != payload_len {
+        return Err(err(if p.len() < payload_len { "shorter than its fields" } else { "trailing bytes" }));
+    }
+    let w = |i: usize| le_u64(p, i * 8);
+    let kind = match kind {
+        EventKind::DportAdd => Kind::DportAdd {
+            dport: w(0),
+            port: w(1),
+            xa: w(2),
+            port_lock: w(3),
+            free_lock: w(4),
+            root: match p[40] {
+                0 => false,
+                1 => true,
+                _ => return Err(err("root flag is neither 0 nor 1")),
+            },
+        },
+        EventKind::XaLoad => Kind::XaLoad { xa: w(0), index: w(1), ret: w(2) },
+        EventKind::XaErase => Kind::XaErase { xa: w(0), index: w(1), ret: w(2) },
+        EventKind::XaInsert => Kind::XaInsert { xa: w(0), index: w(1), entry: w(2) },
+        EventKind::Lock => Kind::Lock { lock: w(0) },
+        EventKind::Unlock => Kind::Unlock { lock: w(0) },
+        EventKind::Use => Kind::Use {
+            dport: w(0),
+            site: string_at(strings, le_u32(p, 8)).ok_or_else(|| err("use site is an undefined string"))?,
+        },
+        EventKind::Free => Kind::Free { dport: w(0) },
+    };
+    let stamp = |known, held| if flags & known != 0 { Some(flags & held != 0) } else { None };
+    Ok(Event {
+        ts: le_u64(buf, 0),
+        cpu: le_u32(buf, 8),
+        tid: le_u32(buf, 12),
+        comm,
+        kind,
+        stack,
+        free_lock_held: stamp(FLAG_FREE_KNOWN, FLAG_FREE_HELD),
+        port_lock_held: stamp(FLAG_PORT_KNOWN, FLAG_PORT_HELD),
+    })
 }
 
 impl<R: Read> Iterator for TraceReader<R> {
@@ -399,8 +465,8 @@ impl<R: Read> Iterator for TraceReader<R> {
     }
 }
 
-fn parse_header(body: &[u8], offset: u64) -> Result<TraceHeader, TraceError> {
-    let mut b = Body { buf: &body[1..], offset, record: "header" };
+fn parse_header(fields: &[u8], offset: u64) -> Result<TraceHeader, TraceError> {
+    let mut b = Body { buf: fields, offset, record: "header" };
     let version = b.u16()?;
     if version != FORMAT_VERSION {
         return Err(TraceError::Version { found: version });
@@ -417,30 +483,32 @@ fn parse_header(body: &[u8], offset: u64) -> Result<TraceHeader, TraceError> {
     Ok(TraceHeader { tool_version, kernel_release, clock_base_ns, offsets })
 }
 
-/// Writes a trace: interns strings and stacks, frames every record, buffers until `flush`.
+/// Writes a trace: interns strings and stacks, frames records, and ends a checksummed chunk
+/// at every `flush` (and every 64 KiB), so a reader can trust all but a cut-off tail.
 pub struct TraceWriter<W: Write> {
     out: W,
+    /// The open chunk: its 8-byte header (filled at flush) and its records.
     buf: BytesMut,
     strings: FxHashMap<Arc<str>, u32>,
     stacks: FxHashMap<Stack, u32>,
     written: u64,
 }
 
-/// Buffered bytes past which `write_event` flushes by itself.
+/// Chunk size past which `write_event` flushes by itself.
 const FLUSH_AT: usize = 1 << 16;
 
 impl<W: Write> TraceWriter<W> {
-    pub fn new(out: W, header: &TraceHeader) -> std::io::Result<Self> {
+    pub fn new(mut out: W, header: &TraceHeader) -> std::io::Result<Self> {
+        out.write_all(&MAGIC)?;
         let mut writer = TraceWriter {
             out,
             buf: BytesMut::with_capacity(FLUSH_AT * 2),
             strings: FxHashMap::default(),
             stacks: FxHashMap::default(),
-            written: 0,
+            written: MAGIC.len() as u64,
         };
-        writer.buf.put_slice(&MAGIC);
-        writer.record(|b| {
-            b.put_u8(REC_HEADER);
+        writer.buf.put_u64_le(0);
+        writer.record(REC_HEADER, |b| {
             b.put_u16_le(FORMAT_VERSION);
             put_str(b, &header.tool_version);
             put_str(b, &header.kernel_release);
@@ -455,15 +523,14 @@ impl<W: Write> TraceWriter<W> {
         Ok(writer)
     }
 
-    /// Appends one framed record built by `fill`.
-    fn record(&mut self, fill: impl FnOnce(&mut BytesMut)) {
+    /// Appends one record of type `kind` whose fields `fill` writes.
+    fn record(&mut self, kind: u8, fill: impl FnOnce(&mut BytesMut)) {
         let start = self.buf.len();
-        self.buf.put_u64_le(0);
+        self.buf.put_u32_le(0);
+        self.buf.put_u8(kind);
         fill(&mut self.buf);
-        let len = (self.buf.len() - start - FRAME_HEADER) as u32;
-        let crc = crc32fast::hash(&self.buf[start + FRAME_HEADER..]);
+        let len = (self.buf.len() - start - RECORD_HEADER) as u32;
         self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
-        self.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     }
 
     fn string_id(&mut self, text: &Arc<str>) -> u32 {
@@ -472,8 +539,7 @@ impl<W: Write> TraceWriter<W> {
         }
         let id = self.strings.len() as u32 + 1;
         self.strings.insert(text.clone(), id);
-        self.record(|b| {
-            b.put_u8(REC_STRING);
+        self.record(REC_STRING, |b| {
             b.put_u32_le(id);
             b.put_u32_le(text.len() as u32);
             b.put_slice(text.as_bytes());
@@ -488,8 +554,7 @@ impl<W: Write> TraceWriter<W> {
         let frames: Vec<u32> = stack.iter().take(u16::MAX as usize).map(|f| self.string_id(f)).collect();
         let id = self.stacks.len() as u32 + 1;
         self.stacks.insert(stack.clone(), id);
-        self.record(|b| {
-            b.put_u8(REC_STACK);
+        self.record(REC_STACK, |b| {
             b.put_u32_le(id);
             b.put_u16_le(frames.len() as u16);
             for frame in frames {
@@ -513,8 +578,7 @@ impl<W: Write> TraceWriter<W> {
         if let Some(held) = event.port_lock_held {
             flags |= FLAG_PORT_KNOWN | if held { FLAG_PORT_HELD } else { 0 };
         }
-        self.record(|b| {
-            b.put_u8(REC_EVENT);
+        self.record(REC_EVENT, |b| {
             b.put_u64_le(event.ts);
             b.put_u32_le(event.cpu);
             b.put_u32_le(event.tid);
@@ -555,8 +619,7 @@ impl<W: Write> TraceWriter<W> {
 
     /// Records the kernel counters so far (a reader keeps the last such record).
     pub fn write_counters(&mut self, counters: &[(&str, u64)]) -> std::io::Result<()> {
-        self.record(|b| {
-            b.put_u8(REC_COUNTERS);
+        self.record(REC_COUNTERS, |b| {
             b.put_u16_le(counters.len() as u16);
             for (name, value) in counters {
                 put_str(b, name);
@@ -566,12 +629,17 @@ impl<W: Write> TraceWriter<W> {
         self.flush()
     }
 
-    /// Writes out whole records buffered so far.
+    /// Ends the open chunk and writes it out.
     pub fn flush(&mut self) -> std::io::Result<()> {
-        if !self.buf.is_empty() {
+        if self.buf.len() > CHUNK_HEADER {
+            let len = (self.buf.len() - CHUNK_HEADER) as u32;
+            let crc = crc32fast::hash(&self.buf[CHUNK_HEADER..]);
+            self.buf[0..4].copy_from_slice(&len.to_le_bytes());
+            self.buf[4..8].copy_from_slice(&crc.to_le_bytes());
             self.out.write_all(&self.buf)?;
             self.written += self.buf.len() as u64;
             self.buf.clear();
+            self.buf.put_u64_le(0);
         }
         self.out.flush()
     }

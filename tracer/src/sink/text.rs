@@ -50,7 +50,22 @@ pub fn write_group(out: &mut impl Write, group: &Group) -> io::Result<()> {
     if f.held_locks.is_empty() {
         writeln!(out, "held locks: none tracked")?;
     } else {
-        let held: Vec<String> = f.held_locks.iter().map(|l| Hex(*l).to_string()).collect();
+        let held: Vec<String> = f
+            .held_locks
+            .iter()
+            .map(|&l| {
+                let role = if l == f.free_lock && l == f.port_lock {
+                    " (this dport's port lock and free lock)"
+                } else if l == f.free_lock {
+                    " (this dport's free lock)"
+                } else if l == f.port_lock {
+                    " (this dport's port lock)"
+                } else {
+                    ""
+                };
+                format!("{}{role}", Hex(l))
+            })
+            .collect();
         writeln!(out, "held locks: {}", held.join(", "))?;
     }
     let what = match f.class {
@@ -114,7 +129,7 @@ pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {
         .findings
         .iter()
         .filter(|(_, n, _)| *n > 0)
-        .map(|(class, n, occurrences)| format!("{class} {n} ({occurrences} occurrences)"))
+        .map(|(class, n, occurrences)| format!("{class} {n} ({occurrences} {})", plural(*occurrences, "occurrence")))
         .collect();
     if classes.is_empty() {
         writeln!(out)?;
@@ -125,4 +140,8 @@ pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {
         writeln!(out, "  WARNING: events were lost; findings may be incomplete")?;
     }
     Ok(())
+}
+
+fn plural(n: u64, word: &str) -> String {
+    if n == 1 { word.to_owned() } else { format!("{word}s") }
 }

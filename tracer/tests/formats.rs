@@ -1,0 +1,208 @@
+//! The binary trace and the JSON-lines interchange against each other, and every reader
+//! against bad input.
+use std::{path::PathBuf, process::Command};
+
+use proptest::prelude::*;
+use tracer::{
+    decode,
+    event::Event,
+    format::{
+        jsonl::{self, JsonlReader},
+        tracefile::{FORMAT_VERSION, TraceError, TraceHeader, TraceReader, TraceWriter},
+    },
+};
+
+fn data(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+}
+
+fn golden_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(data(""))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn header() -> TraceHeader {
+    TraceHeader {
+        tool_version: "0.1.0".into(),
+        kernel_release: "6.12.117+deb12-amd64".into(),
+        clock_base_ns: 1_763_900_000_000_000_000,
+        offsets: vec![("cxl_dport.port".into(), 152), ("cxl_port.dports".into(), 792)],
+    }
+}
+
+fn read_jsonl(path: &PathBuf) -> Vec<Event> {
+    let text = std::fs::read(path).unwrap();
+    JsonlReader::new(text.as_slice()).map(Result::unwrap).collect()
+}
+
+fn to_trace(events: &[Event]) -> Vec<u8> {
+    let mut writer = TraceWriter::new(Vec::new(), &header()).unwrap();
+    for event in events {
+        writer.write_event(event).unwrap();
+    }
+    writer.write_counters(&[("ring_buffer_full", 0), ("stack_lost", 2)]).unwrap();
+    writer.into_inner().unwrap()
+}
+
+#[test]
+fn json_to_binary_to_json_is_identity() {
+    for path in golden_files() {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let events = read_jsonl(&path);
+        let bytes = to_trace(&events);
+        let mut reader = TraceReader::new(bytes.as_slice()).unwrap();
+        assert_eq!(reader.header(), &header());
+        let back: Vec<Event> = reader.by_ref().map(Result::unwrap).collect();
+        assert_eq!(back, events, "{}", path.display());
+        assert_eq!(reader.counters(), &[("ring_buffer_full".to_string(), 0), ("stack_lost".to_string(), 2)]);
+        assert_eq!(reader.truncation(), None);
+        let mut json = Vec::new();
+        for event in &back {
+            jsonl::write_event(&mut json, event).unwrap();
+        }
+        assert_eq!(String::from_utf8(json).unwrap(), text, "{}", path.display());
+    }
+}
+
+#[test]
+fn print_converts_a_binary_trace_to_the_interchange() {
+    let path = data("stock-cxl-mem-probe.jsonl");
+    let bytes = to_trace(&read_jsonl(&path));
+    let dir = std::env::temp_dir().join(format!("tracer-print-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("t.trace");
+    std::fs::write(&trace, bytes).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tracer")).args(["print", "--format", "json"]).arg(&trace).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), std::fs::read_to_string(&path).unwrap());
+    // And analyzing the binary gives the same report as the JSON lines.
+    let analyze = |file: &PathBuf| {
+        Command::new(env!("CARGO_BIN_EXE_tracer")).args(["analyze", "--format", "json"]).arg(file).output().unwrap()
+    };
+    let (from_binary, from_json) = (analyze(&trace), analyze(&path));
+    assert_eq!(from_binary.status.code(), Some(1));
+    let strip_summary = |out: &[u8]| String::from_utf8(out.to_vec()).unwrap().lines().filter(|l| !l.starts_with("{\"summary\"")).collect::<Vec<_>>().join("\n");
+    assert_eq!(strip_summary(&from_binary.stdout), strip_summary(&from_json.stdout));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_cut_off_trace_reads_up_to_the_last_complete_record() {
+    let events = read_jsonl(&data("stock-cxl-mem-probe-cycles.jsonl"));
+    let bytes = to_trace(&events);
+    let whole = TraceReader::new(bytes.as_slice()).unwrap().count();
+    // Cut at every byte: before the header is complete that is an error; after it, never an
+    // error, the events of the complete records, and the lost tail accounted for.
+    let mut readable = 0;
+    for cut in 0..bytes.len() {
+        let Ok(mut reader) = TraceReader::new(&bytes[..cut]) else {
+            assert_eq!(readable, 0, "cut at {cut}: header readable at a shorter cut");
+            continue;
+        };
+        readable += 1;
+        let got: Vec<Event> = reader.by_ref().map(|e| e.expect("a cut is not corruption")).collect();
+        assert!(got.len() <= whole);
+        assert_eq!(got[..], events[..got.len()]);
+        match reader.truncation() {
+            Some(t) => assert_eq!(t.offset + t.lost_bytes, cut as u64, "cut at {cut}"),
+            None => assert_eq!(reader.offset(), cut as u64, "cut at {cut}"),
+        }
+        if cut == bytes.len() - 1 {
+            assert_eq!(got.len(), whole, "the counters record was cut, not an event");
+        }
+    }
+    assert!(readable > bytes.len() / 2);
+}
+
+#[test]
+fn corrupt_and_foreign_files_name_the_problem() {
+    let bytes = to_trace(&read_jsonl(&data("stock-cxl-mem-probe.jsonl")));
+    // Wrong magic.
+    let err = TraceReader::new(&b"{\"ts\":1}"[..]).err().unwrap();
+    assert!(err.to_string().starts_with("not a tracer trace file"), "{err}");
+    // Another format version: the header's version field follows the magic, the chunk
+    // header, the record length and the record type.
+    let mut other = bytes.clone();
+    other[8 + 8 + 4 + 1] = (FORMAT_VERSION + 1) as u8;
+    let crc = crc32fast::hash(&other[16..16 + u32::from_le_bytes(other[8..12].try_into().unwrap()) as usize]);
+    other[12..16].copy_from_slice(&crc.to_le_bytes());
+    let err = TraceReader::new(other.as_slice()).err().unwrap();
+    assert!(matches!(err, TraceError::Version { found } if found == FORMAT_VERSION + 1));
+    assert!(err.to_string().contains("version 2 is not supported: this tracer reads version 1"), "{err}");
+    // A flipped byte in the middle: a checksum error at that record's offset.
+    let mut flipped = bytes.clone();
+    let at = bytes.len() / 2;
+    flipped[at] ^= 0x40;
+    let err = TraceReader::new(flipped.as_slice()).and_then(|r| r.collect::<Result<Vec<_>, _>>()).err().unwrap();
+    assert!(err.to_string().starts_with("byte offset "), "{err}");
+}
+
+#[test]
+fn cli_errors_name_the_file_and_the_place() {
+    let dir = std::env::temp_dir().join(format!("tracer-errors-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        ("bad.jsonl", b"{\"ts\":1,\"cpu\":0,\"tid\":1,\"comm\":\"a\",\"kind\":\"lock\",\"lock\":\"0x1\"}\nnot json\n".to_vec(), "bad.jsonl: line 2: not a JSON event"),
+        ("elf.bin", b"\x7fELF\x02\x01\x01".to_vec(), "elf.bin: neither a tracer trace file"),
+        ("missing.trace", Vec::new(), "missing.trace: cannot open"),
+    ];
+    for (name, content, expected) in cases {
+        let path = dir.join(name);
+        if !content.is_empty() {
+            std::fs::write(&path, content).unwrap();
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_tracer")).arg("analyze").arg(&path).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{name}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn ring_buffer_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let _ = decode::decode(&bytes);
+    }
+
+    #[test]
+    fn trace_reader_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+        if let Ok(reader) = TraceReader::new(bytes.as_slice()) {
+            for event in reader {
+                if event.is_err() { break; }
+            }
+        }
+    }
+
+    #[test]
+    fn trace_reader_never_panics_on_mutated_traces(
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let mut bytes = to_trace(&read_jsonl(&data("address-reuse.jsonl")));
+        for (at, value) in flips {
+            let i = at.index(bytes.len());
+            bytes[i] = value;
+        }
+        let len = cut.index(bytes.len() + 1);
+        if let Ok(reader) = TraceReader::new(&bytes[..len]) {
+            for event in reader {
+                if event.is_err() { break; }
+            }
+        }
+    }
+
+    #[test]
+    fn jsonl_reader_never_panics(text in "\\PC{0,300}") {
+        for event in JsonlReader::new(text.as_bytes()) {
+            let _ = event;
+        }
+    }
+}
