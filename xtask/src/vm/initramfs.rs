@@ -23,10 +23,12 @@ use crate::util::{self, cache_dir};
 /// Bumped when the base archive's layout changes, so stale cached bases are not reused.
 const BASE_FORMAT: u32 = 1;
 
-/// The modules every guest loads: the 9p share for results and the CXL drivers the
-/// workloads exercise (`cxl_core`, `cxl_port` are built into Debian's kernel).
+/// The modules the initramfs holds: the 9p share for results and the CXL drivers the
+/// workloads exercise (`cxl_core`, `cxl_port` are built into Debian's kernel). The guest
+/// loads them all, in this order, except cxl_pmem unless asked (`--pmem`).
 pub const SHARE_MODULES: &[&str] = &["9pnet_virtio", "9p"];
 pub const CXL_MODULES: &[&str] = &["cxl_acpi", "cxl_pci", "cxl_mem", "cxl_pmem"];
+pub const PMEM_MODULE: &str = "cxl_pmem";
 
 /// The static busybox the guest's userland is made of.
 fn busybox() -> anyhow::Result<PathBuf> {
@@ -48,7 +50,7 @@ fn busybox() -> anyhow::Result<PathBuf> {
 }
 
 /// Whether a 64-bit little-endian ELF file asks for a dynamic loader (PT_INTERP).
-fn has_interpreter(elf: &[u8]) -> anyhow::Result<bool> {
+pub fn has_interpreter(elf: &[u8]) -> anyhow::Result<bool> {
     let u16_at = |at: usize| {
         elf.get(at..at + 2)
             .map(|b| u16::from_le_bytes([b[0], b[1]]))

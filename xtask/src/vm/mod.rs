@@ -83,6 +83,15 @@ pub struct RunOptions {
     /// Run the workload without the tracer.
     #[arg(long)]
     pub no_tracer: bool,
+    /// Put this static tracer binary in the guest instead of building one.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_tracer")]
+    pub tracer_binary: Option<PathBuf>,
+    /// Also load cxl_pmem (the nvdimm side of CXL). Off by default: every probe then reads
+    /// the label area through the emulated mailbox (cycles get about 15 times slower), and on
+    /// 6.12 its cxl_nvdimm_probe oopses when a memdev probe races a cxl_acpi unbind (mix), a
+    /// kernel bug outside the dport rules.
+    #[arg(long)]
+    pub pmem: bool,
     /// A module (.ko, .ko.xz, ...) loaded in place of the stock module of the same name, or
     /// loaded after the CXL drivers when no stock module has its name (repeatable).
     #[arg(long = "module", value_name = "FILE")]
@@ -100,9 +109,10 @@ pub struct RunOptions {
     /// Where the results go (default: target/vm/<UTC time>).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// Wall-clock bound for the whole boot, in seconds; QEMU is killed after it.
-    #[arg(long, value_name = "SECS", default_value_t = 300)]
-    pub timeout: u64,
+    /// Wall-clock bound for the whole boot, in seconds; QEMU is killed after it. Default:
+    /// 180 s plus 15 s per workload cycle (300 s for the default memdev-bind ×5, on TCG).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
     /// How QEMU runs the guest: auto probes KVM once per host boot and falls back to TCG.
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: Accel,
@@ -126,12 +136,14 @@ impl RunOptions {
             workloads: Vec::new(),
             cycles: 5,
             no_tracer: false,
+            tracer_binary: None,
+            pmem: false,
             modules: Vec::new(),
             kernel_deb: None,
             kernel: None,
             modules_dir: None,
             out: None,
-            timeout: 300,
+            timeout: None,
             accel: Accel::Auto,
             cmdline: None,
             quiet: false,
@@ -180,6 +192,8 @@ pub enum Failure {
     },
     Guest {
         exit: i32,
+        /// The guest's own explanation (`tracer-vm: error:` or `tracer-vm: FAIL:`).
+        reason: Option<String>,
         tail: String,
     },
     Findings {
@@ -216,10 +230,13 @@ impl fmt::Display for Failure {
                 f,
                 "the guest stopped without its result line (qemu {status}); last console lines:\n{tail}"
             ),
-            Failure::Guest { exit, tail } => write!(
-                f,
-                "the guest run failed with exit status {exit}; last console lines:\n{tail}"
-            ),
+            Failure::Guest { exit, reason, tail } => {
+                write!(f, "the guest run failed with exit status {exit}")?;
+                if let Some(reason) = reason {
+                    write!(f, ": {reason}")?;
+                }
+                write!(f, "\nlast console lines:\n{tail}")
+            }
             Failure::Findings { count } => write!(
                 f,
                 "the tracer reported {count} finding(s): see findings.jsonl in the results"
@@ -358,6 +375,7 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
     let mut load: Vec<String> = initramfs::CXL_MODULES
         .iter()
         .filter(|m| modules.iter().any(|x| x == *m))
+        .filter(|m| options.pmem || **m != initramfs::PMEM_MODULE)
         .map(|m| (*m).to_owned())
         .collect();
     for u in &user_modules {
@@ -366,10 +384,10 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
         }
     }
 
-    let tracer = if options.no_tracer {
-        None
-    } else {
-        Some(build_tracer()?)
+    let tracer = match (&options.tracer_binary, options.no_tracer) {
+        (_, true) => None,
+        (Some(binary), false) => Some(check_tracer(binary)?),
+        (None, false) => Some(check_tracer(&build_tracer()?)?),
     };
 
     let nonce = nonce();
@@ -405,6 +423,9 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
         &initrd,
     )?;
 
+    let timeout = options
+        .timeout
+        .unwrap_or(180 + 15 * u64::from(options.cycles) * workloads.len() as u64);
     let (accel, accel_reason) = choose_accel(options.accel, &kernel.image, &tmp.0)?;
     let out = match &options.out {
         Some(out) => out.clone(),
@@ -416,7 +437,8 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
     // `quiet` keeps the boot fast on the emulated serial port; failures still reach the
     // console (an oops turns the console verbose) and the full dmesg is saved at the end.
     let mut cmdline = String::from(
-        "console=ttyS0 quiet pci=nomsi pcie_ports=native panic=1 sysctl.kernel.hung_task_timeout_secs=60",
+        "console=ttyS0 quiet printk.time=1 pci=nomsi pcie_ports=native panic=1 \
+         sysctl.kernel.hung_task_timeout_secs=60",
     );
     if let Some(extra) = &options.cmdline {
         cmdline.push(' ');
@@ -435,7 +457,7 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
         kernel.release,
         kernel.image.display(),
         options.topology.name(),
-        options.timeout,
+        timeout,
         out.join("console.log").display()
     );
     let result_prefix = format!("tracer-vm: result {nonce} ");
@@ -443,14 +465,14 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
         machine.command(),
         &qemu::Watch {
             result_prefix: &result_prefix,
-            timeout: Duration::from_secs(options.timeout),
+            timeout: Duration::from_secs(timeout),
             log: Some(&out.join("console.log")),
             echo: !options.quiet,
         },
     )?;
 
     copy_results(&share.join("out"), &out)?;
-    let failure = judge(&session, options.timeout, &out);
+    let failure = judge(&session, timeout, &out);
     let tracer_exit = last_value(&session.lines, "tracer-vm: tracer exit=");
     let failure = failure.or_else(|| {
         (tracer_exit == Some(1)).then(|| Failure::Findings {
@@ -512,6 +534,11 @@ fn judge(session: &qemu::Session, timeout: u64, out: &Path) -> Option<Failure> {
         Some(0) => None,
         Some(exit) => Some(Failure::Guest {
             exit,
+            reason: session.lines.iter().find_map(|l| {
+                l.strip_prefix("tracer-vm: error: ")
+                    .or_else(|| l.strip_prefix("tracer-vm: FAIL: "))
+                    .map(str::to_owned)
+            }),
             tail: session.tail(30),
         }),
     }
@@ -572,7 +599,21 @@ fn build_tracer() -> anyhow::Result<PathBuf> {
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| util::workspace_root().join("target"));
-    let binary = target_dir.join("x86_64-unknown-linux-musl/release/tracer");
+    Ok(target_dir.join("x86_64-unknown-linux-musl/release/tracer"))
+}
+
+/// Checks that `binary` has `tracer run` as the guest uses it, and runs without a loader.
+fn check_tracer(binary: &Path) -> anyhow::Result<PathBuf> {
+    let binary = fs::canonicalize(binary)
+        .with_context(|| format!("tracer binary {} not found", binary.display()))?;
+    let elf = fs::read(&binary).with_context(|| format!("reading {}", binary.display()))?;
+    if elf.starts_with(b"\x7fELF") && initramfs::has_interpreter(&elf)? {
+        bail!(
+            "{} is dynamically linked and cannot run in the guest: build it with \
+             --target x86_64-unknown-linux-musl",
+            binary.display()
+        );
+    }
     // The guest runs `tracer run --format json --record FILE -- CMD`: check the build has it
     // before spending a boot on a binary that would ignore the command.
     let help = Command::new(&binary)

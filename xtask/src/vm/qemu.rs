@@ -159,9 +159,18 @@ pub enum Crash {
 }
 
 impl Crash {
-    /// Classifies one console (or dmesg) line. Most specific markers first: a soft lockup
-    /// line also contains "BUG:".
+    /// Classifies one console (or dmesg) line. Only what the kernel printed counts (the text
+    /// after a printk timestamp, which the guest's `printk.time=1` guarantees, even in the
+    /// middle of a line a workload was writing), so a script that prints "BUG:" is no crash;
+    /// and QEMU's own errors. Most specific markers first: a soft lockup line also contains
+    /// "BUG:".
     pub fn detect(line: &str) -> Option<Crash> {
+        if let Some(qemu) = line.strip_prefix("qemu: ") {
+            return qemu
+                .contains("KVM internal error")
+                .then_some(Crash::AccelFailure);
+        }
+        let text = kernel_part(line)?;
         const MARKERS: &[(&str, Crash)] = &[
             ("Kernel panic - not syncing", Crash::Panic),
             ("BUG: soft lockup", Crash::SoftLockup),
@@ -174,11 +183,10 @@ impl Crash {
             ("kernel BUG at", Crash::Bug),
             ("BUG:", Crash::Bug),
             ("WARNING: CPU:", Crash::Warning),
-            ("KVM internal error", Crash::AccelFailure),
         ];
         MARKERS
             .iter()
-            .find(|(marker, _)| line.contains(marker))
+            .find(|(marker, _)| text.contains(marker))
             .map(|(_, crash)| *crash)
     }
 
@@ -195,6 +203,30 @@ impl Crash {
             Crash::AccelFailure => "KVM failure (try --accel tcg)",
         }
     }
+}
+
+/// The text after the first printk timestamp (`[   12.345678] `) in `line`, if any.
+fn kernel_part(line: &str) -> Option<&str> {
+    let mut from = 0;
+    while let Some(open) = line[from..].find('[').map(|i| i + from) {
+        let rest = &line[open + 1..];
+        if let Some(close) = rest.find(']') {
+            let is_time = rest[..close]
+                .trim_start()
+                .split_once('.')
+                .is_some_and(|(secs, frac)| {
+                    !secs.is_empty()
+                        && !frac.is_empty()
+                        && secs.bytes().all(|b| b.is_ascii_digit())
+                        && frac.bytes().all(|b| b.is_ascii_digit())
+                });
+            if is_time {
+                return Some(&rest[close + 1..]);
+            }
+        }
+        from = open + 1;
+    }
+    None
 }
 
 /// What the console showed by the end of a boot.
@@ -497,33 +529,59 @@ mod tests {
 
     #[test]
     fn classifies_kernel_failures() {
-        assert_eq!(
-            Crash::detect("[  12.3] Kernel panic - not syncing: sysrq triggered crash"),
-            Some(Crash::Panic)
-        );
-        assert_eq!(
-            Crash::detect("watchdog: BUG: soft lockup - CPU#1 stuck for 22s!"),
-            Some(Crash::SoftLockup)
-        );
-        assert_eq!(
-            Crash::detect("BUG: kernel NULL pointer dereference, address: 0000000000000008"),
-            Some(Crash::Bug)
-        );
-        assert_eq!(
-            Crash::detect("Oops: 0000 [#1] PREEMPT SMP NOPTI"),
-            Some(Crash::Oops)
-        );
-        assert_eq!(
-            Crash::detect("rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:"),
-            Some(Crash::RcuStall)
-        );
-        assert_eq!(
-            Crash::detect("INFO: task modprobe:123 blocked for more than 120 seconds."),
-            Some(Crash::HungTask)
-        );
+        let cases = [
+            (
+                "[   12.3] Kernel panic - not syncing: sysrq triggered crash",
+                Crash::Panic,
+            ),
+            (
+                "[ 1.0] watchdog: BUG: soft lockup - CPU#1 stuck for 22s!",
+                Crash::SoftLockup,
+            ),
+            (
+                "[ 1.0] BUG: kernel NULL pointer dereference, address: 0000000000000368",
+                Crash::Bug,
+            ),
+            (
+                "[ 1.0] Oops: Oops: 0000 [#1] PREEMPT SMP NOPTI",
+                Crash::Oops,
+            ),
+            (
+                "[ 1.0] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:",
+                Crash::RcuStall,
+            ),
+            (
+                "[ 1.0] INFO: task modprobe:123 blocked for more than 60 seconds.",
+                Crash::HungTask,
+            ),
+            (
+                "[ 1.0] WARNING: CPU: 1 PID: 31 at drivers/cxl/core/port.c:12",
+                Crash::Warning,
+            ),
+            ("qemu: KVM internal error. Suberror: 1", Crash::AccelFailure),
+        ];
+        for (line, crash) in cases {
+            assert_eq!(Crash::detect(line), Some(crash), "{line}");
+        }
         assert_eq!(
             Crash::detect("tracer-vm: cycle memdev-bind 1/3 ms=420"),
             None
+        );
+        assert_eq!(
+            Crash::detect("[    1.57] ACPI BIOS Error (bug): Failure creating named object"),
+            None
+        );
+    }
+
+    #[test]
+    fn only_kernel_text_counts() {
+        // A script's own output is not a kernel failure...
+        assert_eq!(Crash::detect("BUG: this is my script talking"), None);
+        assert_eq!(Crash::detect("grep found [x] Oops: in a file"), None);
+        // ...but a kernel message that landed in the middle of a workload's line is.
+        assert_eq!(
+            Crash::detect("tracer-vm: cycle mix[  148.838075] Oops: 0000 [#1] PREEMPT SMP"),
+            Some(Crash::Oops)
         );
     }
 

@@ -56,8 +56,10 @@ pub fn suite() -> anyhow::Result<()> {
         };
     case("rp-workloads", &rp_workloads)?;
     case("switch-workloads", &switch_workloads)?;
+    case("user-module", &user_module)?;
     case("crash-is-detected", &crash_is_detected)?;
     case("failing-script-fails", &failing_script_fails)?;
+    case("missing-result-fails", &missing_result_fails)?;
     case("hang-is-bounded", &hang_is_bounded)?;
     for c in &cases {
         println!("test: guest: {:<22} {:6.1} s", c.name, c.seconds);
@@ -140,7 +142,7 @@ fn rp_workloads(out: &Path) -> anyhow::Result<()> {
         .into_iter()
         .filter(|w| w.runs_on(Topology::Rp))
         .collect();
-    let cycles = 3;
+    let cycles = 5;
     let mut o = options(Topology::Rp, out);
     o.workloads = workloads.clone();
     o.cycles = cycles;
@@ -171,14 +173,10 @@ fn rp_workloads(out: &Path) -> anyhow::Result<()> {
 }
 
 fn switch_workloads(out: &Path) -> anyhow::Result<()> {
-    let workloads = [
-        Workload::UpstreamRescan,
-        Workload::MemdevBind,
-        Workload::PortUnbind,
-    ];
-    let cycles = 2;
+    let workloads = Workload::ALL.to_vec();
+    let cycles = 3;
     let mut o = options(Topology::Switch, out);
-    o.workloads = workloads.to_vec();
+    o.workloads = workloads.clone();
     o.cycles = cycles;
     let run = passing(&o)?;
     let ready = run
@@ -187,10 +185,50 @@ fn switch_workloads(out: &Path) -> anyhow::Result<()> {
         .find(|l| l.starts_with("tracer-vm: topology ready "))
         .context("the guest never reported its CXL topology ready")?;
     ensure!(
-        ready.contains("memdevs=2 bound=2 endpoints=2"),
+        ready.contains("ports=2 ") && ready.contains("memdevs=2 bound=2 endpoints=2"),
         "unexpected switch topology: {ready}"
     );
     check_cycled(&run, &workloads, cycles)
+}
+
+/// Checks in the guest that cxl_mem comes from updates/ (the --module copy): with the stock
+/// file gone, a reload must still work.
+const MODULE_CHECK: &str = r#"#!/bin/sh
+set -e
+dir=/lib/modules/$(uname -r)
+grep -q '^updates/cxl_mem.ko:' $dir/modules.dep
+rm -f $dir/kernel/drivers/cxl/cxl_mem.ko
+rmmod cxl_mem
+modprobe cxl_mem
+[ -e /sys/module/cxl_mem ]
+[ -e /sys/module/cxl_pmem ]
+echo "cxl_mem reloaded from updates/" > /share/out/suite-module.txt
+"#;
+
+/// `--module` puts a module in place of the stock one: here the kernel's own cxl_mem.ko.xz
+/// (which also exercises decompressing a user's module), with cxl_pmem loaded (`--pmem`).
+fn user_module(out: &Path) -> anyhow::Result<()> {
+    let kernel = super::kernel::Kernel::resolve(&super::kernel::Source::Package(
+        super::kernel::DEFAULT_PACKAGE.to_owned(),
+    ))?;
+    let index = kernel.module_index()?;
+    let stock = &index
+        .modules
+        .get("cxl_mem")
+        .context("the default kernel has no cxl_mem module")?
+        .path;
+    let script = out.with_extension("sh");
+    fs::create_dir_all(out)?;
+    fs::write(&script, MODULE_CHECK).with_context(|| format!("writing {}", script.display()))?;
+    let mut o = options(Topology::Rp, out);
+    o.modules = vec![kernel.modules.join(stock)];
+    o.pmem = true;
+    o.workloads = vec![Workload::MemdevBind, Workload::CxlMemReload];
+    o.cycles = 2;
+    o.script = vec![script.to_string_lossy().into_owned()];
+    let run = passing(&o)?;
+    check_cycled(&run, &o.workloads, 2)?;
+    check_copied(out, &["suite-module.txt"])
 }
 
 /// A guest that panics must fail the run, naming the panic, with the console excerpt.
@@ -199,7 +237,7 @@ fn crash_is_detected(out: &Path) -> anyhow::Result<()> {
     o.script = ["sh", "-c", "echo c > /proc/sysrq-trigger"]
         .map(str::to_owned)
         .to_vec();
-    o.timeout = 120;
+    o.timeout = Some(120);
     let run = execute(&o)?;
     let failure = run
         .failure
@@ -231,7 +269,7 @@ fn failing_script_fails(out: &Path) -> anyhow::Result<()> {
     o.script = ["sh", "-c", "echo about to fail; exit 3"]
         .map(str::to_owned)
         .to_vec();
-    o.timeout = 120;
+    o.timeout = Some(120);
     let run = execute(&o)?;
     match run.failure {
         Some(Failure::Guest { exit: 3, .. }) => Ok(()),
@@ -240,19 +278,32 @@ fn failing_script_fails(out: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// A guest that powers off without its result line must fail the run.
+fn missing_result_fails(out: &Path) -> anyhow::Result<()> {
+    let mut o = options(Topology::Rp, out);
+    o.script = ["poweroff", "-f"].map(str::to_owned).to_vec();
+    o.timeout = Some(120);
+    let run = execute(&o)?;
+    match run.failure {
+        Some(Failure::NoResult { .. }) => Ok(()),
+        Some(other) => bail!("expected a missing result line, got: {other}"),
+        None => bail!("a guest that powered off before its result line was reported as passing"),
+    }
+}
+
 /// A guest that never finishes must be killed at the wall-clock bound and reported.
 fn hang_is_bounded(out: &Path) -> anyhow::Result<()> {
     let mut o = options(Topology::Rp, out);
     o.script = ["sleep", "1000"].map(str::to_owned).to_vec();
-    o.timeout = 40;
+    o.timeout = Some(30);
     let t = Instant::now();
     let run = execute(&o)?;
     let took = t.elapsed().as_secs();
     match run.failure {
-        Some(Failure::Timeout { secs: 40, .. }) => {}
-        Some(other) => bail!("expected a timeout after 40 s, got: {other}"),
+        Some(Failure::Timeout { secs: 30, .. }) => {}
+        Some(other) => bail!("expected a timeout after 30 s, got: {other}"),
         None => bail!("a guest stuck in `sleep 1000` was reported as passing"),
     }
-    ensure!(took < 60, "the 40 s bound took {took} s to enforce");
+    ensure!(took < 50, "the 30 s bound took {took} s to enforce");
     Ok(())
 }

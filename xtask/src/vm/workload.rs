@@ -187,17 +187,17 @@ else
 	say "running the workload without the tracer"
 	/vm/workload
 fi
+if [ "$TRACER" = 1 ] && [ "$t" != 0 ] && [ "$t" != 1 ]; then
+	say "error: the tracer failed with exit status $t; the end of tracer.log follows"
+	tail -n 30 /share/out/tracer.log
+	finish 102
+fi
 if [ ! -e /tmp/workload.status ]; then
-	say "error: the workload never ran (did the tracer start it?)"
+	say "error: the workload never ran (the tracer exited $t without starting it)"
 	finish 101
 fi
 w=$(cat /tmp/workload.status)
 say "workload exit=$w"
-if [ "$TRACER" = 1 ] && [ "$t" != 0 ] && [ "$t" != 1 ]; then
-	say "error: tracer failed with exit status $t; its log follows"
-	tail -n 30 /share/out/tracer.log
-	finish 102
-fi
 finish "$w"
 "#;
 
