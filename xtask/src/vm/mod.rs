@@ -110,7 +110,7 @@ pub struct RunOptions {
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Wall-clock bound for the whole boot, in seconds; QEMU is killed after it. Default:
-    /// 180 s plus 15 s per workload cycle (300 s for the default memdev-bind ×5, on TCG).
+    /// 180 s plus 15 s per workload cycle.
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
     /// How QEMU runs the guest: auto probes KVM once per host boot and falls back to TCG.

@@ -20,7 +20,9 @@ use super::Topology;
 pub enum Accel {
     /// KVM when the probe boots a guest with it, TCG otherwise.
     Auto,
+    /// KVM, `-cpu host`; fails the run when the host cannot do it.
     Kvm,
+    /// QEMU's emulator, `-cpu max`: works anywhere, guest kernel paths run about 8 times slower.
     Tcg,
 }
 

@@ -128,6 +128,7 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 mount -t debugfs debugfs /sys/kernel/debug
 mount -t tracefs tracefs /sys/kernel/tracing
+mount -t bpf bpf /sys/fs/bpf
 . /vm/config
 . /vm/lib.sh
 say "init started kernel=$(uname -r) uptime_ms=$(now_ms)"
