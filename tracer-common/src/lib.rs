@@ -173,7 +173,8 @@ const _: () = assert!(size_of::<LockOp>() == 8);
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct DportUse {
     pub dport: u64,
-    /// Kernel address inside the use site (the probed function); symbolized in userspace.
+    /// Index of the use site in `SITES`: the loader knows which function it is (an index,
+    /// not an address, stays right when a module is reloaded elsewhere).
     pub site: u64,
 }
 const _: () = assert!(size_of::<DportUse>() == 16);
@@ -238,8 +239,9 @@ pub enum Counter {
     DropMapFull = 2,
     /// Events whose stack could not be captured (the event itself was kept).
     StackLost = 3,
-    /// Frees of a tracked block that could not be matched to its dport.
-    FreeUnmatched = 4,
+    /// A return-site probe fired without the pending call it pairs with (its call-site
+    /// probe missed, or the pending-call map was full).
+    Unpaired = 4,
 }
 pub const COUNTERS: usize = 5;
 
@@ -249,7 +251,7 @@ impl Counter {
         Counter::DropRingFull,
         Counter::DropMapFull,
         Counter::StackLost,
-        Counter::FreeUnmatched,
+        Counter::Unpaired,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -258,7 +260,7 @@ impl Counter {
             Counter::DropRingFull => "ring_buffer_full",
             Counter::DropMapFull => "map_full",
             Counter::StackLost => "stack_lost",
-            Counter::FreeUnmatched => "free_unmatched",
+            Counter::Unpaired => "unpaired_return",
         }
     }
 
@@ -279,8 +281,83 @@ pub struct DportInfo {
     /// The devres block the dport lives in (what `kfree` receives).
     pub block: u64,
     pub root: u32,
-    pub _pad: u32,
+    /// `DPORT_FREED` once its memory was freed (kept so later uses are still reported).
+    pub flags: u32,
 }
+pub const DPORT_FREED: u32 = 1;
+
+/// What the probe at a site does. A site is one kprobe; its attach cookie is the index of
+/// its `SiteInfo` in the `SITES` array.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum SiteRole {
+    /// Entry of a function taking `struct cxl_dport *` as argument `SiteInfo::arg`.
+    Use = 1,
+    /// A `call xa_load`: rdi = xa, rsi = index.
+    LoadCall = 2,
+    /// The return address of that call: rax = the entry.
+    LoadReturn = 3,
+    /// A `call xa_erase` / `__xa_erase`: rdi = xa, rsi = index.
+    EraseCall = 4,
+    /// Its return address: rax = the erased entry.
+    EraseReturn = 5,
+    /// A `call __xa_insert` / `xa_store` / `__xa_store`: rdi = xa, rsi = index, rdx = entry.
+    StoreCall = 6,
+    /// A `call mutex_lock*`: rdi = the mutex.
+    LockCall = 7,
+    /// Its return address, for `mutex_lock` (always acquired).
+    LockReturn = 8,
+    /// Its return address, for `mutex_lock_interruptible`/`_killable`: acquired iff rax == 0.
+    LockReturnIfZero = 9,
+    /// Its return address, for `mutex_trylock`: acquired iff rax == 1.
+    LockReturnIfOne = 10,
+    /// A `call mutex_unlock`: rdi = the mutex.
+    UnlockCall = 11,
+}
+
+impl SiteRole {
+    pub const fn from_u32(value: u32) -> Option<SiteRole> {
+        Some(match value {
+            1 => SiteRole::Use,
+            2 => SiteRole::LoadCall,
+            3 => SiteRole::LoadReturn,
+            4 => SiteRole::EraseCall,
+            5 => SiteRole::EraseReturn,
+            6 => SiteRole::StoreCall,
+            7 => SiteRole::LockCall,
+            8 => SiteRole::LockReturn,
+            9 => SiteRole::LockReturnIfZero,
+            10 => SiteRole::LockReturnIfOne,
+            11 => SiteRole::UnlockCall,
+            _ => return None,
+        })
+    }
+}
+
+/// One probed site (value of the `SITES` array).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SiteInfo {
+    /// Kernel address of the probed instruction (for a use: of the function).
+    pub addr: u64,
+    /// A `SiteRole` value; 0 for an unused slot.
+    pub role: u32,
+    /// For `Use`: which argument (0-5) is the dport.
+    pub arg: u32,
+}
+const _: () = assert!(size_of::<SiteInfo>() == 16);
+
+/// Most sites the kernel side can tell apart (size of `SITES`).
+pub const MAX_SITES: u32 = 8192;
+
+/// An xarray call seen at its call site, waiting for its return site (per thread).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PendingXa {
+    pub xa: u64,
+    pub index: u64,
+}
+const _: () = assert!(size_of::<PendingXa>() == 16);
 const _: () = assert!(size_of::<DportInfo>() == 48);
 
 /// Struct member offsets read from the running kernel's BTF, passed as one global.
@@ -320,5 +397,7 @@ mod pod {
     unsafe impl aya::Pod for DportUse {}
     unsafe impl aya::Pod for DportFree {}
     unsafe impl aya::Pod for DportInfo {}
+    unsafe impl aya::Pod for SiteInfo {}
+    unsafe impl aya::Pod for PendingXa {}
     unsafe impl aya::Pod for Offsets {}
 }

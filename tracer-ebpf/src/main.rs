@@ -1,26 +1,100 @@
+//! Kernel side of tracer: probes on CXL dport lookups, xarray writes, device mutexes, uses
+//! and frees, filtered in the kernel to tracked objects and sent to userspace through one
+//! ring buffer. One ELF so every program shares the maps.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{
-    macros::{btf_tracepoint, map},
-    maps::{PerCpuArray, RingBuf},
-    programs::BtfTracePointContext,
-};
-use tracer_common::{COUNTERS, Counter};
+mod cxl;
+mod emit;
+mod mutex;
+mod sites;
+mod xarray;
 
+use aya_ebpf::{
+    macros::{fexit, kprobe, map, raw_tracepoint},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    programs::{FExitContext, ProbeContext, RawTracePointContext},
+};
+use tracer_common::{COUNTERS, DportInfo, MAX_SITES, Offsets, PendingXa, SiteInfo};
+
+/// Records for userspace (`tracer_common::Record`). Resized by the loader.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
+/// `tracer_common::Counter` slots, per CPU.
 #[map]
 static COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS as u32, 0);
 
-#[btf_tracepoint(function = "kfree")]
-pub fn kfree(_ctx: BtfTracePointContext) -> i32 {
-    if let Some(slot) = COUNTS.get_ptr_mut(Counter::Emitted as u32) {
-        // SAFETY: per-CPU slot, only this CPU writes it.
-        unsafe { *slot += 0 };
-    }
-    let _ = &EVENTS;
+/// Tracked dports by address, freed ones included (flagged) so later uses are still seen.
+#[map]
+static DPORTS: LruHashMap<u64, DportInfo> = LruHashMap::with_max_entries(65536, 0);
+
+/// Known dports xarrays (`&port->dports`) and the port lock of their port.
+#[map]
+static CONTAINERS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
+
+/// Xarrays seen holding an entry that is not a dport: not containers.
+#[map]
+static NOT_CONTAINERS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
+
+/// Tracked mutexes: port locks and free locks of tracked dports.
+#[map]
+static LOCKS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(32768, 0);
+
+/// Blocks `kfree` may receive for a tracked dport (its devres node, and the dport itself
+/// for kernels that free it directly), to the dport address.
+#[map]
+static BLOCKS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Probed sites; a site's kprobe carries its index as attach cookie.
+#[map]
+static SITES: Array<SiteInfo> = Array::with_max_entries(MAX_SITES, 0);
+
+/// xarray calls waiting for their return site, by thread id.
+#[map]
+static PENDING_XA: LruHashMap<u32, PendingXa> = LruHashMap::with_max_entries(4096, 0);
+
+/// Tracked mutexes being taken, waiting for the return of the lock call, by thread id.
+#[map]
+static PENDING_LOCK: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4096, 0);
+
+/// Struct offsets from the running kernel's BTF, set by the loader.
+#[unsafe(no_mangle)]
+static OFFSETS: Offsets = Offsets {
+    dport_port: 0,
+    port_dev: 0,
+    port_uport_dev: 0,
+    port_dports: 0,
+    device_parent: 0,
+    device_mutex: 0,
+    mutex_owner: 0,
+    devres_data: 0,
+};
+
+fn offsets() -> Offsets {
+    // SAFETY: a global the loader sets before load; volatile so it is not constant-folded.
+    unsafe { core::ptr::read_volatile(&OFFSETS) }
+}
+
+/// Every call-site and use-site kprobe: dispatches on the site its cookie names.
+#[kprobe]
+pub fn site(ctx: ProbeContext) -> u32 {
+    sites::on_site(&ctx);
+    0
+}
+
+/// A dport registered: `__devm_cxl_add_dport(port, dport_dev, ...)` returned it.
+#[fexit(function = "__devm_cxl_add_dport")]
+pub fn dport_add_exit(ctx: FExitContext) -> i32 {
+    cxl::on_dport_added(&ctx);
+    0
+}
+
+/// Every `kfree`: one map lookup, then out unless it frees a tracked dport. A raw
+/// tracepoint: 6.12's verifier refuses tp_btf reads of kfree's `const void *ptr`.
+#[raw_tracepoint(tracepoint = "kfree")]
+pub fn kfree(ctx: RawTracePointContext) -> i32 {
+    cxl::on_kfree(&ctx);
     0
 }
 

@@ -10,13 +10,41 @@ use tracer::{
     source::FileSource,
 };
 
-use crate::{Outcome, cli::Command};
+use crate::{
+    Outcome,
+    cli::{Command, ProbeArgs},
+    doctor::{self, DoctorOptions},
+    live::{self, LiveOptions},
+};
 
 pub fn run(command: Command) -> anyhow::Result<Outcome> {
     match command {
         Command::Analyze { file, format } => analyze(&file, format),
         Command::Print { file, format } => print(&file, format),
+        Command::Run { format, record, probe, command } => live::run(LiveOptions {
+            format: Some(format),
+            record,
+            ring_bytes: ring_bytes(&probe)?,
+            use_sites: probe.use_sites,
+            command,
+        }),
+        Command::Record { output, probe, command } => live::run(LiveOptions {
+            format: None,
+            record: Some(output),
+            ring_bytes: ring_bytes(&probe)?,
+            use_sites: probe.use_sites,
+            command,
+        }),
+        Command::Doctor { use_sites, no_attach } => doctor::run(DoctorOptions { use_sites, no_attach }),
     }
+}
+
+fn ring_bytes(probe: &ProbeArgs) -> anyhow::Result<u32> {
+    let kib = probe.ring_kib;
+    if kib < 4 || !kib.is_power_of_two() || kib > 1 << 20 {
+        anyhow::bail!("--ring-kib {kib}: the ring buffer size must be a power of two between 4 KiB and 1 GiB");
+    }
+    Ok(kib * 1024)
 }
 
 fn analyze(path: &std::path::Path, format: Format) -> anyhow::Result<Outcome> {

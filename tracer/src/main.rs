@@ -1,5 +1,8 @@
 mod cli;
 mod commands;
+mod doctor;
+mod live;
+mod load;
 
 use std::process::ExitCode;
 

@@ -1,0 +1,128 @@
+//! Dports: registration, discovery on first sight, frees. The rules come from
+//! drivers/cxl/core/port.c (v6.12): a dport is devm-allocated on its host (`port->uport_dev`
+//! for a root port, `&port->dev` otherwise) and freed with the host's devres, under the
+//! host's `dev->mutex`; `port->dports` is written under `port->dev.mutex`.
+use aya_ebpf::{
+    EbpfContext,
+    helpers::bpf_probe_read_kernel,
+    programs::{FExitContext, RawTracePointContext},
+};
+use tracer_common::{
+    Counter, DPORT_FREED, DportAdd, DportFree, DportInfo, DportOrigin, EventKind, FLAG_FREE_LOCK_HELD,
+    FLAG_FREE_LOCK_KNOWN, Offsets, Payload,
+};
+
+use crate::{
+    BLOCKS, CONTAINERS, DPORTS, LOCKS, NOT_CONTAINERS,
+    emit::{Stack, count, emit},
+    mutex, offsets,
+};
+
+fn read_u64(addr: u64) -> Option<u64> {
+    // SAFETY: bpf_probe_read_kernel checks the address.
+    unsafe { bpf_probe_read_kernel(addr as *const u64) }.ok()
+}
+
+/// Everything the rules need about a dport of `port`.
+fn describe(off: &Offsets, dport: u64, port: u64) -> Option<DportInfo> {
+    let dev = port + off.port_dev;
+    let uport_dev = read_u64(port + off.port_uport_dev)?;
+    let parent = read_u64(dev + off.device_parent)?;
+    // is_cxl_root(): the root port's uport_dev is its parent (drivers/cxl/core/port.c).
+    let root = uport_dev != 0 && uport_dev == parent;
+    let host = if root { uport_dev } else { dev };
+    Some(DportInfo {
+        port,
+        xa: port + off.port_dports,
+        port_lock: dev + off.device_mutex,
+        free_lock: host + off.device_mutex,
+        block: dport - off.devres_data,
+        root: root as u32,
+        flags: 0,
+    })
+}
+
+fn insert<K, V>(map: &aya_ebpf::maps::LruHashMap<K, V>, key: &K, value: &V) {
+    if map.insert(key, value, 0).is_err() {
+        count(Counter::DropMapFull);
+    }
+}
+
+/// Starts tracking `dport` and reports it.
+fn track<C: EbpfContext>(ctx: &C, dport: u64, info: &DportInfo, origin: DportOrigin) {
+    insert(&DPORTS, &dport, info);
+    insert(&CONTAINERS, &info.xa, &info.port_lock);
+    insert(&LOCKS, &info.port_lock, &1);
+    insert(&LOCKS, &info.free_lock, &1);
+    insert(&BLOCKS, &info.block, &dport);
+    insert(&BLOCKS, &dport, &dport);
+    let payload = Payload {
+        dport_add: DportAdd {
+            dport,
+            port: info.port,
+            xa: info.xa,
+            port_lock: info.port_lock,
+            free_lock: info.free_lock,
+            root: info.root,
+            origin: origin as u32,
+        },
+    };
+    emit(ctx, EventKind::DportAdd, 0, Stack::Without, payload);
+}
+
+/// The tracked dport `entry` of xarray `xa`, discovering it on first sight: an entry is a
+/// dport iff `&entry->port->dports == xa`.
+pub fn lookup_or_discover<C: EbpfContext>(ctx: &C, xa: u64, entry: u64) -> Option<DportInfo> {
+    if let Some(info) = unsafe { DPORTS.get(&entry) }
+        && info.xa == xa
+        && info.flags & DPORT_FREED == 0
+    {
+        return Some(*info);
+    }
+    if unsafe { NOT_CONTAINERS.get(&xa) }.is_some() {
+        return None;
+    }
+    let off = offsets();
+    let port = read_u64(entry + off.dport_port)?;
+    if port == 0 || port + off.port_dports != xa {
+        if unsafe { CONTAINERS.get(&xa) }.is_none() {
+            insert(&NOT_CONTAINERS, &xa, &1);
+        }
+        // A freed dport still in the xarray is reported as it was tracked.
+        return unsafe { DPORTS.get(&entry) }.filter(|info| info.xa == xa).copied();
+    }
+    let info = describe(&off, entry, port)?;
+    track(ctx, entry, &info, DportOrigin::Discovered);
+    Some(info)
+}
+
+/// `FLAG_FREE_LOCK_*` for the dport's free lock.
+pub fn free_lock_stamp(info: &DportInfo) -> u32 {
+    mutex::stamp(&offsets(), info.free_lock, FLAG_FREE_LOCK_KNOWN, FLAG_FREE_LOCK_HELD)
+}
+
+/// fexit of `__devm_cxl_add_dport(port, dport_dev, port_id, component_reg_phys, rcrb)`.
+pub fn on_dport_added(ctx: &FExitContext) {
+    let port: u64 = ctx.arg(0);
+    let dport: u64 = ctx.arg(5);
+    // ERR_PTR values are the top 4095 addresses.
+    if dport == 0 || dport >= (-4095i64) as u64 {
+        return;
+    }
+    if let Some(info) = describe(&offsets(), dport, port) {
+        track(ctx, dport, &info, DportOrigin::Registered);
+    }
+}
+
+/// `kfree(call_site, ptr)`: reports the free of a tracked dport's memory.
+pub fn on_kfree(ctx: &RawTracePointContext) {
+    let ptr: u64 = ctx.arg(1);
+    let Some(&dport) = (unsafe { BLOCKS.get(&ptr) }) else { return };
+    let Some(info) = (unsafe { DPORTS.get(&dport) }).copied() else { return };
+    let _ = BLOCKS.remove(&info.block);
+    let _ = BLOCKS.remove(&dport);
+    let flags = free_lock_stamp(&info);
+    let freed = DportInfo { flags: info.flags | DPORT_FREED, ..info };
+    insert(&DPORTS, &dport, &freed);
+    emit(ctx, EventKind::Free, flags, Stack::With, Payload { free: DportFree { dport, block: ptr } });
+}

@@ -1,0 +1,123 @@
+//! The one kprobe program behind every call site and use site: its attach cookie indexes
+//! `SITES`, which says what the probed instruction is.
+use aya_ebpf::{
+    EbpfContext,
+    bindings::pt_regs,
+    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid},
+    programs::ProbeContext,
+};
+use tracer_common::{Counter, DportUse, EventKind, LockOp, Payload, SiteInfo, SiteRole};
+
+use crate::{
+    DPORTS, LOCKS, PENDING_LOCK, SITES,
+    cxl::free_lock_stamp,
+    emit::{Stack, count, emit},
+    xarray,
+};
+
+/// The probed task's registers. The verifier only allows context reads at constant offsets,
+/// so every field is read on its own, volatile, before any choice between them is made.
+#[derive(Copy, Clone)]
+pub struct Regs {
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub rax: u64,
+}
+
+pub fn regs(ctx: &ProbeContext) -> Regs {
+    let r: *const pt_regs = ctx.regs;
+    // SAFETY: a kprobe's context is the probed task's pt_regs; each read has a constant offset.
+    unsafe {
+        Regs {
+            rdi: core::ptr::read_volatile(&raw const (*r).rdi),
+            rsi: core::ptr::read_volatile(&raw const (*r).rsi),
+            rdx: core::ptr::read_volatile(&raw const (*r).rdx),
+            rcx: core::ptr::read_volatile(&raw const (*r).rcx),
+            r8: core::ptr::read_volatile(&raw const (*r).r8),
+            r9: core::ptr::read_volatile(&raw const (*r).r9),
+            rax: core::ptr::read_volatile(&raw const (*r).rax),
+        }
+    }
+}
+
+pub fn on_site(ctx: &ProbeContext) {
+    // SAFETY: the context of a kprobe attached through a perf link.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let Some(site) = SITES.get(cookie as u32).copied() else { return };
+    match SiteRole::from_u32(site.role) {
+        Some(SiteRole::Use) => on_use(ctx, &site, cookie),
+        Some(SiteRole::LoadCall | SiteRole::EraseCall) => xarray::on_call(ctx),
+        Some(SiteRole::LoadReturn) => xarray::on_load_return(ctx),
+        Some(SiteRole::EraseReturn) => xarray::on_erase_return(ctx),
+        Some(SiteRole::StoreCall) => xarray::on_store_call(ctx),
+        Some(SiteRole::LockCall) => on_lock_call(ctx),
+        Some(role @ (SiteRole::LockReturn | SiteRole::LockReturnIfZero | SiteRole::LockReturnIfOne)) => {
+            on_lock_return(ctx, role)
+        }
+        Some(SiteRole::UnlockCall) => on_unlock_call(ctx),
+        None => {}
+    }
+}
+
+fn arg(r: &Regs, n: u32) -> u64 {
+    match n {
+        0 => r.rdi,
+        1 => r.rsi,
+        2 => r.rdx,
+        3 => r.rcx,
+        4 => r.r8,
+        5 => r.r9,
+        _ => 0,
+    }
+}
+
+/// Entry of a function taking `struct cxl_dport *`: a use, if the dport is tracked.
+fn on_use(ctx: &ProbeContext, site: &SiteInfo, index: u64) {
+    let dport = arg(&regs(ctx), site.arg);
+    let Some(info) = (unsafe { DPORTS.get(&dport) }).copied() else { return };
+    let flags = free_lock_stamp(&info);
+    emit(ctx, EventKind::Use, flags, Stack::With, Payload { dport_use: DportUse { dport, site: index } });
+}
+
+fn tid() -> u32 {
+    bpf_get_current_pid_tgid() as u32
+}
+
+fn on_lock_call(ctx: &ProbeContext) {
+    let lock = regs(ctx).rdi;
+    if unsafe { LOCKS.get(&lock) }.is_none() {
+        return;
+    }
+    if PENDING_LOCK.insert(&tid(), &lock, 0).is_err() {
+        count(Counter::DropMapFull);
+    }
+}
+
+/// After the lock call returned: the mutex is held (for the conditional variants, if the
+/// return value says so).
+fn on_lock_return(ctx: &ProbeContext, role: SiteRole) {
+    let tid = tid();
+    let Some(lock) = (unsafe { PENDING_LOCK.get(&tid) }).copied() else { return };
+    let _ = PENDING_LOCK.remove(&tid);
+    let ret = regs(ctx).rax;
+    let acquired = match role {
+        SiteRole::LockReturnIfZero => ret as u32 == 0,
+        SiteRole::LockReturnIfOne => ret as u32 == 1,
+        _ => true,
+    };
+    if acquired {
+        emit(ctx, EventKind::Lock, 0, Stack::Without, Payload { lock: LockOp { lock } });
+    }
+}
+
+fn on_unlock_call(ctx: &ProbeContext) {
+    let lock = regs(ctx).rdi;
+    if unsafe { LOCKS.get(&lock) }.is_none() {
+        return;
+    }
+    emit(ctx, EventKind::Unlock, 0, Stack::Without, Payload { lock: LockOp { lock } });
+}

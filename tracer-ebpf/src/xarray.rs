@@ -1,0 +1,74 @@
+//! `port->dports` accesses, probed at their call sites in CXL code (xa_load and xa_erase are
+//! notrace on stock kernels: lib/Makefile builds lib/ without ftrace).
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::ProbeContext};
+use tracer_common::{Counter, EventKind, FLAG_PORT_LOCK_HELD, FLAG_PORT_LOCK_KNOWN, Payload, PendingXa, XaAccess};
+
+use crate::{
+    CONTAINERS, PENDING_XA,
+    cxl::{free_lock_stamp, lookup_or_discover},
+    emit::{Stack, count, emit},
+    mutex, offsets,
+    sites::regs,
+};
+
+fn tid() -> u32 {
+    bpf_get_current_pid_tgid() as u32
+}
+
+/// At a `call xa_load`/`xa_erase`: remember the arguments for the return site.
+pub fn on_call(ctx: &ProbeContext) {
+    let r = regs(ctx);
+    let pending = PendingXa { xa: r.rdi, index: r.rsi };
+    if PENDING_XA.insert(&tid(), &pending, 0).is_err() {
+        count(Counter::DropMapFull);
+    }
+}
+
+fn take_pending() -> Option<PendingXa> {
+    let tid = tid();
+    let Some(pending) = (unsafe { PENDING_XA.get(&tid) }).copied() else {
+        count(Counter::Unpaired);
+        return None;
+    };
+    let _ = PENDING_XA.remove(&tid);
+    Some(pending)
+}
+
+/// At the return of `xa_load`: a dport loaded from its port's xarray.
+pub fn on_load_return(ctx: &ProbeContext) {
+    let Some(call) = take_pending() else { return };
+    let entry = regs(ctx).rax;
+    if entry == 0 {
+        return;
+    }
+    let Some(info) = lookup_or_discover(ctx, call.xa, entry) else { return };
+    let flags = free_lock_stamp(&info);
+    emit(ctx, EventKind::XaLoad, flags, Stack::With, Payload { xa: XaAccess { xa: call.xa, index: call.index, entry } });
+}
+
+fn port_lock_stamp(xa: u64) -> Option<u32> {
+    let port_lock = *unsafe { CONTAINERS.get(&xa) }?;
+    Some(mutex::stamp(&offsets(), port_lock, FLAG_PORT_LOCK_KNOWN, FLAG_PORT_LOCK_HELD))
+}
+
+/// At the return of `xa_erase`: an entry removed from a dports xarray.
+pub fn on_erase_return(ctx: &ProbeContext) {
+    let Some(call) = take_pending() else { return };
+    let entry = regs(ctx).rax;
+    if entry != 0 {
+        let _ = lookup_or_discover(ctx, call.xa, entry);
+    }
+    let Some(flags) = port_lock_stamp(call.xa) else { return };
+    emit(ctx, EventKind::XaErase, flags, Stack::With, Payload { xa: XaAccess { xa: call.xa, index: call.index, entry } });
+}
+
+/// At a `call __xa_insert`/`xa_store`/`__xa_store`: an entry written to a dports xarray.
+pub fn on_store_call(ctx: &ProbeContext) {
+    let r = regs(ctx);
+    let (xa, index, entry) = (r.rdi, r.rsi, r.rdx);
+    if entry != 0 {
+        let _ = lookup_or_discover(ctx, xa, entry);
+    }
+    let Some(flags) = port_lock_stamp(xa) else { return };
+    emit(ctx, EventKind::XaInsert, flags, Stack::With, Payload { xa: XaAccess { xa, index, entry } });
+}

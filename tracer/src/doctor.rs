@@ -1,0 +1,138 @@
+//! `tracer doctor`: what this kernel supports and how each target would be probed.
+use std::{collections::BTreeMap, path::Path};
+
+use anyhow::bail;
+use tracer::probe::attach;
+use tracer_common::SiteRole;
+
+use crate::{
+    Outcome,
+    load::{self, attach, discover, privilege_problem},
+};
+
+pub struct DoctorOptions {
+    pub use_sites: Vec<String>,
+    /// Only inspect; do not load and attach the programs as a check.
+    pub no_attach: bool,
+}
+
+/// Whether tracefs lists `function` as traceable (ftrace can patch it).
+fn traceable(function: &str) -> Option<bool> {
+    let tracefs = attach::tracefs().ok()?;
+    let list = std::fs::read_to_string(tracefs.join("available_filter_functions")).ok()?;
+    Some(list.lines().any(|l| l.split_whitespace().next() == Some(function)))
+}
+
+pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
+    let mut problems = Vec::new();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!("kernel: {}", release.trim());
+    match privilege_problem() {
+        None => println!("privileges: ok"),
+        Some(problem) => {
+            println!("privileges: MISSING: {problem}");
+            bail!(problem);
+        }
+    }
+    let btf_dir = Path::new("/sys/kernel/btf");
+    println!(
+        "btf: vmlinux {}",
+        if btf_dir.join("vmlinux").exists() { "present" } else { "MISSING (CONFIG_DEBUG_INFO_BTF)" }
+    );
+    match attach::tracefs() {
+        Ok(path) => println!("tracefs: {} (kprobe_events)", path.display()),
+        Err(err) => {
+            println!("tracefs: MISSING: {err}");
+            problems.push(err.to_string());
+        }
+    }
+    let extra: Vec<_> = options.use_sites.iter().map(|s| load::parse_use_site(s)).collect::<Result<_, _>>()?;
+    let d = discover(&extra)?;
+    println!(
+        "offsets: {}",
+        d.named_offsets.iter().map(|(n, v)| format!("{n}={v}")).collect::<Vec<_>>().join(" ")
+    );
+    let module_btf: Vec<&str> =
+        d.cxl_modules.iter().filter(|m| btf_dir.join(m).exists()).map(String::as_str).collect();
+    println!(
+        "cxl code: core {}; modules loaded: {}; module btf: {}",
+        if d.cxl_core { "built into vmlinux" } else { "not in vmlinux" },
+        if d.cxl_modules.is_empty() { "none".to_owned() } else { d.cxl_modules.join(" ") },
+        if module_btf.is_empty() { "none".to_owned() } else { module_btf.join(" ") },
+    );
+    if !d.cxl_core && d.cxl_modules.is_empty() {
+        problems.push("no CXL code loaded: modprobe cxl_acpi cxl_pci cxl_mem (or use `tracer run --wait-for-cxl`)".into());
+    }
+
+    println!("targets:");
+    let mut by_callee: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for call in &d.calls {
+        let place = match &call.module {
+            Some(m) => format!("{}+{:#x} [{m}]", call.function, call.offset),
+            None => format!("{}+{:#x}", call.function, call.offset),
+        };
+        by_callee.entry(call.callee.name).or_default().push(if call.tail { format!("{place} (tail call: not probed)") } else { place });
+    }
+    for (callee, sites) in &by_callee {
+        let how = match traceable(callee) {
+            Some(true) => "traceable, probed at its call sites in CXL code",
+            Some(false) => "notrace on this kernel, probed at its call sites in CXL code",
+            None => "probed at its call sites in CXL code",
+        };
+        println!("  {callee}: {how}: {} call site(s)", sites.len());
+        if callee.starts_with("xa_") || callee.starts_with("__xa_") {
+            for site in sites {
+                println!("    {site}");
+            }
+        }
+    }
+    if !by_callee.contains_key("xa_load") {
+        problems.push("no xa_load call site found in CXL code: lookups (and so read-side findings) are not observable".into());
+    }
+    println!("  __devm_cxl_add_dport: fexit (registration; dports are also discovered at first lookup)");
+    println!("  kfree: raw tracepoint (frees of tracked dports)");
+    println!("  uses: {} function(s) with a struct cxl_dport * argument:", d.plan.uses.len());
+    for u in &d.plan.uses {
+        let name = match &u.module {
+            Some(m) => format!("{} [{m}]", u.function),
+            None => u.function.clone(),
+        };
+        match u.probed {
+            Some(_) => println!("    {name} (argument {}): kprobe at entry", u.arg),
+            None => println!(
+                "    {name} (argument {}): not in the kernel's symbols (inlined into its callers, or its module is not loaded): not observable as a function; the functions it passes the dport to are",
+                u.arg
+            ),
+        }
+    }
+    let locks = d.plan.count(SiteRole::LockCall);
+    let unlocks = d.plan.count(SiteRole::UnlockCall);
+    println!("  mutex lock/unlock: {locks} lock and {unlocks} unlock call sites in CXL code (events only for tracked mutexes)");
+    println!("plan: {} kprobes (discovery took {:.1?})", d.plan.sites.len(), d.took);
+
+    if !options.no_attach {
+        match attach(&d, 1 << 20) {
+            Ok(attached) => {
+                println!("attach check: {} kprobes, fexit and tracepoint attached in {:.1?}", attached.kprobe_count(), attached.took);
+                for warning in &attached.warnings {
+                    println!("  problem: {warning}");
+                    problems.push(warning.clone());
+                }
+            }
+            Err(err) => {
+                println!("attach check: FAILED: {err:#}");
+                problems.push(format!("{err:#}"));
+            }
+        }
+    }
+    if problems.is_empty() {
+        println!("verdict: ready");
+        Ok(Outcome::Clean)
+    } else {
+        println!("verdict: {} problem(s):", problems.len());
+        for p in &problems {
+            println!("  - {p}");
+        }
+        bail!("{} problem(s) found (listed above)", problems.len())
+    }
+}

@@ -1,0 +1,213 @@
+//! What the running kernel's BTF tells: the struct offsets the kernel side needs, and every
+//! function taking a `struct cxl_dport *` (the use sites), in vmlinux and in module BTF.
+use std::path::{Path, PathBuf};
+
+
+use btf_rs::{Btf, Type};
+use fallible_iterator::FallibleIterator;
+use tracer_common::Offsets;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error("cannot read BTF {path}: {source} (the kernel needs CONFIG_DEBUG_INFO_BTF)")]
+    Open { path: PathBuf, source: btf_rs::Error },
+    #[error("BTF has no struct {name}: is the CXL core built into this kernel?")]
+    MissingStruct { name: &'static str },
+    #[error("BTF struct {strukt} has no member {member}")]
+    MissingMember { strukt: &'static str, member: &'static str },
+    #[error("BTF struct {strukt} member {member} is a bitfield")]
+    Bitfield { strukt: &'static str, member: &'static str },
+    #[error("reading BTF types: {0}")]
+    Types(#[from] btf_rs::Error),
+}
+
+pub struct KernelBtf {
+    pub vmlinux: Btf,
+    /// Module BTF (split on vmlinux), by module name.
+    pub modules: Vec<(String, Btf)>,
+}
+
+/// A function with a `struct cxl_dport *` parameter.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DportFunction {
+    pub name: String,
+    /// `None` for vmlinux.
+    pub module: Option<String>,
+    /// Index of the dport parameter (0-based).
+    pub arg: u32,
+}
+
+/// The member offsets the kernel side reads, with the names `doctor` and traces show.
+pub const OFFSET_MEMBERS: [(&str, &str); 8] = [
+    ("cxl_dport", "port"),
+    ("cxl_port", "dev"),
+    ("cxl_port", "uport_dev"),
+    ("cxl_port", "dports"),
+    ("device", "parent"),
+    ("device", "mutex"),
+    ("mutex", "owner"),
+    ("devres", "data"),
+];
+
+impl KernelBtf {
+    /// vmlinux BTF and that of each named module present under `dir` (/sys/kernel/btf).
+    pub fn load(dir: &Path, modules: &[&str]) -> Result<KernelBtf, BtfError> {
+        let path = dir.join("vmlinux");
+        let vmlinux = Btf::from_file(&path).map_err(|source| BtfError::Open { path, source })?;
+        let mut loaded = Vec::new();
+        for &module in modules {
+            let path = dir.join(module);
+            if path.exists() {
+                let btf = Btf::from_split_file(&path, &vmlinux).map_err(|source| BtfError::Open { path, source })?;
+                loaded.push((module.to_owned(), btf));
+            }
+        }
+        Ok(KernelBtf { vmlinux, modules: loaded })
+    }
+
+    /// Offsets of `OFFSET_MEMBERS`, in bytes.
+    pub fn offsets(&self) -> Result<(Offsets, Vec<(String, u64)>), BtfError> {
+        let mut values = [0u64; OFFSET_MEMBERS.len()];
+        for (value, (strukt, member)) in values.iter_mut().zip(OFFSET_MEMBERS) {
+            *value = member_offset(&self.vmlinux, strukt, member)?;
+        }
+        let [dport_port, port_dev, port_uport_dev, port_dports, device_parent, device_mutex, mutex_owner, devres_data] =
+            values;
+        let offsets = Offsets {
+            dport_port,
+            port_dev,
+            port_uport_dev,
+            port_dports,
+            device_parent,
+            device_mutex,
+            mutex_owner,
+            devres_data,
+        };
+        let named = OFFSET_MEMBERS.iter().zip(values).map(|((s, m), v)| (format!("{s}.{m}"), v)).collect();
+        Ok((offsets, named))
+    }
+
+    /// Every function (vmlinux and modules) with a `struct cxl_dport *` parameter.
+    pub fn dport_functions(&self) -> Result<Vec<DportFunction>, BtfError> {
+        let mut found = Vec::new();
+        collect_pointer_params(&self.vmlinux, self.vmlinux.type_iter(), "cxl_dport", None, &mut found)?;
+        for (module, btf) in &self.modules {
+            if let Some(split) = btf.split() {
+                collect_pointer_params(btf, split.type_iter(), "cxl_dport", Some(module), &mut found)?;
+            }
+        }
+        found.sort();
+        found.dedup();
+        Ok(found)
+    }
+}
+
+/// Byte offset of `member` in `struct strukt`, looking into anonymous members.
+pub fn member_offset(btf: &Btf, strukt: &'static str, member: &'static str) -> Result<u64, BtfError> {
+    let types = btf.resolve_types_by_name(strukt).map_err(|_| BtfError::MissingStruct { name: strukt })?;
+    let def = types
+        .into_iter()
+        .find_map(|t| match t {
+            Type::Struct(s) if !s.members.is_empty() => Some(s),
+            _ => None,
+        })
+        .ok_or(BtfError::MissingStruct { name: strukt })?;
+    let bits = find_member(btf, &def, member)?.ok_or(BtfError::MissingMember { strukt, member })?;
+    if bits % 8 != 0 {
+        return Err(BtfError::Bitfield { strukt, member });
+    }
+    Ok(u64::from(bits / 8))
+}
+
+/// Bit offset of `member`, searching anonymous struct/union members too.
+fn find_member(btf: &Btf, def: &btf_rs::Struct, member: &str) -> Result<Option<u32>, BtfError> {
+    for m in &def.members {
+        let name = btf.resolve_name(m).unwrap_or_default();
+        if name == member {
+            return Ok(Some(m.bit_offset()));
+        }
+        if name.is_empty()
+            && let Ok(Type::Struct(inner) | Type::Union(inner)) = btf.resolve_chained_type(m)
+            && let Some(bits) = find_member(btf, &inner, member)?
+        {
+            return Ok(Some(m.bit_offset() + bits));
+        }
+    }
+    Ok(None)
+}
+
+/// Whether `ty` is a pointer to `struct strukt` (through const, volatile, typedefs).
+fn is_struct_pointer(btf: &Btf, ty: &Type, strukt: &str) -> bool {
+    let Type::Ptr(ptr) = ty else { return false };
+    let mut next = btf.resolve_chained_type(ptr).ok();
+    while let Some(t) = next {
+        match &t {
+            Type::Struct(_) | Type::Fwd(_) => {
+                let name = t.as_btf_type().and_then(|b| btf.resolve_name(b).ok());
+                return name.as_deref() == Some(strukt);
+            }
+            Type::Const(_) | Type::Volatile(_) | Type::Restrict(_) | Type::Typedef(_) | Type::TypeTag(_) => {
+                next = t.as_btf_type().and_then(|b| btf.resolve_chained_type(b).ok());
+            }
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Functions among `types` with a parameter pointing to `struct strukt`.
+fn collect_pointer_params(
+    btf: &Btf,
+    mut types: impl FallibleIterator<Item = Type, Error = btf_rs::Error>,
+    strukt: &str,
+    module: Option<&str>,
+    found: &mut Vec<DportFunction>,
+) -> Result<(), BtfError> {
+    while let Some(ty) = types.next()? {
+        let Type::Func(func) = &ty else { continue };
+        let Ok(Type::FuncProto(proto)) = btf.resolve_chained_type(func) else { continue };
+        for (i, param) in proto.parameters.iter().enumerate() {
+            let Ok(param_type) = btf.resolve_chained_type(param) else { continue };
+            if is_struct_pointer(btf, &param_type, strukt) {
+                found.push(DportFunction {
+                    name: btf.resolve_name(func)?,
+                    module: module.map(str::to_owned),
+                    arg: i as u32,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The host's own kernel BTF: no CXL there, but the same mechanism finds `struct device`
+    // members and functions taking `struct device *`.
+    fn host() -> Btf {
+        Btf::from_file("/sys/kernel/btf/vmlinux").expect("the host kernel has BTF (/sys/kernel/btf/vmlinux)")
+    }
+
+    #[test]
+    fn member_offsets_come_from_btf() {
+        let btf = host();
+        assert_eq!(member_offset(&btf, "mutex", "owner").unwrap(), 0);
+        let parent = member_offset(&btf, "device", "parent").unwrap();
+        let mutex = member_offset(&btf, "device", "mutex").unwrap();
+        assert!(parent > 0 && mutex > parent, "device.parent {parent}, device.mutex {mutex}");
+        assert!(matches!(member_offset(&btf, "device", "no_such_member"), Err(BtfError::MissingMember { .. })));
+        assert!(matches!(member_offset(&btf, "no_such_struct_xyz", "x"), Err(BtfError::MissingStruct { .. })));
+    }
+
+    #[test]
+    fn pointer_parameters_are_found() {
+        let btf = host();
+        let mut found = Vec::new();
+        collect_pointer_params(&btf, btf.type_iter(), "device", None, &mut found).unwrap();
+        assert!(found.contains(&DportFunction { name: "device_add".into(), module: None, arg: 0 }));
+        assert!(found.iter().any(|f| f.name == "device_move" && f.arg == 1));
+        assert!(!found.iter().any(|f| f.name == "kfree"));
+    }
+}

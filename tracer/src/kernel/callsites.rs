@@ -1,0 +1,238 @@
+//! Finds, in the CXL code the kernel runs, the calls the tracer probes: `xa_load` and the
+//! dports xarray writers (notrace on stock kernels, so they are probed where they are called)
+//! and the mutex lock/unlock calls (so lock events come only from code that matters, not
+//! from a global hook on every mutex in the system).
+use std::sync::Arc;
+
+use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind};
+use rustc_hash::FxHashMap;
+use tracer_common::SiteRole;
+
+use super::kcore::{Kcore, KcoreError};
+use crate::symbolize::{Symbol, Symbols};
+
+/// A callee the tracer probes at its call sites: the role of the probe on the call
+/// instruction, and of the one on its return address (when the result matters).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Callee {
+    pub name: &'static str,
+    pub call: SiteRole,
+    pub ret: Option<SiteRole>,
+}
+
+pub const CALLEES: &[Callee] = &[
+    Callee { name: "xa_load", call: SiteRole::LoadCall, ret: Some(SiteRole::LoadReturn) },
+    Callee { name: "xa_erase", call: SiteRole::EraseCall, ret: Some(SiteRole::EraseReturn) },
+    Callee { name: "__xa_erase", call: SiteRole::EraseCall, ret: Some(SiteRole::EraseReturn) },
+    Callee { name: "__xa_insert", call: SiteRole::StoreCall, ret: None },
+    Callee { name: "xa_store", call: SiteRole::StoreCall, ret: None },
+    Callee { name: "__xa_store", call: SiteRole::StoreCall, ret: None },
+    Callee { name: "mutex_lock", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturn) },
+    Callee { name: "mutex_lock_nested", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturn) },
+    Callee { name: "mutex_lock_io", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturn) },
+    Callee { name: "mutex_lock_interruptible", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturnIfZero) },
+    Callee {
+        name: "mutex_lock_interruptible_nested",
+        call: SiteRole::LockCall,
+        ret: Some(SiteRole::LockReturnIfZero),
+    },
+    Callee { name: "mutex_lock_killable", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturnIfZero) },
+    Callee { name: "mutex_lock_killable_nested", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturnIfZero) },
+    Callee { name: "mutex_trylock", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturnIfOne) },
+    Callee { name: "mutex_unlock", call: SiteRole::UnlockCall, ret: None },
+];
+
+/// A call to one of `CALLEES` inside a CXL function.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallSite {
+    /// The function containing the call.
+    pub function: Arc<str>,
+    pub module: Option<Arc<str>>,
+    pub function_addr: u64,
+    /// Offset of the call instruction in the function.
+    pub offset: u64,
+    /// Length of the call instruction (the return address is `offset + len`).
+    pub len: u64,
+    pub callee: &'static Callee,
+    /// A tail call (`jmp`): its return is in the caller's caller, not observable here.
+    pub tail: bool,
+}
+
+/// Whether a module is CXL code.
+pub fn is_cxl_module(name: &str) -> bool {
+    name.starts_with("cxl")
+}
+
+/// A vmlinux run of CXL text closer than this (in symbols) to the next CXL-named symbol
+/// is one stretch of built-in CXL objects.
+const RUN_GAP: usize = 40;
+/// A run needs this many CXL-named symbols to be taken for the CXL core.
+const RUN_MIN: usize = 10;
+
+fn is_function(s: &Symbol) -> bool {
+    s.text && !s.name.starts_with("__pfx_") && !s.name.starts_with("__cfi_")
+}
+
+/// The functions of CXL code: every function of a `cxl*` module, and the stretches of
+/// vmlinux text where the built-in CXL core was linked (its objects are contiguous in link
+/// order; a stretch is found as a dense run of symbols named after CXL).
+pub fn cxl_functions(symbols: &Symbols) -> Vec<&Symbol> {
+    let vmlinux: Vec<&Symbol> = symbols.iter().filter(|s| s.module.is_none() && is_function(s)).collect();
+    let named: Vec<usize> =
+        vmlinux.iter().enumerate().filter(|(_, s)| s.name.to_ascii_lowercase().contains("cxl")).map(|(i, _)| i).collect();
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new(); // (first, last, named count)
+    for &i in &named {
+        match runs.last_mut() {
+            Some((_, last, n)) if i - *last <= RUN_GAP => {
+                *last = i;
+                *n += 1;
+            }
+            _ => runs.push((i, i, 1)),
+        }
+    }
+    let mut out: Vec<&Symbol> = runs
+        .into_iter()
+        .filter(|&(_, _, n)| n >= RUN_MIN)
+        .flat_map(|(first, last, _)| vmlinux[first..=last].iter().copied())
+        .collect();
+    out.extend(symbols.iter().filter(|s| is_function(s) && s.module.as_deref().is_some_and(is_cxl_module)));
+    out
+}
+
+/// Callee entry addresses, with the 16 bytes of padding before each: a call rewritten to
+/// go through a call-depth thunk in that padding still counts.
+fn callee_targets(symbols: &Symbols) -> FxHashMap<u64, &'static Callee> {
+    let mut targets = FxHashMap::default();
+    for callee in CALLEES {
+        for sym in symbols.lookup(callee.name).filter(|s| s.module.is_none()) {
+            for back in 0..=16 {
+                targets.insert(sym.addr - back, callee);
+            }
+        }
+    }
+    targets
+}
+
+/// Finds calls to `CALLEES` in `code` (the bytes of `function`, which starts at `addr`).
+pub fn scan(
+    function: &Symbol,
+    code: &[u8],
+    targets: &FxHashMap<u64, &'static Callee>,
+    out: &mut Vec<CallSite>,
+) {
+    let end = function.addr + code.len() as u64;
+    let mut decoder = Decoder::with_ip(64, code, function.addr, DecoderOptions::NONE);
+    for insn in &mut decoder {
+        if insn.is_invalid() || insn.op0_kind() != OpKind::NearBranch64 {
+            continue;
+        }
+        let target = insn.near_branch_target();
+        let tail = match insn.mnemonic() {
+            Mnemonic::Call => false,
+            Mnemonic::Jmp if !(function.addr..end).contains(&target) => true,
+            _ => continue,
+        };
+        if let Some(&callee) = targets.get(&target) {
+            out.push(CallSite {
+                function: function.name.clone(),
+                module: function.module.clone(),
+                function_addr: function.addr,
+                offset: insn.ip() - function.addr,
+                len: insn.len() as u64,
+                callee,
+                tail,
+            });
+        }
+    }
+}
+
+/// Largest function scanned; anything bigger is a symbol-table artefact.
+const MAX_FUNCTION: u64 = 1 << 20;
+
+/// Every call site of `CALLEES` in CXL code, read from the running kernel's text.
+pub fn find(symbols: &Symbols, kcore: &Kcore) -> Result<Vec<CallSite>, KcoreError> {
+    let targets = callee_targets(symbols);
+    let mut sites = Vec::new();
+    for function in cxl_functions(symbols) {
+        let Some((start, end)) = symbols.extent(function) else { continue };
+        if end - start > MAX_FUNCTION {
+            continue;
+        }
+        let code = kcore.read(start, (end - start) as usize)?;
+        scan(function, &code, &targets, &mut sites);
+    }
+    Ok(sites)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn symbol(addr: u64, name: &str) -> Symbol {
+        Symbol { addr, name: Arc::from(name), module: None, text: true }
+    }
+
+    #[test]
+    fn finds_calls_and_tail_calls_to_callees() {
+        let symbols = Symbols::parse(
+            "ffffffff81000000 T xa_load\nffffffff81000100 T mutex_unlock\nffffffff81001000 t match_port_by_dport\n"
+                .as_bytes(),
+        )
+        .unwrap();
+        let targets = callee_targets(&symbols);
+        let f = symbol(0xffffffff81001000, "match_port_by_dport");
+        // endbr64; mov rdi,rbx; call xa_load; mov rdi,r12; call 0x...; jmp mutex_unlock
+        let mut code = vec![0xf3, 0x0f, 0x1e, 0xfa, 0x48, 0x89, 0xdf];
+        let rel = |from_end: u64, to: u64| ((to as i64 - from_end as i64) as i32).to_le_bytes();
+        let call_at = f.addr + code.len() as u64;
+        code.push(0xe8);
+        code.extend(rel(call_at + 5, 0xffffffff81000000));
+        code.extend([0x4c, 0x89, 0xe7]);
+        let other_at = f.addr + code.len() as u64;
+        code.push(0xe8);
+        code.extend(rel(other_at + 5, 0xffffffff81000800));
+        let jmp_at = f.addr + code.len() as u64;
+        code.push(0xe9);
+        code.extend(rel(jmp_at + 5, 0xffffffff81000100));
+        let mut sites = Vec::new();
+        scan(&f, &code, &targets, &mut sites);
+        assert_eq!(sites.len(), 2);
+        assert_eq!((sites[0].callee.name, sites[0].offset, sites[0].len, sites[0].tail), ("xa_load", 7, 5, false));
+        assert_eq!((sites[1].callee.name, sites[1].tail), ("mutex_unlock", true));
+    }
+
+    #[test]
+    fn cxl_code_is_the_dense_run_and_the_cxl_modules() {
+        let mut text = String::new();
+        let mut addr = 0xffffffff81000000u64;
+        let mut add = |name: &str, module: Option<&str>| {
+            match module {
+                Some(m) => text.push_str(&format!("{addr:x} t {name}\t[{m}]\n")),
+                None => text.push_str(&format!("{addr:x} t {name}\n")),
+            }
+            addr += 0x40;
+        };
+        for i in 0..50 {
+            add(&format!("udmabuf_{i}"), None);
+        }
+        add("is_cxl_port", None);
+        for i in 0..30 {
+            add(&format!("cxl_fn_{i}"), None);
+            add(&format!("helper_{i}"), None);
+        }
+        add("cxl_port_probe", None);
+        for i in 0..50 {
+            add(&format!("mac_hid_{i}"), None);
+        }
+        add("cxl_reset_bus_function", None); // a lone quirk elsewhere: not the core
+        add("cxl_mem_probe", Some("cxl_mem"));
+        add("nvdimm_bus_probe", Some("libnvdimm"));
+        let symbols = Symbols::parse(text.as_bytes()).unwrap();
+        let names: Vec<&str> = cxl_functions(&symbols).iter().map(|s| &*s.name).collect();
+        assert_eq!(names.first(), Some(&"is_cxl_port"));
+        assert!(names.contains(&"helper_29") && names.contains(&"cxl_port_probe"));
+        assert!(!names.iter().any(|n| n.starts_with("udmabuf") || n.starts_with("mac_hid")));
+        assert!(!names.contains(&"cxl_reset_bus_function"));
+        assert!(names.contains(&"cxl_mem_probe") && !names.contains(&"nvdimm_bus_probe"));
+    }
+}

@@ -1,0 +1,281 @@
+//! `tracer run` and `tracer record`: attach, stream kernel events through the engine (and
+//! optionally into a trace file), stop on Ctrl-C, SIGTERM or the traced command's exit.
+use std::{
+    fs::File,
+    io::{self, BufWriter, Write},
+    os::fd::AsFd,
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
+use tracer::{
+    analysis::Analysis,
+    decode,
+    engine::{Group, Limits},
+    format::tracefile::{TraceHeader, TraceWriter},
+    resolve::Resolver,
+    sink::{self, Format},
+    summary::Summary,
+    symbolize::Symbols,
+};
+use tracer_common::{COUNTERS, Counter};
+
+use crate::{
+    Outcome,
+    load::{self, Discovery, attach, discover, loaded_cxl_modules, privilege_problem},
+};
+
+pub struct LiveOptions {
+    /// Findings on stdout in this format; `None` for `record` (summary on stderr only).
+    pub format: Option<Format>,
+    pub record: Option<PathBuf>,
+    pub ring_bytes: u32,
+    pub use_sites: Vec<String>,
+    pub command: Vec<String>,
+}
+
+/// How often the trace file is flushed and the kernel counters are read.
+const TICK: Duration = Duration::from_millis(500);
+
+pub fn run(options: LiveOptions) -> anyhow::Result<Outcome> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(live(options))
+}
+
+fn clock_base_ns() -> u64 {
+    let now = |clock| {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: a valid timespec.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    };
+    now(libc::CLOCK_REALTIME).saturating_sub(now(libc::CLOCK_MONOTONIC))
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
+fn counters_named(counts: &[u64; COUNTERS]) -> Vec<(String, u64)> {
+    Counter::ALL.iter().map(|c| (c.name().to_owned(), counts[*c as usize])).collect()
+}
+
+/// Everything one event goes through after the ring buffer.
+struct Pipeline {
+    resolver: Resolver,
+    analysis: Analysis,
+    writer: Option<(PathBuf, TraceWriter<BufWriter<File>>)>,
+    live_text: bool,
+    undecodable: u64,
+    write_error: Option<anyhow::Error>,
+}
+
+impl Pipeline {
+    fn handle(&mut self, bytes: &[u8]) {
+        let raw = match decode::decode(bytes) {
+            Ok(raw) => raw,
+            Err(err) => {
+                self.undecodable += 1;
+                if self.undecodable <= 5 {
+                    eprintln!("tracer: warning: undecodable kernel record ({} bytes): {err}", bytes.len());
+                }
+                return;
+            }
+        };
+        let event = self.resolver.resolve(&raw);
+        if let Some((path, writer)) = &mut self.writer
+            && let Err(err) = writer.write_event(&event)
+        {
+            self.write_error = Some(anyhow::Error::new(err).context(format!("writing the trace to {}", path.display())));
+            self.writer = None;
+        }
+        let live_text = self.live_text;
+        self.analysis.feed(&event, |group: &Group| {
+            if live_text {
+                let mut out = io::stdout().lock();
+                let _ = sink::text::write_group(&mut out, group);
+                let _ = out.flush();
+            } else {
+                eprintln!("tracer: {} in {} (tid {} {})", group.finding.class, group.finding.site, group.finding.tid, group.finding.comm);
+            }
+        });
+    }
+}
+
+async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
+    if let Some(problem) = privilege_problem() {
+        bail!(problem);
+    }
+    let extra: Vec<_> = options.use_sites.iter().map(|s| load::parse_use_site(s)).collect::<Result<_, _>>()?;
+    let discovery = discover(&extra)?;
+    report_discovery(&discovery);
+    let mut attached = attach(&discovery, options.ring_bytes)?;
+    for warning in &attached.warnings {
+        eprintln!("tracer: warning: {warning}");
+    }
+    eprintln!("tracer: {} kprobes attached in {:.1?}", attached.kprobe_count(), attached.took);
+    let ring = attached.take_ring_buffer()?;
+    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until the
+    // AsyncFd (and the RingBuf inside it) is dropped.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .context("polling the ring buffer")?;
+
+    let writer = match &options.record {
+        Some(path) => {
+            let file = File::create(path).with_context(|| format!("creating the trace file {}", path.display()))?;
+            let header = TraceHeader {
+                tool_version: env!("CARGO_PKG_VERSION").to_owned(),
+                kernel_release: kernel_release(),
+                clock_base_ns: clock_base_ns(),
+                offsets: discovery.named_offsets.clone(),
+            };
+            let writer = TraceWriter::new(BufWriter::with_capacity(1 << 16, file), &header)
+                .with_context(|| format!("writing the trace header to {}", path.display()))?;
+            Some((path.clone(), writer))
+        }
+        None => None,
+    };
+    let Discovery { symbols, plan, .. } = discovery;
+    let mut pipeline = Pipeline {
+        resolver: Resolver::new(symbols, load::site_functions(&plan)),
+        analysis: Analysis::new(Limits::default()),
+        writer,
+        live_text: options.format == Some(Format::Text),
+        undecodable: 0,
+        write_error: None,
+    };
+
+    let mut child = match options.command.split_first() {
+        Some((program, args)) => {
+            let stdout = io::stderr().as_fd().try_clone_to_owned()?;
+            let child = tokio::process::Command::new(program)
+                .args(args)
+                .stdout(Stdio::from(stdout))
+                .spawn()
+                .with_context(|| format!("cannot run {program:?}"))?;
+            Some(child)
+        }
+        None => None,
+    };
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(TICK);
+    let mut modules = loaded_cxl_modules();
+    let started = Instant::now();
+    let mut child_status = None;
+
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    pipeline.handle(&item);
+                }
+                guard.clear_ready();
+            }
+            _ = tick.tick() => {
+                if let Some((_, writer)) = &mut pipeline.writer {
+                    let counts = attached.counters()?;
+                    let named = counters_named(&counts);
+                    let refs: Vec<(&str, u64)> = named.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+                    if let Err(err) = writer.write_counters(&refs) {
+                        pipeline.write_error = Some(anyhow::Error::new(err).context("flushing the trace file"));
+                        pipeline.writer = None;
+                    }
+                }
+                let now = loaded_cxl_modules();
+                if now != modules {
+                    modules = now;
+                    match Symbols::load() {
+                        Ok(symbols) => pipeline.resolver.set_symbols(symbols),
+                        Err(err) => eprintln!("tracer: warning: re-reading symbols after a module change: {err}"),
+                    }
+                }
+                if pipeline.write_error.is_some() {
+                    break;
+                }
+            }
+            status = async { child.as_mut().expect("guarded").wait().await }, if child.is_some() => {
+                child_status = Some(status?);
+                break;
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    // Whatever the kernel side submitted before we stopped.
+    let ring = ring.get_mut();
+    while let Some(item) = ring.next() {
+        pipeline.handle(&item);
+    }
+    if let Some(child) = &mut child
+        && child_status.is_none()
+    {
+        let _ = child.start_kill();
+        child_status = child.wait().await.ok();
+    }
+    let counts = attached.counters()?;
+    drop(attached);
+
+    let mut summary: Summary = pipeline.analysis.summary();
+    summary.undecodable = pipeline.undecodable;
+    summary.kernel = counters_named(&counts);
+    if let Some((path, mut writer)) = pipeline.writer.take() {
+        let refs: Vec<(&str, u64)> = summary.kernel.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+        writer
+            .write_counters(&refs)
+            .and_then(|()| writer.into_inner().and_then(|mut w| w.flush()))
+            .with_context(|| format!("finishing the trace file {}", path.display()))?;
+        eprintln!("tracer: trace written to {}", path.display());
+    }
+    if let Some(status) = child_status {
+        eprintln!("tracer: traced command exited: {status}");
+    }
+    eprintln!("tracer: traced for {:.1?}", started.elapsed());
+    let mut out = BufWriter::new(io::stdout().lock());
+    match options.format {
+        Some(Format::Json) => {
+            for group in pipeline.analysis.groups().iter() {
+                sink::json::write_group(&mut out, group)?;
+            }
+            sink::json::write_summary(&mut out, &summary)?;
+        }
+        Some(Format::Text) => {
+            for group in pipeline.analysis.groups().iter() {
+                writeln!(out, "tracer: {} in {}: {} occurrence(s)", group.finding.class, group.finding.site, group.count)?;
+            }
+            sink::text::write_summary(&mut out, &summary)?;
+        }
+        None => sink::text::write_summary(&mut io::stderr().lock(), &summary)?,
+    }
+    out.flush()?;
+    if summary.dropped() > 0 {
+        eprintln!("tracer: WARNING: {} events were dropped in the kernel; findings may be incomplete", summary.dropped());
+    }
+    if let Some(err) = pipeline.write_error {
+        return Err(err);
+    }
+    Ok(if pipeline.analysis.groups().is_empty() || options.format.is_none() { Outcome::Clean } else { Outcome::Findings })
+}
+
+fn report_discovery(d: &Discovery) {
+    eprintln!(
+        "tracer: {} call sites and {} use sites in CXL code ({} modules: {}), planned {} kprobes in {:.1?}",
+        d.calls.len(),
+        d.plan.uses.iter().filter(|u| u.probed.is_some()).count(),
+        d.cxl_modules.len(),
+        d.cxl_modules.join(" "),
+        d.plan.sites.len(),
+        d.took
+    );
+    if !d.cxl_core && d.cxl_modules.is_empty() {
+        eprintln!("tracer: warning: no CXL code in this kernel (no cxl_core symbols, no cxl_* module): nothing to trace");
+    }
+}

@@ -1,0 +1,243 @@
+//! Preflight, discovery (BTF, symbols, call sites) and attachment of the kernel side.
+use std::{
+    os::fd::AsFd,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData, PerCpuArray, RingBuf},
+    programs::{FExit, KProbe, RawTracePoint},
+};
+use tracer::{
+    kernel::{
+        btf::{DportFunction, KernelBtf},
+        callsites::{self, CallSite, is_cxl_module},
+        kcore::Kcore,
+    },
+    probe::{
+        attach::{self, Kprobes},
+        plan::Plan,
+    },
+    symbolize::Symbols,
+};
+use tracer_common::{COUNTERS, Counter, MAX_SITES, Offsets, SiteInfo};
+
+/// The eBPF object built from `tracer-ebpf` by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+
+const BTF_DIR: &str = "/sys/kernel/btf";
+
+/// Capability bits (include/uapi/linux/capability.h).
+const CAP_SYS_RAWIO: u32 = 17;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Effective capabilities of this process, from /proc/self/status.
+pub fn effective_caps() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+/// What is missing for tracing, if anything: root for tracefs, CAP_BPF and CAP_PERFMON (or
+/// CAP_SYS_ADMIN) for the programs, CAP_SYS_RAWIO for /proc/kcore.
+pub fn privilege_problem() -> Option<String> {
+    let caps = effective_caps();
+    let has = |cap: u32| caps & (1 << cap) != 0;
+    let mut missing = Vec::new();
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root (tracefs kprobe_events is root-only)");
+    }
+    if !(has(CAP_BPF) && has(CAP_PERFMON) || has(CAP_SYS_ADMIN)) {
+        missing.push("CAP_BPF and CAP_PERFMON");
+    }
+    if !has(CAP_SYS_RAWIO) {
+        missing.push("CAP_SYS_RAWIO (reading kernel text from /proc/kcore)");
+    }
+    (!missing.is_empty()).then(|| format!("tracer needs {}: run it as root, e.g. with sudo", missing.join(", ")))
+}
+
+/// CXL modules loaded now, from /proc/modules.
+pub fn loaded_cxl_modules() -> Vec<String> {
+    std::fs::read_to_string("/proc/modules")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|m| is_cxl_module(m))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Everything learnt about this kernel before attaching.
+pub struct Discovery {
+    pub symbols: Symbols,
+    pub offsets: Offsets,
+    pub named_offsets: Vec<(String, u64)>,
+    pub cxl_modules: Vec<String>,
+    /// Whether the built-in CXL core is in vmlinux (its functions are in kallsyms).
+    pub cxl_core: bool,
+    pub calls: Vec<CallSite>,
+    pub plan: Plan,
+    pub took: Duration,
+}
+
+/// A user-added use site: `FUNCTION:ARG` or `MODULE:FUNCTION:ARG`.
+pub fn parse_use_site(spec: &str) -> anyhow::Result<DportFunction> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (module, name, arg) = match parts[..] {
+        [name, arg] => (None, name, arg),
+        [module, name, arg] => (Some(module.to_owned()), name, arg),
+        _ => bail!("--use-site {spec:?}: expected FUNCTION:ARG or MODULE:FUNCTION:ARG (ARG = 0-5, the dport argument)"),
+    };
+    let arg: u32 = arg.parse().ok().filter(|a| *a < 6).with_context(|| {
+        format!("--use-site {spec:?}: the argument index must be 0-5 (registers rdi..r9)")
+    })?;
+    Ok(DportFunction { name: name.to_owned(), module, arg })
+}
+
+pub fn discover(extra_uses: &[DportFunction]) -> anyhow::Result<Discovery> {
+    let start = Instant::now();
+    if !Path::new(BTF_DIR).join("vmlinux").exists() {
+        bail!("{BTF_DIR}/vmlinux is missing: this kernel has no BTF (CONFIG_DEBUG_INFO_BTF); tracer needs it for offsets and use sites");
+    }
+    let tracefs = attach::tracefs()?;
+    attach::remove_stale_groups(&tracefs);
+    let others = attach::other_tracers(&tracefs);
+    if !others.is_empty() {
+        bail!(
+            "another tracer is attached (pid {}): its kprobes patch the call sites this one reads from /proc/kcore; stop it first",
+            others.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+        );
+    }
+    let symbols = Symbols::load().context("reading kernel symbols")?;
+    let cxl_modules = loaded_cxl_modules();
+    let cxl_core = symbols.lookup("match_port_by_dport").next().is_some()
+        || symbols.lookup("__devm_cxl_add_dport").any(|s| s.module.is_none());
+    let module_refs: Vec<&str> = cxl_modules.iter().map(String::as_str).collect();
+    let btf = KernelBtf::load(Path::new(BTF_DIR), &module_refs)?;
+    let (offsets, named_offsets) = btf.offsets().context("reading struct offsets from BTF")?;
+    let mut uses = btf.dport_functions().context("listing functions with a struct cxl_dport * argument")?;
+    uses.extend(extra_uses.iter().cloned());
+    let kcore = Kcore::open()?;
+    let calls = callsites::find(&symbols, &kcore)?;
+    let plan = Plan::build(&symbols, &calls, &uses);
+    Ok(Discovery { symbols, offsets, named_offsets, cxl_modules, cxl_core, calls, plan, took: start.elapsed() })
+}
+
+/// The kernel side, loaded and attached. Dropping it detaches everything (kprobes first).
+pub struct Attached {
+    kprobes: Kprobes,
+    pub ebpf: Ebpf,
+    /// What could not be attached, and what that disables.
+    pub warnings: Vec<String>,
+    pub took: Duration,
+}
+
+impl Attached {
+    pub fn kprobe_count(&self) -> usize {
+        self.kprobes.len()
+    }
+
+    pub fn take_ring_buffer(&mut self) -> anyhow::Result<RingBuf<aya::maps::MapData>> {
+        let map = self.ebpf.take_map("EVENTS").context("the eBPF object has no EVENTS map")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// Kernel counters, summed over CPUs.
+    pub fn counters(&self) -> anyhow::Result<[u64; COUNTERS]> {
+        let map = self.ebpf.map("COUNTS").context("the eBPF object has no COUNTS map")?;
+        let counts: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+        let mut out = [0u64; COUNTERS];
+        for counter in Counter::ALL {
+            out[counter as usize] = counts.get(&(counter as u32), 0)?.iter().sum();
+        }
+        Ok(out)
+    }
+}
+
+/// Loads the eBPF object with this kernel's offsets and attaches every planned probe.
+pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached> {
+    let start = Instant::now();
+    raise_memlock();
+    let plan = &discovery.plan;
+    if plan.sites.len() > MAX_SITES as usize {
+        bail!("{} probe sites planned, the kernel side holds at most {MAX_SITES}", plan.sites.len());
+    }
+    let mut ebpf = EbpfLoader::new()
+        .override_global("OFFSETS", &discovery.offsets, true)
+        .map_max_entries("EVENTS", ring_bytes)
+        .load(EBPF_OBJECT)
+        .context("loading the eBPF programs (run `tracer doctor` for what this kernel supports)")?;
+    {
+        let mut sites: Array<_, SiteInfo> =
+            Array::try_from(ebpf.map_mut("SITES").context("the eBPF object has no SITES map")?)?;
+        for (i, site) in plan.sites.iter().enumerate() {
+            sites.set(i as u32, SiteInfo { addr: site.addr, role: site.role as u32, arg: site.arg }, 0)?;
+        }
+    }
+    let mut warnings = Vec::new();
+    let btf = aya::Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?;
+
+    let program: &mut KProbe = ebpf.program_mut("site").context("no site program")?.try_into()?;
+    program.load().context("the kernel refused the kprobe program (see the verifier log above)")?;
+    let fd = program.fd()?.try_clone()?;
+    let mut kprobes = Kprobes::new()?;
+    for (i, site) in plan.sites.iter().enumerate() {
+        if let Err(err) = kprobes.attach(fd.as_fd(), &site.point, i as u64) {
+            warnings.push(format!("{} {} in {}: not attached: {err}", site.what, role_word(site), site.function));
+        }
+    }
+
+    match attach_dport_registration(&mut ebpf, &btf) {
+        Ok(()) => {}
+        Err(err) => warnings.push(format!(
+            "__devm_cxl_add_dport: fexit not attached ({err:#}): dports are still discovered at their first lookup"
+        )),
+    }
+    let tracepoint: &mut RawTracePoint = ebpf.program_mut("kfree").context("no kfree program")?.try_into()?;
+    if let Err(err) = tracepoint.load().map_err(anyhow::Error::from).and_then(|()| Ok(tracepoint.attach("kfree")?)) {
+        warnings.push(format!(
+            "kfree tracepoint not attached ({err:#}): frees are not seen, so use-after-free and rule-mismatch are disabled"
+        ));
+    }
+    Ok(Attached { kprobes, ebpf, warnings, took: start.elapsed() })
+}
+
+fn attach_dport_registration(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<()> {
+    let program: &mut FExit = ebpf.program_mut("dport_add_exit").context("no dport_add_exit program")?.try_into()?;
+    program.load("__devm_cxl_add_dport", btf)?;
+    program.attach()?;
+    Ok(())
+}
+
+fn role_word(site: &tracer::probe::plan::PlannedSite) -> &'static str {
+    use tracer_common::SiteRole::*;
+    match site.role {
+        Use => "site",
+        LoadCall | EraseCall | StoreCall | LockCall | UnlockCall => "call",
+        LoadReturn | EraseReturn | LockReturn | LockReturnIfZero | LockReturnIfOne => "return",
+    }
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+fn raise_memlock() {
+    let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: a valid rlimit.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
+}
+
+/// Names of the use sites by site index, for the resolver.
+pub fn site_functions(plan: &Plan) -> Vec<Arc<str>> {
+    plan.sites.iter().map(|s| s.function.clone()).collect()
+}

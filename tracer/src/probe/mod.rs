@@ -1,0 +1,3 @@
+//! What to probe on this kernel, and the kprobe attachment mechanism.
+pub mod attach;
+pub mod plan;

@@ -1,0 +1,179 @@
+//! The probe plan: every site the kernel side will watch on this kernel, from the call
+//! sites found in CXL code and the use sites BTF lists, resolved against the symbols.
+use std::sync::Arc;
+
+use tracer_common::SiteRole;
+
+use super::attach::ProbePoint;
+use crate::{
+    kernel::{btf::DportFunction, callsites::CallSite},
+    symbolize::{Symbol, Symbols},
+};
+
+/// One kprobe: where, and what the kernel side does there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedSite {
+    pub role: SiteRole,
+    /// For a use: which argument is the dport.
+    pub arg: u32,
+    pub point: ProbePoint,
+    /// Absolute address at planning time.
+    pub addr: u64,
+    pub function: Arc<str>,
+    pub module: Option<Arc<str>>,
+    /// What is probed, for `doctor`: the callee of a call site, or "use".
+    pub what: &'static str,
+}
+
+/// A function taking `struct cxl_dport *`, and whether it can be probed here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UseSite {
+    pub function: String,
+    pub module: Option<String>,
+    pub arg: u32,
+    /// `None` when the function is not in the kernel's symbols: inlined everywhere (its body
+    /// is part of its callers) or in a module that is not loaded.
+    pub probed: Option<usize>,
+}
+
+#[derive(Default)]
+pub struct Plan {
+    pub sites: Vec<PlannedSite>,
+    pub uses: Vec<UseSite>,
+    /// Tail calls: found, but their return cannot be probed.
+    pub tail_calls: Vec<CallSite>,
+}
+
+/// Where a probe inside `function` at `offset` goes. Module sites are named
+/// `module:function+off` (re-armed when the module is reloaded); vmlinux sites by name when
+/// the name is unique, else by address.
+fn point(symbols: &Symbols, function: &Symbol, offset: u64) -> ProbePoint {
+    match &function.module {
+        Some(module) => {
+            ProbePoint::Symbol { module: Some(module.to_string()), symbol: function.name.to_string(), offset }
+        }
+        None if symbols.lookup(&function.name).filter(|s| s.module.is_none()).count() == 1 => {
+            ProbePoint::Symbol { module: None, symbol: function.name.to_string(), offset }
+        }
+        None => ProbePoint::Address(function.addr + offset),
+    }
+}
+
+impl Plan {
+    pub fn build(symbols: &Symbols, calls: &[CallSite], uses: &[DportFunction]) -> Plan {
+        let mut plan = Plan::default();
+        for call in calls {
+            let function =
+                Symbol { addr: call.function_addr, name: call.function.clone(), module: call.module.clone(), text: true };
+            let mut add = |role, offset| {
+                plan.sites.push(PlannedSite {
+                    role,
+                    arg: 0,
+                    point: point(symbols, &function, offset),
+                    addr: function.addr + offset,
+                    function: function.name.clone(),
+                    module: function.module.clone(),
+                    what: call.callee.name,
+                })
+            };
+            if call.tail {
+                // The return value of a tail call lands in the caller's caller: a call probe
+                // alone would leave a pending call behind. Not probed; listed by doctor.
+                plan.tail_calls.push(call.clone());
+                continue;
+            }
+            add(call.callee.call, call.offset);
+            if let Some(ret) = call.callee.ret {
+                add(ret, call.offset + call.len);
+            }
+        }
+        for use_fn in uses {
+            let symbol = symbols
+                .lookup(&use_fn.name)
+                .find(|s| s.module.as_deref() == use_fn.module.as_deref() || use_fn.module.is_none() && s.module.is_none());
+            let probed = symbol.map(|sym| {
+                plan.sites.push(PlannedSite {
+                    role: SiteRole::Use,
+                    arg: use_fn.arg,
+                    point: point(symbols, sym, 0),
+                    addr: sym.addr,
+                    function: sym.name.clone(),
+                    module: sym.module.clone(),
+                    what: "use",
+                });
+                plan.sites.len() - 1
+            });
+            plan.uses.push(UseSite { function: use_fn.name.clone(), module: use_fn.module.clone(), arg: use_fn.arg, probed });
+        }
+        plan
+    }
+
+    /// The function name a use event's site index stands for.
+    pub fn site_function(&self, index: u64) -> Option<&Arc<str>> {
+        self.sites.get(usize::try_from(index).ok()?).map(|s| &s.function)
+    }
+
+    /// Sites of a role.
+    pub fn count(&self, role: SiteRole) -> usize {
+        self.sites.iter().filter(|s| s.role == role).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::callsites::CALLEES;
+
+    #[test]
+    fn call_sites_get_call_and_return_probes_and_uses_resolve() {
+        let symbols = Symbols::parse(
+            "ffffffff81000000 T xa_load\n\
+             ffffffff81001000 t match_port_by_dport\n\
+             ffffffff81001100 t dup\n\
+             ffffffff81001200 t dup\n\
+             ffffffff81001300 T cxl_dport_init_ras_reporting\n\
+             ffffffffc0001000 t cxl_mem_probe\t[cxl_mem]\n\
+             ffffffffc0001400 t cxl_mem_remove\t[cxl_mem]\n"
+                .as_bytes(),
+        )
+        .unwrap();
+        let xa_load = CALLEES.iter().find(|c| c.name == "xa_load").unwrap();
+        let mutex_unlock = CALLEES.iter().find(|c| c.name == "mutex_unlock").unwrap();
+        let call = |function: &str, addr: u64, module: Option<&str>, offset: u64, callee, tail| CallSite {
+            function: Arc::from(function),
+            module: module.map(Arc::from),
+            function_addr: addr,
+            offset,
+            len: 5,
+            callee,
+            tail,
+        };
+        let calls = [
+            call("match_port_by_dport", 0xffffffff81001000, None, 0x42, xa_load, false),
+            call("dup", 0xffffffff81001200, None, 0x10, mutex_unlock, false),
+            call("cxl_mem_probe", 0xffffffffc0001000, Some("cxl_mem"), 0x1c2, xa_load, false),
+            call("cxl_mem_probe", 0xffffffffc0001000, Some("cxl_mem"), 0x300, xa_load, true),
+        ];
+        let uses = [
+            DportFunction { name: "cxl_dport_init_ras_reporting".into(), module: None, arg: 0 },
+            DportFunction { name: "devm_cxl_add_endpoint".into(), module: Some("cxl_mem".into()), arg: 2 },
+        ];
+        let plan = Plan::build(&symbols, &calls, &uses);
+        let specs: Vec<(SiteRole, String)> = plan.sites.iter().map(|s| (s.role, s.point.spec())).collect();
+        assert_eq!(
+            specs,
+            [
+                (SiteRole::LoadCall, "match_port_by_dport+0x42".to_string()),
+                (SiteRole::LoadReturn, "match_port_by_dport+0x47".to_string()),
+                (SiteRole::UnlockCall, "0xffffffff81001210".to_string()),
+                (SiteRole::LoadCall, "cxl_mem:cxl_mem_probe+0x1c2".to_string()),
+                (SiteRole::LoadReturn, "cxl_mem:cxl_mem_probe+0x1c7".to_string()),
+                (SiteRole::Use, "cxl_dport_init_ras_reporting+0x0".to_string()),
+            ]
+        );
+        assert_eq!(plan.tail_calls.len(), 1);
+        assert_eq!(plan.uses[0].probed, Some(5));
+        assert_eq!(plan.site_function(5).map(|f| &**f), Some("cxl_dport_init_ras_reporting"));
+        assert_eq!(plan.uses[1].probed, None, "inlined devm_cxl_add_endpoint is not probed");
+    }
+}

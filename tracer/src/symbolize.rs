@@ -1,0 +1,206 @@
+//! Kernel symbols from /proc/kallsyms (modules included): names to addresses, function
+//! extents, and addresses to "symbol+0xoff/0xsize [module]" as the kernel prints stacks.
+use std::{io::BufRead, sync::Arc};
+
+use rustc_hash::FxHashMap;
+
+use crate::event::Stack;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Symbol {
+    pub addr: u64,
+    pub name: Arc<str>,
+    /// The module it belongs to; `None` for vmlinux.
+    pub module: Option<Arc<str>>,
+    /// Text symbol (`t`/`T`).
+    pub text: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KallsymsError {
+    #[error("cannot read /proc/kallsyms: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("/proc/kallsyms line {line} is malformed: {text:?}")]
+    Malformed { line: usize, text: String },
+    #[error("/proc/kallsyms shows every address as 0: run as root (or lower kernel.kptr_restrict)")]
+    Hidden,
+}
+
+/// Text symbols sorted by address.
+#[derive(Default)]
+pub struct Symbols {
+    symbols: Vec<Symbol>,
+    by_name: FxHashMap<Arc<str>, Vec<usize>>,
+}
+
+impl Symbols {
+    /// Parses kallsyms lines: `ADDR TYPE NAME [\t[MODULE]]`.
+    pub fn parse(input: impl BufRead) -> Result<Symbols, KallsymsError> {
+        let mut symbols = Vec::new();
+        let mut modules: FxHashMap<String, Arc<str>> = FxHashMap::default();
+        let mut nonzero = false;
+        for (i, line) in input.lines().enumerate() {
+            let line = line?;
+            let mut fields = line.split_ascii_whitespace();
+            let (Some(addr), Some(kind), Some(name)) = (fields.next(), fields.next(), fields.next()) else {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                return Err(KallsymsError::Malformed { line: i + 1, text: line });
+            };
+            let addr = u64::from_str_radix(addr, 16)
+                .map_err(|_| KallsymsError::Malformed { line: i + 1, text: line.clone() })?;
+            nonzero |= addr != 0;
+            let kind = kind.as_bytes()[0];
+            let text = matches!(kind, b't' | b'T');
+            if !text {
+                continue;
+            }
+            let module = fields.next().and_then(|m| m.strip_prefix('[')).and_then(|m| m.strip_suffix(']')).map(|m| {
+                modules.entry(m.to_owned()).or_insert_with(|| Arc::from(m)).clone()
+            });
+            symbols.push(Symbol { addr, name: Arc::from(name), module, text });
+        }
+        if !nonzero && !symbols.is_empty() {
+            return Err(KallsymsError::Hidden);
+        }
+        symbols.sort_by_key(|s| s.addr);
+        let mut by_name: FxHashMap<Arc<str>, Vec<usize>> = FxHashMap::default();
+        for (i, s) in symbols.iter().enumerate() {
+            by_name.entry(s.name.clone()).or_default().push(i);
+        }
+        Ok(Symbols { symbols, by_name })
+    }
+
+    pub fn load() -> Result<Symbols, KallsymsError> {
+        let file = std::fs::File::open("/proc/kallsyms")?;
+        Symbols::parse(std::io::BufReader::with_capacity(1 << 16, file))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Symbol> {
+        self.symbols.iter()
+    }
+
+    /// Every text symbol called `name` (static functions can repeat).
+    pub fn lookup(&self, name: &str) -> impl Iterator<Item = &Symbol> {
+        self.by_name.get(name).into_iter().flatten().map(|&i| &self.symbols[i])
+    }
+
+    /// Index of the symbol containing `addr`.
+    fn index_of(&self, addr: u64) -> Option<usize> {
+        match self.symbols.partition_point(|s| s.addr <= addr) {
+            0 => None,
+            n => Some(n - 1),
+        }
+    }
+
+    /// Start and end of the function starting at `sym` (up to the next symbol).
+    pub fn extent(&self, sym: &Symbol) -> Option<(u64, u64)> {
+        let i = self.index_of(sym.addr)?;
+        let next = self.symbols[i + 1..].iter().find(|s| s.addr > sym.addr)?;
+        // The last symbol of a module has no successor in that module: bound it.
+        if next.module != sym.module {
+            return None;
+        }
+        Some((sym.addr, next.addr))
+    }
+
+    /// The symbol containing `addr` and the offset into it.
+    pub fn resolve(&self, addr: u64) -> Option<(&Symbol, u64, u64)> {
+        let i = self.index_of(addr)?;
+        let sym = &self.symbols[i];
+        let size = match self.symbols.get(i + 1) {
+            Some(next) if next.module == sym.module => next.addr - sym.addr,
+            _ => 0,
+        };
+        // Past the end of a module's last function, or far past vmlinux text: unknown.
+        if size == 0 || addr - sym.addr >= size {
+            return None;
+        }
+        Some((sym, addr - sym.addr, size))
+    }
+
+    /// "function+0xoff/0xsize [module]", or the raw address when it is in no known symbol.
+    pub fn format(&self, addr: u64) -> String {
+        match self.resolve(addr) {
+            Some((sym, off, size)) => match &sym.module {
+                Some(module) => format!("{}+{off:#x}/{size:#x} [{module}]", sym.name),
+                None => format!("{}+{off:#x}/{size:#x}", sym.name),
+            },
+            None => format!("{addr:#x}"),
+        }
+    }
+}
+
+/// Symbolizes stacks, sharing one `Stack` per distinct list of addresses.
+#[derive(Default)]
+pub struct StackCache {
+    cache: FxHashMap<Vec<u64>, Stack>,
+}
+
+impl StackCache {
+    pub fn symbolize(&mut self, symbols: &Symbols, addrs: &[u64]) -> Stack {
+        if let Some(stack) = self.cache.get(addrs) {
+            return stack.clone();
+        }
+        let frames: Vec<Arc<str>> = addrs.iter().map(|&a| Arc::from(symbols.format(a))).collect();
+        let stack: Stack = Arc::from(frames);
+        self.cache.insert(addrs.to_vec(), stack.clone());
+        stack
+    }
+
+    /// Forget everything (after the symbols changed: a module was loaded or unloaded).
+    pub fn clear(&mut self) {
+        self.cache.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+ffffffffb2395a20 t __pfx_match_port_by_dport
+ffffffffb2395a30 t match_port_by_dport
+ffffffffb2395ab0 t __pfx_find_cxl_port
+ffffffffb2395ac0 t find_cxl_port
+ffffffffb2400000 D some_data
+ffffffffc0732000 t cxl_mem_probe\t[cxl_mem]
+ffffffffc07323f0 t cxl_mem_remove\t[cxl_mem]
+ffffffffc0732500 t cxl_mem_exit\t[cxl_mem]
+";
+
+    #[test]
+    fn resolves_vmlinux_and_module_addresses() {
+        let symbols = Symbols::parse(SAMPLE.as_bytes()).unwrap();
+        assert_eq!(symbols.format(0xffffffffb2395a30 + 0x47), "match_port_by_dport+0x47/0x80");
+        assert_eq!(symbols.format(0xffffffffc0732000 + 0xe6), "cxl_mem_probe+0xe6/0x3f0 [cxl_mem]");
+        assert_eq!(symbols.format(0x1234), "0x1234");
+        // The module's last symbol has no known end.
+        assert_eq!(symbols.format(0xffffffffc0732510), "0xffffffffc0732510");
+        let probe = symbols.lookup("cxl_mem_probe").next().unwrap();
+        assert_eq!(probe.module.as_deref(), Some("cxl_mem"));
+        assert_eq!(symbols.extent(probe), Some((0xffffffffc0732000, 0xffffffffc07323f0)));
+        // vmlinux's last function here is followed by module text: no known end.
+        let find = symbols.lookup("find_cxl_port").next().unwrap();
+        assert_eq!(symbols.extent(find), None);
+        assert!(symbols.lookup("some_data").next().is_none());
+    }
+
+    #[test]
+    fn hidden_addresses_are_an_error() {
+        let hidden = "0000000000000000 t match_port_by_dport\n0000000000000000 T xa_load\n";
+        assert!(matches!(Symbols::parse(hidden.as_bytes()), Err(KallsymsError::Hidden)));
+        assert!(matches!(Symbols::parse("zz t x\n".as_bytes()), Err(KallsymsError::Malformed { line: 1, .. })));
+    }
+
+    #[test]
+    fn stacks_are_symbolized_once() {
+        let symbols = Symbols::parse(SAMPLE.as_bytes()).unwrap();
+        let mut cache = StackCache::default();
+        let a = cache.symbolize(&symbols, &[0xffffffffb2395a77, 0xffffffffc07320e6]);
+        let b = cache.symbolize(&symbols, &[0xffffffffb2395a77, 0xffffffffc07320e6]);
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(&*a[1], "cxl_mem_probe+0xe6/0x3f0 [cxl_mem]");
+    }
+}
