@@ -139,11 +139,20 @@ pub struct StackCache {
 }
 
 impl StackCache {
+    /// The frames of `addrs`, without the tracer's own leading frames (the BPF program and
+    /// the tracepoint runner that called it).
     pub fn symbolize(&mut self, symbols: &Symbols, addrs: &[u64]) -> Stack {
         if let Some(stack) = self.cache.get(addrs) {
             return stack.clone();
         }
-        let frames: Vec<Arc<str>> = addrs.iter().map(|&a| Arc::from(symbols.format(a))).collect();
+        let own = addrs
+            .iter()
+            .take_while(|&&a| match symbols.resolve(a) {
+                None => true,
+                Some((sym, _, _)) => is_bpf_frame(&sym.name),
+            })
+            .count();
+        let frames: Vec<Arc<str>> = addrs[own..].iter().map(|&a| Arc::from(symbols.format(a))).collect();
         let stack: Stack = Arc::from(frames);
         self.cache.insert(addrs.to_vec(), stack.clone());
         stack
@@ -153,6 +162,11 @@ impl StackCache {
     pub fn clear(&mut self) {
         self.cache.clear();
     }
+}
+
+/// Frames of the BPF machinery between a tracepoint and the program.
+fn is_bpf_frame(name: &str) -> bool {
+    name.starts_with("bpf_prog_") || name.starts_with("bpf_trace_run") || name.starts_with("__bpf_trace_")
 }
 
 #[cfg(test)]
@@ -192,6 +206,15 @@ ffffffffc0732500 t cxl_mem_exit\t[cxl_mem]
         let hidden = "0000000000000000 t match_port_by_dport\n0000000000000000 T xa_load\n";
         assert!(matches!(Symbols::parse(hidden.as_bytes()), Err(KallsymsError::Hidden)));
         assert!(matches!(Symbols::parse("zz t x\n".as_bytes()), Err(KallsymsError::Malformed { line: 1, .. })));
+    }
+
+    #[test]
+    fn the_tracers_own_frames_are_dropped() {
+        let text = "ffffffff81000000 t bpf_trace_run2\nffffffff81000100 T kfree\nffffffff81000400 t release_nodes\nffffffff81000500 t x\n";
+        let symbols = Symbols::parse(text.as_bytes()).unwrap();
+        let stack = StackCache::default().symbolize(&symbols, &[0xffffffffc0367414, 0xffffffff81000089, 0xffffffff810001e8, 0xffffffff8100044b]);
+        let frames: Vec<&str> = stack.iter().map(|f| &**f).collect();
+        assert_eq!(frames, ["kfree+0xe8/0x300", "release_nodes+0x4b/0x100"]);
     }
 
     #[test]

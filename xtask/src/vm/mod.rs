@@ -27,6 +27,16 @@ pub use workload::Workload;
 
 use crate::{setup, util};
 
+/// What a run leaves in its results directory (besides files a script writes).
+const RESULT_FILES: &[&str] = &[
+    "console.log",
+    "dmesg.txt",
+    "workload.log",
+    "findings.jsonl",
+    "tracer.log",
+    "trace.bin",
+];
+
 /// The packages a guest run needs on the host.
 const VM_PACKAGES: &[&str] = &[
     "qemu-system-x86",
@@ -348,13 +358,14 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
         .iter()
         .map(|m| kernel::UserModule::inspect(m))
         .collect::<anyhow::Result<_>>()?;
-    for (name, needs_module) in [
-        ("cxl_mem", workloads.contains(&Workload::CxlMemReload)),
-        ("cxl_pci", workloads.contains(&Workload::CxlPciReload)),
+    for (workload, module) in [
+        (Workload::CxlMemReload, "cxl_mem"),
+        (Workload::CxlPciReload, "cxl_pci"),
     ] {
-        if needs_module && !index.modules.contains_key(name) {
+        if workloads.contains(&workload) && !index.modules.contains_key(module) {
             bail!(
-                "workload {name} reload needs {name} built as a module, but kernel {} has it built in",
+                "workload {} needs {module} built as a module, but kernel {} has it built in",
+                workload.name(),
                 kernel.release
             );
         }
@@ -433,6 +444,10 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
     };
     fs::create_dir_all(&out)
         .with_context(|| format!("creating the results directory {}", out.display()))?;
+    // A reused --out must not show an earlier run's results as this one's.
+    for stale in RESULT_FILES {
+        let _ = fs::remove_file(out.join(stale));
+    }
 
     // `quiet` keeps the boot fast on the emulated serial port; failures still reach the
     // console (an oops turns the console verbose) and the full dmesg is saved at the end.
