@@ -20,6 +20,8 @@ pub enum Command {
         file: PathBuf,
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Print the events of a trace: readable text, or the JSON-lines interchange.
     Print {
@@ -37,8 +39,13 @@ pub enum Command {
         /// Also keep the raw events in this binary trace file.
         #[arg(long, value_name = "FILE")]
         record: Option<PathBuf>,
+        /// Exit with status 2 when any event was lost (dropped in the kernel or undecodable).
+        #[arg(long)]
+        strict: bool,
         #[command(flatten)]
         probe: ProbeArgs,
+        #[command(flatten)]
+        limits: LimitArgs,
         /// Command to trace (its stdout goes to tracer's stderr, so stdout carries findings).
         #[arg(last = true, value_name = "CMD")]
         command: Vec<String>,
@@ -55,13 +62,28 @@ pub enum Command {
     /// What this kernel supports: privileges, BTF, offsets, CXL code, each probe target and
     /// how it is probed; then loads and attaches everything once as a check.
     Doctor {
-        /// Extra use sites, as for `run`.
-        #[arg(long = "use-site", value_name = "[MODULE:]FUNCTION:ARG")]
-        use_sites: Vec<String>,
+        #[command(flatten)]
+        probe: ProbeArgs,
         /// Only inspect: do not load and attach the programs.
         #[arg(long)]
         no_attach: bool,
     },
+    /// List what tracer instances left in the kernel: BPF programs, maps and links, and
+    /// kprobe events. Exit status 0 when nothing is left, 2 otherwise.
+    Leftovers,
+}
+
+#[derive(clap::Args)]
+pub struct LimitArgs {
+    /// Most live dports the engine tracks; past it the oldest are evicted (and counted).
+    #[arg(long, default_value_t = 65_536, value_name = "N")]
+    pub max_dports: usize,
+    /// Most freed dports remembered to recognise a use-after-free.
+    #[arg(long, default_value_t = 16_384, value_name = "N")]
+    pub max_freed_dports: usize,
+    /// Most threads with state; past it the least recently seen are evicted (and counted).
+    #[arg(long, default_value_t = 16_384, value_name = "N")]
+    pub max_threads: usize,
 }
 
 #[derive(clap::Args)]
@@ -73,4 +95,11 @@ pub struct ProbeArgs {
     /// Ring buffer size in KiB (a power of two, at least 4).
     #[arg(long, default_value_t = 8192, value_name = "KIB")]
     pub ring_kib: u32,
+    /// Where the kernel's BTF is (vmlinux and module files).
+    #[arg(long, default_value = "/sys/kernel/btf", value_name = "DIR")]
+    pub btf_dir: PathBuf,
+    /// Wait (up to SECS, default 600) for the CXL modules to be loaded before attaching,
+    /// instead of failing when they are not.
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "600")]
+    pub wait_for_cxl: Option<u64>,
 }

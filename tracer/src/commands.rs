@@ -12,44 +12,69 @@ use tracer::{
 
 use crate::{
     Outcome,
-    cli::{Command, ProbeArgs},
+    cli::{Command, LimitArgs, ProbeArgs},
     doctor::{self, DoctorOptions},
+    leftovers,
     live::{self, LiveOptions},
+    load::{self, ProbeConfig},
 };
 
 pub fn run(command: Command) -> anyhow::Result<Outcome> {
     match command {
-        Command::Analyze { file, format } => analyze(&file, format),
+        Command::Analyze { file, format, limits } => analyze(&file, format, limits.into()),
         Command::Print { file, format } => print(&file, format),
-        Command::Run { format, record, probe, command } => live::run(LiveOptions {
+        Command::Run { format, record, strict, probe, limits, command } => live::run(LiveOptions {
             format: Some(format),
             record,
-            ring_bytes: ring_bytes(&probe)?,
-            use_sites: probe.use_sites,
+            strict,
+            probe: probe.try_into()?,
+            limits: limits.into(),
             command,
         }),
         Command::Record { output, probe, command } => live::run(LiveOptions {
             format: None,
             record: Some(output),
-            ring_bytes: ring_bytes(&probe)?,
-            use_sites: probe.use_sites,
+            strict: false,
+            probe: probe.try_into()?,
+            limits: Limits::default(),
             command,
         }),
-        Command::Doctor { use_sites, no_attach } => doctor::run(DoctorOptions { use_sites, no_attach }),
+        Command::Doctor { probe, no_attach } => doctor::run(DoctorOptions { probe: probe.try_into()?, no_attach }),
+        Command::Leftovers => leftovers::run(),
     }
 }
 
-fn ring_bytes(probe: &ProbeArgs) -> anyhow::Result<u32> {
-    let kib = probe.ring_kib;
-    if kib < 4 || !kib.is_power_of_two() || kib > 1 << 20 {
-        anyhow::bail!("--ring-kib {kib}: the ring buffer size must be a power of two between 4 KiB and 1 GiB");
+impl From<LimitArgs> for Limits {
+    fn from(args: LimitArgs) -> Limits {
+        Limits {
+            max_dports: args.max_dports,
+            max_freed_dports: args.max_freed_dports,
+            max_threads: args.max_threads,
+            ..Limits::default()
+        }
     }
-    Ok(kib * 1024)
 }
 
-fn analyze(path: &std::path::Path, format: Format) -> anyhow::Result<Outcome> {
+impl TryFrom<ProbeArgs> for ProbeConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(args: ProbeArgs) -> anyhow::Result<ProbeConfig> {
+        let kib = args.ring_kib;
+        if kib < 4 || !kib.is_power_of_two() || kib > 1 << 20 {
+            anyhow::bail!("--ring-kib {kib}: the ring buffer size must be a power of two between 4 KiB and 1 GiB");
+        }
+        Ok(ProbeConfig {
+            extra_uses: args.use_sites.iter().map(|s| load::parse_use_site(s)).collect::<Result<_, _>>()?,
+            ring_bytes: kib * 1024,
+            btf_dir: args.btf_dir,
+            wait_for_cxl: args.wait_for_cxl.map(std::time::Duration::from_secs),
+        })
+    }
+}
+
+fn analyze(path: &std::path::Path, format: Format, limits: Limits) -> anyhow::Result<Outcome> {
     let mut source = FileSource::open(path)?;
-    let mut analysis = Analysis::new(Limits::default());
+    let mut analysis = Analysis::new(limits);
     let mut failure = None;
     for event in source.by_ref() {
         match event {

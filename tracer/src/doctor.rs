@@ -1,5 +1,5 @@
 //! `tracer doctor`: what this kernel supports and how each target would be probed.
-use std::{collections::BTreeMap, path::Path};
+use std::collections::BTreeMap;
 
 use anyhow::bail;
 use tracer::probe::attach;
@@ -7,11 +7,11 @@ use tracer_common::SiteRole;
 
 use crate::{
     Outcome,
-    load::{self, attach, discover, privilege_problem},
+    load::{self, ProbeConfig, attach, discover, privilege_problem},
 };
 
 pub struct DoctorOptions {
-    pub use_sites: Vec<String>,
+    pub probe: ProbeConfig,
     /// Only inspect; do not load and attach the programs as a check.
     pub no_attach: bool,
 }
@@ -34,7 +34,7 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
             bail!(problem);
         }
     }
-    let btf_dir = Path::new("/sys/kernel/btf");
+    let btf_dir = options.probe.btf_dir.as_path();
     println!(
         "btf: vmlinux {}",
         if btf_dir.join("vmlinux").exists() { "present" } else { "MISSING (CONFIG_DEBUG_INFO_BTF)" }
@@ -46,8 +46,7 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
             problems.push(err.to_string());
         }
     }
-    let extra: Vec<_> = options.use_sites.iter().map(|s| load::parse_use_site(s)).collect::<Result<_, _>>()?;
-    let d = discover(&extra)?;
+    let d = discover(&options.probe, false)?;
     println!(
         "offsets: {}",
         d.named_offsets.iter().map(|(n, v)| format!("{n}={v}")).collect::<Vec<_>>().join(" ")
@@ -60,8 +59,15 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
         if d.cxl_modules.is_empty() { "none".to_owned() } else { d.cxl_modules.join(" ") },
         if module_btf.is_empty() { "none".to_owned() } else { module_btf.join(" ") },
     );
+    let missing = load::missing_cxl_modules();
+    if !missing.is_empty() {
+        problems.push(format!(
+            "CXL modules not loaded: {m} (modprobe {m}; or start `tracer run --wait-for-cxl` first): their call sites cannot be probed",
+            m = missing.join(" ")
+        ));
+    }
     if !d.cxl_core && d.cxl_modules.is_empty() {
-        problems.push("no CXL code loaded: modprobe cxl_acpi cxl_pci cxl_mem (or use `tracer run --wait-for-cxl`)".into());
+        problems.push("no CXL code in this kernel: no CXL core in vmlinux and no cxl_* module".into());
     }
 
     println!("targets:");
@@ -111,7 +117,7 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
     println!("plan: {} kprobes (discovery took {:.1?})", d.plan.sites.len(), d.took);
 
     if !options.no_attach {
-        match attach(&d, 1 << 20) {
+        match attach(&d, options.probe.ring_bytes) {
             Ok(attached) => {
                 println!("attach check: {} kprobes, fexit and tracepoint attached in {:.1?}", attached.kprobe_count(), attached.took);
                 for warning in &attached.warnings {

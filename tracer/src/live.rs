@@ -28,15 +28,17 @@ use tracer_common::{COUNTERS, Counter};
 
 use crate::{
     Outcome,
-    load::{self, Discovery, attach, discover, loaded_cxl_modules, privilege_problem},
+    load::{self, Discovery, ProbeConfig, attach, discover, loaded_cxl_modules, privilege_problem},
 };
 
 pub struct LiveOptions {
     /// Findings on stdout in this format; `None` for `record` (summary on stderr only).
     pub format: Option<Format>,
     pub record: Option<PathBuf>,
-    pub ring_bytes: u32,
-    pub use_sites: Vec<String>,
+    /// Exit 2 when events were lost.
+    pub strict: bool,
+    pub probe: ProbeConfig,
+    pub limits: Limits,
     pub command: Vec<String>,
 }
 
@@ -112,10 +114,9 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     if let Some(problem) = privilege_problem() {
         bail!(problem);
     }
-    let extra: Vec<_> = options.use_sites.iter().map(|s| load::parse_use_site(s)).collect::<Result<_, _>>()?;
-    let discovery = discover(&extra)?;
+    let discovery = discover(&options.probe, true)?;
     report_discovery(&discovery);
-    let mut attached = attach(&discovery, options.ring_bytes)?;
+    let mut attached = attach(&discovery, options.probe.ring_bytes)?;
     for warning in &attached.warnings {
         eprintln!("tracer: warning: {warning}");
     }
@@ -144,7 +145,7 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     let Discovery { symbols, plan, .. } = discovery;
     let mut pipeline = Pipeline {
         resolver: Resolver::new(symbols, load::site_functions(&plan)),
-        analysis: Analysis::new(Limits::default()),
+        analysis: Analysis::new(options.limits),
         writer,
         live_text: options.format == Some(Format::Text),
         undecodable: 0,
@@ -167,6 +168,7 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(TICK);
     let mut modules = loaded_cxl_modules();
+    let mut planned_modules = modules.clone();
     let started = Instant::now();
     let mut child_status = None;
 
@@ -192,6 +194,11 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
                 }
                 let now = loaded_cxl_modules();
                 if now != modules {
+                    let new: Vec<String> = now.iter().filter(|m| !planned_modules.contains(m)).cloned().collect();
+                    for module in new {
+                        eprintln!("tracer: warning: {module} was loaded after tracer started: its call sites are not probed (start tracer with --wait-for-cxl, or restart it)");
+                        planned_modules.push(module);
+                    }
                     modules = now;
                     match Symbols::load() {
                         Ok(symbols) => pipeline.resolver.set_symbols(symbols),
@@ -256,11 +263,19 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
         None => sink::text::write_summary(&mut io::stderr().lock(), &summary)?,
     }
     out.flush()?;
-    if summary.dropped() > 0 {
-        eprintln!("tracer: WARNING: {} events were dropped in the kernel; findings may be incomplete", summary.dropped());
+    let lost = summary.dropped() + summary.undecodable;
+    if lost > 0 {
+        eprintln!(
+            "tracer: WARNING: {} events were dropped in the kernel and {} were undecodable; findings may be incomplete (a larger --ring-kib helps with ring_buffer_full)",
+            summary.dropped(),
+            summary.undecodable
+        );
     }
     if let Some(err) = pipeline.write_error {
         return Err(err);
+    }
+    if options.strict && lost > 0 {
+        bail!("{lost} events lost (--strict)");
     }
     Ok(if pipeline.analysis.groups().is_empty() || options.format.is_none() { Outcome::Clean } else { Outcome::Findings })
 }

@@ -1,7 +1,7 @@
 //! Preflight, discovery (BTF, symbols, call sites) and attachment of the kernel side.
 use std::{
     os::fd::AsFd,
-    path::Path,
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -28,8 +28,6 @@ use tracer_common::{COUNTERS, Counter, MAX_SITES, Offsets, SiteInfo};
 
 /// The eBPF object built from `tracer-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
-
-const BTF_DIR: &str = "/sys/kernel/btf";
 
 /// Capability bits (include/uapi/linux/capability.h).
 const CAP_SYS_RAWIO: u32 = 17;
@@ -79,6 +77,66 @@ pub fn loaded_cxl_modules() -> Vec<String> {
         .collect()
 }
 
+/// How to probe, from the command line.
+pub struct ProbeConfig {
+    pub extra_uses: Vec<DportFunction>,
+    pub ring_bytes: u32,
+    pub btf_dir: PathBuf,
+    /// Wait this long for the CXL modules instead of failing without them.
+    pub wait_for_cxl: Option<Duration>,
+}
+
+/// The CXL driver modules of this kernel (those its modules.dep lists), for the message
+/// that says what to load.
+pub fn cxl_driver_modules() -> Vec<String> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let dep = std::fs::read_to_string(format!("/lib/modules/{}/modules.dep", release.trim())).unwrap_or_default();
+    let mut names: Vec<String> = dep
+        .lines()
+        .filter_map(|l| l.split(':').next())
+        .filter(|path| path.contains("drivers/cxl/"))
+        .filter_map(|path| path.rsplit('/').next()?.split('.').next().map(|n| n.replace('-', "_")))
+        .filter(|name| ["cxl_acpi", "cxl_pci", "cxl_mem"].contains(&name.as_str()))
+        .collect();
+    names.sort();
+    names
+}
+
+/// What is missing for CXL dports to exist and be traced: the driver modules not loaded.
+pub fn missing_cxl_modules() -> Vec<String> {
+    let loaded = loaded_cxl_modules();
+    cxl_driver_modules().into_iter().filter(|m| !loaded.contains(m)).collect()
+}
+
+/// Waits until the CXL driver modules are loaded, or fails saying which to load.
+fn wait_for_cxl(wait: Option<Duration>) -> anyhow::Result<()> {
+    let deadline = wait.map(|w| Instant::now() + w);
+    let mut announced = false;
+    loop {
+        let missing = missing_cxl_modules();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        match deadline {
+            None => bail!(
+                "CXL modules not loaded: {} (modprobe {}, or start with --wait-for-cxl to wait for them)",
+                missing.join(" "),
+                missing.join(" ")
+            ),
+            Some(deadline) if Instant::now() >= deadline => {
+                bail!("gave up waiting for the CXL modules {} (--wait-for-cxl)", missing.join(" "))
+            }
+            Some(_) => {
+                if !announced {
+                    eprintln!("tracer: waiting for the CXL modules {} to be loaded", missing.join(" "));
+                    announced = true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
 /// Everything learnt about this kernel before attaching.
 pub struct Discovery {
     pub symbols: Symbols,
@@ -106,11 +164,20 @@ pub fn parse_use_site(spec: &str) -> anyhow::Result<DportFunction> {
     Ok(DportFunction { name: name.to_owned(), module, arg })
 }
 
-pub fn discover(extra_uses: &[DportFunction]) -> anyhow::Result<Discovery> {
-    let start = Instant::now();
-    if !Path::new(BTF_DIR).join("vmlinux").exists() {
-        bail!("{BTF_DIR}/vmlinux is missing: this kernel has no BTF (CONFIG_DEBUG_INFO_BTF); tracer needs it for offsets and use sites");
+/// Learns this kernel: `strict_cxl` fails (or waits, per `config`) when the CXL modules
+/// are not loaded; doctor reports it instead.
+pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discovery> {
+    let btf_dir = &config.btf_dir;
+    if !btf_dir.join("vmlinux").exists() {
+        bail!(
+            "{}/vmlinux is missing: this kernel has no BTF (CONFIG_DEBUG_INFO_BTF); tracer needs it for offsets and use sites (--btf-dir names another place)",
+            btf_dir.display()
+        );
     }
+    if strict_cxl {
+        wait_for_cxl(config.wait_for_cxl)?;
+    }
+    let start = Instant::now();
     let tracefs = attach::tracefs()?;
     attach::remove_stale_groups(&tracefs);
     let others = attach::other_tracers(&tracefs);
@@ -125,10 +192,10 @@ pub fn discover(extra_uses: &[DportFunction]) -> anyhow::Result<Discovery> {
     let cxl_core = symbols.lookup("match_port_by_dport").next().is_some()
         || symbols.lookup("__devm_cxl_add_dport").any(|s| s.module.is_none());
     let module_refs: Vec<&str> = cxl_modules.iter().map(String::as_str).collect();
-    let btf = KernelBtf::load(Path::new(BTF_DIR), &module_refs)?;
+    let btf = KernelBtf::load(btf_dir, &module_refs)?;
     let (offsets, named_offsets) = btf.offsets().context("reading struct offsets from BTF")?;
     let mut uses = btf.dport_functions().context("listing functions with a struct cxl_dport * argument")?;
-    uses.extend(extra_uses.iter().cloned());
+    uses.extend(config.extra_uses.iter().cloned());
     let kcore = Kcore::open()?;
     let calls = callsites::find(&symbols, &kcore)?;
     let plan = Plan::build(&symbols, &calls, &uses);

@@ -1,6 +1,7 @@
 mod cli;
 mod commands;
 mod doctor;
+mod leftovers;
 mod live;
 mod load;
 

@@ -15,6 +15,8 @@ use std::{
 pub enum AttachError {
     #[error("tracefs is not mounted (looked for /sys/kernel/tracing and /sys/kernel/debug/tracing): mount -t tracefs nodev /sys/kernel/tracing")]
     NoTracefs,
+    #[error("this kernel has no kprobe events ({0}/kprobe_events is missing: CONFIG_KPROBE_EVENTS is off), so its CXL call sites cannot be probed")]
+    NoKprobes(String),
     #[error("the kernel refused kprobe {spec:?}: {source}")]
     Define { spec: String, source: std::io::Error },
     #[error("cannot read the id of kprobe event {path}: {source}")]
@@ -43,12 +45,17 @@ impl ProbePoint {
     }
 }
 
+/// The tracefs mount, which must offer kprobe events.
 pub fn tracefs() -> Result<PathBuf, AttachError> {
-    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+    let mount = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
         .into_iter()
         .map(PathBuf::from)
-        .find(|p| p.join("kprobe_events").exists())
-        .ok_or(AttachError::NoTracefs)
+        .find(|p| p.join("available_events").exists())
+        .ok_or(AttachError::NoTracefs)?;
+    if !mount.join("kprobe_events").exists() {
+        return Err(AttachError::NoKprobes(mount.display().to_string()));
+    }
+    Ok(mount)
 }
 
 /// Kprobe events of this process (group `tracer_<pid>`), removed on drop.
@@ -114,7 +121,7 @@ impl Drop for Kprobes {
 }
 
 /// Kprobe event names of tracer instances (`tracer_<pid>/...`) with their pid.
-fn tracer_events(tracefs: &Path) -> Vec<(u32, String)> {
+pub fn tracer_events(tracefs: &Path) -> Vec<(u32, String)> {
     let Ok(events) = fs::read_to_string(tracefs.join("kprobe_events")) else { return Vec::new() };
     events
         .lines()
@@ -127,7 +134,7 @@ fn tracer_events(tracefs: &Path) -> Vec<(u32, String)> {
         .collect()
 }
 
-fn alive(pid: u32) -> bool {
+pub fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
