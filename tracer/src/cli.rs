@@ -29,6 +29,12 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
+    /// Convert events (a binary trace or JSON lines) into a binary trace file.
+    Convert {
+        file: PathBuf,
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: PathBuf,
+    },
     /// Attach to the running kernel and report findings as they happen, with a summary at
     /// the end. Stops on Ctrl-C, SIGTERM, or when CMD exits. Exit status: 0 no findings,
     /// 1 findings, 2 error. Text findings stream live; JSON findings are printed at the

@@ -5,7 +5,10 @@ use anyhow::Context as _;
 use tracer::{
     analysis::Analysis,
     engine::Limits,
-    format::jsonl,
+    format::{
+        jsonl,
+        tracefile::{TraceHeader, TraceWriter},
+    },
     sink::{self, Format},
     source::FileSource,
 };
@@ -23,6 +26,7 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
     match command {
         Command::Analyze { file, format, limits } => analyze(&file, format, limits.into()),
         Command::Print { file, format } => print(&file, format),
+        Command::Convert { file, output } => convert(&file, &output),
         Command::Run { format, record, strict, probe, limits, command } => live::run(LiveOptions {
             format: Some(format),
             record,
@@ -106,6 +110,29 @@ fn analyze(path: &std::path::Path, format: Format, limits: Limits) -> anyhow::Re
         return Err(err).context("analysis stopped at a bad record; the findings above cover the events before it");
     }
     Ok(if analysis.groups().is_empty() { Outcome::Clean } else { Outcome::Findings })
+}
+
+fn convert(path: &std::path::Path, output: &std::path::Path) -> anyhow::Result<Outcome> {
+    let mut source = FileSource::open(path)?;
+    let header = source.header().cloned().unwrap_or_else(|| TraceHeader {
+        tool_version: env!("CARGO_PKG_VERSION").to_owned(),
+        ..TraceHeader::default()
+    });
+    let file = std::fs::File::create(output).with_context(|| format!("creating {}", output.display()))?;
+    let mut writer = TraceWriter::new(BufWriter::new(file), &header)?;
+    let mut events = 0u64;
+    for event in source.by_ref() {
+        writer.write_event(&event?)?;
+        events += 1;
+    }
+    let counters = source.kernel_counters();
+    if !counters.is_empty() {
+        let refs: Vec<(&str, u64)> = counters.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+        writer.write_counters(&refs)?;
+    }
+    writer.into_inner()?.flush().with_context(|| format!("writing {}", output.display()))?;
+    eprintln!("tracer: {events} events written to {}", output.display());
+    Ok(Outcome::Clean)
 }
 
 fn print(path: &std::path::Path, format: Format) -> anyhow::Result<Outcome> {

@@ -7,6 +7,7 @@ pub mod decode;
 pub mod engine;
 pub mod event;
 pub mod format;
+pub mod fuzzing;
 pub mod intern;
 pub mod kernel;
 pub mod probe;
