@@ -10,10 +10,8 @@ pub struct Options {
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
     setup::ensure()?;
-    // tracer-ebpf is a no_std BPF binary: it has no host test harness (its `main` is the
-    // BPF target's), and tracer's build.rs builds it anyway.
-    println!("test: host suite (cargo test --workspace --exclude tracer-ebpf)");
-    util::run(util::cargo().args(["test", "--workspace", "--exclude", "tracer-ebpf"]))?;
+    println!("test: host suite (cargo test --workspace)");
+    util::run(util::cargo().args(["test", "--workspace"]))?;
     if options.host_only {
         println!("test: guest suite not run (--host-only)");
         return Ok(());
