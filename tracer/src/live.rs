@@ -28,7 +28,7 @@ use tracer_common::{COUNTERS, Counter};
 
 use crate::{
     Outcome,
-    load::{self, Discovery, ProbeConfig, attach, discover, loaded_cxl_modules, privilege_problem},
+    load::{self, Discovery, ProbeConfig, attach, cxl_module_layout, discover, loaded_cxl_modules, privilege_problem},
 };
 
 pub struct LiveOptions {
@@ -167,8 +167,9 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(TICK);
-    let mut modules = loaded_cxl_modules();
-    let mut planned_modules = modules.clone();
+    // A module reloaded between two ticks shows as a new load address.
+    let mut layout = cxl_module_layout();
+    let mut planned_modules = loaded_cxl_modules();
     let started = Instant::now();
     let mut child_status = None;
 
@@ -192,14 +193,15 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
                         pipeline.writer = None;
                     }
                 }
-                let now = loaded_cxl_modules();
-                if now != modules {
-                    let new: Vec<String> = now.iter().filter(|m| !planned_modules.contains(m)).cloned().collect();
+                let now = cxl_module_layout();
+                if now != layout {
+                    let new: Vec<String> =
+                        now.iter().map(|(name, _)| name).filter(|m| !planned_modules.contains(m)).cloned().collect();
                     for module in new {
                         eprintln!("tracer: warning: {module} was loaded after tracer started: its call sites are not probed (start tracer with --wait-for-cxl, or restart it)");
                         planned_modules.push(module);
                     }
-                    modules = now;
+                    layout = now;
                     match Symbols::load() {
                         Ok(symbols) => pipeline.resolver.set_symbols(symbols),
                         Err(err) => eprintln!("tracer: warning: re-reading symbols after a module change: {err}"),

@@ -66,15 +66,22 @@ pub fn privilege_problem() -> Option<String> {
     (!missing.is_empty()).then(|| format!("tracer needs {}: run it as root, e.g. with sudo", missing.join(", ")))
 }
 
-/// CXL modules loaded now, from /proc/modules.
-pub fn loaded_cxl_modules() -> Vec<String> {
+/// CXL modules loaded now, from /proc/modules: (name, load address).
+pub fn cxl_module_layout() -> Vec<(String, String)> {
     std::fs::read_to_string("/proc/modules")
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|m| is_cxl_module(m))
-        .map(str::to_owned)
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            let name = *fields.first()?;
+            is_cxl_module(name).then(|| (name.to_owned(), fields.last().copied().unwrap_or_default().to_owned()))
+        })
         .collect()
+}
+
+/// Names of the CXL modules loaded now.
+pub fn loaded_cxl_modules() -> Vec<String> {
+    cxl_module_layout().into_iter().map(|(name, _)| name).collect()
 }
 
 /// How to probe, from the command line.
