@@ -242,8 +242,14 @@ pub enum Counter {
     /// A return-site probe fired without the pending call it pairs with (its call-site
     /// probe missed, or the pending-call map was full).
     Unpaired = 4,
+    /// Dport registrations whose devres host (the `dev` given to `devm_kmalloc`) was
+    /// compared with the host the model predicts.
+    HostChecked = 5,
+    /// ... and differed: the model's free lock is wrong for this kernel (the real host's
+    /// mutex is tracked instead).
+    HostMismatch = 6,
 }
-pub const COUNTERS: usize = 5;
+pub const COUNTERS: usize = 7;
 
 impl Counter {
     pub const ALL: [Counter; COUNTERS] = [
@@ -252,6 +258,8 @@ impl Counter {
         Counter::DropMapFull,
         Counter::StackLost,
         Counter::Unpaired,
+        Counter::HostChecked,
+        Counter::HostMismatch,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -261,6 +269,8 @@ impl Counter {
             Counter::DropMapFull => "map_full",
             Counter::StackLost => "stack_lost",
             Counter::Unpaired => "unpaired_return",
+            Counter::HostChecked => "host_checked",
+            Counter::HostMismatch => "host_mismatch",
         }
     }
 
@@ -313,6 +323,10 @@ pub enum SiteRole {
     LockReturnIfOne = 10,
     /// A `call mutex_unlock`: rdi = the mutex.
     UnlockCall = 11,
+    /// A `call devm_kmalloc` in dport registration: rdi = the devres host device.
+    HostAllocCall = 12,
+    /// Its return address: rax = the allocation (the dport).
+    HostAllocReturn = 13,
 }
 
 impl SiteRole {
@@ -329,6 +343,8 @@ impl SiteRole {
             9 => SiteRole::LockReturnIfZero,
             10 => SiteRole::LockReturnIfOne,
             11 => SiteRole::UnlockCall,
+            12 => SiteRole::HostAllocCall,
+            13 => SiteRole::HostAllocReturn,
             _ => return None,
         })
     }

@@ -13,7 +13,7 @@ use tracer_common::{
 };
 
 use crate::{
-    BLOCKS, CONTAINERS, DPORTS, LOCKS, NOT_CONTAINERS,
+    ALLOC_HOST, BLOCKS, CONTAINERS, DPORTS, LOCKS, NOT_CONTAINERS,
     emit::{Stack, count, emit},
     mutex, offsets,
 };
@@ -102,6 +102,8 @@ pub fn free_lock_stamp(info: &DportInfo) -> u32 {
 }
 
 /// fexit of `__devm_cxl_add_dport(port, dport_dev, port_id, component_reg_phys, rcrb)`.
+/// Cross-checks the predicted free lock against the devres host the dport was really
+/// allocated on (seen at its `devm_kmalloc` call), and tracks the real one.
 pub fn on_dport_added(ctx: &FExitContext) {
     let port: u64 = ctx.arg(0);
     let dport: u64 = ctx.arg(5);
@@ -109,9 +111,18 @@ pub fn on_dport_added(ctx: &FExitContext) {
     if dport == 0 || dport >= (-4095i64) as u64 {
         return;
     }
-    if let Some(info) = describe(&offsets(), dport, port) {
-        track(ctx, dport, &info, DportOrigin::Registered);
+    let off = offsets();
+    let Some(mut info) = describe(&off, dport, port) else { return };
+    if let Some(&host) = unsafe { ALLOC_HOST.get(&dport) } {
+        let _ = ALLOC_HOST.remove(&dport);
+        count(Counter::HostChecked);
+        let real = host + off.device_mutex;
+        if real != info.free_lock {
+            count(Counter::HostMismatch);
+            info.free_lock = real;
+        }
     }
+    track(ctx, dport, &info, DportOrigin::Registered);
 }
 
 /// `kfree(call_site, ptr)`: reports the free of a tracked dport's memory.

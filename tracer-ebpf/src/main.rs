@@ -58,6 +58,14 @@ static PENDING_XA: LruHashMap<u32, PendingXa> = LruHashMap::with_max_entries(409
 #[map]
 static PENDING_LOCK: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4096, 0);
 
+/// Devres host devices being given an allocation in dport registration, by thread id.
+#[map]
+static PENDING_HOST: LruHashMap<u32, u64> = LruHashMap::with_max_entries(1024, 0);
+
+/// The devres host of each allocation made in dport registration (until registered).
+#[map]
+static ALLOC_HOST: LruHashMap<u64, u64> = LruHashMap::with_max_entries(1024, 0);
+
 /// Struct offsets from the running kernel's BTF, set by the loader.
 #[unsafe(no_mangle)]
 static OFFSETS: Offsets = Offsets {

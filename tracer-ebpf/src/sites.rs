@@ -9,7 +9,7 @@ use aya_ebpf::{
 use tracer_common::{Counter, DportUse, EventKind, LockOp, Payload, SiteInfo, SiteRole};
 
 use crate::{
-    DPORTS, LOCKS, PENDING_LOCK, SITES,
+    ALLOC_HOST, DPORTS, LOCKS, PENDING_HOST, PENDING_LOCK, SITES,
     cxl::free_lock_stamp,
     emit::{Stack, count, emit},
     xarray,
@@ -59,6 +59,8 @@ pub fn on_site(ctx: &ProbeContext) {
             on_lock_return(ctx, role)
         }
         Some(SiteRole::UnlockCall) => on_unlock_call(ctx),
+        Some(SiteRole::HostAllocCall) => on_host_alloc_call(ctx),
+        Some(SiteRole::HostAllocReturn) => on_host_alloc_return(ctx),
         None => {}
     }
 }
@@ -120,4 +122,25 @@ fn on_unlock_call(ctx: &ProbeContext) {
         return;
     }
     emit(ctx, EventKind::Unlock, 0, Stack::Without, Payload { lock: LockOp { lock } });
+}
+
+/// `devm_kmalloc(dev, ...)` called by dport registration: remember the host device.
+fn on_host_alloc_call(ctx: &ProbeContext) {
+    if PENDING_HOST.insert(&tid(), &regs(ctx).rdi, 0).is_err() {
+        count(Counter::DropMapFull);
+    }
+}
+
+/// Its return: the allocation (the dport to be) belongs to that host's devres.
+fn on_host_alloc_return(ctx: &ProbeContext) {
+    let tid = tid();
+    let Some(host) = (unsafe { PENDING_HOST.get(&tid) }).copied() else {
+        count(Counter::Unpaired);
+        return;
+    };
+    let _ = PENDING_HOST.remove(&tid);
+    let allocation = regs(ctx).rax;
+    if allocation != 0 && ALLOC_HOST.insert(&allocation, &host, 0).is_err() {
+        count(Counter::DropMapFull);
+    }
 }

@@ -95,7 +95,10 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
     if !by_callee.contains_key("xa_load") {
         problems.push("no xa_load call site found in CXL code: lookups (and so read-side findings) are not observable".into());
     }
-    println!("  __devm_cxl_add_dport: fexit (registration; dports are also discovered at first lookup)");
+    let host_checks = d.calls.iter().filter(|c| c.callee.name == "devm_kmalloc").count();
+    println!(
+        "  __devm_cxl_add_dport: fexit (registration; dports are also discovered at first lookup); its devres host is cross-checked at {host_checks} devm_kmalloc call site(s)"
+    );
     println!("  kfree: raw tracepoint (frees of tracked dports)");
     println!("  uses: {} function(s) with a struct cxl_dport * argument:", d.plan.uses.len());
     for u in &d.plan.uses {

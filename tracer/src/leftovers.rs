@@ -10,7 +10,7 @@ use crate::Outcome;
 /// Our programs' and maps' names as the kernel keeps them (truncated to 15 bytes).
 const PROGRAMS: &[&str] = &["site", "dport_add_exit", "kfree"];
 const MAPS: &[&str] =
-    &["EVENTS", "COUNTS", "DPORTS", "CONTAINERS", "NOT_CONTAINERS", "LOCKS", "BLOCKS", "SITES", "PENDING_XA", "PENDING_LOCK"];
+    &["EVENTS", "COUNTS", "DPORTS", "CONTAINERS", "NOT_CONTAINERS", "LOCKS", "BLOCKS", "SITES", "PENDING_XA", "PENDING_LOCK", "PENDING_HOST", "ALLOC_HOST"];
 
 fn truncated(name: &str) -> &str {
     &name[..name.len().min(15)]

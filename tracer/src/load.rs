@@ -299,8 +299,8 @@ fn role_word(site: &tracer::probe::plan::PlannedSite) -> &'static str {
     use tracer_common::SiteRole::*;
     match site.role {
         Use => "site",
-        LoadCall | EraseCall | StoreCall | LockCall | UnlockCall => "call",
-        LoadReturn | EraseReturn | LockReturn | LockReturnIfZero | LockReturnIfOne => "return",
+        LoadCall | EraseCall | StoreCall | LockCall | UnlockCall | HostAllocCall => "call",
+        LoadReturn | EraseReturn | LockReturn | LockReturnIfZero | LockReturnIfOne | HostAllocReturn => "return",
     }
 }
 

@@ -18,28 +18,39 @@ pub struct Callee {
     pub name: &'static str,
     pub call: SiteRole,
     pub ret: Option<SiteRole>,
+    /// Only its calls from this function count (`None`: from any CXL function).
+    pub caller: Option<&'static str>,
 }
 
 pub const CALLEES: &[Callee] = &[
-    Callee { name: "xa_load", call: SiteRole::LoadCall, ret: Some(SiteRole::LoadReturn) },
-    Callee { name: "xa_erase", call: SiteRole::EraseCall, ret: Some(SiteRole::EraseReturn) },
-    Callee { name: "__xa_erase", call: SiteRole::EraseCall, ret: Some(SiteRole::EraseReturn) },
-    Callee { name: "__xa_insert", call: SiteRole::StoreCall, ret: None },
-    Callee { name: "xa_store", call: SiteRole::StoreCall, ret: None },
-    Callee { name: "__xa_store", call: SiteRole::StoreCall, ret: None },
-    Callee { name: "mutex_lock", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturn) },
-    Callee { name: "mutex_lock_nested", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturn) },
-    Callee { name: "mutex_lock_io", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturn) },
-    Callee { name: "mutex_lock_interruptible", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturnIfZero) },
+    Callee { name: "xa_load", call: SiteRole::LoadCall, ret: Some(SiteRole::LoadReturn), caller: None },
+    Callee { name: "xa_erase", call: SiteRole::EraseCall, ret: Some(SiteRole::EraseReturn), caller: None },
+    Callee { name: "__xa_erase", call: SiteRole::EraseCall, ret: Some(SiteRole::EraseReturn), caller: None },
+    Callee { name: "__xa_insert", call: SiteRole::StoreCall, ret: None, caller: None },
+    Callee { name: "xa_store", call: SiteRole::StoreCall, ret: None, caller: None },
+    Callee { name: "__xa_store", call: SiteRole::StoreCall, ret: None, caller: None },
+    Callee { name: "mutex_lock", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturn), caller: None },
+    Callee { name: "mutex_lock_nested", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturn), caller: None },
+    Callee { name: "mutex_lock_io", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturn), caller: None },
+    Callee { name: "mutex_lock_interruptible", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturnIfZero), caller: None },
     Callee {
         name: "mutex_lock_interruptible_nested",
         call: SiteRole::LockCall,
         ret: Some(SiteRole::LockReturnIfZero),
+        caller: None,
     },
-    Callee { name: "mutex_lock_killable", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturnIfZero) },
-    Callee { name: "mutex_lock_killable_nested", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturnIfZero) },
-    Callee { name: "mutex_trylock", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturnIfOne) },
-    Callee { name: "mutex_unlock", call: SiteRole::UnlockCall, ret: None },
+    Callee { name: "mutex_lock_killable", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturnIfZero), caller: None },
+    Callee { name: "mutex_lock_killable_nested", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturnIfZero), caller: None },
+    Callee { name: "mutex_trylock", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturnIfOne), caller: None },
+    Callee { name: "mutex_unlock", call: SiteRole::UnlockCall, ret: None, caller: None },
+    // devm_kzalloc() in __devm_cxl_add_dport (drivers/cxl/core/port.c, v6.12): the devres
+    // host the dport really lives on, to cross-check the model's free lock.
+    Callee {
+        name: "devm_kmalloc",
+        call: SiteRole::HostAllocCall,
+        ret: Some(SiteRole::HostAllocReturn),
+        caller: Some("__devm_cxl_add_dport"),
+    },
 ];
 
 /// A call to one of `CALLEES` inside a CXL function.
@@ -132,7 +143,9 @@ pub fn scan(
             Mnemonic::Jmp if !(function.addr..end).contains(&target) => true,
             _ => continue,
         };
-        if let Some(&callee) = targets.get(&target) {
+        if let Some(&callee) = targets.get(&target)
+            && callee.caller.is_none_or(|caller| caller == &*function.name)
+        {
             out.push(CallSite {
                 function: function.name.clone(),
                 module: function.module.clone(),

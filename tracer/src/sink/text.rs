@@ -136,6 +136,12 @@ pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {
     } else {
         writeln!(out, ": {}", classes.join(", "))?;
     }
+    if let Some((_, n)) = s.kernel.iter().find(|(name, n)| name == "host_mismatch" && *n > 0) {
+        writeln!(
+            out,
+            "  WARNING: {n} dport(s) were allocated on another devres host than the model predicts (the free lock rule is wrong for this kernel; the real host's mutex was tracked)"
+        )?;
+    }
     if s.lost_anything() {
         writeln!(out, "  WARNING: events were lost; findings may be incomplete")?;
     }
