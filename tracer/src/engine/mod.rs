@@ -57,11 +57,17 @@ impl Engine {
                     freed: None,
                 };
                 self.dports.add(*dport, new, &self.limits, &mut self.stats);
+                if !self.containers.contains_key(xa) && self.containers.len() >= self.limits.max_dports {
+                    // Past the cap only (as many containers as live dports): forget one.
+                    let victim = *self.containers.keys().next().expect("non-empty");
+                    self.containers.remove(&victim);
+                    self.stats.evicted_containers += 1;
+                }
                 self.containers.insert(*xa, Container { port: *port, port_lock: *port_lock });
             }
             Kind::XaLoad { ret, .. } => self.on_load(event, *ret, &mut findings),
-            Kind::XaErase { xa, ret, .. } => self.on_write(event, *xa, *ret, "xa_erase", &mut findings),
-            Kind::XaInsert { xa, entry, .. } => self.on_write(event, *xa, *entry, "xa_insert", &mut findings),
+            Kind::XaErase { xa, ret, .. } => self.on_write(event, *xa, *ret, &mut findings),
+            Kind::XaInsert { xa, entry, .. } => self.on_write(event, *xa, *entry, &mut findings),
             Kind::Lock { lock } => self.acquire(event.tid, *lock, event.ts),
             Kind::Unlock { lock } => self.release(event.tid, *lock),
             Kind::Use { dport, site } => self.on_use(event, *dport, site, &mut findings),
@@ -254,7 +260,7 @@ impl Engine {
         findings.push(f);
     }
 
-    fn on_write(&mut self, event: &Event, xa: u64, entry: u64, _op: &str, findings: &mut Vec<Finding>) {
+    fn on_write(&mut self, event: &Event, xa: u64, entry: u64, findings: &mut Vec<Finding>) {
         let Some(container) = self.containers.get(&xa).copied() else {
             self.stats.unknown_objects += 1;
             return;

@@ -119,13 +119,14 @@ pub struct EngineStats {
     /// tracing, or a lock event not observed).
     pub stamp_corrections: u64,
     pub evicted_dports: u64,
+    pub evicted_containers: u64,
     pub evicted_threads: u64,
     pub evicted_refs: u64,
 }
 
 impl EngineStats {
     pub fn evicted(&self) -> u64 {
-        self.evicted_dports + self.evicted_threads + self.evicted_refs
+        self.evicted_dports + self.evicted_containers + self.evicted_threads + self.evicted_refs
     }
 }
 

@@ -82,7 +82,12 @@ pub fn summary_value(s: &Summary) -> Value {
         "unjudged_uses": e.unjudged_uses,
         "unknown_objects": e.unknown_objects,
         "stamp_corrections": e.stamp_corrections,
-        "evicted": { "dports": e.evicted_dports, "threads": e.evicted_threads, "refs": e.evicted_refs },
+        "evicted": {
+            "dports": e.evicted_dports,
+            "containers": e.evicted_containers,
+            "threads": e.evicted_threads,
+            "refs": e.evicted_refs,
+        },
     }})
 }
 

@@ -120,8 +120,8 @@ pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {
     if e.evicted() > 0 {
         writeln!(
             out,
-            "  evicted past the state caps: {} dports, {} threads, {} references",
-            e.evicted_dports, e.evicted_threads, e.evicted_refs
+            "  evicted past the state caps: {} dports, {} dports xarrays, {} threads, {} references",
+            e.evicted_dports, e.evicted_containers, e.evicted_threads, e.evicted_refs
         )?;
     }
     write!(out, "  findings: {}", s.finding_groups())?;
