@@ -358,9 +358,14 @@ pub struct SiteInfo {
     pub addr: u64,
     /// A `SiteRole` value; 0 for an unused slot.
     pub role: u32,
-    /// For `Use`: which argument (0-5) is the dport.
+    /// For `Use`: which argument (0-5) is the dport. For a return role: `SITE_TAIL_RETURN`
+    /// when the probe is on the return of a function that tail-calls the callee (its other
+    /// return paths have no pending call, which is then not an anomaly).
     pub arg: u32,
 }
+
+/// `SiteInfo::arg` of a return role placed on a tail-calling function's return.
+pub const SITE_TAIL_RETURN: u32 = 1;
 const _: () = assert!(size_of::<SiteInfo>() == 16);
 
 /// Most sites the kernel side can tell apart (size of `SITES`).

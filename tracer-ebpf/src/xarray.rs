@@ -24,10 +24,14 @@ pub fn on_call(ctx: &ProbeContext) {
     }
 }
 
-fn take_pending() -> Option<PendingXa> {
+/// The call this return pairs with. At the return of a tail-calling function, other return
+/// paths have none, which is normal (`tail`); elsewhere a missing call is counted.
+fn take_pending(tail: bool) -> Option<PendingXa> {
     let tid = tid();
     let Some(pending) = (unsafe { PENDING_XA.get(&tid) }).copied() else {
-        count(Counter::Unpaired);
+        if !tail {
+            count(Counter::Unpaired);
+        }
         return None;
     };
     let _ = PENDING_XA.remove(&tid);
@@ -35,8 +39,8 @@ fn take_pending() -> Option<PendingXa> {
 }
 
 /// At the return of `xa_load`: a dport loaded from its port's xarray.
-pub fn on_load_return(ctx: &ProbeContext) {
-    let Some(call) = take_pending() else { return };
+pub fn on_load_return(ctx: &ProbeContext, tail: bool) {
+    let Some(call) = take_pending(tail) else { return };
     let entry = regs(ctx).rax;
     if entry == 0 {
         return;
@@ -52,8 +56,8 @@ fn port_lock_stamp(xa: u64) -> Option<u32> {
 }
 
 /// At the return of `xa_erase`: an entry removed from a dports xarray.
-pub fn on_erase_return(ctx: &ProbeContext) {
-    let Some(call) = take_pending() else { return };
+pub fn on_erase_return(ctx: &ProbeContext, tail: bool) {
+    let Some(call) = take_pending(tail) else { return };
     let entry = regs(ctx).rax;
     if entry != 0 {
         let _ = lookup_or_discover(ctx, call.xa, entry);

@@ -77,7 +77,12 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
             Some(m) => format!("{}+{:#x} [{m}]", call.function, call.offset),
             None => format!("{}+{:#x}", call.function, call.offset),
         };
-        by_callee.entry(call.callee.name).or_default().push(if call.tail { format!("{place} (tail call: not probed)") } else { place });
+        let unprobed = d.plan.unprobed_tail_calls.contains(call);
+        by_callee.entry(call.callee.name).or_default().push(match (call.tail, unprobed) {
+            (true, true) => format!("{place} (tail call; its result is not observable: the function name is not unique)"),
+            (true, false) => format!("{place} (tail call; result seen at the function's return)"),
+            (false, _) => place,
+        });
     }
     for (callee, sites) in &by_callee {
         let how = match traceable(callee) {

@@ -28,19 +28,31 @@ pub enum AttachError {
 }
 
 /// Where a kprobe goes: `[MODULE:]SYMBOL+OFFSET`, or a raw address for a symbol whose name
-/// is not unique in vmlinux.
+/// is not unique in vmlinux; or the return of a function (a kretprobe).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ProbePoint {
     Symbol { module: Option<String>, symbol: String, offset: u64 },
     Address(u64),
+    Return { module: Option<String>, symbol: String },
 }
 
 impl ProbePoint {
+    /// The probe's location as kprobe_events takes it.
     pub fn spec(&self) -> String {
         match self {
             ProbePoint::Symbol { module: Some(m), symbol, offset } => format!("{m}:{symbol}+{offset:#x}"),
             ProbePoint::Symbol { module: None, symbol, offset } => format!("{symbol}+{offset:#x}"),
             ProbePoint::Address(addr) => format!("{addr:#x}"),
+            ProbePoint::Return { module: Some(m), symbol } => format!("{m}:{symbol}"),
+            ProbePoint::Return { module: None, symbol } => symbol.clone(),
+        }
+    }
+
+    /// `p` for a kprobe, `r` for a kretprobe.
+    fn kind(&self) -> char {
+        match self {
+            ProbePoint::Return { .. } => 'r',
+            _ => 'p',
         }
     }
 }
@@ -88,7 +100,7 @@ impl Kprobes {
     pub fn attach(&mut self, prog: impl AsFd, point: &ProbePoint, cookie: u64) -> Result<(), AttachError> {
         let spec = point.spec();
         let event = format!("s{}", self.events.len());
-        self.write_events(&format!("p:{}/{event} {spec}\n", self.group))
+        self.write_events(&format!("{}:{}/{event} {spec}\n", point.kind(), self.group))
             .map_err(|source| AttachError::Define { spec: spec.clone(), source })?;
         self.events.push(event.clone());
         let id_path = self.tracefs.join("events").join(&self.group).join(&event).join("id");

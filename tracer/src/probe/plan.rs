@@ -2,7 +2,7 @@
 //! sites found in CXL code and the use sites BTF lists, resolved against the symbols.
 use std::sync::Arc;
 
-use tracer_common::SiteRole;
+use tracer_common::{SITE_TAIL_RETURN, SiteRole};
 
 use super::attach::ProbePoint;
 use crate::{
@@ -40,8 +40,8 @@ pub struct UseSite {
 pub struct Plan {
     pub sites: Vec<PlannedSite>,
     pub uses: Vec<UseSite>,
-    /// Tail calls: found, but their return cannot be probed.
-    pub tail_calls: Vec<CallSite>,
+    /// Tail calls whose result could not be probed (a kretprobe needs a unique name).
+    pub unprobed_tail_calls: Vec<CallSite>,
 }
 
 /// Where a probe inside `function` at `offset` goes. Module sites are named
@@ -52,11 +52,15 @@ fn point(symbols: &Symbols, function: &Symbol, offset: u64) -> ProbePoint {
         Some(module) => {
             ProbePoint::Symbol { module: Some(module.to_string()), symbol: function.name.to_string(), offset }
         }
-        None if symbols.lookup(&function.name).filter(|s| s.module.is_none()).count() == 1 => {
+        None if unique_in_vmlinux(symbols, function) => {
             ProbePoint::Symbol { module: None, symbol: function.name.to_string(), offset }
         }
         None => ProbePoint::Address(function.addr + offset),
     }
+}
+
+fn unique_in_vmlinux(symbols: &Symbols, function: &Symbol) -> bool {
+    symbols.lookup(&function.name).filter(|s| s.module.is_none()).count() == 1
 }
 
 impl Plan {
@@ -76,15 +80,38 @@ impl Plan {
                     what: call.callee.name,
                 })
             };
-            if call.tail {
-                // The return value of a tail call lands in the caller's caller: a call probe
-                // alone would leave a pending call behind. Not probed; listed by doctor.
-                plan.tail_calls.push(call.clone());
-                continue;
-            }
             add(call.callee.call, call.offset);
-            if let Some(ret) = call.callee.ret {
-                add(ret, call.offset + call.len);
+            match (call.callee.ret, call.tail) {
+                (Some(ret), false) => add(ret, call.offset + call.len),
+                // A tail call returns from the calling function: its callee's result is that
+                // function's return value, seen by a kretprobe on it.
+                (Some(ret), true) => {
+                    let point = match (&function.module, unique_in_vmlinux(symbols, &function)) {
+                        (Some(m), _) => {
+                            Some(ProbePoint::Return { module: Some(m.to_string()), symbol: function.name.to_string() })
+                        }
+                        (None, true) => Some(ProbePoint::Return { module: None, symbol: function.name.to_string() }),
+                        (None, false) => None,
+                    };
+                    match point {
+                        Some(point) => plan.sites.push(PlannedSite {
+                            role: ret,
+                            arg: SITE_TAIL_RETURN,
+                            point,
+                            addr: function.addr,
+                            function: function.name.clone(),
+                            module: function.module.clone(),
+                            what: call.callee.name,
+                        }),
+                        None => {
+                            // No kretprobe by address: drop the call probe again, it would
+                            // only leave pending calls behind.
+                            plan.sites.pop();
+                            plan.unprobed_tail_calls.push(call.clone());
+                        }
+                    }
+                }
+                (None, _) => {}
             }
         }
         for use_fn in uses {
@@ -153,6 +180,7 @@ mod tests {
             call("dup", 0xffffffff81001200, None, 0x10, mutex_unlock, false),
             call("cxl_mem_probe", 0xffffffffc0001000, Some("cxl_mem"), 0x1c2, xa_load, false),
             call("cxl_mem_probe", 0xffffffffc0001000, Some("cxl_mem"), 0x300, xa_load, true),
+            call("dup", 0xffffffff81001200, None, 0x20, xa_load, true),
         ];
         let uses = [
             DportFunction { name: "cxl_dport_init_ras_reporting".into(), module: None, arg: 0 },
@@ -168,12 +196,18 @@ mod tests {
                 (SiteRole::UnlockCall, "0xffffffff81001210".to_string()),
                 (SiteRole::LoadCall, "cxl_mem:cxl_mem_probe+0x1c2".to_string()),
                 (SiteRole::LoadReturn, "cxl_mem:cxl_mem_probe+0x1c7".to_string()),
+                (SiteRole::LoadCall, "cxl_mem:cxl_mem_probe+0x300".to_string()),
+                (SiteRole::LoadReturn, "cxl_mem:cxl_mem_probe".to_string()),
                 (SiteRole::Use, "cxl_dport_init_ras_reporting+0x0".to_string()),
             ]
         );
-        assert_eq!(plan.tail_calls.len(), 1);
-        assert_eq!(plan.uses[0].probed, Some(5));
-        assert_eq!(plan.site_function(5).map(|f| &**f), Some("cxl_dport_init_ras_reporting"));
+        assert_eq!(plan.sites[6].point, ProbePoint::Return { module: Some("cxl_mem".into()), symbol: "cxl_mem_probe".into() });
+        assert_eq!(plan.sites[6].arg, SITE_TAIL_RETURN);
+        // A tail call in a function whose name is not unique: no kretprobe, so no call probe.
+        assert_eq!(plan.unprobed_tail_calls.len(), 1);
+        assert_eq!(plan.unprobed_tail_calls[0].function.as_ref(), "dup");
+        assert_eq!(plan.uses[0].probed, Some(7));
+        assert_eq!(plan.site_function(7).map(|f| &**f), Some("cxl_dport_init_ras_reporting"));
         assert_eq!(plan.uses[1].probed, None, "inlined devm_cxl_add_endpoint is not probed");
     }
 }
