@@ -24,7 +24,7 @@ use tracer::{
     },
     symbolize::Symbols,
 };
-use tracer_common::{COUNTERS, Counter, MAX_SITES, Offsets, SiteInfo};
+use tracer_common::{COUNTERS, Counter, MAX_SITES, Offsets, SiteInfo, SiteRole};
 
 /// The eBPF object built from `tracer-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -267,10 +267,32 @@ pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached
     program.load().context("the kernel refused the kprobe program (see the verifier log above)")?;
     let fd = program.fd()?.try_clone()?;
     let mut kprobes = Kprobes::new()?;
+    let mut attached_roles = Vec::new();
     for (i, site) in plan.sites.iter().enumerate() {
-        if let Err(err) = kprobes.attach(fd.as_fd(), &site.point, i as u64) {
-            warnings.push(format!("{} {} in {}: not attached: {err}", site.what, role_word(site), site.function));
+        match kprobes.attach(fd.as_fd(), &site.point, i as u64) {
+            Ok(()) => attached_roles.push(site.role),
+            Err(err) => warnings.push(format!(
+                "{} {} in {}: not attached ({err}): {}",
+                site.what,
+                role_word(site),
+                site.function,
+                what_is_lost(site.role)
+            )),
         }
+    }
+    let has = |roles: &[SiteRole]| attached_roles.iter().any(|r| roles.contains(r));
+    if !has(&[SiteRole::LoadReturn]) {
+        warnings.push(
+            "no xa_load call site is probed: lookups are not seen, so unlocked-use, stale-use and use-after-free cannot be judged".into(),
+        );
+    }
+    if !has(&[SiteRole::Use]) {
+        warnings.push(
+            "no function taking struct cxl_dport * is probed: uses are not seen, so unlocked-use, stale-use and use-after-free cannot be judged (add one with --use-site)".into(),
+        );
+    }
+    if !has(&[SiteRole::EraseReturn, SiteRole::StoreCall]) {
+        warnings.push("no xarray writer call site is probed: unlocked-erase cannot be judged".into());
     }
 
     match attach_dport_registration(&mut ebpf, &btf) {
@@ -293,6 +315,20 @@ fn attach_dport_registration(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<
     program.load("__devm_cxl_add_dport", btf)?;
     program.attach()?;
     Ok(())
+}
+
+/// What a probe that failed to attach costs, in finding classes.
+fn what_is_lost(role: SiteRole) -> &'static str {
+    use SiteRole::*;
+    match role {
+        Use => "uses at this site are not seen (unlocked-use, stale-use, use-after-free there)",
+        LoadCall | LoadReturn => "lookups here are not seen (unlocked-use, stale-use, use-after-free of dports loaded here)",
+        EraseCall | EraseReturn | StoreCall => "writes here are not seen (unlocked-erase)",
+        LockCall | LockReturn | LockReturnIfZero | LockReturnIfOne | UnlockCall => {
+            "lock events here are not seen (stale-use across an unlock/relock here; held state still comes from mutex->owner)"
+        }
+        HostAllocCall | HostAllocReturn => "the devres host cross-check of registrations is off",
+    }
 }
 
 fn role_word(site: &tracer::probe::plan::PlannedSite) -> &'static str {
