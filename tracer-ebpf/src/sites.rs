@@ -112,7 +112,8 @@ fn on_lock_return(ctx: &ProbeContext, role: SiteRole) {
         _ => true,
     };
     if acquired {
-        emit(ctx, EventKind::Lock, 0, Stack::Without, Payload { lock: LockOp { lock } });
+        // Tracked mutexes only: the stack says where a finding's lock was taken.
+        emit(ctx, EventKind::Lock, 0, Stack::With, Payload { lock: LockOp { lock } });
     }
 }
 

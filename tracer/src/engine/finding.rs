@@ -92,6 +92,14 @@ pub struct LoadInfo {
     pub free_lock_held: bool,
 }
 
+/// The acquisition of the expected lock, when the thread holds it (a stale use).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockInfo {
+    pub ts: u64,
+    /// `None` when it was taken before tracing started or outside probed code.
+    pub stack: Option<Stack>,
+}
+
 /// The free of the dport's memory, when a finding involves it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FreeInfo {
@@ -123,6 +131,8 @@ pub struct Finding {
     /// Tracked mutexes this thread held at the time, in acquisition order.
     pub held_locks: Vec<u64>,
     pub load: Option<LoadInfo>,
+    /// Where the expected lock was taken, when it is held.
+    pub lock: Option<LockInfo>,
     pub free: Option<FreeInfo>,
     /// One sentence on what exactly went wrong.
     pub reason: &'static str,

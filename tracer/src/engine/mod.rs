@@ -14,11 +14,11 @@ use std::sync::Arc;
 use rustc_hash::FxHashMap;
 
 pub use self::{
-    finding::{Added, Class, ExpectedLock, Finding, FreeInfo, Group, Groups, LoadInfo, LockRole},
+    finding::{Added, Class, ExpectedLock, Finding, FreeInfo, Group, Groups, LoadInfo, LockInfo, LockRole},
     state::{EngineStats, Limits},
 };
 use self::state::{Container, Dport, Dports, Held, Ref, Thread};
-use crate::event::{Event, Kind, frame_function};
+use crate::event::{Event, Kind, Stack, frame_function};
 
 #[derive(Default)]
 pub struct Engine {
@@ -68,7 +68,7 @@ impl Engine {
             Kind::XaLoad { ret, .. } => self.on_load(event, *ret, &mut findings),
             Kind::XaErase { xa, ret, .. } => self.on_write(event, *xa, *ret, &mut findings),
             Kind::XaInsert { xa, entry, .. } => self.on_write(event, *xa, *entry, &mut findings),
-            Kind::Lock { lock } => self.acquire(event.tid, *lock, event.ts),
+            Kind::Lock { lock } => self.acquire(event.tid, *lock, event.ts, event.stack.clone()),
             Kind::Unlock { lock } => self.release(event.tid, *lock),
             Kind::Use { dport, site } => self.on_use(event, *dport, site, &mut findings),
             Kind::Free { dport } => self.on_free(event, *dport, &mut findings),
@@ -102,7 +102,7 @@ impl Engine {
         }
     }
 
-    fn acquire(&mut self, tid: u32, lock: u64, ts: u64) {
+    fn acquire(&mut self, tid: u32, lock: u64, ts: u64, stack: Option<Stack>) {
         // A mutex has one owner: if the events said another thread held it, its unlock was
         // not observed.
         if let Some(previous) = self.owners.insert(lock, tid)
@@ -115,7 +115,7 @@ impl Engine {
         let period = self.next_period;
         let thread = self.thread(tid, ts);
         thread.release(lock);
-        thread.held.push(Held { lock, period });
+        thread.held.push(Held { lock, period, ts, stack });
     }
 
     fn release(&mut self, tid: u32, lock: u64) {
@@ -134,7 +134,7 @@ impl Engine {
         let known = self.threads.get(&event.tid).and_then(|t| t.period_of(lock)).is_some();
         if held && !known {
             self.stats.stamp_corrections += 1;
-            self.acquire(event.tid, lock, event.ts);
+            self.acquire(event.tid, lock, event.ts, None);
         } else if !held && known {
             self.stats.stamp_corrections += 1;
             self.release(event.tid, lock);
@@ -166,6 +166,7 @@ impl Engine {
             expected_lock: None,
             held_locks: self.held_locks(event.tid),
             load: None,
+            lock: None,
             free: None,
             reason,
         }
@@ -251,11 +252,14 @@ impl Engine {
         let lock = Self::free_lock(dport);
         let load = self.threads.get(&event.tid).and_then(|t| t.find_ref(addr)).expect("found above");
         let load = LoadInfo { ts: load.ts, stack: load.stack.clone(), free_lock_held: load.free_lock_period.is_some() };
+        let held = self.threads.get(&event.tid).and_then(|t| t.held(lock.addr));
+        let lock_info = held.map(|h| LockInfo { ts: h.ts, stack: h.stack.clone() });
         let mut f = self.finding(event, class, addr, reason);
         f.site = site.clone();
         f.generation = load_generation;
         f.expected_lock = Some(lock);
         f.load = Some(load);
+        f.lock = lock_info;
         f.free = free;
         findings.push(f);
     }

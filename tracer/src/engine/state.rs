@@ -56,10 +56,14 @@ pub struct Ref {
 }
 
 /// A tracked mutex held by a thread, with the hold period it is in.
-#[derive(Copy, Clone, Debug)]
+#[derive(Clone, Debug)]
 pub struct Held {
     pub lock: u64,
     pub period: u64,
+    /// When it was taken, and where (no stack when it was taken before tracing started or
+    /// where no lock event is probed: the kernel's `mutex->owner` stamp said so).
+    pub ts: u64,
+    pub stack: Option<Stack>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -72,7 +76,11 @@ pub struct Thread {
 
 impl Thread {
     pub fn period_of(&self, lock: u64) -> Option<u64> {
-        self.held.iter().find(|h| h.lock == lock).map(|h| h.period)
+        self.held(lock).map(|h| h.period)
+    }
+
+    pub fn held(&self, lock: u64) -> Option<&Held> {
+        self.held.iter().find(|h| h.lock == lock)
     }
 
     pub fn release(&mut self, lock: u64) -> bool {

@@ -49,6 +49,10 @@ pub fn group_value(group: &Group) -> Value {
         map.insert("load_ts".into(), load.ts.into());
         map.insert("load_free_lock_held".into(), load.free_lock_held.into());
     }
+    if let Some(lock) = &f.lock {
+        map.insert("lock_ts".into(), lock.ts.into());
+        map.insert("lock_stack".into(), stack(lock.stack.as_ref()));
+    }
     if let Some(free) = &f.free {
         map.insert("free_ts".into(), free.ts.into());
         map.insert("free_tid".into(), free.tid.into());

@@ -80,6 +80,17 @@ pub fn write_group(out: &mut impl Write, group: &Group) -> io::Result<()> {
         let held = if load.free_lock_held { "free lock held" } else { "free lock not held" };
         write_stack(out, &format!("loaded by xa_load at {}s ({held}):", secs(load.ts)), load.stack.as_ref())?;
     }
+    if let Some(lock) = &f.lock {
+        match &lock.stack {
+            Some(_) => write_stack(out, &format!("{} taken at {}s:", lock_name(f), secs(lock.ts)), lock.stack.as_ref())?,
+            None => writeln!(
+                out,
+                "{} taken at {}s or earlier (before tracing started, or outside probed code: no stack)",
+                lock_name(f),
+                secs(lock.ts)
+            )?,
+        }
+    }
     if let Some(free) = &f.free {
         write_stack(
             out,
@@ -146,6 +157,10 @@ pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {
         writeln!(out, "  WARNING: events were lost; findings may be incomplete")?;
     }
     Ok(())
+}
+
+fn lock_name(f: &crate::engine::Finding) -> &'static str {
+    f.expected_lock.map_or("lock", |l| l.role.name())
 }
 
 fn plural(n: u64, word: &str) -> String {
