@@ -114,6 +114,9 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     if let Some(problem) = privilege_problem() {
         bail!(problem);
     }
+    // Caught from here on, so a Ctrl-C during the (slow) attach still detaches cleanly.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
     let discovery = discover(&options.probe, true)?;
     report_discovery(&discovery);
     let mut attached = attach(&discovery, options.probe.ring_bytes)?;
@@ -164,8 +167,6 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
         }
         None => None,
     };
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(TICK);
     // A module reloaded between two ticks shows as a new load address.
     let mut layout = cxl_module_layout();
