@@ -11,9 +11,9 @@ mod sites;
 mod xarray;
 
 use aya_ebpf::{
-    macros::{fexit, kprobe, map, raw_tracepoint},
+    macros::{fentry, fexit, kprobe, map, raw_tracepoint},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
-    programs::{FExitContext, ProbeContext, RawTracePointContext},
+    programs::{FEntryContext, FExitContext, ProbeContext, RawTracePointContext},
 };
 use tracer_common::{COUNTERS, DportInfo, MAX_SITES, Offsets, PendingXa, SiteInfo};
 
@@ -103,6 +103,39 @@ pub fn dport_add_exit(ctx: FExitContext) -> i32 {
 #[raw_tracepoint(tracepoint = "kfree")]
 pub fn kfree(ctx: RawTracePointContext) -> i32 {
     cxl::on_kfree(&ctx);
+    0
+}
+
+// The global lock hook, opt-in (`--lock-events global`): every mutex in the system pays a
+// map lookup. By default lock events come from call sites in CXL code only (`site`).
+
+#[fexit(function = "mutex_lock")]
+pub fn mutex_lock_exit(ctx: FExitContext) -> i32 {
+    mutex::on_lock_exit(&ctx, mutex::Acquired::Always);
+    0
+}
+
+#[fexit(function = "mutex_lock_interruptible")]
+pub fn mutex_lock_intr_exit(ctx: FExitContext) -> i32 {
+    mutex::on_lock_exit(&ctx, mutex::Acquired::IfZero);
+    0
+}
+
+#[fexit(function = "mutex_lock_killable")]
+pub fn mutex_lock_kill_exit(ctx: FExitContext) -> i32 {
+    mutex::on_lock_exit(&ctx, mutex::Acquired::IfZero);
+    0
+}
+
+#[fexit(function = "mutex_trylock")]
+pub fn mutex_trylock_exit(ctx: FExitContext) -> i32 {
+    mutex::on_lock_exit(&ctx, mutex::Acquired::IfOne);
+    0
+}
+
+#[fentry(function = "mutex_unlock")]
+pub fn mutex_unlock_entry(ctx: FEntryContext) -> i32 {
+    mutex::on_unlock_entry(&ctx);
     0
 }
 

@@ -1,7 +1,16 @@
 //! Whether the current task owns a mutex, read exactly from `mutex->owner` (the task pointer
 //! with flag bits below MUTEX_FLAGS; kernel/locking/mutex.c, v6.12).
-use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
-use tracer_common::{MUTEX_OWNER_FLAGS, Offsets};
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_current_task, bpf_probe_read_kernel},
+    programs::{FEntryContext, FExitContext},
+};
+use tracer_common::{EventKind, LockOp, MUTEX_OWNER_FLAGS, Offsets, Payload};
+
+use crate::{
+    LOCKS,
+    emit::{Stack, emit},
+};
 
 pub fn owned_by_current(off: &Offsets, lock: u64) -> Option<bool> {
     if lock == 0 {
@@ -21,4 +30,46 @@ pub fn stamp(off: &Offsets, lock: u64, known: u32, held: u32) -> u32 {
         Some(false) => known,
         None => 0,
     }
+}
+
+/// A tracked mutex was taken: the stack says where a finding's lock was taken.
+pub fn emit_lock<C: EbpfContext>(ctx: &C, lock: u64) {
+    emit(ctx, EventKind::Lock, 0, Stack::With, Payload { lock: LockOp { lock } });
+}
+
+/// `mutex_unlock(lock)`: an event if the mutex is tracked.
+pub fn emit_unlock_if_tracked<C: EbpfContext>(ctx: &C, lock: u64) {
+    if unsafe { LOCKS.get(&lock) }.is_some() {
+        emit(ctx, EventKind::Unlock, 0, Stack::Without, Payload { lock: LockOp { lock } });
+    }
+}
+
+/// How a mutex API function reports success.
+#[derive(Copy, Clone)]
+pub enum Acquired {
+    Always,
+    IfZero,
+    IfOne,
+}
+
+/// The global lock hook (opt-in: `--lock-events global`): fexit of a mutex_lock variant.
+/// One map lookup for an untracked mutex.
+pub fn on_lock_exit(ctx: &FExitContext, acquired: Acquired) {
+    let lock: u64 = ctx.arg(0);
+    if unsafe { LOCKS.get(&lock) }.is_none() {
+        return;
+    }
+    let ok = match acquired {
+        Acquired::Always => true,
+        Acquired::IfZero => ctx.arg::<i32>(1) == 0,
+        Acquired::IfOne => ctx.arg::<i32>(1) == 1,
+    };
+    if ok {
+        emit_lock(ctx, lock);
+    }
+}
+
+/// fentry of `mutex_unlock` (global hook).
+pub fn on_unlock_entry(ctx: &FEntryContext) {
+    emit_unlock_if_tracked(ctx, ctx.arg(0));
 }

@@ -6,13 +6,13 @@ use aya_ebpf::{
     helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid},
     programs::ProbeContext,
 };
-use tracer_common::{Counter, DportUse, EventKind, LockOp, Payload, SITE_TAIL_RETURN, SiteInfo, SiteRole};
+use tracer_common::{Counter, DportUse, EventKind, Payload, SITE_TAIL_RETURN, SiteInfo, SiteRole};
 
 use crate::{
     ALLOC_HOST, DPORTS, LOCKS, PENDING_HOST, PENDING_LOCK, SITES,
     cxl::free_lock_stamp,
     emit::{Stack, count, emit},
-    xarray,
+    mutex, xarray,
 };
 
 /// The probed task's registers. The verifier only allows context reads at constant offsets,
@@ -112,17 +112,12 @@ fn on_lock_return(ctx: &ProbeContext, role: SiteRole) {
         _ => true,
     };
     if acquired {
-        // Tracked mutexes only: the stack says where a finding's lock was taken.
-        emit(ctx, EventKind::Lock, 0, Stack::With, Payload { lock: LockOp { lock } });
+        mutex::emit_lock(ctx, lock);
     }
 }
 
 fn on_unlock_call(ctx: &ProbeContext) {
-    let lock = regs(ctx).rdi;
-    if unsafe { LOCKS.get(&lock) }.is_none() {
-        return;
-    }
-    emit(ctx, EventKind::Unlock, 0, Stack::Without, Payload { lock: LockOp { lock } });
+    mutex::emit_unlock_if_tracked(ctx, regs(ctx).rdi);
 }
 
 /// `devm_kmalloc(dev, ...)` called by dport registration: remember the host device.

@@ -79,6 +79,12 @@ pub enum Command {
     Leftovers,
 }
 
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LockEvents {
+    Callsites,
+    Global,
+}
+
 #[derive(clap::Args)]
 pub struct LimitArgs {
     /// Most live dports the engine tracks; past it the oldest are evicted (and counted).
@@ -104,6 +110,11 @@ pub struct ProbeArgs {
     /// Where the kernel's BTF is (vmlinux and module files).
     #[arg(long, default_value = "/sys/kernel/btf", value_name = "DIR")]
     pub btf_dir: PathBuf,
+    /// Where lock events come from: `callsites` (the mutex_lock/mutex_unlock calls in CXL
+    /// code; nothing else pays) or `global` (fexit/fentry on the mutex API itself: also
+    /// sees locks taken outside CXL code, at a map lookup on every mutex in the system).
+    #[arg(long, value_enum, default_value = "callsites")]
+    pub lock_events: LockEvents,
     /// Wait (up to SECS, default 600) for the CXL modules to be loaded before attaching,
     /// instead of failing when they are not.
     #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "600")]

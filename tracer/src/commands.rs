@@ -15,7 +15,7 @@ use tracer::{
 
 use crate::{
     Outcome,
-    cli::{Command, LimitArgs, ProbeArgs},
+    cli::{Command, LimitArgs, LockEvents, ProbeArgs},
     doctor::{self, DoctorOptions},
     leftovers,
     live::{self, LiveOptions},
@@ -71,6 +71,7 @@ impl TryFrom<ProbeArgs> for ProbeConfig {
             extra_uses: args.use_sites.iter().map(|s| load::parse_use_site(s)).collect::<Result<_, _>>()?,
             ring_bytes: kib * 1024,
             btf_dir: args.btf_dir,
+            global_lock_hook: args.lock_events == LockEvents::Global,
             wait_for_cxl: args.wait_for_cxl.map(std::time::Duration::from_secs),
         })
     }

@@ -121,7 +121,11 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
     }
     let locks = d.plan.count(SiteRole::LockCall);
     let unlocks = d.plan.count(SiteRole::UnlockCall);
-    println!("  mutex lock/unlock: {locks} lock and {unlocks} unlock call sites in CXL code (events only for tracked mutexes)");
+    if d.global_lock_hook {
+        println!("  mutex lock/unlock: fexit/fentry on the mutex API (--lock-events global; events only for tracked mutexes)");
+    } else {
+        println!("  mutex lock/unlock: {locks} lock and {unlocks} unlock call sites in CXL code (events only for tracked mutexes)");
+    }
     println!("plan: {} kprobes (discovery took {:.1?})", d.plan.sites.len(), d.took);
 
     if !options.no_attach {

@@ -8,7 +8,16 @@ use tracer::probe::attach;
 use crate::Outcome;
 
 /// Our programs' and maps' names as the kernel keeps them (truncated to 15 bytes).
-const PROGRAMS: &[&str] = &["site", "dport_add_exit", "kfree"];
+const PROGRAMS: &[&str] = &[
+    "site",
+    "dport_add_exit",
+    "kfree",
+    "mutex_lock_exit",
+    "mutex_lock_intr_exit",
+    "mutex_lock_kill_exit",
+    "mutex_trylock_exit",
+    "mutex_unlock_entry",
+];
 const MAPS: &[&str] =
     &["EVENTS", "COUNTS", "DPORTS", "CONTAINERS", "NOT_CONTAINERS", "LOCKS", "BLOCKS", "SITES", "PENDING_XA", "PENDING_LOCK", "PENDING_HOST", "ALLOC_HOST"];
 

@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::{FExit, KProbe, RawTracePoint},
+    programs::{FEntry, FExit, KProbe, RawTracePoint},
 };
 use tracer::{
     kernel::{
@@ -89,6 +89,8 @@ pub struct ProbeConfig {
     pub extra_uses: Vec<DportFunction>,
     pub ring_bytes: u32,
     pub btf_dir: PathBuf,
+    /// Lock events from fexit/fentry on the mutex API instead of CXL call sites.
+    pub global_lock_hook: bool,
     /// Wait this long for the CXL modules instead of failing without them.
     pub wait_for_cxl: Option<Duration>,
 }
@@ -154,6 +156,7 @@ pub struct Discovery {
     pub cxl_core: bool,
     pub calls: Vec<CallSite>,
     pub plan: Plan,
+    pub global_lock_hook: bool,
     pub took: Duration,
 }
 
@@ -205,8 +208,23 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
     uses.extend(config.extra_uses.iter().cloned());
     let kcore = Kcore::open()?;
     let calls = callsites::find(&symbols, &kcore)?;
-    let plan = Plan::build(&symbols, &calls, &uses);
-    Ok(Discovery { symbols, offsets, named_offsets, cxl_modules, cxl_core, calls, plan, took: start.elapsed() })
+    let probed: Vec<CallSite> = calls
+        .iter()
+        .filter(|c| !(config.global_lock_hook && c.callee.name.starts_with("mutex_")))
+        .cloned()
+        .collect();
+    let plan = Plan::build(&symbols, &probed, &uses);
+    Ok(Discovery {
+        symbols,
+        offsets,
+        named_offsets,
+        cxl_modules,
+        cxl_core,
+        calls,
+        plan,
+        global_lock_hook: config.global_lock_hook,
+        took: start.elapsed(),
+    })
 }
 
 /// The kernel side, loaded and attached. Dropping it detaches everything (kprobes first).
@@ -295,6 +313,10 @@ pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached
         warnings.push("no xarray writer call site is probed: unlocked-erase cannot be judged".into());
     }
 
+    if discovery.global_lock_hook {
+        attach_global_lock_hook(&mut ebpf, &btf)
+            .context("--lock-events global: attaching fexit/fentry on the mutex API failed (use the default, callsites)")?;
+    }
     match attach_dport_registration(&mut ebpf, &btf) {
         Ok(()) => {}
         Err(err) => warnings.push(format!(
@@ -308,6 +330,31 @@ pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached
         ));
     }
     Ok(Attached { kprobes, ebpf, warnings, took: start.elapsed() })
+}
+
+/// The opt-in global lock hook: (program, kernel function, fentry or fexit).
+const GLOBAL_LOCK_HOOK: [(&str, &str, bool); 5] = [
+    ("mutex_lock_exit", "mutex_lock", false),
+    ("mutex_lock_intr_exit", "mutex_lock_interruptible", false),
+    ("mutex_lock_kill_exit", "mutex_lock_killable", false),
+    ("mutex_trylock_exit", "mutex_trylock", false),
+    ("mutex_unlock_entry", "mutex_unlock", true),
+];
+
+fn attach_global_lock_hook(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<()> {
+    for (name, function, entry) in GLOBAL_LOCK_HOOK {
+        let program = ebpf.program_mut(name).with_context(|| format!("no {name} program"))?;
+        if entry {
+            let program: &mut FEntry = program.try_into()?;
+            program.load(function, btf).with_context(|| format!("loading fentry {function}"))?;
+            program.attach().with_context(|| format!("attaching fentry {function}"))?;
+        } else {
+            let program: &mut FExit = program.try_into()?;
+            program.load(function, btf).with_context(|| format!("loading fexit {function}"))?;
+            program.attach().with_context(|| format!("attaching fexit {function}"))?;
+        }
+    }
+    Ok(())
 }
 
 fn attach_dport_registration(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<()> {
