@@ -4,7 +4,7 @@ use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::ProbeContext};
 use tracer_common::{Counter, EventKind, FLAG_PORT_LOCK_HELD, FLAG_PORT_LOCK_KNOWN, Payload, PendingXa, XaAccess};
 
 use crate::{
-    CONTAINERS, PENDING_XA,
+    CONTAINERS, NOT_CONTAINERS, PENDING_XA,
     cxl::{free_lock_stamp, lookup_or_discover},
     emit::{Stack, count, emit},
     mutex, offsets,
@@ -18,6 +18,11 @@ fn tid() -> u32 {
 /// At a `call xa_load`/`xa_erase`: remember the arguments for the return site.
 pub fn on_call(ctx: &ProbeContext) {
     let r = regs(ctx);
+    // Xarrays known not to hold dports are skipped at once (with a direct xa_load probe,
+    // every xarray of the system comes by here).
+    if unsafe { NOT_CONTAINERS.get(&r.rdi) }.is_some() {
+        return;
+    }
     let pending = PendingXa { xa: r.rdi, index: r.rsi };
     if PENDING_XA.insert(&tid(), &pending, 0).is_err() {
         count(Counter::DropMapFull);

@@ -85,6 +85,12 @@ pub enum LockEvents {
     Global,
 }
 
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XaLoadProbe {
+    Callsites,
+    Direct,
+}
+
 #[derive(clap::Args)]
 pub struct LimitArgs {
     /// Most live dports the engine tracks; past it the oldest are evicted (and counted).
@@ -115,6 +121,12 @@ pub struct ProbeArgs {
     /// sees locks taken outside CXL code, at a map lookup on every mutex in the system).
     #[arg(long, value_enum, default_value = "callsites")]
     pub lock_events: LockEvents,
+    /// Where lookups are seen: `callsites` (each `call xa_load` in CXL code, and its return),
+    /// or `direct` (xa_load itself, on kernels where it is traceable; every xarray lookup in
+    /// the system then pays a map lookup). Without xa_load call sites in CXL code, a
+    /// traceable xa_load is probed directly anyway.
+    #[arg(long, value_enum, default_value = "callsites")]
+    pub xa_load: XaLoadProbe,
     /// Wait (up to SECS, default 600) for the CXL modules to be loaded before attaching,
     /// instead of failing when they are not.
     #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "600")]

@@ -15,7 +15,7 @@ use tracer::{
 
 use crate::{
     Outcome,
-    cli::{Command, LimitArgs, LockEvents, ProbeArgs},
+    cli::{Command, LimitArgs, LockEvents, ProbeArgs, XaLoadProbe},
     doctor::{self, DoctorOptions},
     leftovers,
     live::{self, LiveOptions},
@@ -72,6 +72,7 @@ impl TryFrom<ProbeArgs> for ProbeConfig {
             ring_bytes: kib * 1024,
             btf_dir: args.btf_dir,
             global_lock_hook: args.lock_events == LockEvents::Global,
+            direct_xa_load: args.xa_load == XaLoadProbe::Direct,
             wait_for_cxl: args.wait_for_cxl.map(std::time::Duration::from_secs),
         })
     }

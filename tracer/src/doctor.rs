@@ -16,11 +16,8 @@ pub struct DoctorOptions {
     pub no_attach: bool,
 }
 
-/// Whether tracefs lists `function` as traceable (ftrace can patch it).
 fn traceable(function: &str) -> Option<bool> {
-    let tracefs = attach::tracefs().ok()?;
-    let list = std::fs::read_to_string(tracefs.join("available_filter_functions")).ok()?;
-    Some(list.lines().any(|l| l.split_whitespace().next() == Some(function)))
+    Some(attach::traceable(&attach::tracefs().ok()?, function))
 }
 
 pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
@@ -97,7 +94,9 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
             }
         }
     }
-    if !by_callee.contains_key("xa_load") {
+    if d.direct_xa_load {
+        println!("  xa_load: probed directly (entry and return), in place of its call sites");
+    } else if !by_callee.contains_key("xa_load") {
         problems.push("no xa_load call site found in CXL code: lookups (and so read-side findings) are not observable".into());
     }
     let host_checks = d.calls.iter().filter(|c| c.callee.name == "devm_kmalloc").count();

@@ -91,6 +91,8 @@ pub struct ProbeConfig {
     pub btf_dir: PathBuf,
     /// Lock events from fexit/fentry on the mutex API instead of CXL call sites.
     pub global_lock_hook: bool,
+    /// Probe xa_load itself instead of its call sites in CXL code.
+    pub direct_xa_load: bool,
     /// Wait this long for the CXL modules instead of failing without them.
     pub wait_for_cxl: Option<Duration>,
 }
@@ -157,6 +159,7 @@ pub struct Discovery {
     pub calls: Vec<CallSite>,
     pub plan: Plan,
     pub global_lock_hook: bool,
+    pub direct_xa_load: bool,
     pub took: Duration,
 }
 
@@ -208,12 +211,28 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
     uses.extend(config.extra_uses.iter().cloned());
     let kcore = Kcore::open()?;
     let calls = callsites::find(&symbols, &kcore)?;
+    // xa_load itself when asked, or when CXL code has no call site of it but it is traceable.
+    let xa_load_traceable = attach::traceable(&tracefs, "xa_load");
+    if config.direct_xa_load && !xa_load_traceable {
+        bail!(
+            "--xa-load direct: xa_load is notrace on this kernel (lib/ is built without ftrace), so it cannot be probed itself; the default, --xa-load callsites, probes its calls in CXL code"
+        );
+    }
+    let direct_xa_load = config.direct_xa_load
+        || xa_load_traceable && !calls.iter().any(|c| c.callee.name == "xa_load" && !c.tail);
     let probed: Vec<CallSite> = calls
         .iter()
         .filter(|c| !(config.global_lock_hook && c.callee.name.starts_with("mutex_")))
+        .filter(|c| !(direct_xa_load && c.callee.name == "xa_load"))
         .cloned()
         .collect();
-    let plan = Plan::build(&symbols, &probed, &uses);
+    let mut plan = Plan::build(&symbols, &probed, &uses);
+    if direct_xa_load {
+        let xa_load = callsites::CALLEES.iter().find(|c| c.name == "xa_load").expect("xa_load is a callee");
+        if !plan.add_direct(&symbols, xa_load) {
+            bail!("xa_load is not in the kernel's symbols: lookups cannot be probed directly");
+        }
+    }
     Ok(Discovery {
         symbols,
         offsets,
@@ -223,6 +242,7 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
         calls,
         plan,
         global_lock_hook: config.global_lock_hook,
+        direct_xa_load,
         took: start.elapsed(),
     })
 }

@@ -70,6 +70,13 @@ pub fn tracefs() -> Result<PathBuf, AttachError> {
     Ok(mount)
 }
 
+/// Whether tracefs lists `function` as traceable (ftrace can patch it; kprobe events refuse
+/// notrace functions).
+pub fn traceable(tracefs: &Path, function: &str) -> bool {
+    fs::read_to_string(tracefs.join("available_filter_functions"))
+        .is_ok_and(|list| list.lines().any(|l| l.split_whitespace().next() == Some(function)))
+}
+
 /// Kprobe events of this process (group `tracer_<pid>`), removed on drop.
 pub struct Kprobes {
     tracefs: PathBuf,

@@ -6,7 +6,10 @@ use tracer_common::{SITE_TAIL_RETURN, SiteRole};
 
 use super::attach::ProbePoint;
 use crate::{
-    kernel::{btf::DportFunction, callsites::CallSite},
+    kernel::{
+        btf::DportFunction,
+        callsites::{CallSite, Callee},
+    },
     symbolize::{Symbol, Symbols},
 };
 
@@ -133,6 +136,27 @@ impl Plan {
             plan.uses.push(UseSite { function: use_fn.name.clone(), module: use_fn.module.clone(), arg: use_fn.arg, probed });
         }
         plan
+    }
+
+    /// Probes `function` itself, entry and return, with the roles of a call site and its
+    /// return: the direct path where the callee is traceable (e.g. `xa_load` on kernels
+    /// whose lib/ is built with ftrace).
+    pub fn add_direct(&mut self, symbols: &Symbols, callee: &Callee) -> bool {
+        let Some(sym) = symbols.lookup(callee.name).find(|s| s.module.is_none()) else { return false };
+        let site = |role, point| PlannedSite {
+            role,
+            arg: 0,
+            point,
+            addr: sym.addr,
+            function: sym.name.clone(),
+            module: None,
+            what: callee.name,
+        };
+        self.sites.push(site(callee.call, ProbePoint::Symbol { module: None, symbol: callee.name.into(), offset: 0 }));
+        if let Some(ret) = callee.ret {
+            self.sites.push(site(ret, ProbePoint::Return { module: None, symbol: callee.name.into() }));
+        }
+        true
     }
 
     /// The function name a use event's site index stands for.
