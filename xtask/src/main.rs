@@ -1,4 +1,5 @@
 //! Developer tasks cargo cannot do by itself: set-up, the test suite, the QEMU CXL guest.
+mod demo;
 mod fixture;
 mod setup;
 mod test;
@@ -25,6 +26,9 @@ enum Command {
     /// (cached) and print its path: cxl-mem-fixed has the dport read-side fix, cxl-mem-stock
     /// is the unmodified control.
     Fixture(fixture::Options),
+    /// The main job: set up, then run the hotplug workloads under the tracer in the QEMU CXL
+    /// guest on the stock kernel and with the fixed cxl_mem, and compare (docs/vm.md).
+    Demo(demo::Options),
     /// The QEMU CXL guest: boot it, run hotplug workloads, collect results (docs/vm.md).
     Vm {
         #[command(subcommand)]
@@ -38,5 +42,6 @@ fn main() -> anyhow::Result<()> {
         Command::Test(options) => test::run(&options),
         Command::Vm { command } => vm::command(command),
         Command::Fixture(options) => fixture::run(&options),
+        Command::Demo(options) => demo::run(&options),
     }
 }

@@ -212,6 +212,7 @@ pub fn write_initrd(base: &Path, run: &RunPart<'_>, target: &Path) -> anyhow::Re
         0o755,
         workload::RUN_WORKLOADS.as_bytes(),
     )?;
+    w.file("vm/run-workload", 0o755, workload::RUN_WORKLOAD.as_bytes())?;
     let root = format!("lib/modules/{}", run.release);
     w.file(
         &format!("{root}/modules.dep"),

@@ -5,11 +5,16 @@
 //! The harness never hangs and never lies: every boot has a wall-clock bound, the host reads
 //! the serial console for kernel failures, and a run passes only when the guest printed its
 //! result line (which carries a per-run nonce) with exit 0 and no failure was seen.
+mod calls;
 mod cpio;
+pub mod findings;
 mod initramfs;
 mod kernel;
 mod qemu;
+mod reliability;
+pub mod soak;
 mod suite;
+pub mod traced;
 mod workload;
 
 use std::{
@@ -35,6 +40,8 @@ const RESULT_FILES: &[&str] = &[
     "findings.jsonl",
     "tracer.log",
     "trace.bin",
+    "calls.txt",
+    "calls-profile.txt",
 ];
 
 /// The packages a guest run needs on the host.
@@ -51,7 +58,15 @@ pub enum VmCommand {
     /// Boot the CXL guest, run workloads (under the tracer unless --no-tracer), collect results.
     Run(Box<RunOptions>),
     /// The guest suite alone (what `cargo xtask test` runs after the host tests).
-    Suite,
+    Suite {
+        /// Run only these cases (repeatable or comma-separated; default: all).
+        #[arg(long, value_delimiter = ',', value_name = "CASE")]
+        only: Vec<String>,
+    },
+    /// The racing hotplug mix under the tracer for N minutes, sampling its memory and the
+    /// kernel's drop counters; fails on memory growth, a drop, a guest failure or a tracer
+    /// crash.
+    Soak(soak::SoakOptions),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -96,6 +111,19 @@ pub struct RunOptions {
     /// Put this static tracer binary in the guest instead of building one.
     #[arg(long, value_name = "FILE", conflicts_with = "no_tracer")]
     pub tracer_binary: Option<PathBuf>,
+    /// Put the tracer in the guest (/bin/tracer) but run the workloads and the script
+    /// without it: the script runs `tracer` itself (doctor, leftovers, signals).
+    #[arg(long, conflicts_with = "no_tracer", requires = "script")]
+    pub manual_tracer: bool,
+    /// Do not load the CXL modules at boot nor wait for the topology: the script does
+    /// (`load_modules`, `topology_ready SECS`, then `/vm/run-workload NAME CYCLES`).
+    #[arg(long, requires = "script", conflicts_with = "workloads")]
+    pub no_cxl_at_boot: bool,
+    /// Count the calls of a kernel function during the workloads and the script, with a
+    /// kretprobe: every return, its value and its caller go to calls.txt (repeatable;
+    /// `FUNCTION` or `MODULE:FUNCTION`, e.g. cxl_mem:cxl_mem_probe).
+    #[arg(long = "count-calls", value_name = "[MODULE:]FUNCTION")]
+    pub count_calls: Vec<String>,
     /// Also load cxl_pmem (the nvdimm side of CXL). Off by default: every probe then reads
     /// the label area through the emulated mailbox (cycles get about 15 times slower), and on
     /// 6.12 its cxl_nvdimm_probe oopses when a memdev probe races a cxl_acpi unbind (mix), a
@@ -147,6 +175,9 @@ impl RunOptions {
             cycles: 5,
             no_tracer: false,
             tracer_binary: None,
+            manual_tracer: false,
+            no_cxl_at_boot: false,
+            count_calls: Vec::new(),
             pmem: false,
             modules: Vec::new(),
             kernel_deb: None,
@@ -172,7 +203,8 @@ pub fn command(command: VmCommand) -> anyhow::Result<()> {
                 Some(failure) => bail!("{failure}"),
             }
         }
-        VmCommand::Suite => suite(),
+        VmCommand::Suite { only } => suite::run(&only),
+        VmCommand::Soak(options) => soak::command(&options),
     }
 }
 
@@ -276,10 +308,10 @@ impl Run {
     pub fn print_summary(&self) {
         let secs =
             |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()));
-        let verdict = if self.failure.is_some() {
-            "failed"
-        } else {
-            "passed"
+        let verdict = match self.failure {
+            None => "passed",
+            Some(Failure::Findings { .. }) => "finished with tracer findings",
+            Some(_) => "failed",
         };
         println!(
             "vm: {verdict} in {:.1} s ({}: {}; boot to /init {}, CXL ready {})",
@@ -338,6 +370,21 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
         workloads.push(Workload::MemdevBind);
     }
     workload::check(&workloads, options.topology)?;
+    if options.script.is_empty() && (options.manual_tracer || options.no_cxl_at_boot) {
+        bail!("--manual-tracer and --no-cxl-at-boot need a script (-- SCRIPT ARGS) to run the tracer or load the modules");
+    }
+    if options.no_cxl_at_boot && !workloads.is_empty() {
+        bail!(
+            "--no-cxl-at-boot cannot run --workload before the script: run it from the script \
+             with `/vm/run-workload NAME CYCLES` after loading the modules"
+        );
+    }
+    if options.manual_tracer && options.no_tracer {
+        bail!("--manual-tracer puts the tracer in the guest: it cannot go with --no-tracer");
+    }
+    for spec in &options.count_calls {
+        check_count_spec(spec)?;
+    }
     if options.cycles == 0 {
         bail!("--cycles must be at least 1");
     }
@@ -413,6 +460,9 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
         nonce: &nonce,
         expect_memdevs: options.topology.memdevs(),
         tracer: tracer.is_some(),
+        manual_tracer: options.manual_tracer,
+        load_cxl: !options.no_cxl_at_boot,
+        count_calls: &options.count_calls,
         workloads: &workloads,
         cycles: options.cycles,
         user_command,
@@ -596,6 +646,30 @@ fn choose_accel(requested: Accel, kernel: &Path, tmp: &Path) -> anyhow::Result<(
             }
         }
     }
+}
+
+/// `--count-calls` takes `FUNCTION` or `MODULE:FUNCTION`, both C identifiers (the function
+/// name also names the kretprobe event).
+fn check_count_spec(spec: &str) -> anyhow::Result<()> {
+    let ident = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with(|c: char| c.is_ascii_digit())
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    };
+    let ok = match spec.split_once(':') {
+        Some((module, function)) => ident(module) && ident(function),
+        None => ident(spec),
+    };
+    if !ok {
+        bail!("--count-calls {spec:?}: expected FUNCTION or MODULE:FUNCTION (C identifiers)");
+    }
+    Ok(())
+}
+
+/// The static musl tracer the guest runs, built (when stale) and checked; the host can run
+/// it too (`tracer analyze`/`print` on a copied trace), so both sides use the same build.
+pub fn tracer_binary() -> anyhow::Result<PathBuf> {
+    check_tracer(&build_tracer()?)
 }
 
 /// Builds the static musl tracer for the guest and checks that it has `tracer run`.

@@ -1,15 +1,27 @@
 //! The guest suite `cargo xtask test` runs after the host tests.
 //!
-//! Until the tracer's kernel side lands it proves the harness itself: the guest boots with
-//! the CXL topology present in sysfs, every built-in workload really cycles, results come
-//! back to the host, and a crashing, failing or hanging guest is reported as such. Each check
-//! fails loudly; none is skipped.
+//! It proves the harness itself (the guest boots with the CXL topology present in sysfs,
+//! every built-in workload really cycles, results come back to the host, and a crashing,
+//! failing or hanging guest is reported as such), then the tracer in the guest: the stock
+//! kernel's findings counted against the memdev probes, the fixed driver's silence, the
+//! switch topology, replay, doctor, clean detach, bad environments and a short soak
+//! (`traced.rs`, `reliability.rs`, `soak.rs`). Each check fails loudly; none is skipped.
 use std::{fs, path::Path, time::Instant};
 
 use anyhow::{Context as _, bail, ensure};
 
-use super::{Crash, Failure, Run, RunOptions, Topology, Workload, execute};
-use crate::util;
+use super::{Crash, Failure, Run, RunOptions, Topology, Workload, execute, reliability, soak, traced};
+use crate::{
+    fixture::{self, Fixture},
+    util,
+};
+
+/// Cycles of each workload in the traced rp cases (issue 4: 20 of each).
+const TRACED_CYCLES: u32 = 20;
+/// Cycles of each workload in the traced switch case.
+const SWITCH_CYCLES: u32 = 5;
+/// Minutes of the suite's short soak (`cargo xtask vm soak` runs longer ones).
+const SOAK_MINUTES: u32 = 1;
 
 /// Checked by the host after the run: written by the guest into the results share.
 const MARKER: &str = "suite-topology.txt";
@@ -38,14 +50,45 @@ struct Case {
     seconds: f64,
 }
 
+/// Every case, in the order the suite runs them.
+pub const CASES: &[&str] = &[
+    "rp-workloads",
+    "switch-workloads",
+    "user-module",
+    "crash-is-detected",
+    "failing-script-fails",
+    "missing-result-fails",
+    "hang-is-bounded",
+    "rp-stock-traced",
+    "rp-fixed-traced",
+    "switch-traced",
+    "tracer-lifecycle",
+    "bad-environments",
+    "soak",
+];
+
 pub fn suite() -> anyhow::Result<()> {
+    run(&[])
+}
+
+/// The suite, or only the cases named in `only` (all when empty).
+pub fn run(only: &[String]) -> anyhow::Result<()> {
+    if let Some(unknown) = only.iter().find(|n| !CASES.contains(&n.as_str())) {
+        bail!("no guest case {unknown:?}; the cases are: {}", CASES.join(" "));
+    }
     let start = Instant::now();
     let root = util::workspace_root().join("target/vm/suite");
-    let _ = fs::remove_dir_all(&root);
+    if only.is_empty() {
+        let _ = fs::remove_dir_all(&root);
+    }
     fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let mut cases = Vec::new();
     let mut case =
         |name: &'static str, f: &dyn Fn(&Path) -> anyhow::Result<()>| -> anyhow::Result<()> {
+            if !only.is_empty() && !only.iter().any(|n| n == name) {
+                return Ok(());
+            }
+            let _ = fs::remove_dir_all(root.join(name));
             println!("test: guest: {name}");
             let t = Instant::now();
             f(&root.join(name)).with_context(|| format!("guest test {name} failed"))?;
@@ -61,6 +104,22 @@ pub fn suite() -> anyhow::Result<()> {
     case("failing-script-fails", &failing_script_fails)?;
     case("missing-result-fails", &missing_result_fails)?;
     case("hang-is-bounded", &hang_is_bounded)?;
+
+    // The tracer in the guest: one musl build for the guest and for replay on the host.
+    let traced = CASES[7..].iter().any(|c| only.is_empty() || only.iter().any(|n| n == c));
+    let (tracer, fixed) = if traced {
+        (traced::tracer()?, fixture::build(Fixture::CxlMemFixed)?)
+    } else {
+        Default::default()
+    };
+    case("rp-stock-traced", &|out| traced::rp_stock(out, &tracer, TRACED_CYCLES))?;
+    case("rp-fixed-traced", &|out| {
+        traced::rp_fixed(out, &tracer, &fixed, TRACED_CYCLES)
+    })?;
+    case("switch-traced", &|out| traced::switch(out, &tracer, SWITCH_CYCLES))?;
+    case("tracer-lifecycle", &|out| reliability::lifecycle(out, &tracer))?;
+    case("bad-environments", &|out| reliability::environment(out, &tracer))?;
+    case("soak", &|out| short_soak(out, &tracer))?;
     for c in &cases {
         println!("test: guest: {:<22} {:6.1} s", c.name, c.seconds);
     }
@@ -81,7 +140,7 @@ fn options(topology: Topology, out: &Path) -> RunOptions {
 }
 
 /// A run that must pass: prints its summary and fails with the run's own failure otherwise.
-fn passing(options: &RunOptions) -> anyhow::Result<Run> {
+pub(super) fn passing(options: &RunOptions) -> anyhow::Result<Run> {
     let run = execute(options)?;
     run.print_summary();
     if let Some(failure) = &run.failure {
@@ -91,7 +150,7 @@ fn passing(options: &RunOptions) -> anyhow::Result<Run> {
 }
 
 /// Every workload ran `cycles` cycles, each reported by the guest.
-fn check_cycled(run: &Run, workloads: &[Workload], cycles: u32) -> anyhow::Result<()> {
+pub(super) fn check_cycled(run: &Run, workloads: &[Workload], cycles: u32) -> anyhow::Result<()> {
     for w in workloads {
         let timing = run
             .workloads
@@ -305,5 +364,20 @@ fn hang_is_bounded(out: &Path) -> anyhow::Result<()> {
         None => bail!("a guest stuck in `sleep 1000` was reported as passing"),
     }
     ensure!(took < 50, "the 30 s bound took {took} s to enforce");
+    Ok(())
+}
+
+/// `cargo xtask vm soak` for a minute: memory flat, no drop, no crash.
+fn short_soak(out: &Path, tracer: &Path) -> anyhow::Result<()> {
+    let soak = soak::run(&soak::SoakOptions {
+        minutes: SOAK_MINUTES,
+        interval: 3,
+        topology: Topology::Rp,
+        tracer_binary: Some(tracer.to_owned()),
+        out: Some(out.to_owned()),
+    })?;
+    soak.print();
+    ensure!(soak.failures.is_empty(), "{}", soak.failures.join("; "));
+    ensure!(soak.rounds > 0, "no mix round completed during the soak");
     Ok(())
 }

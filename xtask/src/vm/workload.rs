@@ -81,6 +81,12 @@ pub struct GuestConfig<'a> {
     pub nonce: &'a str,
     pub expect_memdevs: usize,
     pub tracer: bool,
+    /// The tracer is in the guest but the workloads run without it: the script runs it.
+    pub manual_tracer: bool,
+    /// Load the CXL modules at boot and wait for the topology (else the script does).
+    pub load_cxl: bool,
+    /// `[MODULE:]FUNCTION` specs whose calls are counted during the workloads and script.
+    pub count_calls: &'a [String],
     pub workloads: &'a [Workload],
     pub cycles: u32,
     /// The user's command, already shell-quoted, or empty.
@@ -97,7 +103,17 @@ impl GuestConfig<'_> {
         let vars = [
             ("NONCE", self.nonce.to_owned()),
             ("EXPECT_MEMDEVS", self.expect_memdevs.to_string()),
-            ("TRACER", u8::from(self.tracer).to_string()),
+            (
+                "TRACER",
+                match (self.tracer, self.manual_tracer) {
+                    (true, true) => "manual",
+                    (true, false) => "1",
+                    (false, _) => "0",
+                }
+                .to_owned(),
+            ),
+            ("LOAD_CXL", u8::from(self.load_cxl).to_string()),
+            ("COUNT_CALLS", self.count_calls.join(" ")),
             ("WORKLOADS", names.join(" ")),
             ("CYCLES", self.cycles.to_string()),
             ("USER_CMD", self.user_command.clone()),
@@ -153,32 +169,19 @@ modprobe 9pnet_virtio && modprobe 9p || setup_failed "cannot load the 9p modules
 mount -t 9p -o trans=virtio,version=9p2000.L share /share || setup_failed "cannot mount the 9p results share"
 mkdir -p /share/out || setup_failed "the results share is not writable"
 
-for m in $LOAD_MODULES; do
-	modprobe "$m" || setup_failed "modprobe $m failed"
-done
-say "modules loaded: $LOAD_MODULES"
-for m in $LOAD_MODULES; do
-	[ -e "/sys/module/$m/taint" ] || continue
-	t=$(cat "/sys/module/$m/taint")
-	[ -z "$t" ] || say "module $m taints the kernel: $t"
-done
-
-ready=0
-n=0
-while [ $n -lt 600 ]; do
-	if [ "$EXPECT_MEMDEVS" = "$(count memdevs)" ] && [ "$EXPECT_MEMDEVS" = "$(count bound)" ] \
-		&& [ "$EXPECT_MEMDEVS" = "$(count endpoints)" ]; then
-		ready=1
-		break
-	fi
-	usleep 100000
-	n=$((n + 1))
-done
-[ $ready = 1 ] || setup_failed "CXL topology not ready after 60 s: expected $EXPECT_MEMDEVS memdevs bound to cxl_mem with endpoints, have $(topology)"
-say "topology ready $(topology) uptime_ms=$(now_ms)"
+if [ "$LOAD_CXL" = 1 ]; then
+	load_modules || setup_failed "$LOAD_ERROR"
+	topology_ready 60 || setup_failed "CXL topology not ready after 60 s: expected $EXPECT_MEMDEVS memdevs bound to cxl_mem with endpoints, have $(topology)"
+	say "topology ready $(topology) uptime_ms=$(now_ms)"
+else
+	say "CXL modules not loaded at boot (--no-cxl-at-boot): the script loads them (load_modules)"
+fi
 
 rm -f /tmp/workload.status
-if [ "$TRACER" = 1 ]; then
+if [ "$TRACER" = manual ]; then
+	say "running the workload without the tracer; /bin/tracer is there for the script (--manual-tracer)"
+	/vm/workload
+elif [ "$TRACER" = 1 ]; then
 	say "running the workload under: tracer run --format json --record /share/out/trace.bin"
 	/bin/tracer run --format json --record /share/out/trace.bin -- /vm/workload \
 		> /share/out/findings.jsonl 2> /share/out/tracer.log
@@ -217,6 +220,9 @@ pub const RUN_WORKLOADS: &str = r#"#!/bin/sh
 . /vm/config
 . /vm/lib.sh
 . /vm/workloads.sh
+# Calls are counted from here (under the tracer, after it attached) to the end.
+trap count_calls_stop EXIT
+count_calls_start
 for w in $WORKLOADS; do
 	run_workload "$w" "$CYCLES" || exit 1
 done
@@ -229,6 +235,17 @@ if [ -n "$USER_CMD" ]; then
 	exit $rc
 fi
 exit 0
+"#;
+
+/// `/vm/run-workload NAME CYCLES`: one built-in workload, for scripts (after
+/// `load_modules` and `topology_ready` when the modules were not loaded at boot).
+pub const RUN_WORKLOAD: &str = r#"#!/bin/sh
+# /vm/run-workload, written by cargo xtask vm run
+. /vm/config
+. /vm/lib.sh
+. /vm/workloads.sh
+[ $# = 2 ] || fail "usage: /vm/run-workload NAME CYCLES"
+run_workload "$1" "$2"
 "#;
 
 /// `/vm/lib.sh`: helpers shared by /init and the workloads.
@@ -312,6 +329,85 @@ wait_until() {
 		[ $n -ge $((SETTLE_SECS * 10)) ] && fail "$what did not happen within $SETTLE_SECS s: $(topology)"
 		usleep 100000
 	done
+}
+
+# Loads the CXL drivers and the user's modules ($LOAD_MODULES, in order); on failure
+# returns 1 with the reason in LOAD_ERROR.
+load_modules() {
+	for m in $LOAD_MODULES; do
+		if ! modprobe "$m" 2> /tmp/modprobe.err; then
+			LOAD_ERROR="modprobe $m failed: $(cat /tmp/modprobe.err)"
+			return 1
+		fi
+	done
+	say "modules loaded: $LOAD_MODULES"
+	for m in $LOAD_MODULES; do
+		[ -e "/sys/module/$m/taint" ] || continue
+		t=$(cat "/sys/module/$m/taint")
+		[ -z "$t" ] || say "module $m taints the kernel: $t"
+	done
+	return 0
+}
+
+# topology_ready SECS: waits until every expected memdev is bound to cxl_mem with its
+# endpoint port.
+topology_ready() {
+	n=0
+	while [ $n -lt $(($1 * 10)) ]; do
+		if [ "$EXPECT_MEMDEVS" = "$(count memdevs)" ] && [ "$EXPECT_MEMDEVS" = "$(count bound)" ] \
+			&& [ "$EXPECT_MEMDEVS" = "$(count endpoints)" ]; then
+			return 0
+		fi
+		usleep 100000
+		n=$((n + 1))
+	done
+	return 1
+}
+
+# wait_for_text FILE TEXT SECS: waits until FILE contains TEXT; returns 1 after SECS.
+wait_for_text() {
+	n=0
+	until grep -q "$2" "$1" 2> /dev/null; do
+		n=$((n + 1))
+		[ $n -ge $(($3 * 10)) ] && return 1
+		usleep 100000
+	done
+	return 0
+}
+
+TRACEFS=/sys/kernel/tracing
+
+# --count-calls: a kretprobe event per function (group vmcount) records every return with
+# its value and caller; count_calls_stop saves them for the host (calls.txt) with the
+# kprobe hit and miss counts and the trace buffer's overruns (calls-profile.txt).
+count_calls_start() {
+	[ -n "$COUNT_CALLS" ] || return 0
+	for f in $COUNT_CALLS; do
+		if ! echo "r:vmcount/${f#*:} $f ret=\$retval" 2> /tmp/kprobe.err >> $TRACEFS/kprobe_events; then
+			fail "cannot count calls of $f (--count-calls): the kernel refused a kretprobe on it: $(sed 's/^.*: //' /tmp/kprobe.err)"
+		fi
+	done
+	: > $TRACEFS/trace
+	echo 1 > $TRACEFS/events/vmcount/enable || fail "cannot enable the vmcount kretprobes"
+	COUNTING=1
+	say "counting calls of: $COUNT_CALLS"
+}
+
+count_calls_stop() {
+	[ "$COUNTING" = 1 ] || return 0
+	COUNTING=0
+	echo 0 > $TRACEFS/events/vmcount/enable
+	grep -v '^#' $TRACEFS/trace > /share/out/calls.txt
+	{
+		for f in $COUNT_CALLS; do
+			awk -v n="${f#*:}" '$1 == n { print "profile", $1, $2, $3 }' $TRACEFS/kprobe_profile
+		done
+		for s in $TRACEFS/per_cpu/cpu*/stats; do
+			echo "$(basename "$(dirname "$s")") $(grep '^overrun:' "$s")"
+		done
+	} > /share/out/calls-profile.txt
+	for f in $COUNT_CALLS; do echo "-:vmcount/${f#*:}" >> $TRACEFS/kprobe_events; done
+	say "call counts saved: $(wc -l < /share/out/calls.txt) returns"
 }
 
 # Waits up to SETTLE_SECS for the topology to read $1.

@@ -1,0 +1,317 @@
+//! Guest suite cases for the tracer's own reliability (issue 6): `doctor` on the guest
+//! kernel, a clean detach after SIGINT, SIGTERM, SIGKILL and a crashing traced command,
+//! and bad environments (no CXL modules, `--wait-for-cxl`, no BTF, a full disk under
+//! `--record`).
+//!
+//! These boots use `--manual-tracer`: the tracer is in the guest but the script runs it,
+//! because `doctor` refuses to run while another instance is attached and the signal tests
+//! need the tracer in the background. The script writes `NAME exit=N` lines to
+//! `lifecycle.txt` / `environment.txt`, and keeps every output, for the host to judge.
+use std::{collections::HashMap, fs, path::Path};
+
+use anyhow::{Context as _, bail, ensure};
+
+use super::{
+    RunOptions, Topology,
+    findings::{self, Report},
+    suite::passing,
+};
+
+/// Runs `tracer` in the ways users stop it, checking what it leaves behind each time.
+const LIFECYCLE: &str = r#"#!/bin/sh
+. /vm/config
+. /vm/lib.sh
+T=/bin/tracer
+out=/share/out
+res=$out/lifecycle.txt
+: > $res
+note() { echo "$*" >> $res; say "lifecycle: $*"; }
+
+$T doctor > $out/doctor.txt 2>&1
+note "doctor exit=$?"
+$T leftovers > $out/leftovers-before.txt 2>&1
+note "leftovers-before exit=$?"
+
+# stop SIG: the tracer traces a long sleep, is sent SIG once attached, and must leave
+# nothing in the kernel (after SIGKILL: nothing but kprobe events marked gone).
+for sig in INT TERM KILL; do
+	log=$out/run-$sig.log
+	rm -f /tmp/child.pid
+	$T run --format json -- sh -c 'echo $$ > /tmp/child.pid; exec sleep 1000' > $out/run-$sig.jsonl 2> $log &
+	pid=$!
+	if ! wait_for_text $log "kprobes attached" 180; then
+		note "run-$sig attached=no"
+		kill -9 $pid
+		continue
+	fi
+	note "run-$sig attached=yes"
+	$T leftovers > $out/leftovers-during-$sig.txt 2>&1
+	note "leftovers-during-$sig exit=$?"
+	kill -$sig $pid
+	wait $pid
+	note "run-$sig exit=$?"
+	child=$(cat /tmp/child.pid 2> /dev/null)
+	if [ -n "$child" ] && kill -0 "$child" 2> /dev/null; then
+		note "child-$sig alive=yes"
+		kill -9 "$child"
+	else
+		note "child-$sig alive=no"
+	fi
+	$T leftovers > $out/leftovers-after-$sig.txt 2>&1
+	note "leftovers-after-$sig exit=$?"
+done
+
+# The traced command crashes; this start also removes the killed instance's kprobe events.
+$T run --format json -- sh -c 'kill -SEGV $$' > $out/run-crash.jsonl 2> $out/run-crash.log
+note "run-crash exit=$?"
+$T leftovers > $out/leftovers-after-crash.txt 2>&1
+note "leftovers-after-crash exit=$?"
+exit 0
+"#;
+
+/// Bad environments: booted without the CXL modules.
+const ENVIRONMENT: &str = r#"#!/bin/sh
+. /vm/config
+. /vm/lib.sh
+T=/bin/tracer
+out=/share/out
+res=$out/environment.txt
+: > $res
+note() { echo "$*" >> $res; say "environment: $*"; }
+
+$T run -- true > /dev/null 2> $out/no-cxl.log
+note "no-cxl exit=$?"
+$T doctor --no-attach > $out/no-cxl-doctor.txt 2>&1
+note "no-cxl-doctor exit=$?"
+mkdir -p /tmp/empty-btf
+$T run --btf-dir /tmp/empty-btf -- true > /dev/null 2> $out/no-btf.log
+note "no-btf exit=$?"
+
+# --wait-for-cxl: the tracer waits, the modules come, it attaches and traces the workload.
+log=$out/wait.log
+$T run --format json --wait-for-cxl=300 -- sh -c '. /vm/config; . /vm/lib.sh; topology_ready 60 || exit 9; /vm/run-workload memdev-bind 3' > $out/wait.jsonl 2> $log &
+pid=$!
+if wait_for_text $log "waiting for the CXL modules" 120; then
+	note "wait announced=yes"
+else
+	note "wait announced=no"
+fi
+sleep 2
+if kill -0 $pid 2> /dev/null; then note "wait still-waiting=yes"; else note "wait still-waiting=no"; fi
+load_modules || { note "load-modules failed: $LOAD_ERROR"; exit 1; }
+wait $pid
+note "wait exit=$?"
+
+# --record on a full disk: a clear error, exit 2, and a partial trace that still reads.
+mkdir -p /mnt/small
+mount -t tmpfs -o size=48k tmpfs /mnt/small || { note "cannot mount the small tmpfs"; exit 1; }
+$T run --format json --record /mnt/small/trace.bin -- /vm/run-workload memdev-bind 30 > $out/full.jsonl 2> $out/full.log
+note "full exit=$?"
+cp /mnt/small/trace.bin $out/full-partial.bin
+note "full-partial bytes=$(wc -c < /mnt/small/trace.bin)"
+# Whatever the killed workload left unbound is bound again, so the guest ends whole.
+topology_ready 1 || for m in $(memdev_names); do
+	[ "$(driver_of "$CXL/devices/$m")" = cxl_mem ] || echo "$m" > $CXL/drivers/cxl_mem/bind
+done
+exit 0
+"#;
+
+/// `NAME key=value` lines the guest scripts write.
+fn results(out: &Path, file: &str) -> anyhow::Result<HashMap<String, String>> {
+    let path = out.join(file);
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(' ')?;
+            let (key, value) = rest.split_once('=')?;
+            Some((format!("{name} {key}"), value.trim().to_owned()))
+        })
+        .collect())
+}
+
+fn expect(r: &HashMap<String, String>, key: &str, want: &str, hint: &str) -> anyhow::Result<()> {
+    let got = r.get(key).map(String::as_str);
+    ensure!(
+        got == Some(want),
+        "{key}: got {}, expected {want} ({hint})",
+        got.unwrap_or("nothing (the guest script did not get there)")
+    );
+    Ok(())
+}
+
+fn read(out: &Path, file: &str) -> anyhow::Result<String> {
+    let path = out.join(file);
+    fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn script(out: &Path, text: &str) -> anyhow::Result<Vec<String>> {
+    fs::create_dir_all(out)?;
+    let path = out.with_extension("sh");
+    fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(vec![path.to_string_lossy().into_owned()])
+}
+
+/// `doctor` is ready; each way of stopping `run` leaves no BPF object behind, and no kprobe
+/// event except, after SIGKILL, the dead instance's (reported as gone and removed by the
+/// next start); `leftovers` sees a running instance's objects (so its "nothing" means
+/// something).
+pub fn lifecycle(out: &Path, tracer: &Path) -> anyhow::Result<()> {
+    let mut o = RunOptions::new(Topology::Rp);
+    o.tracer_binary = Some(tracer.to_owned());
+    o.manual_tracer = true;
+    o.quiet = true;
+    o.out = Some(out.to_owned());
+    o.script = script(out, LIFECYCLE)?;
+    o.timeout = Some(900);
+    passing(&o)?;
+    let r = results(out, "lifecycle.txt")?;
+
+    expect(&r, "doctor exit", "0", "tracer doctor must find the guest ready: see doctor.txt")?;
+    let doctor = read(out, "doctor.txt")?;
+    ensure!(
+        doctor.contains("verdict: ready"),
+        "doctor.txt has no `verdict: ready`:\n{doctor}"
+    );
+    ensure!(
+        doctor.contains("attach check:") && !doctor.contains("attach check: FAILED"),
+        "doctor did not attach everything as a check:\n{doctor}"
+    );
+    println!(
+        "test: guest:   doctor: {}",
+        doctor.lines().find(|l| l.starts_with("attach check:")).unwrap_or_default()
+    );
+    expect(&r, "leftovers-before exit", "0", "nothing is left before any tracer ran")?;
+
+    for sig in ["INT", "TERM", "KILL"] {
+        expect(&r, &format!("run-{sig} attached"), "yes", "see run-SIG.log")?;
+        // While it runs, leftovers lists its programs, maps and kprobe events: the checks
+        // after it stopped can fail.
+        expect(&r, &format!("leftovers-during-{sig} exit"), "2", "a running tracer's objects must be listed")?;
+        let during = read(out, &format!("leftovers-during-{sig}.txt"))?;
+        for what in ["bpf program", "bpf map", "kprobe event", "running"] {
+            ensure!(
+                during.contains(what),
+                "tracer leftovers did not list the running tracer's {what}s:\n{during}"
+            );
+        }
+        let after = read(out, &format!("leftovers-after-{sig}.txt"))?;
+        ensure!(
+            !after.contains("bpf program") && !after.contains("bpf map"),
+            "BPF objects left in the kernel after SIG{sig}:\n{after}"
+        );
+        if sig == "KILL" {
+            expect(&r, "run-KILL exit", "137", "killed by SIGKILL")?;
+            let kprobes: Vec<&str> = after.lines().filter(|l| l.starts_with("kprobe event")).collect();
+            ensure!(
+                !kprobes.is_empty() && kprobes.iter().all(|l| l.contains("gone")),
+                "after SIGKILL, the dead instance's kprobe events should be listed as gone:\n{after}"
+            );
+            println!(
+                "test: guest:   SIGKILL: no BPF object left; {} kprobe events of the dead instance listed as gone",
+                kprobes.len()
+            );
+        } else {
+            expect(&r, &format!("run-{sig} exit"), "0", "a clean stop with no findings")?;
+            expect(&r, &format!("child-{sig} alive"), "no", "the tracer stops its traced command")?;
+            expect(&r, &format!("leftovers-after-{sig} exit"), "0", "nothing left after a clean stop")?;
+            let log = read(out, &format!("run-{sig}.log"))?;
+            ensure!(
+                log.contains("traced for"),
+                "run-{sig}.log does not show the tracer finishing its report:\n{log}"
+            );
+            println!("test: guest:   SIG{sig}: exit 0, traced command stopped, nothing left");
+        }
+    }
+    expect(&r, "run-crash exit", "0", "a traced command that crashes is no tracer error")?;
+    let crash = read(out, "run-crash.log")?;
+    ensure!(
+        crash.contains("SIGSEGV"),
+        "run-crash.log does not report the command's SIGSEGV:\n{crash}"
+    );
+    expect(
+        &r,
+        "leftovers-after-crash exit",
+        "0",
+        "the crashed command's tracer detached, and its start removed the killed instance's kprobe events",
+    )?;
+    println!("test: guest:   crashing command: exit 0, SIGSEGV reported; the dead instance's kprobe events removed; nothing left");
+    Ok(())
+}
+
+/// No CXL modules: `run` and `doctor` fail naming them; `--wait-for-cxl` waits, then
+/// traces; no BTF fails naming it; a full disk under `--record` fails clearly and leaves a
+/// trace that reads up to its last complete record.
+pub fn environment(out: &Path, tracer: &Path) -> anyhow::Result<()> {
+    let mut o = RunOptions::new(Topology::Rp);
+    o.tracer_binary = Some(tracer.to_owned());
+    o.manual_tracer = true;
+    o.no_cxl_at_boot = true;
+    o.quiet = true;
+    o.out = Some(out.to_owned());
+    o.script = script(out, ENVIRONMENT)?;
+    o.timeout = Some(600);
+    let run = passing(&o)?;
+    let r = results(out, "environment.txt")?;
+    let modules = ["cxl_acpi", "cxl_mem", "cxl_pci"];
+
+    expect(&r, "no-cxl exit", "2", "tracer run without the CXL modules")?;
+    let log = read(out, "no-cxl.log")?;
+    ensure!(
+        modules.iter().all(|m| log.contains(m)) && log.contains("--wait-for-cxl"),
+        "the error without CXL modules must name them and --wait-for-cxl:\n{log}"
+    );
+    println!("test: guest:   no CXL modules: exit 2: {}", log.trim());
+    expect(&r, "no-cxl-doctor exit", "2", "doctor without the CXL modules")?;
+    let doctor = read(out, "no-cxl-doctor.txt")?;
+    ensure!(
+        modules.iter().all(|m| doctor.contains(&format!("modprobe {m}")) || doctor.contains(m)),
+        "doctor must say which modules to load:\n{doctor}"
+    );
+    expect(&r, "no-btf exit", "2", "tracer run --btf-dir on an empty directory")?;
+    let log = read(out, "no-btf.log")?;
+    ensure!(log.contains("BTF"), "the error without BTF must say so:\n{log}");
+
+    expect(&r, "wait announced", "yes", "--wait-for-cxl says it is waiting")?;
+    expect(&r, "wait still-waiting", "yes", "tracer run --wait-for-cxl must not exit before the modules are loaded")?;
+    expect(&r, "wait exit", "1", "it traced the memdev-bind cycles after the modules came: findings")?;
+    let wait = Report::read(&out.join("wait.jsonl"))?;
+    let ras = wait.occurrences("unlocked-use", "cxl_dport_init_ras_reporting");
+    ensure!(
+        ras == 3,
+        "after waiting, the tracer saw {ras} unlocked uses at cxl_dport_init_ras_reporting, not 3 (one per memdev-bind cycle)"
+    );
+    ensure!(
+        run.console.iter().any(|l| l.contains("workload memdev-bind passed cycles=3")),
+        "the workload traced after the wait did not pass"
+    );
+    println!("test: guest:   --wait-for-cxl: waited, attached when the modules came, 3 of 3 probes judged");
+
+    expect(&r, "full exit", "2", "--record on a full disk")?;
+    let log = read(out, "full.log")?;
+    ensure!(
+        log.contains("No space left on device") && log.contains("/mnt/small/trace.bin"),
+        "the full-disk error must name the file and the cause:\n{log}"
+    );
+    let error = log.lines().rev().find(|l| l.contains("No space")).unwrap_or_default();
+    println!("test: guest:   full disk: exit 2: {}", error.trim());
+    let partial = out.join("full-partial.bin");
+    let bytes = fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+    ensure!(bytes > 0, "the partial trace was not copied back");
+    let (report, stderr) = findings::analyze(tracer, &partial)
+        .context("the partial trace of the full disk does not analyze")?;
+    let events = report.summary_u64(&["events"])?;
+    ensure!(events > 0, "the partial trace holds no event");
+    println!(
+        "test: guest:   partial trace ({bytes} bytes): {events} events analyzed{}",
+        stderr
+            .lines()
+            .find(|l| l.contains("cut off"))
+            .map(|l| format!("; {}", l.trim_start_matches("tracer: warning: ")))
+            .unwrap_or_default()
+    );
+    if report.occurrences("unlocked-use", "cxl_dport_init_ras_reporting") == 0 {
+        bail!("the partial trace holds no finding, though memdev-bind ran until the disk was full");
+    }
+    Ok(())
+}

@@ -1,0 +1,422 @@
+//! `cargo xtask vm soak --minutes N`: the racing hotplug mix under the tracer for N minutes,
+//! sampling the tracer's memory and the kernel's drop counters, failing on memory growth,
+//! a drop, a guest failure or a tracer crash.
+//!
+//! The guest runs `tracer run --record` in the background around a loop of `mix` rounds
+//! (a memdev unbind/bind loop racing a cxl_acpi unbind/bind loop, then a restore and a
+//! topology check) and samples, every `--interval` seconds, the tracer's VmRSS and VmHWM
+//! from /proc and the size of its trace file. The trace file carries the kernel's counters
+//! (a COUNTERS record every half second), so on the host the prefix of the trace written by
+//! each sample time, analyzed by the same tracer build, gives the drop counters at that
+//! time.
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+use super::{RunOptions, Topology, execute, findings::Report};
+use crate::util;
+
+#[derive(clap::Args, Clone)]
+pub struct SoakOptions {
+    /// How long the workload runs under the tracer, in minutes.
+    #[arg(long, default_value_t = 2)]
+    pub minutes: u32,
+    /// Seconds between two samples of the tracer's memory and trace size.
+    #[arg(long, default_value_t = 5, value_name = "SECS")]
+    pub interval: u32,
+    /// The emulated CXL topology.
+    #[arg(long, value_enum, default_value = "rp")]
+    pub topology: Topology,
+    /// Put this static tracer binary in the guest instead of building one.
+    #[arg(long, value_name = "FILE")]
+    pub tracer_binary: Option<PathBuf>,
+    /// Where the results go (default: target/vm/soak-<UTC time>).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+/// Memory growth allowed between the first and the last quarter of the run: the larger of
+/// an absolute slack (allocator noise, a grown buffer) and a fraction of the first
+/// quarter's peak. The engine's state is capped (--max-dports and friends), so after its
+/// first quarter a run without a leak stays flat within this.
+const GROWTH_SLACK_KB: u64 = 2048;
+const GROWTH_FRACTION: f64 = 0.10;
+/// How many samples' trace prefixes are analyzed for the drop counters (spread evenly).
+const COUNTER_CHECKPOINTS: usize = 24;
+
+/// The guest side: `/vm/script SECS INTERVAL` runs the tracer around `/vm/script loop SECS`.
+const SOAK: &str = r#"#!/bin/sh
+. /vm/config
+. /vm/lib.sh
+out=/share/out
+if [ "$1" = loop ]; then
+	# The traced command: mix rounds until the deadline; a round that fails stops it.
+	. /vm/workloads.sh
+	end=$(( $(now_ms) + $2 * 1000 ))
+	rounds=0
+	while [ "$(now_ms)" -lt "$end" ]; do
+		run_workload mix 10 >> $out/soak-workload.log 2>&1 || { echo "$rounds" > /tmp/soak.rounds; exit 1; }
+		rounds=$((rounds + 1))
+	done
+	echo "$rounds" > /tmp/soak.rounds
+	exit 0
+fi
+secs=$1
+interval=$2
+/bin/tracer run --format json --record $out/trace.bin -- /vm/script loop "$secs" > $out/findings.jsonl 2> $out/tracer.log &
+tpid=$!
+if ! wait_for_text $out/tracer.log "kprobes attached" 300; then
+	say "soak: the tracer did not attach within 300 s; its log follows"
+	cat $out/tracer.log
+	kill -9 $tpid
+	exit 1
+fi
+t0=$(now_ms)
+say "soak: tracer (pid $tpid) attached; mix for $secs s, sampling every $interval s"
+: > $out/soak-samples.txt
+last=0
+while kill -0 $tpid 2> /dev/null; do
+	rss=$(awk '/^VmRSS:/ { print $2 }' /proc/$tpid/status 2> /dev/null)
+	hwm=$(awk '/^VmHWM:/ { print $2 }' /proc/$tpid/status 2> /dev/null)
+	size=$(wc -c < $out/trace.bin 2> /dev/null)
+	now=$(now_ms)
+	[ -n "$rss" ] && echo "$((now - t0)) $rss $hwm ${size:-0}" >> $out/soak-samples.txt
+	if [ $((now - last)) -ge 60000 ]; then
+		say "soak: $(( (now - t0) / 1000 )) s: tracer VmRSS ${rss:-?} kB, trace ${size:-0} bytes"
+		last=$now
+	fi
+	sleep "$interval"
+done
+wait $tpid
+t=$?
+say "soak: tracer exit=$t after $(( ($(now_ms) - t0) / 1000 )) s, $(cat /tmp/soak.rounds 2> /dev/null || echo 0) mix rounds"
+echo "tracer=$t rounds=$(cat /tmp/soak.rounds 2> /dev/null || echo 0)" > $out/soak-result.txt
+case $t in
+0 | 1) exit 0 ;;
+*) say "soak: the tracer failed (exit $t); the end of its log follows"; tail -n 20 $out/tracer.log; exit 1 ;;
+esac
+"#;
+
+/// One sample of the tracer process in the guest.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    /// Milliseconds since the tracer attached.
+    pub ms: u64,
+    pub rss_kb: u64,
+    pub hwm_kb: u64,
+    pub trace_bytes: u64,
+}
+
+pub struct Soak {
+    pub out: PathBuf,
+    pub samples: Vec<Sample>,
+    /// (ms since attach, events, dropped) at each checkpoint.
+    pub counters: Vec<(u64, u64, u64)>,
+    pub rounds: u64,
+    pub tracer_exit: i32,
+    pub report: Report,
+    pub elapsed: Duration,
+    /// Why it failed, if it did.
+    pub failures: Vec<String>,
+}
+
+pub fn command(options: &SoakOptions) -> anyhow::Result<()> {
+    let soak = run(options)?;
+    soak.print();
+    if !soak.failures.is_empty() {
+        bail!("soak failed: {}", soak.failures.join("; "));
+    }
+    Ok(())
+}
+
+pub fn run(options: &SoakOptions) -> anyhow::Result<Soak> {
+    ensure!(options.minutes >= 1, "--minutes must be at least 1");
+    ensure!(options.interval >= 1, "--interval must be at least 1 second");
+    let tracer = match &options.tracer_binary {
+        Some(t) => t.clone(),
+        None => super::tracer_binary()?,
+    };
+    let out = match &options.out {
+        Some(out) => out.clone(),
+        None => util::workspace_root()
+            .join("target/vm")
+            .join(format!("soak-{}", super::utc_stamp())),
+    };
+    fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    for stale in ["soak-samples.txt", "soak-result.txt", "soak-workload.log", "soak.txt"] {
+        let _ = fs::remove_file(out.join(stale));
+    }
+    let script = out.join("soak.sh");
+    fs::write(&script, SOAK).with_context(|| format!("writing {}", script.display()))?;
+    let secs = u64::from(options.minutes) * 60;
+    let mut o = RunOptions::new(options.topology);
+    o.tracer_binary = Some(tracer.clone());
+    o.manual_tracer = true;
+    o.quiet = true;
+    o.out = Some(out.clone());
+    o.timeout = Some(secs + 420);
+    o.script = vec![
+        script.to_string_lossy().into_owned(),
+        secs.to_string(),
+        options.interval.to_string(),
+    ];
+    let started = Instant::now();
+    let run = execute(&o)?;
+    run.print_summary();
+    let mut failures = Vec::new();
+    if let Some(failure) = &run.failure {
+        failures.push(failure.to_string());
+    }
+    let result = fs::read_to_string(out.join("soak-result.txt")).unwrap_or_default();
+    let field = |key: &str| {
+        result
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse::<i64>().ok())
+    };
+    let tracer_exit = field("tracer").unwrap_or(-1) as i32;
+    let rounds = field("rounds").unwrap_or(0).max(0) as u64;
+    if !matches!(tracer_exit, 0 | 1) {
+        failures.push(format!(
+            "the tracer did not finish cleanly (exit status {tracer_exit}; 128+N is signal N): see tracer.log"
+        ));
+    }
+    let samples = read_samples(&out.join("soak-samples.txt"))?;
+    if let Some(problem) = growth(&samples) {
+        failures.push(problem);
+    }
+    let report = Report::read(&out.join("findings.jsonl"))
+        .context("the tracer's final report is missing or incomplete")?;
+    for key in [&["dropped"][..], &["undecodable"], &["kernel_counters", "stack_lost"]] {
+        let n = report.summary_u64(key)?;
+        if n > 0 {
+            failures.push(format!("summary.{} = {n}: events were lost", key.join(".")));
+        }
+    }
+    for class in ["use-after-free", "rule-mismatch"] {
+        let n = report.summary_u64(&["occurrences", class])?;
+        if n > 0 {
+            failures.push(format!("{n} {class} occurrence(s): see findings.jsonl"));
+        }
+    }
+    let counters = checkpoints(&tracer, &out.join("trace.bin"), &samples)?;
+    if let Some((ms, _, dropped)) = counters.iter().find(|(_, _, d)| *d > 0) {
+        failures.push(format!(
+            "{dropped} events dropped in the kernel by {:.0} s into the soak",
+            *ms as f64 / 1000.0
+        ));
+    }
+    let soak = Soak {
+        out,
+        samples,
+        counters,
+        rounds,
+        tracer_exit,
+        report,
+        elapsed: started.elapsed(),
+        failures,
+    };
+    fs::write(soak.out.join("soak.txt"), soak.figures())
+        .with_context(|| format!("writing {}", soak.out.join("soak.txt").display()))?;
+    Ok(soak)
+}
+
+fn read_samples(path: &Path) -> anyhow::Result<Vec<Sample>> {
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("reading {} (the guest never sampled the tracer)", path.display()))?;
+    let samples: Vec<Sample> = text
+        .lines()
+        .filter_map(|l| {
+            let v: Vec<u64> = l.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+            (v.len() == 4).then(|| Sample {
+                ms: v[0],
+                rss_kb: v[1],
+                hwm_kb: v[2],
+                trace_bytes: v[3],
+            })
+        })
+        .collect();
+    ensure!(
+        samples.len() >= 4,
+        "only {} samples of the tracer's memory in {}: too few to judge growth",
+        samples.len(),
+        path.display()
+    );
+    Ok(samples)
+}
+
+/// The memory criterion: the peak VmRSS of the last quarter of the samples may exceed the
+/// first quarter's peak by at most max(GROWTH_SLACK_KB, GROWTH_FRACTION of it).
+pub fn growth(samples: &[Sample]) -> Option<String> {
+    let q = (samples.len() / 4).max(1);
+    let first = samples[..q].iter().map(|s| s.rss_kb).max()?;
+    let last = samples[samples.len() - q..].iter().map(|s| s.rss_kb).max()?;
+    let allowed = GROWTH_SLACK_KB.max((first as f64 * GROWTH_FRACTION) as u64);
+    (last > first + allowed).then(|| {
+        format!(
+            "the tracer's memory grew: VmRSS peak {last} kB in the last quarter, {first} kB in the \
+             first (allowed: +{allowed} kB)"
+        )
+    })
+}
+
+/// Kernel drop counters and events at evenly spread samples, from the prefix of the trace
+/// file written by then (a cut-off trace reads up to its last complete record).
+fn checkpoints(
+    tracer: &Path,
+    trace: &Path,
+    samples: &[Sample],
+) -> anyhow::Result<Vec<(u64, u64, u64)>> {
+    let step = samples.len().div_ceil(COUNTER_CHECKPOINTS).max(1);
+    let mut picks: Vec<&Sample> = samples.iter().step_by(step).collect();
+    if let Some(last) = samples.last() {
+        picks.push(last);
+    }
+    let mut out = Vec::new();
+    for s in picks {
+        if s.trace_bytes == 0 {
+            continue;
+        }
+        let report = analyze_prefix(tracer, trace, s.trace_bytes)?;
+        out.push((
+            s.ms,
+            report.summary_u64(&["events"])?,
+            report.summary_u64(&["dropped"])?,
+        ));
+    }
+    Ok(out)
+}
+
+/// `tracer analyze` on the first `len` bytes of `trace`, fed through a pipe.
+fn analyze_prefix(tracer: &Path, trace: &Path, len: u64) -> anyhow::Result<Report> {
+    let mut child = Command::new(tracer)
+        .args(["analyze", "--format", "json", "/dev/stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot run {}", tracer.display()))?;
+    let mut input = child.stdin.take().expect("piped");
+    let file = fs::File::open(trace).with_context(|| format!("opening {}", trace.display()))?;
+    let feeder = std::thread::spawn(move || {
+        // The reader may stop early (a bad record): a broken pipe then is no error here.
+        let _ = std::io::copy(&mut file.take(len), &mut input);
+        let _ = input.flush();
+    });
+    let mut text = String::new();
+    child
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut text)?;
+    let status = child.wait()?;
+    let _ = feeder.join();
+    ensure!(
+        matches!(status.code(), Some(0 | 1)),
+        "tracer analyze on the first {len} bytes of {} failed: {status}",
+        trace.display()
+    );
+    Report::parse(&text)
+}
+
+impl Soak {
+    pub fn figures(&self) -> String {
+        let mut s = String::new();
+        let first = self.samples.first().copied();
+        let last = self.samples.last().copied();
+        let peak = self.samples.iter().map(|s| s.rss_kb).max().unwrap_or(0);
+        let q = (self.samples.len() / 4).max(1);
+        let q1 = self.samples[..q].iter().map(|s| s.rss_kb).max().unwrap_or(0);
+        let q4 = self.samples[self.samples.len() - q..]
+            .iter()
+            .map(|s| s.rss_kb)
+            .max()
+            .unwrap_or(0);
+        let events = self.report.summary_u64(&["events"]).unwrap_or(0);
+        let secs = last.map_or(0.0, |l| l.ms as f64 / 1000.0);
+        s.push_str(&format!(
+            "soak: {:.0} s traced, {} mix rounds (10 racing iterations each), {} events ({:.0}/s), tracer exit {}\n",
+            secs,
+            self.rounds,
+            events,
+            events as f64 / secs.max(1.0),
+            self.tracer_exit
+        ));
+        s.push_str(&format!(
+            "soak: tracer VmRSS {} kB at the first sample, {} kB at the last, peak {peak} kB; \
+             first-quarter peak {q1} kB, last-quarter peak {q4} kB; VmHWM {} kB\n",
+            first.map_or(0, |f| f.rss_kb),
+            last.map_or(0, |l| l.rss_kb),
+            last.map_or(0, |l| l.hwm_kb)
+        ));
+        s.push_str(&format!(
+            "soak: trace file {} bytes; {} samples every ~{:.0} s\n",
+            last.map_or(0, |l| l.trace_bytes),
+            self.samples.len(),
+            secs / self.samples.len().max(1) as f64
+        ));
+        let drops: Vec<String> = self
+            .counters
+            .iter()
+            .map(|(ms, ev, d)| format!("{:.0}s:{ev}ev/{d}", *ms as f64 / 1000.0))
+            .collect();
+        s.push_str(&format!("soak: kernel drops at checkpoints (time:events/dropped): {}\n", drops.join(" ")));
+        let occ = self
+            .report
+            .summary
+            .get("occurrences")
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        s.push_str(&format!("soak: occurrences by class: {occ}\n"));
+        if let Some(evicted) = self.report.summary.get("evicted") {
+            s.push_str(&format!("soak: engine evictions: {evicted}\n"));
+        }
+        s.push_str(&format!(
+            "soak: {} in {:.0} s; results in {}\n",
+            if self.failures.is_empty() { "passed" } else { "FAILED" },
+            self.elapsed.as_secs_f64(),
+            self.out.display()
+        ));
+        s
+    }
+
+    pub fn print(&self) {
+        print!("{}", self.figures());
+        for f in &self.failures {
+            println!("soak: failure: {f}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples(rss: &[u64]) -> Vec<Sample> {
+        rss.iter()
+            .enumerate()
+            .map(|(i, &rss_kb)| Sample {
+                ms: i as u64 * 5000,
+                rss_kb,
+                hwm_kb: rss_kb,
+                trace_bytes: 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn flat_memory_passes_and_growth_fails() {
+        assert!(growth(&samples(&[9000, 9100, 9050, 9100, 9200, 9100, 9150, 9120])).is_none());
+        // Within the slack: a buffer that grew once.
+        assert!(growth(&samples(&[9000, 9000, 10000, 10000, 10000, 10000, 10000, 10500])).is_none());
+        // Steady growth: a leak.
+        let leak: Vec<u64> = (0..40).map(|i| 9000 + i * 200).collect();
+        let msg = growth(&samples(&leak)).unwrap();
+        assert!(msg.contains("grew"), "{msg}");
+    }
+}
