@@ -187,6 +187,14 @@ pub fn user_module_path(module: &UserModule) -> String {
     format!("updates/{}.ko", module.name)
 }
 
+/// A host file put into the guest at `path` (relative to /), with `mode`.
+#[derive(Clone, Debug)]
+pub struct GuestFile {
+    pub path: String,
+    pub source: PathBuf,
+    pub mode: u32,
+}
+
 /// What goes into the per-run archive.
 pub struct RunPart<'a> {
     pub release: &'a str,
@@ -196,6 +204,7 @@ pub struct RunPart<'a> {
     pub tracer: Option<&'a Path>,
     /// The user's script, copied to /vm/script.
     pub script: Option<&'a Path>,
+    pub extra_files: &'a [GuestFile],
 }
 
 /// Writes the initrd for one run: the cached base followed by the per-run archive.
@@ -235,6 +244,11 @@ pub fn write_initrd(base: &Path, run: &RunPart<'_>, target: &Path) -> anyhow::Re
         let data =
             fs::read(script).with_context(|| format!("reading the script {}", script.display()))?;
         w.file("vm/script", 0o755, &data)?;
+    }
+    for extra in run.extra_files {
+        let data = fs::read(&extra.source)
+            .with_context(|| format!("reading {} for the guest", extra.source.display()))?;
+        w.file(&extra.path, extra.mode, &data)?;
     }
     bytes.extend(w.finish()?);
     fs::write(target, bytes).with_context(|| format!("writing {}", target.display()))

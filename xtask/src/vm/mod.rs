@@ -26,6 +26,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+pub use initramfs::GuestFile;
 pub use qemu::{Accel, Crash};
 pub use suite::suite;
 pub use workload::Workload;
@@ -164,6 +165,10 @@ pub struct RunOptions {
     /// (copied into the guest) or else a command of the guest's busybox.
     #[arg(last = true, value_name = "SCRIPT ARGS")]
     pub script: Vec<String>,
+    /// More files for the guest, from code (the bench's load programs, bpftrace and the
+    /// libraries it needs).
+    #[arg(skip)]
+    pub extra_files: Vec<GuestFile>,
 }
 
 impl RunOptions {
@@ -189,6 +194,7 @@ impl RunOptions {
             cmdline: None,
             quiet: false,
             script: Vec::new(),
+            extra_files: Vec::new(),
         }
     }
 }
@@ -480,6 +486,7 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
             user_modules: &user_modules,
             tracer: tracer.as_deref(),
             script: script_file.as_deref(),
+            extra_files: &options.extra_files,
         },
         &initrd,
     )?;
