@@ -36,6 +36,10 @@ pub struct SoakOptions {
     /// Put this static tracer binary in the guest instead of building one.
     #[arg(long, value_name = "FILE")]
     pub tracer_binary: Option<PathBuf>,
+    /// A module loaded in place of the stock one of the same name (e.g. the fixed
+    /// cxl_mem.ko of `cargo xtask fixture cxl-mem-fixed`); repeatable.
+    #[arg(long = "module", value_name = "FILE")]
+    pub modules: Vec<PathBuf>,
     /// Where the results go (default: target/vm/soak-<UTC time>).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -89,6 +93,8 @@ while kill -0 $tpid 2> /dev/null; do
 	[ -n "$rss" ] && echo "$((now - t0)) $rss $hwm ${size:-0}" >> $out/soak-samples.txt
 	if [ $((now - last)) -ge 60000 ]; then
 		say "soak: $(( (now - t0) / 1000 )) s: tracer VmRSS ${rss:-?} kB, trace ${size:-0} bytes"
+		# How the kernel runs each probe (int3, optimized jump or ftrace), once settled.
+		[ $last != 0 ] && [ ! -e $out/kprobes-list.txt ] && cat /sys/kernel/debug/kprobes/list > $out/kprobes-list.txt
 		last=$now
 	fi
 	sleep "$interval"
@@ -149,7 +155,7 @@ pub fn run(options: &SoakOptions) -> anyhow::Result<Soak> {
             .join(format!("soak-{}", super::utc_stamp())),
     };
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    for stale in ["soak-samples.txt", "soak-result.txt", "soak-workload.log", "soak.txt"] {
+    for stale in ["soak-samples.txt", "soak-result.txt", "soak-workload.log", "soak.txt", "kprobes-list.txt"] {
         let _ = fs::remove_file(out.join(stale));
     }
     let script = out.join("soak.sh");
@@ -158,6 +164,7 @@ pub fn run(options: &SoakOptions) -> anyhow::Result<Soak> {
     let mut o = RunOptions::new(options.topology);
     o.tracer_binary = Some(tracer.clone());
     o.manual_tracer = true;
+    o.modules = options.modules.clone();
     o.quiet = true;
     o.out = Some(out.clone());
     o.timeout = Some(secs + 420);
@@ -198,11 +205,12 @@ pub fn run(options: &SoakOptions) -> anyhow::Result<Soak> {
             failures.push(format!("summary.{} = {n}: events were lost", key.join(".")));
         }
     }
-    for class in ["use-after-free", "rule-mismatch"] {
-        let n = report.summary_u64(&["occurrences", class])?;
-        if n > 0 {
-            failures.push(format!("{n} {class} occurrence(s): see findings.jsonl"));
-        }
+    // A rule-mismatch says the tracer's model is wrong for this kernel. (Use-after-free
+    // findings are not failures here: with the stock driver the racing loops make the race
+    // of the bug class really happen now and then; they are reported in the figures.)
+    let mismatch = report.summary_u64(&["occurrences", "rule-mismatch"])?;
+    if mismatch > 0 {
+        failures.push(format!("{mismatch} rule-mismatch occurrence(s): see findings.jsonl"));
     }
     let counters = checkpoints(&tracer, &out.join("trace.bin"), &samples)?;
     if let Some((ms, _, dropped)) = counters.iter().find(|(_, _, d)| *d > 0) {
@@ -373,6 +381,19 @@ impl Soak {
             .map(|v| v.to_string())
             .unwrap_or_default();
         s.push_str(&format!("soak: occurrences by class: {occ}\n"));
+        let uaf: Vec<String> = self
+            .report
+            .findings
+            .iter()
+            .filter(|f| f.class == "use-after-free")
+            .map(|f| format!("{} x{} ({})", f.site, f.count, f.comm))
+            .collect();
+        if !uaf.is_empty() {
+            s.push_str(&format!(
+                "soak: use-after-free (the race really happened): {}\n",
+                uaf.join(", ")
+            ));
+        }
         if let Some(evicted) = self.report.summary.get("evicted") {
             s.push_str(&format!("soak: engine evictions: {evicted}\n"));
         }

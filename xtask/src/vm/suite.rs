@@ -374,6 +374,7 @@ fn short_soak(out: &Path, tracer: &Path) -> anyhow::Result<()> {
         interval: 3,
         topology: Topology::Rp,
         tracer_binary: Some(tracer.to_owned()),
+        modules: Vec::new(),
         out: Some(out.to_owned()),
     })?;
     soak.print();
