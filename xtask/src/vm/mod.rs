@@ -845,6 +845,16 @@ mod tests {
     }
 
     #[test]
+    fn count_specs_are_identifiers() {
+        for ok in ["cxl_mem:cxl_mem_probe", "devm_cxl_add_port", "_x1"] {
+            check_count_spec(ok).unwrap();
+        }
+        for bad in ["", "a:b:c", "1abc", "f+0x10", "m:", ":f", "f;rm"] {
+            assert!(check_count_spec(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn guest_commands_are_quoted() {
         let (file, cmd) =
             user_command(&["sh".to_owned(), "-c".to_owned(), "echo 'c' > /x".to_owned()]).unwrap();

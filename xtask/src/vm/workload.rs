@@ -613,3 +613,46 @@ run_mix() {
 	settle "$BASE" || fail "mix did not restore the topology: expected $BASE, got $(topology)"
 }
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(tracer: bool, manual_tracer: bool, load_cxl: bool) -> String {
+        GuestConfig {
+            nonce: "n",
+            expect_memdevs: 2,
+            tracer,
+            manual_tracer,
+            load_cxl,
+            count_calls: &["cxl_mem:cxl_mem_probe".to_owned(), "devm_cxl_add_port".to_owned()],
+            workloads: &[Workload::MemdevBind, Workload::Mix],
+            cycles: 3,
+            user_command: "'/vm/script' 'a b'".to_owned(),
+            load_modules: &["cxl_acpi".to_owned()],
+            settle_secs: 30,
+        }
+        .render()
+    }
+
+    #[test]
+    fn config_tells_init_how_to_run_the_tracer() {
+        let c = config(true, false, true);
+        assert!(c.contains("TRACER='1'\n") && c.contains("LOAD_CXL='1'\n"), "{c}");
+        assert!(c.contains("COUNT_CALLS='cxl_mem:cxl_mem_probe devm_cxl_add_port'\n"), "{c}");
+        assert!(c.contains("WORKLOADS='memdev-bind mix'\n"), "{c}");
+        // The user's command is quoted once more, to survive `. /vm/config`.
+        assert!(c.contains(r#"USER_CMD=''\''/vm/script'\'' '\''a b'\'''"#), "{c}");
+        assert!(config(true, true, false).contains("TRACER='manual'\nLOAD_CXL='0'\n"));
+        assert!(config(false, false, true).contains("TRACER='0'\n"));
+    }
+
+    #[test]
+    fn init_branches_on_every_tracer_mode() {
+        for mode in [r#""$TRACER" = manual"#, r#""$TRACER" = 1"#, r#""$LOAD_CXL" = 1"#] {
+            assert!(INIT.contains(mode), "/init does not test {mode}");
+        }
+        assert!(RUN_WORKLOADS.contains("trap count_calls_stop EXIT"));
+        assert!(LIB.contains("count_calls_start()") && LIB.contains("topology_ready()"));
+    }
+}
