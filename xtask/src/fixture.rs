@@ -116,6 +116,17 @@ pub fn build(fixture: Fixture) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
+/// `drivers/cxl` of the guest kernel's source (extracted once, cached) and the CXL headers
+/// `header` includes, relative to it: for other out-of-tree modules (the bench's load
+/// generator).
+pub fn cxl_headers(header: &str) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
+    setup::ensure_packages(setup::FIXTURE_PACKAGES)?;
+    let versions = Versions::query()?;
+    let cxl_dir = source::ensure(&cache_dir().join("fixtures"), &versions.source)?.cxl_dir();
+    let files = source::local_includes(&cxl_dir, Path::new(header))?;
+    Ok((cxl_dir, files))
+}
+
 /// Versions of what goes into a build; a change in any of them means a rebuild.
 struct Versions {
     source: String,
@@ -216,7 +227,7 @@ fn apply_patch(dir: &Path, patch: &str) -> anyhow::Result<()> {
 }
 
 /// Runs Kbuild for the module in `build_dir` against the installed headers.
-fn compile(build_dir: &Path) -> anyhow::Result<()> {
+pub fn compile(build_dir: &Path) -> anyhow::Result<()> {
     let headers = headers_dir();
     if !headers.join("Makefile").is_file() {
         bail!("{} has no Makefile: install {}", headers.display(), headers_package());
@@ -235,7 +246,7 @@ fn compile(build_dir: &Path) -> anyhow::Result<()> {
 }
 
 /// The module must carry the guest kernel's release in its vermagic, or modprobe refuses it.
-fn check_vermagic(module: &[u8]) -> anyhow::Result<()> {
+pub fn check_vermagic(module: &[u8]) -> anyhow::Result<()> {
     let vermagic = modinfo(module, "vermagic")?.context("the module has no vermagic")?;
     if vermagic.split_whitespace().next() != Some(KERNEL_RELEASE) {
         bail!("its vermagic is \"{vermagic}\", not for {KERNEL_RELEASE}");

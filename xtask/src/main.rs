@@ -1,4 +1,5 @@
 //! Developer tasks cargo cannot do by itself: set-up, the test suite, the QEMU CXL guest.
+mod bench;
 mod demo;
 mod fixture;
 mod setup;
@@ -29,6 +30,9 @@ enum Command {
     /// The main job: set up, then run the hotplug workloads under the tracer in the QEMU CXL
     /// guest on the stock kernel and with the fixed cxl_mem, and compare (docs/vm.md).
     Demo(demo::Options),
+    /// Measure the tracer's cost and capacity in the QEMU guest against bpftrace, its memory
+    /// on a long churn, and the engine's replay speed; print one table (README, Performance).
+    Bench(Box<bench::Options>),
     /// The QEMU CXL guest: boot it, run hotplug workloads, collect results (docs/vm.md).
     Vm {
         #[command(subcommand)]
@@ -43,5 +47,6 @@ fn main() -> anyhow::Result<()> {
         Command::Vm { command } => vm::command(command),
         Command::Fixture(options) => fixture::run(&options),
         Command::Demo(options) => demo::run(&options),
+        Command::Bench(options) => bench::run(&options),
     }
 }

@@ -20,6 +20,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "gcc-12",
     "make",
     "bpftool",
+    "bpftrace",
 ];
 
 /// What `cargo xtask fixture` builds with (it ensures only these; set-up installs them too):

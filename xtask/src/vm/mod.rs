@@ -802,7 +802,7 @@ fn nonce() -> String {
 }
 
 /// `20261123-210501` in UTC, for result directory names.
-fn utc_stamp() -> String {
+pub fn utc_stamp() -> String {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
