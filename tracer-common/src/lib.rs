@@ -221,6 +221,16 @@ pub struct Record {
     pub payload: Payload,
     pub stack: [u64; MAX_STACK_FRAMES],
 }
+/// A record without a stack, as the kernel reserves it for events that carry none (locks,
+/// registrations): a fifth of the ring-buffer room of a `Record`.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct ShortRecord {
+    pub header: EventHeader,
+    pub payload: Payload,
+}
+const _: () = assert!(size_of::<ShortRecord>() == STACK_OFFSET);
+
 /// Offset of the payload inside a record.
 pub const PAYLOAD_OFFSET: usize = size_of::<EventHeader>();
 /// Offset of the first stack frame inside a record.
@@ -358,14 +368,17 @@ pub struct SiteInfo {
     pub addr: u64,
     /// A `SiteRole` value; 0 for an unused slot.
     pub role: u32,
-    /// For `Use`: which argument (0-5) is the dport. For a return role: `SITE_TAIL_RETURN`
-    /// when the probe is on the return of a function that tail-calls the callee (its other
-    /// return paths have no pending call, which is then not an anomaly).
+    /// For `Use`: which argument (0-5) is the dport. For other roles, `SITE_*` flags.
     pub arg: u32,
 }
 
-/// `SiteInfo::arg` of a return role placed on a tail-calling function's return.
-pub const SITE_TAIL_RETURN: u32 = 1;
+/// `SiteInfo::arg` of a return role: a return without a pending call is normal here (the
+/// return of a function that tail-calls the callee, whose other return paths have none; or
+/// a direct probe whose call probe skipped the call).
+pub const SITE_UNPAIRED_OK: u32 = 1;
+/// `SiteInfo::arg` of a call role: the callee itself is probed (every caller in the system
+/// comes by), so calls on xarrays known not to hold dports are skipped at once.
+pub const SITE_DIRECT: u32 = 2;
 const _: () = assert!(size_of::<SiteInfo>() == 16);
 
 /// Most sites the kernel side can tell apart (size of `SITES`).

@@ -6,7 +6,7 @@ use aya_ebpf::{
     helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid},
     programs::ProbeContext,
 };
-use tracer_common::{Counter, DportUse, EventKind, Payload, SITE_TAIL_RETURN, SiteInfo, SiteRole};
+use tracer_common::{Counter, DportUse, EventKind, Payload, SITE_DIRECT, SITE_UNPAIRED_OK, SiteInfo, SiteRole};
 
 use crate::{
     ALLOC_HOST, DPORTS, LOCKS, PENDING_HOST, PENDING_LOCK, SITES,
@@ -50,9 +50,9 @@ pub fn on_site(ctx: &ProbeContext) {
     let Some(site) = SITES.get(cookie as u32).copied() else { return };
     match SiteRole::from_u32(site.role) {
         Some(SiteRole::Use) => on_use(ctx, &site, cookie),
-        Some(SiteRole::LoadCall | SiteRole::EraseCall) => xarray::on_call(ctx),
-        Some(SiteRole::LoadReturn) => xarray::on_load_return(ctx, site.arg == SITE_TAIL_RETURN),
-        Some(SiteRole::EraseReturn) => xarray::on_erase_return(ctx, site.arg == SITE_TAIL_RETURN),
+        Some(SiteRole::LoadCall | SiteRole::EraseCall) => xarray::on_call(ctx, site.arg == SITE_DIRECT),
+        Some(SiteRole::LoadReturn) => xarray::on_load_return(ctx, site.arg == SITE_UNPAIRED_OK),
+        Some(SiteRole::EraseReturn) => xarray::on_erase_return(ctx, site.arg == SITE_UNPAIRED_OK),
         Some(SiteRole::StoreCall) => xarray::on_store_call(ctx),
         Some(SiteRole::LockCall) => on_lock_call(ctx),
         Some(role @ (SiteRole::LockReturn | SiteRole::LockReturnIfZero | SiteRole::LockReturnIfOne)) => {
@@ -60,7 +60,7 @@ pub fn on_site(ctx: &ProbeContext) {
         }
         Some(SiteRole::UnlockCall) => on_unlock_call(ctx),
         Some(SiteRole::HostAllocCall) => on_host_alloc_call(ctx),
-        Some(SiteRole::HostAllocReturn) => on_host_alloc_return(ctx, site.arg == SITE_TAIL_RETURN),
+        Some(SiteRole::HostAllocReturn) => on_host_alloc_return(ctx, site.arg == SITE_UNPAIRED_OK),
         None => {}
     }
 }

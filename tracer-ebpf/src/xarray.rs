@@ -16,11 +16,11 @@ fn tid() -> u32 {
 }
 
 /// At a `call xa_load`/`xa_erase`: remember the arguments for the return site.
-pub fn on_call(ctx: &ProbeContext) {
+pub fn on_call(ctx: &ProbeContext, direct: bool) {
     let r = regs(ctx);
-    // Xarrays known not to hold dports are skipped at once (with a direct xa_load probe,
-    // every xarray of the system comes by here).
-    if unsafe { NOT_CONTAINERS.get(&r.rdi) }.is_some() {
+    // With a direct xa_load probe every xarray of the system comes by here: those known not
+    // to hold dports are skipped at once (their return site expects that).
+    if direct && unsafe { NOT_CONTAINERS.get(&r.rdi) }.is_some() {
         return;
     }
     let pending = PendingXa { xa: r.rdi, index: r.rsi };

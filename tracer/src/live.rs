@@ -1,7 +1,6 @@
 //! `tracer run` and `tracer record`: attach, stream kernel events through the engine (and
 //! optionally into a trace file), stop on Ctrl-C, SIGTERM or the traced command's exit.
 use std::{
-    fs::File,
     io::{self, BufWriter, Write},
     os::fd::AsFd,
     path::PathBuf,
@@ -18,7 +17,7 @@ use tracer::{
     analysis::Analysis,
     decode,
     engine::{Group, Limits},
-    format::tracefile::{TraceHeader, TraceWriter},
+    format::tracefile::TraceHeader,
     resolve::Resolver,
     sink::{self, Format},
     summary::Summary,
@@ -28,6 +27,7 @@ use tracer_common::{COUNTERS, Counter};
 
 use crate::{
     Outcome,
+    recorder::Recorder,
     load::{self, Discovery, ProbeConfig, attach, cxl_module_layout, discover, loaded_cxl_modules, privilege_problem},
 };
 
@@ -72,10 +72,9 @@ fn counters_named(counts: &[u64; COUNTERS]) -> Vec<(String, u64)> {
 struct Pipeline {
     resolver: Resolver,
     analysis: Analysis,
-    writer: Option<(PathBuf, TraceWriter<BufWriter<File>>)>,
+    recorder: Option<Recorder>,
     live_text: bool,
     undecodable: u64,
-    write_error: Option<anyhow::Error>,
 }
 
 impl Pipeline {
@@ -91,11 +90,8 @@ impl Pipeline {
             }
         };
         let event = self.resolver.resolve(&raw);
-        if let Some((path, writer)) = &mut self.writer
-            && let Err(err) = writer.write_event(&event)
-        {
-            self.write_error = Some(anyhow::Error::new(err).context(format!("writing the trace to {}", path.display())));
-            self.writer = None;
+        if let Some(recorder) = &self.recorder {
+            recorder.event(&event);
         }
         let live_text = self.live_text;
         self.analysis.feed(&event, |group: &Group| {
@@ -119,6 +115,19 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let discovery = discover(&options.probe, true)?;
     report_discovery(&discovery);
+    // Before attaching: a trace path that cannot be written fails at once.
+    let recorder = match &options.record {
+        Some(path) => {
+            let header = TraceHeader {
+                tool_version: env!("CARGO_PKG_VERSION").to_owned(),
+                kernel_release: kernel_release(),
+                clock_base_ns: clock_base_ns(),
+                offsets: discovery.named_offsets.clone(),
+            };
+            Some(Recorder::create(path, &header)?)
+        }
+        None => None,
+    };
     let mut attached = attach(&discovery, options.probe.ring_bytes)?;
     for warning in &attached.warnings {
         eprintln!("tracer: warning: {warning}");
@@ -130,29 +139,13 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .context("polling the ring buffer")?;
 
-    let writer = match &options.record {
-        Some(path) => {
-            let file = File::create(path).with_context(|| format!("creating the trace file {}", path.display()))?;
-            let header = TraceHeader {
-                tool_version: env!("CARGO_PKG_VERSION").to_owned(),
-                kernel_release: kernel_release(),
-                clock_base_ns: clock_base_ns(),
-                offsets: discovery.named_offsets.clone(),
-            };
-            let writer = TraceWriter::new(BufWriter::with_capacity(1 << 16, file), &header)
-                .with_context(|| format!("writing the trace header to {}", path.display()))?;
-            Some((path.clone(), writer))
-        }
-        None => None,
-    };
     let Discovery { symbols, plan, .. } = discovery;
     let mut pipeline = Pipeline {
         resolver: Resolver::new(symbols, load::site_functions(&plan)),
         analysis: Analysis::new(options.limits),
-        writer,
+        recorder,
         live_text: options.format == Some(Format::Text),
         undecodable: 0,
-        write_error: None,
     };
 
     let mut child = match options.command.split_first() {
@@ -185,14 +178,8 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
                 guard.clear_ready();
             }
             _ = tick.tick() => {
-                if let Some((_, writer)) = &mut pipeline.writer {
-                    let counts = attached.counters()?;
-                    let named = counters_named(&counts);
-                    let refs: Vec<(&str, u64)> = named.iter().map(|(n, v)| (n.as_str(), *v)).collect();
-                    if let Err(err) = writer.write_counters(&refs) {
-                        pipeline.write_error = Some(anyhow::Error::new(err).context("flushing the trace file"));
-                        pipeline.writer = None;
-                    }
+                if let Some(recorder) = &pipeline.recorder {
+                    recorder.counters(counters_named(&attached.counters()?));
                 }
                 let now = cxl_module_layout();
                 if now != layout {
@@ -208,7 +195,7 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
                         Err(err) => eprintln!("tracer: warning: re-reading symbols after a module change: {err}"),
                     }
                 }
-                if pipeline.write_error.is_some() {
+                if pipeline.recorder.as_ref().is_some_and(Recorder::failed) {
                     break;
                 }
             }
@@ -237,13 +224,13 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     let mut summary: Summary = pipeline.analysis.summary();
     summary.undecodable = pipeline.undecodable;
     summary.kernel = counters_named(&counts);
-    if let Some((path, mut writer)) = pipeline.writer.take() {
-        let refs: Vec<(&str, u64)> = summary.kernel.iter().map(|(n, v)| (n.as_str(), *v)).collect();
-        writer
-            .write_counters(&refs)
-            .and_then(|()| writer.into_inner().and_then(|mut w| w.flush()))
-            .with_context(|| format!("finishing the trace file {}", path.display()))?;
-        eprintln!("tracer: trace written to {}", path.display());
+    let mut write_error = None;
+    if let Some(recorder) = pipeline.recorder.take() {
+        let path = recorder.path().to_owned();
+        match recorder.finish(summary.kernel.clone()) {
+            Ok(events) => eprintln!("tracer: trace of {events} events written to {}", path.display()),
+            Err(err) => write_error = Some(err),
+        }
     }
     if let Some(status) = child_status {
         eprintln!("tracer: traced command exited: {status}");
@@ -274,8 +261,8 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
             summary.undecodable
         );
     }
-    if let Some(err) = pipeline.write_error {
-        return Err(err);
+    if let Some(err) = write_error {
+        return Err(err.context("the trace file is complete up to its last whole chunk; `tracer analyze` reads it"));
     }
     if options.strict && lost > 0 {
         bail!("{lost} events lost (--strict)");

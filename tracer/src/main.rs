@@ -4,6 +4,7 @@ mod doctor;
 mod leftovers;
 mod live;
 mod load;
+mod recorder;
 
 use std::process::ExitCode;
 

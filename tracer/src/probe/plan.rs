@@ -2,7 +2,7 @@
 //! sites found in CXL code and the use sites BTF lists, resolved against the symbols.
 use std::sync::Arc;
 
-use tracer_common::{SITE_TAIL_RETURN, SiteRole};
+use tracer_common::{SITE_DIRECT, SITE_UNPAIRED_OK, SiteRole};
 
 use super::attach::ProbePoint;
 use crate::{
@@ -99,7 +99,7 @@ impl Plan {
                     match point {
                         Some(point) => plan.sites.push(PlannedSite {
                             role: ret,
-                            arg: SITE_TAIL_RETURN,
+                            arg: SITE_UNPAIRED_OK,
                             point,
                             addr: function.addr,
                             function: function.name.clone(),
@@ -143,18 +143,20 @@ impl Plan {
     /// whose lib/ is built with ftrace).
     pub fn add_direct(&mut self, symbols: &Symbols, callee: &Callee) -> bool {
         let Some(sym) = symbols.lookup(callee.name).find(|s| s.module.is_none()) else { return false };
-        let site = |role, point| PlannedSite {
+        let site = |role, arg, point| PlannedSite {
             role,
-            arg: 0,
+            arg,
             point,
             addr: sym.addr,
             function: sym.name.clone(),
             module: None,
             what: callee.name,
         };
-        self.sites.push(site(callee.call, ProbePoint::Symbol { module: None, symbol: callee.name.into(), offset: 0 }));
+        let entry = ProbePoint::Symbol { module: None, symbol: callee.name.into(), offset: 0 };
+        self.sites.push(site(callee.call, SITE_DIRECT, entry));
         if let Some(ret) = callee.ret {
-            self.sites.push(site(ret, ProbePoint::Return { module: None, symbol: callee.name.into() }));
+            let exit = ProbePoint::Return { module: None, symbol: callee.name.into() };
+            self.sites.push(site(ret, SITE_UNPAIRED_OK, exit));
         }
         true
     }
@@ -226,7 +228,7 @@ mod tests {
             ]
         );
         assert_eq!(plan.sites[6].point, ProbePoint::Return { module: Some("cxl_mem".into()), symbol: "cxl_mem_probe".into() });
-        assert_eq!(plan.sites[6].arg, SITE_TAIL_RETURN);
+        assert_eq!(plan.sites[6].arg, SITE_UNPAIRED_OK);
         // A tail call in a function whose name is not unique: no kretprobe, so no call probe.
         assert_eq!(plan.unprobed_tail_calls.len(), 1);
         assert_eq!(plan.unprobed_tail_calls[0].function.as_ref(), "dup");
