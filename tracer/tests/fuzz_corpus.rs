@@ -12,9 +12,12 @@ fn inputs(kind: &str, target: &str) -> Vec<PathBuf> {
     }
 }
 
+/// A fuzz target's check.
+type Check = fn(&[u8]);
+
 #[test]
 fn corpus_and_regressions_pass_the_fuzz_checks() {
-    let targets: [(&str, fn(&[u8])); 3] = [
+    let targets: [(&str, Check); 3] = [
         ("trace_reader", fuzzing::trace_reader),
         ("jsonl_reader", fuzzing::jsonl_reader),
         ("ringbuf_decoder", fuzzing::ringbuf_decoder),
