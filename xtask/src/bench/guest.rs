@@ -10,12 +10,14 @@
 //! - `load MS THREADS RATE`: drives the `cxl_dport_bench` module (tracked dport events)
 //!   for MS milliseconds from THREADS threads, writing chunks of iterations to its debugfs
 //!   `run` file, paced to RATE iterations per second in all (0: as fast as it goes).
+//! - `nice N CMD ARGS`: runs CMD at nice value N (the guest's busybox has no `nice`).
 //!
-//! Each prints one line of `key=value` figures for the host to parse.
+//! The loads print one line of `key=value` figures for the host to parse.
 use std::{
     fs::OpenOptions,
     io::Write as _,
-    process::ExitCode,
+    os::unix::process::CommandExt as _,
+    process::{Command, ExitCode},
     time::{Duration, Instant},
 };
 
@@ -28,7 +30,8 @@ fn main() -> ExitCode {
         (Some("pipe"), Some(ms)) => pipe(ms),
         (Some("affinity"), Some(ms)) => affinity(ms),
         (Some("load"), Some(ms)) => load(ms, num(2).unwrap_or(1), num(3).unwrap_or(0)),
-        _ => Err("usage: bench-guest pipe MS | affinity MS | load MS [THREADS [RATE]]".to_owned()),
+        (Some("nice"), _) if args.len() >= 3 => nice(&args[1], &args[2..]),
+        _ => Err("usage: bench-guest pipe MS | affinity MS | load MS [THREADS [RATE]] | nice N CMD [ARGS]".to_owned()),
     };
     match result {
         Ok(line) => {
@@ -40,6 +43,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Sets this process's nice value and becomes `command` (returns only on failure).
+fn nice(value: &str, command: &[String]) -> Result<String, String> {
+    let value: i32 = value.parse().map_err(|_| format!("nice value {value:?} is not a number"))?;
+    // SAFETY: setpriority has no memory preconditions; 0 names this process.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, value) } != 0 {
+        return Err(errno("setpriority"));
+    }
+    let err = Command::new(&command[0]).args(&command[1..]).exec();
+    Err(format!("cannot run {}: {err}", command[0]))
 }
 
 fn errno(what: &str) -> String {

@@ -50,12 +50,29 @@ cpu_ticks() {
 	sed 's/^.*) //' /proc/$1/stat | awk -v hz="$(getconf CLK_TCK 2> /dev/null || echo 100)" '{ print "utime=" $12 " stime=" $13 " hz=" hz }'
 }
 
+# Resident memory of a process now and at its peak.
+mem_kb() {
+	echo "rss_kb=$(awk '/^VmRSS:/ { print $2 }' /proc/$1/status) hwm_kb=$(awk '/^VmHWM:/ { print $2 }' /proc/$1/status)"
+}
+
 # BPF programs of a process with their run counts and times (kernel.bpf_stats_enabled).
 prog_stats() {
 	for f in /proc/$1/fdinfo/*; do
 		t=$(awk '/^prog_type:/ { print $2 }' "$f" 2> /dev/null)
 		[ -n "$t" ] || continue
 		put "progstats mode=$2 prog_type=$t run_cnt=$(awk '/^run_cnt:/ { print $2 }' "$f") run_time_ns=$(awk '/^run_time_ns:/ { print $2 }' "$f") prog_id=$(awk '/^prog_id:/ { print $2 }' "$f")"
+	done
+}
+
+# attached LOG TEXT: waits until LOG says TEXT, failing at once when the process $mpid is
+# gone (with its log) and after 300 s.
+attached() {
+	n=0
+	until grep -q "$2" "$1" 2> /dev/null; do
+		kill -0 $mpid 2> /dev/null || { tail -n 20 "$1"; fail "$(basename "$1" .log): exited before it was attached"; }
+		n=$((n + 1))
+		[ $n -ge 3000 ] && { tail -n 20 "$1"; fail "$(basename "$1" .log): not attached within 300 s"; }
+		usleep 100000
 	done
 }
 
@@ -68,13 +85,13 @@ start_mode() {
 		[ "$1" = global ] && extra="--lock-events global"
 		/bin/tracer run --format json $extra > $out/$2.jsonl 2> $out/$2.log &
 		mpid=$!
-		wait_for_text $out/$2.log "kprobes attached" 300 || { tail -n 20 $out/$2.log; fail "the tracer did not attach within 300 s"; }
-		put "attached mode=$1 tag=$2 $(cpu_ticks $mpid)"
+		attached $out/$2.log "kprobes attached"
+		put "attached mode=$1 tag=$2 $(cpu_ticks $mpid) $(mem_kb $mpid)"
 		;;
 	bpftrace)
 		/usr/bin/bpftrace /vm/bench.bt > $out/$2.log 2>&1 &
 		mpid=$!
-		wait_for_text $out/$2.log "bench: bpftrace attached" 300 || { tail -n 20 $out/$2.log; fail "bpftrace did not attach within 300 s"; }
+		attached $out/$2.log "bench: bpftrace attached"
 		put "attached mode=$1 tag=$2 $(cpu_ticks $mpid)"
 		;;
 	*) fail "unknown mode $1" ;;
@@ -149,9 +166,9 @@ done
 # capacity TAG RING_KIB THREADS RATE [NICE]: NICE runs the tracer at that nice value.
 capacity() {
 	e0=$(cat $B/events)
-	nice -n "${5:-0}" /bin/tracer run --format json --ring-kib "$2" > $out/$1.jsonl 2> $out/$1.log &
+	/bin/bench-guest nice "${5:-0}" /bin/tracer run --format json --ring-kib "$2" > $out/$1.jsonl 2> $out/$1.log &
 	mpid=$!
-	wait_for_text $out/$1.log "kprobes attached" 300 || { tail -n 20 $out/$1.log; fail "the tracer did not attach within 300 s"; }
+	attached $out/$1.log "kprobes attached"
 	# One warm-up write, from one thread: the tracer discovers the dport there (one
 	# dport_add event of its own), so the load below only makes events the module counts.
 	echo 1 > $B/run || fail "the warm-up write to $B/run failed"
@@ -194,6 +211,29 @@ put "generator mode=none $l"
 for mode in $modes; do
 	case $mode in tracer | bpftrace) stats $mode ;; esac
 done
+
+# What one kernel stack capture costs here: the generator's rate with a bpftrace kprobe on
+# its use function that only counts, and one that also takes the kernel stack.
+stack_cost() {
+	case " $modes " in *" bpftrace "*) ;; *) return 0 ;; esac
+	for probe in count kstack; do
+		if [ $probe = count ]; then
+			echo 'kprobe:cxl_dport_bench_use { @n = count(); } BEGIN { printf("bench: bpftrace attached\n"); }' > /tmp/stack.bt
+		else
+			echo 'kprobe:cxl_dport_bench_use { @s[kstack] = count(); } BEGIN { printf("bench: bpftrace attached\n"); }' > /tmp/stack.bt
+		fi
+		/usr/bin/bpftrace /tmp/stack.bt > $out/stack-$probe.log 2>&1 &
+		mpid=$!
+		attached $out/stack-$probe.log "bench: bpftrace attached"
+		l=$(/bin/bench-guest load "$loop_ms" 1 0) || fail "bench-guest load failed"
+		put "stackcost probe=$probe $l"
+		kill -INT $mpid
+		wait $mpid
+	done
+	l=$(/bin/bench-guest load "$loop_ms" 1 0) || fail "bench-guest load failed"
+	put "stackcost probe=none $l"
+}
+stack_cost
 capacity cap-1 8192 1 0
 capacity cap-2 8192 2 0
 # Two load threads keep both vCPUs busy in the kernel: the tracer's reader then competes

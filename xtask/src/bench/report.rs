@@ -398,6 +398,33 @@ impl Report {
                 rate * 4.0
             )?;
         }
+        let per_iter = |l: &Line| l.num("ns").zip(l.num("iterations")).map(|(ns, it)| ns / it);
+        let gen1 = self.guest.iter().find(|l| l.kind == "generator" && l.get("threads") == Some("1")).and_then(per_iter);
+        let cap1 = self.guest.iter().find(|l| l.kind == "capacity" && l.get("tag") == Some("cap-1")).and_then(per_iter);
+        // Kernel paths run about this many times slower in the guest than on the host.
+        let factor = self.loop_figures("pipe").none_ns.zip(self.loop_figures("pipe").host_ns).map(|(g, h)| g / h);
+        if let (Some(g), Some(c)) = (gen1, cap1) {
+            writeln!(
+                s,
+                "- one load iteration takes {:.1} guest µs without a tracer and {:.1} µs with it (1 thread): the tracer adds {:.1} µs per iteration, {:.1} µs per tracked event (≈ {} host µs at the kernel-path ratio of the pipe loop)",
+                g / 1e3,
+                c / 1e3,
+                (c - g) / 1e3,
+                (c - g) / 4e3,
+                fmt_opt(factor.map(|f| (c - g) / 4e3 / f), 2)
+            )?;
+        }
+        let stack = |probe: &str| self.guest.iter().find(|l| l.kind == "stackcost" && l.get("probe") == Some(probe)).and_then(per_iter);
+        if let (Some(none), Some(count), Some(kstack)) = (stack("none"), stack("count"), stack("kstack")) {
+            writeln!(
+                s,
+                "- a bpftrace kprobe on the use function adds {:.1} guest µs per iteration when it only counts, {:.1} µs when it also takes the kernel stack: one stack capture costs about {:.1} guest µs (≈ {} host µs)",
+                (count - none) / 1e3,
+                (kstack - none) / 1e3,
+                (kstack - count) / 1e3,
+                fmt_opt(factor.map(|f| (kstack - count) / 1e3 / f), 2)
+            )?;
+        }
         writeln!(s)?;
         writeln!(s, "| run | ring | threads | tracer nice | tracked events/s | generated | received | dropped | exact (generated + 1 discovery = received + dropped) | tracer VmHWM |")?;
         writeln!(s, "|---|---|---|---|---|---|---|---|---|---|")?;
@@ -486,6 +513,13 @@ impl Report {
         )?;
         let curve: Vec<String> = c.samples.iter().map(|(d, r)| format!("{}k:{:.1}", d / 1000, *r as f64 / 1024.0)).collect();
         writeln!(s, "  (dports:MiB) {}", curve.join(" "))?;
+        let attached: Vec<String> = self
+            .guest
+            .iter()
+            .filter(|l| l.kind == "attached" && matches!(l.get("mode"), Some("tracer" | "global")))
+            .filter_map(|l| Some(format!("{} {}/{}", l.get("tag")?, l.num("rss_kb")? as u64 / 1024, l.num("hwm_kb")? as u64 / 1024)))
+            .collect();
+        writeln!(s, "- `tracer run` in the guest, VmRSS/VmHWM MiB just after attaching: {}", attached.join(", "))?;
         let hwm: Vec<String> = self
             .guest
             .iter()
