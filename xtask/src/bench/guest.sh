@@ -173,15 +173,18 @@ capacity() {
 	# dport_add event of its own), so the load below only makes events the module counts.
 	echo 1 > $B/run || fail "the warm-up write to $B/run failed"
 	e1=$(cat $B/events)
+	t1=$(cpu_ticks $mpid)
 	l=$(/bin/bench-guest load "$load_ms" "$3" "$4") || fail "bench-guest load failed"
 	e2=$(cat $B/events)
 	# Let the tracer drain what is left in the ring before it stops.
 	sleep 2
+	t2=$(cpu_ticks $mpid)
 	hwm=$(awk '/^VmHWM:/ { print $2 }' /proc/$mpid/status)
 	kill -TERM $mpid
 	wait $mpid
 	rc=$?
-	put "capacity tag=$1 ring_kib=$2 nice=${5:-0} warmup=$((e1 - e0)) generated=$((e2 - e1)) hwm_kb=$hwm exit=$rc $l"
+	put "capacity tag=$1 ring_kib=$2 nice=${5:-0} warmup=$((e1 - e0)) generated=$((e2 - e1)) hwm_kb=$hwm exit=$rc $(echo "$t1" | sed 's/\([a-z]*\)=/\1_before=/g') $(echo "$t2" | sed 's/\([a-z]*\)=/\1_after=/g') $l"
+	CAP_RATE=$(echo "$l" | sed -n 's/.* rate=\([0-9]*\).*/\1/p')
 }
 
 # What each BPF program costs per run, from the kernel's own accounting (not timed: the
@@ -235,7 +238,10 @@ stack_cost() {
 }
 stack_cost
 capacity cap-1 8192 1 0
+half=$((CAP_RATE / 2))
 capacity cap-2 8192 2 0
+# Two threads at half the rate one thread reached: the vCPUs are no longer saturated.
+capacity cap-2-half 8192 2 "$half"
 # Two load threads keep both vCPUs busy in the kernel: the tracer's reader then competes
 # with them for CPU. The same at a higher priority shows whether that is what drops events.
 capacity cap-2-nice 8192 2 0 -10

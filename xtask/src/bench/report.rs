@@ -426,8 +426,8 @@ impl Report {
             )?;
         }
         writeln!(s)?;
-        writeln!(s, "| run | ring | threads | tracer nice | tracked events/s | generated | received | dropped | exact (generated + 1 discovery = received + dropped) | tracer VmHWM |")?;
-        writeln!(s, "|---|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(s, "| run | ring | threads | tracer nice | tracked events/s | generated | received | dropped | exact (generated + 1 discovery = received + dropped) | tracer CPU, guest µs/event | tracer VmHWM |")?;
+        writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|")?;
         for c in self.guest.iter().filter(|l| l.kind == "capacity") {
             let tag = c.get("tag").unwrap_or("?");
             let summary = self.summary(tag).with_context(|| format!("the tracer's report of capacity run {tag}"))?;
@@ -438,15 +438,21 @@ impl Report {
             let secs = c.num("ns").unwrap_or(0.0) / 1e9;
             let expected = generated + warmup + 1;
             let exact = expected == received + dropped;
+            let ticks = |when: &str| Some(c.num(&format!("utime_{when}"))? + c.num(&format!("stime_{when}"))?);
+            let cpu_us = ticks("after")
+                .zip(ticks("before"))
+                .zip(c.num("hz_after"))
+                .map(|((a, b), hz)| (a - b) / hz * 1e6 / received.max(1) as f64);
             writeln!(
                 s,
-                "| {tag} | {} KiB | {} | {} | {:.0} | {generated} (+{warmup} warm-up) | {received} | {dropped} | {} ({expected} vs {}) | {} kB |",
+                "| {tag} | {} KiB | {} | {} | {:.0} | {generated} (+{warmup} warm-up) | {received} | {dropped} | {} ({expected} vs {}) | {} | {} kB |",
                 c.get("ring_kib").unwrap_or("?"),
                 c.get("threads").unwrap_or("?"),
                 c.get("nice").unwrap_or("0"),
                 generated as f64 / secs.max(1e-9),
                 if exact { "yes" } else { "NO" },
                 received + dropped,
+                fmt_opt(cpu_us, 1),
                 c.get("hwm_kb").unwrap_or("?")
             )?;
         }
