@@ -413,6 +413,7 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
         .collect::<anyhow::Result<_>>()?;
     for (workload, module) in [
         (Workload::CxlMemReload, "cxl_mem"),
+        (Workload::ReloadMix, "cxl_mem"),
         (Workload::CxlPciReload, "cxl_pci"),
     ] {
         if workloads.contains(&workload) && !index.modules.contains_key(module) {

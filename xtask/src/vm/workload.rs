@@ -31,10 +31,13 @@ pub enum Workload {
     PortUnbind,
     /// `memdev-bind` and `acpi-unbind` racing in two parallel loops, then a restore.
     Mix,
+    /// `memdev-bind` and `cxl-mem-reload` racing in two parallel loops, then a restore: every
+    /// memdev probe races another, but no port (so no dport) is torn down.
+    ReloadMix,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 8] = [
+    pub const ALL: [Workload; 9] = [
         Workload::MemdevBind,
         Workload::CxlMemReload,
         Workload::CxlPciReload,
@@ -43,6 +46,7 @@ impl Workload {
         Workload::AcpiUnbind,
         Workload::PortUnbind,
         Workload::Mix,
+        Workload::ReloadMix,
     ];
 
     pub fn name(self) -> &'static str {
@@ -55,7 +59,13 @@ impl Workload {
             Workload::AcpiUnbind => "acpi-unbind",
             Workload::PortUnbind => "port-unbind",
             Workload::Mix => "mix",
+            Workload::ReloadMix => "reload-mix",
         }
+    }
+
+    /// Two loops racing: the cycles are iterations of each loop, with no per-cycle line.
+    pub fn is_race(self) -> bool {
+        matches!(self, Workload::Mix | Workload::ReloadMix)
     }
 
     pub fn runs_on(self, topology: Topology) -> bool {
@@ -433,9 +443,9 @@ run_workload() {
 	command -v "$fn" > /dev/null || fail "unknown workload $name"
 	BASE=$(topology)
 	say "workload $name: $cycles cycles from $BASE"
-	if [ "$name" = mix ]; then
+	if [ "$name" = mix ] || [ "$name" = reload-mix ]; then
 		t0=$(now_ms)
-		run_mix "$cycles"
+		run_$(echo "$name" | tr - _) "$cycles"
 		total=$(( $(now_ms) - t0 ))
 		say "workload $name passed cycles=$cycles total_ms=$total per_cycle_ms=$((total / cycles))"
 		return 0
@@ -588,20 +598,32 @@ race_acpi_unbind() {
 }
 
 cycle_mix() { :; }
+cycle_reload_mix() { :; }
 
-run_mix() {
-	dev=$(acpi0017)
-	[ -n "$dev" ] || fail "no ACPI0017 platform device (is the CXL host bridge emulated?)"
+race_cxl_mem_reload() {
+	i=0
+	while [ $i -lt "$1" ]; do
+		rmmod cxl_mem 2> /dev/null || echo x >> /tmp/race.errors
+		modprobe cxl_mem 2> /dev/null || echo x >> /tmp/race.errors
+		i=$((i + 1))
+	done
+	say "reload-mix: cxl-mem-reload loop done ($1 cycles)"
+}
+
+# run_race NAME LOOP_A LOOP_B CYCLES: the two loops in parallel, then a restore: the root
+# bound, cxl_mem loaded, then every memdev bound, until the topology reads as before.
+run_race() {
 	: > /tmp/race.errors
-	race_memdev_bind "$1" &
+	$2 "$4" &
 	a=$!
-	race_acpi_unbind "$1" &
+	$3 "$4" &
 	b=$!
 	wait $a
 	wait $b
-	say "mix: $(wc -l < /tmp/race.errors) writes failed while racing (expected: the loops undo each other)"
-	# Restore: the root bound, then every memdev bound.
+	say "$1: $(wc -l < /tmp/race.errors) writes failed while racing (expected: the loops undo each other)"
+	dev=$(acpi0017)
 	[ -e "/sys/bus/platform/drivers/cxl_acpi/$dev" ] || sysw /sys/bus/platform/drivers/cxl_acpi/bind "$dev"
+	[ -e /sys/module/cxl_mem ] || modprobe cxl_mem 2> /tmp/modprobe.err || fail "modprobe cxl_mem failed after $1: $(cat /tmp/modprobe.err)"
 	n=0
 	while [ "$(topology)" != "$BASE" ] && [ $n -lt $((SETTLE_SECS * 10)) ]; do
 		for m in $(memdev_names); do
@@ -610,8 +632,15 @@ run_mix() {
 		usleep 100000
 		n=$((n + 1))
 	done
-	settle "$BASE" || fail "mix did not restore the topology: expected $BASE, got $(topology)"
+	settle "$BASE" || fail "$1 did not restore the topology: expected $BASE, got $(topology)"
 }
+
+run_mix() {
+	[ -n "$(acpi0017)" ] || fail "no ACPI0017 platform device (is the CXL host bridge emulated?)"
+	run_race mix race_memdev_bind race_acpi_unbind "$1"
+}
+
+run_reload_mix() { run_race reload-mix race_memdev_bind race_cxl_mem_reload "$1"; }
 "#;
 
 #[cfg(test)]
