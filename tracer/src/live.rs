@@ -141,7 +141,13 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
 
     let Discovery { symbols, plan, .. } = discovery;
     let mut pipeline = Pipeline {
-        resolver: Resolver::new(symbols, load::site_functions(&plan)),
+        resolver: Resolver::new(symbols, load::site_functions(&plan)).with_reload(Box::new(|| match Symbols::load() {
+            Ok(symbols) => Some(symbols),
+            Err(err) => {
+                eprintln!("tracer: warning: re-reading kernel symbols: {err}");
+                None
+            }
+        })),
         analysis: Analysis::new(options.limits),
         recorder,
         live_text: options.format == Some(Format::Text),

@@ -2,6 +2,8 @@
 //! sites named. After this an event means the same on any machine.
 use std::sync::Arc;
 
+use rustc_hash::FxHashSet;
+
 use crate::{
     decode::{RawEvent, RawPayload},
     event::{Event, Kind},
@@ -9,23 +11,71 @@ use crate::{
     symbolize::{StackCache, Symbols},
 };
 
+/// Reads the kernel's symbols afresh (in `tracer run`: /proc/kallsyms).
+pub type SymbolSource = Box<dyn FnMut() -> Option<Symbols>>;
+
+/// Addresses remembered as unresolvable even after a re-read, at most.
+const MAX_UNRESOLVABLE: usize = 4096;
+
 pub struct Resolver {
     symbols: Symbols,
     stacks: StackCache,
     interner: Interner,
     /// Function of each site index (`SITES` order).
     sites: Vec<Arc<str>>,
+    reload: Option<SymbolSource>,
+    /// Addresses still unknown after a re-read (the BPF programs' own code, mostly): not
+    /// worth another one.
+    unresolvable: FxHashSet<u64>,
 }
 
 impl Resolver {
     pub fn new(symbols: Symbols, sites: Vec<Arc<str>>) -> Resolver {
-        Resolver { symbols, stacks: StackCache::default(), interner: Interner::default(), sites }
+        Resolver {
+            symbols,
+            stacks: StackCache::default(),
+            interner: Interner::default(),
+            sites,
+            reload: None,
+            unresolvable: FxHashSet::default(),
+        }
+    }
+
+    /// Re-reads the symbols when a stack has an address they do not know: a module loaded
+    /// since (its first events can come before the periodic check notices it).
+    pub fn with_reload(mut self, reload: SymbolSource) -> Resolver {
+        self.reload = Some(reload);
+        self
     }
 
     /// New symbols (a module was loaded or unloaded).
     pub fn set_symbols(&mut self, symbols: Symbols) {
         self.symbols = symbols;
         self.stacks.clear();
+        self.unresolvable.clear();
+    }
+
+    fn know(&mut self, addrs: &[u64]) {
+        let Some(reload) = &mut self.reload else { return };
+        let unknown: Vec<u64> = addrs
+            .iter()
+            .copied()
+            .filter(|&a| self.symbols.resolve(a).is_none() && !self.unresolvable.contains(&a))
+            .collect();
+        if unknown.is_empty() {
+            return;
+        }
+        if let Some(symbols) = reload() {
+            self.set_symbols(symbols);
+        }
+        if self.unresolvable.len() + unknown.len() > MAX_UNRESOLVABLE {
+            self.unresolvable.clear();
+        }
+        for addr in unknown {
+            if self.symbols.resolve(addr).is_none() {
+                self.unresolvable.insert(addr);
+            }
+        }
     }
 
     pub fn resolve(&mut self, raw: &RawEvent) -> Event {
@@ -52,6 +102,7 @@ impl Resolver {
             }
             RawPayload::Free(f) => Kind::Free { dport: f.dport },
         };
+        self.know(&raw.stack);
         let stack = (!raw.stack.is_empty()).then(|| self.stacks.symbolize(&self.symbols, &raw.stack));
         Event {
             ts: raw.ts,
@@ -100,5 +151,35 @@ mod tests {
         assert_eq!(frames, ["cxl_dport_init_ras_reporting+0x0/0x90", "cxl_mem_probe+0x13a/0x400 [cxl_mem]"]);
         let unknown = RawEvent { payload: RawPayload::Use(DportUse { dport: 1, site: 9 }), ..raw };
         assert!(matches!(resolver.resolve(&unknown).kind, Kind::Use { site, .. } if &*site == "site#9"));
+    }
+
+    #[test]
+    fn a_module_loaded_since_is_symbolized_after_a_reread() {
+        let before = "ffffffff81001000 t cxl_dport_init_ras_reporting\nffffffff81001090 t other\n";
+        let after = "ffffffff81001000 t cxl_dport_init_ras_reporting\nffffffff81001090 t other\nffffffffc0661000 t cxl_mem_probe\t[cxl_mem]\nffffffffc0661400 t x\t[cxl_mem]\n";
+        let rereads = std::rc::Rc::new(std::cell::Cell::new(0));
+        let count = rereads.clone();
+        let mut resolver = Resolver::new(Symbols::parse(before.as_bytes()).unwrap(), vec![Arc::from("f")])
+            .with_reload(Box::new(move || {
+                count.set(count.get() + 1);
+                Symbols::parse(after.as_bytes()).ok()
+            }));
+        let raw = RawEvent {
+            ts: 1,
+            cpu: 0,
+            tid: 7,
+            tgid: 7,
+            comm: [0; 16],
+            flags: 0,
+            payload: RawPayload::Use(DportUse { dport: 1, site: 0 }),
+            stack: vec![0xffffffff81001005, 0xffffffffc0661318],
+        };
+        let frames: Vec<String> = resolver.resolve(&raw).stack.unwrap().iter().map(|f| f.to_string()).collect();
+        assert_eq!(frames, ["cxl_dport_init_ras_reporting+0x5/0x90", "cxl_mem_probe+0x318/0x400 [cxl_mem]"]);
+        // An address unknown even after a re-read is not re-read for again.
+        let odd = RawEvent { stack: vec![0xffffffff81001005, 0xffffffffd0000000], ..raw };
+        resolver.resolve(&odd);
+        resolver.resolve(&odd);
+        assert_eq!(rereads.get(), 2);
     }
 }
