@@ -4,9 +4,9 @@
 //! - `pipe MS`: a one-byte write and read back on one pipe, for MS milliseconds. Both
 //!   `pipe_write` and `pipe_read` take `pipe->mutex`, a mutex no tracer tracks; no
 //!   allocation happens in the loop (the pipe keeps its page).
-//! - `affinity MS`: `sched_getaffinity`, for MS milliseconds. With
-//!   `CONFIG_CPUMASK_OFFSTACK` (Debian) each call allocates a cpumask with `kmalloc` and
-//!   frees it with `kfree`.
+//! - `select MS`: `select` on 1024 descriptors with empty sets and no wait, for MS
+//!   milliseconds. Its descriptor bitmaps do not fit the stack buffer, so every call is one
+//!   `kvmalloc` (a `kmalloc` at that size) and one `kfree`, on any kernel.
 //! - `load MS THREADS RATE`: drives the `cxl_dport_bench` module (tracked dport events)
 //!   for MS milliseconds from THREADS threads, writing chunks of iterations to its debugfs
 //!   `run` file, paced to RATE iterations per second in all (0: as fast as it goes).
@@ -28,10 +28,10 @@ fn main() -> ExitCode {
     let num = |i: usize| args.get(i).and_then(|a| a.parse::<u64>().ok());
     let result = match (args.first().map(String::as_str), num(1)) {
         (Some("pipe"), Some(ms)) => pipe(ms),
-        (Some("affinity"), Some(ms)) => affinity(ms),
+        (Some("select"), Some(ms)) => select(ms),
         (Some("load"), Some(ms)) => load(ms, num(2).unwrap_or(1), num(3).unwrap_or(0)),
         (Some("nice"), _) if args.len() >= 3 => nice(&args[1], &args[2..]),
-        _ => Err("usage: bench-guest pipe MS | affinity MS | load MS [THREADS [RATE]] | nice N CMD [ARGS]".to_owned()),
+        _ => Err("usage: bench-guest pipe MS | select MS | load MS [THREADS [RATE]] | nice N CMD [ARGS]".to_owned()),
     };
     match result {
         Ok(line) => {
@@ -107,17 +107,23 @@ fn pipe(ms: u64) -> Result<String, String> {
     Ok(per_op("pipe", ops, elapsed))
 }
 
-fn affinity(ms: u64) -> Result<String, String> {
-    // Large enough for any nr_cpu_ids (CONFIG_NR_CPUS=8192 on Debian).
-    let mut mask = vec![0u64; 8192 / 64];
+fn select(ms: u64) -> Result<String, String> {
+    const NFDS: i32 = 1024;
+    // The descriptor table must reach NFDS, or select clamps the count to its size.
+    // SAFETY: duplicating stdin onto a free descriptor number of this process.
+    if unsafe { libc::dup2(0, NFDS - 1) } < 0 {
+        return Err(errno("dup2 to descriptor 1023"));
+    }
     let (ops, elapsed) = timed(ms, || {
-        // SAFETY: the kernel writes at most the given size into `mask`.
-        let n = unsafe {
-            libc::syscall(libc::SYS_sched_getaffinity, 0, mask.len() * 8, mask.as_mut_ptr())
-        };
-        if n > 0 { Ok(()) } else { Err(errno("sched_getaffinity")) }
+        let mut tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
+        let null = std::ptr::null_mut();
+        // SAFETY: no descriptor sets, a valid zero timeout.
+        if unsafe { libc::select(NFDS, null, null, null, &mut tv) } < 0 {
+            return Err(errno("select"));
+        }
+        Ok(())
     })?;
-    Ok(per_op("affinity", ops, elapsed))
+    Ok(per_op("select", ops, elapsed))
 }
 
 /// Iterations per write to the module: small enough to pace finely and to let the port

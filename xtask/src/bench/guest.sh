@@ -31,7 +31,7 @@ calls_per_op() {
 	for e in benchcount/mutex_lock benchcount/mutex_unlock kmem/kfree; do
 		echo 'hist:keys=common_pid' > $T/events/$e/trigger || fail "cannot add a hist trigger to $e"
 	done
-	for loop in pipe affinity; do
+	for loop in pipe select; do
 		/bin/bench-guest $loop "$loop_ms" > /tmp/calls.out &
 		pid=$!
 		wait $pid || fail "bench-guest $loop failed"
@@ -148,7 +148,7 @@ while [ $rep -le "$reps" ]; do
 		start_mode $mode $tag
 		i=1
 		while [ $i -le "$loops" ]; do
-			for loop in pipe affinity; do
+			for loop in pipe select; do
 				l=$(/bin/bench-guest $loop "$loop_ms") || fail "bench-guest $loop failed in mode $mode"
 				put "loop mode=$mode rep=$rep loop=$loop $l"
 			done
@@ -193,7 +193,7 @@ stats() {
 	start_mode $1 stats-$1
 	[ "$1" = tracer ] && put "kprobes mode=$1 total=$(grep -c . /sys/kernel/debug/kprobes/list) optimized=$(grep -c OPTIMIZED /sys/kernel/debug/kprobes/list) ftrace=$(grep -c FTRACE /sys/kernel/debug/kprobes/list)"
 	echo 1 > /proc/sys/kernel/bpf_stats_enabled || fail "cannot enable kernel.bpf_stats_enabled"
-	for loop in pipe affinity; do
+	for loop in pipe select; do
 		l=$(/bin/bench-guest $loop "$loop_ms") || fail "bench-guest $loop failed"
 		put "statsloop mode=$1 loop=$loop $l"
 	done

@@ -12,6 +12,7 @@
 //! Benchmarks print figures; nothing here asserts on time. The targets of issue 5 are
 //! reported as met or not, with the figure.
 mod churn;
+mod hostbpf;
 mod report;
 
 use std::{
@@ -110,10 +111,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         modes.push("global");
     }
 
+    println!("bench: the kfree hook natively on the host ({} repetition(s) of {})", options.reps, hostbpf::MODES.join(", "));
+    let host_kfree = hostbpf::measure(&helper, options.reps, options.loops, options.loop_ms, &out)?;
     let host_before = host_loops(&helper, options)?;
     let guest = guest_run(options, &out, &tracer, &helper, &module, &modes)?;
     let host_after = host_loops(&helper, options)?;
-    fs::write(out.join(HOST_RESULTS), format!("{host_before}{host_after}"))?;
+    fs::write(out.join(HOST_RESULTS), format!("{host_kfree}{host_before}{host_after}"))?;
 
     println!("bench: replaying a synthetic churn of {} dports through `tracer analyze` for its memory", options.churn_dports);
     let churn = churn::measure(&tracer, options.churn_dports, &out)?;
@@ -261,7 +264,7 @@ fn build_module() -> anyhow::Result<PathBuf> {
 fn host_loops(helper: &Path, options: &Options) -> anyhow::Result<String> {
     let mut lines = String::new();
     for _ in 0..options.loops {
-        for lp in ["pipe", "affinity"] {
+        for lp in ["pipe", "select"] {
             lines.push_str(&util::output(Command::new(helper).args([lp, &options.loop_ms.to_string()]))?);
         }
     }
