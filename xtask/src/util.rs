@@ -44,6 +44,26 @@ pub fn cargo() -> Command {
     cmd
 }
 
+/// Builds one binary of `package` for the static musl target, in release, and returns its
+/// path: what goes into the guest.
+pub fn build_static(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "--target",
+        "x86_64-unknown-linux-musl",
+        "-p",
+        package,
+        "--bin",
+        bin,
+    ]))
+    .with_context(|| format!("building the static (musl) {bin} failed"))?;
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    Ok(target_dir.join("x86_64-unknown-linux-musl/release").join(bin))
+}
+
 /// `$PATH` with `$CARGO_HOME/bin` in front, so a fresh shell finds what setup installed.
 pub fn path_with_cargo_bin() -> std::ffi::OsString {
     let mut dirs = vec![cargo_home().join("bin")];

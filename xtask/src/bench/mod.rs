@@ -213,21 +213,7 @@ impl Line {
 /// The static musl `bench-guest` (this package's second binary).
 fn build_helper() -> anyhow::Result<PathBuf> {
     println!("bench: building the guest load programs (bench-guest, static musl)");
-    util::run(util::cargo().args([
-        "build",
-        "--release",
-        "--target",
-        "x86_64-unknown-linux-musl",
-        "-p",
-        "xtask",
-        "--bin",
-        "bench-guest",
-    ]))
-    .context("building bench-guest failed")?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| util::workspace_root().join("target"));
-    Ok(target_dir.join("x86_64-unknown-linux-musl/release/bench-guest"))
+    util::build_static("xtask", "bench-guest")
 }
 
 /// Builds `cxl_dport_bench.ko` against the guest kernel's headers, with the CXL headers

@@ -684,19 +684,7 @@ pub fn tracer_binary() -> anyhow::Result<PathBuf> {
 fn build_tracer() -> anyhow::Result<PathBuf> {
     setup::ensure()?;
     println!("vm: building the static tracer for the guest");
-    util::run(util::cargo().args([
-        "build",
-        "--release",
-        "--target",
-        "x86_64-unknown-linux-musl",
-        "-p",
-        "tracer",
-    ]))
-    .context("building the musl tracer failed")?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| util::workspace_root().join("target"));
-    Ok(target_dir.join("x86_64-unknown-linux-musl/release/tracer"))
+    util::build_static("tracer", "tracer")
 }
 
 /// Checks that `binary` has `tracer run` as the guest uses it, and runs without a loader.
