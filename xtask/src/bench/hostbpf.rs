@@ -151,10 +151,12 @@ struct Bpftrace {
 }
 
 fn start_bpftrace(script: &Path) -> anyhow::Result<Bpftrace> {
+    // Its errors go to a file next to the script, quoted when it does not attach.
+    let errors = script.with_extension("err");
     let mut child = Command::new("bpftrace")
         .arg(script)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&errors).with_context(|| format!("creating {}", errors.display()))?)
         .spawn()
         .context("cannot run bpftrace")?;
     let mut out = child.stdout.take().expect("piped");
@@ -180,7 +182,8 @@ fn start_bpftrace(script: &Path) -> anyhow::Result<Bpftrace> {
         let _ = child.kill();
         let _ = child.wait();
         let text = output.join().unwrap_or_default();
-        bail!("bpftrace did not attach on the host within 120 s:\n{text}");
+        let err = std::fs::read_to_string(&errors).unwrap_or_default();
+        bail!("bpftrace did not attach on the host (it exited, or 120 s passed):\n{text}{err}");
     }
     Ok(Bpftrace { child, output })
 }
@@ -213,12 +216,25 @@ fn kfree_per_op(helper: &Path, loop_ms: u64, out: &Path) -> anyhow::Result<Strin
     Ok(format!("hostcalls loop=select {} kfree={kfree}\n", line.trim()))
 }
 
+/// bpftrace reads tracepoint formats from tracefs, which a fresh machine may not have
+/// mounted: mount it at its usual place when it is missing.
+fn ensure_tracefs() -> anyhow::Result<()> {
+    let dir = Path::new("/sys/kernel/tracing");
+    if dir.join("events").is_dir() {
+        return Ok(());
+    }
+    println!("bench: mounting tracefs on {} (bpftrace needs it)", dir.display());
+    util::run(Command::new("mount").args(["-t", "tracefs", "tracefs"]).arg(dir))
+        .context("cannot mount tracefs on /sys/kernel/tracing (bpftrace needs it on the host)")
+}
+
 /// The modes of the host run, in the order of the first repetition.
 pub const MODES: [&str; 4] = ["none", "rawtp-lru", "rawtp-empty", "bpftrace"];
 
 /// Runs the `select` loop `loops` times in each mode, the mode order rotated
 /// each of `reps` repetitions; returns `hostkfree mode= rep= select ...` lines.
 pub fn measure(helper: &Path, reps: u32, loops: u32, loop_ms: u64, out: &Path) -> anyhow::Result<String> {
+    ensure_tracefs()?;
     let script = out.join("host-kfree.bt");
     std::fs::write(&script, BPFTRACE_KFREE)?;
     let mut lines = kfree_per_op(helper, loop_ms, out)?;
