@@ -258,8 +258,12 @@ pub enum Counter {
     /// ... and differed: the model's free lock is wrong for this kernel (the real host's
     /// mutex is tracked instead).
     HostMismatch = 6,
+    /// Records lost although the ring buffer had room: a kprobe that fires on an int3 runs
+    /// in NMI-like context, where the ring buffer's lock is only tried, and another CPU
+    /// held it through every attempt.
+    DropRingBusy = 7,
 }
-pub const COUNTERS: usize = 7;
+pub const COUNTERS: usize = 8;
 
 impl Counter {
     pub const ALL: [Counter; COUNTERS] = [
@@ -270,6 +274,7 @@ impl Counter {
         Counter::Unpaired,
         Counter::HostChecked,
         Counter::HostMismatch,
+        Counter::DropRingBusy,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -281,12 +286,13 @@ impl Counter {
             Counter::Unpaired => "unpaired_return",
             Counter::HostChecked => "host_checked",
             Counter::HostMismatch => "host_mismatch",
+            Counter::DropRingBusy => "ring_buffer_busy",
         }
     }
 
     /// Whether this counter stands for lost events (as opposed to lost detail).
     pub const fn is_drop(self) -> bool {
-        matches!(self, Counter::DropRingFull | Counter::DropMapFull)
+        matches!(self, Counter::DropRingFull | Counter::DropRingBusy | Counter::DropMapFull)
     }
 }
 

@@ -1,6 +1,8 @@
-//! Reserves a record, fills the header, submits it or counts the drop.
+//! Reserves a record, fills the header, submits it or counts the drop by its reason.
 use aya_ebpf::{
     EbpfContext,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_RING_SIZE},
+    maps::ring_buf::RingBufEntry,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_get_stack, bpf_ktime_get_ns},
 };
 use tracer_common::{Counter, EventHeader, EventKind, FLAG_STACK_LOST, MAX_STACK_FRAMES, Payload, Record, ShortRecord};
@@ -12,6 +14,27 @@ pub fn count(counter: Counter) {
         // SAFETY: this CPU's slot; per-CPU maps are not shared between CPUs.
         unsafe { *slot += 1 };
     }
+}
+
+/// Reservations tried before an event is counted lost. A kprobe that fires on an int3 runs
+/// in NMI-like context, where `bpf_ringbuf_reserve` only tries the ring buffer's lock: while
+/// another CPU holds it for its own reservation (a few instructions), the attempt fails at
+/// once although the ring has room. Trying again rides that out.
+const RESERVE_TRIES: u32 = 64;
+
+/// A ring-buffer entry for a `T`, or the loss counted by its reason.
+fn reserve<T: 'static>() -> Option<RingBufEntry<T>> {
+    for _ in 0..RESERVE_TRIES {
+        if let Some(entry) = EVENTS.reserve::<T>(0) {
+            return Some(entry);
+        }
+    }
+    // Full when the record (and its 8-byte header) no longer fits behind the unread data.
+    let unread = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let size = EVENTS.query(BPF_RB_RING_SIZE as u64);
+    let full = unread + size_of::<T>() as u64 + 8 > size;
+    count(if full { Counter::DropRingFull } else { Counter::DropRingBusy });
+    None
 }
 
 /// Whether to capture the kernel stack with the event.
@@ -40,8 +63,7 @@ fn header(kind: EventKind, flags: u32) -> EventHeader {
 /// Events without a stack take a `ShortRecord` of the ring buffer, the others a `Record`.
 pub fn emit<C: EbpfContext>(ctx: &C, kind: EventKind, flags: u32, stack: Stack, payload: Payload) {
     if stack == Stack::Without {
-        let Some(mut entry) = EVENTS.reserve::<ShortRecord>(0) else {
-            count(Counter::DropRingFull);
+        let Some(mut entry) = reserve::<ShortRecord>() else {
             return;
         };
         let record = entry.as_mut_ptr();
@@ -54,8 +76,7 @@ pub fn emit<C: EbpfContext>(ctx: &C, kind: EventKind, flags: u32, stack: Stack, 
         count(Counter::Emitted);
         return;
     }
-    let Some(mut entry) = EVENTS.reserve::<Record>(0) else {
-        count(Counter::DropRingFull);
+    let Some(mut entry) = reserve::<Record>() else {
         return;
     };
     let record = entry.as_mut_ptr();

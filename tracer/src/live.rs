@@ -262,7 +262,7 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     let lost = summary.dropped() + summary.undecodable;
     if lost > 0 {
         eprintln!(
-            "tracer: WARNING: {} events were dropped in the kernel and {} were undecodable; findings may be incomplete (a larger --ring-kib helps with ring_buffer_full)",
+            "tracer: WARNING: {} events were dropped in the kernel and {} were undecodable; findings may be incomplete (a larger --ring-kib helps with ring_buffer_full; ring_buffer_busy is contention between CPUs, see the README)",
             summary.dropped(),
             summary.undecodable
         );

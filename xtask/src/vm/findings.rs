@@ -127,6 +127,7 @@ impl Report {
             &["undecodable"],
             &["truncated_bytes"],
             &["kernel_counters", "ring_buffer_full"],
+            &["kernel_counters", "ring_buffer_busy"],
             &["kernel_counters", "map_full"],
             &["kernel_counters", "stack_lost"],
         ] {
@@ -354,7 +355,7 @@ mod tests {
     use super::*;
 
     const STALE: &str = r#"{"class":"stale-use","dport":"0x1","generation":1,"port":"0x2","root":false,"tid":9,"comm":"sh","site":"devm_cxl_add_port","ts":30,"stack":["devm_cxl_add_port+0x5/0x700","cxl_mem_probe+0x279/0x370 [cxl_mem]"],"load_stack":["match_port_by_dport+0x48/0x70"],"expected_lock":"0x90","held_locks":["0x90"],"reason":"r","count":3,"last_ts":40,"expected_lock_role":"free lock","expected_lock_is":"&port->dev.mutex","load_ts":10,"load_free_lock_held":false,"lock_ts":20,"lock_stack":["cxl_mem_probe+0x200/0x370 [cxl_mem]"]}"#;
-    const SUMMARY: &str = r#"{"summary":{"events":5,"dropped":0,"undecodable":0,"truncated_bytes":0,"kernel_counters":{"ring_buffer_full":0,"map_full":0,"stack_lost":0},"occurrences":{"stale-use":3,"unlocked-use":0},"evicted":{"dports":0}}}"#;
+    const SUMMARY: &str = r#"{"summary":{"events":5,"dropped":0,"undecodable":0,"truncated_bytes":0,"kernel_counters":{"ring_buffer_full":0,"ring_buffer_busy":0,"map_full":0,"stack_lost":0},"occurrences":{"stale-use":3,"unlocked-use":0},"evicted":{"dports":0}}}"#;
 
     #[test]
     fn reads_and_checks_a_report() {
