@@ -1,8 +1,9 @@
 //! The kfree hook measured natively on the host, whose kernel runs raw tracepoints and
 //! tracepoints (but no kprobes or fentry): a raw tracepoint program on `kfree` of the
 //! tracer's untracked-path shape (read the freed pointer, one LRU-hash lookup, return),
-//! the same with an empty body (the attach point's own cost), and bpftrace's tracepoint
-//! with a hash lookup, each against the `select` loop (one `kfree` per call) with nothing attached.
+//! the same with a plain hash map, the same with an empty body (the attach point's own
+//! cost), and bpftrace's tracepoint with a hash lookup, each against the `select` loop (one
+//! `kfree` per call) with nothing attached.
 //!
 //! The programs are a few instructions, loaded with bpf(2) directly: the xtask does not
 //! link aya for them.
@@ -22,6 +23,7 @@ use crate::util;
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
+const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
 const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
@@ -98,15 +100,17 @@ struct Attached {
     _link: OwnedFd,
 }
 
-fn attach_kfree(with_lookup: bool) -> anyhow::Result<Attached> {
+/// `map_type`: the hash map type the program looks the pointer up in, or None for the
+/// empty program.
+fn attach_kfree(map_type: Option<u32>) -> anyhow::Result<Attached> {
     use std::os::fd::AsRawFd as _;
-    let map = if with_lookup {
+    let map = if let Some(map_type) = map_type {
         let mut attr = [0u8; 128];
-        put_u32(&mut attr, 0, BPF_MAP_TYPE_LRU_HASH);
+        put_u32(&mut attr, 0, map_type);
         put_u32(&mut attr, 4, 8);
         put_u32(&mut attr, 8, 8);
         put_u32(&mut attr, 12, BLOCKS_ENTRIES);
-        Some(bpf(BPF_MAP_CREATE, &mut attr).context("creating an LRU hash map (bpf BPF_MAP_CREATE)")?)
+        Some(bpf(BPF_MAP_CREATE, &mut attr).context("creating a hash map (bpf BPF_MAP_CREATE)")?)
     } else {
         None
     };
@@ -189,12 +193,23 @@ fn start_bpftrace(script: &Path) -> anyhow::Result<Bpftrace> {
 }
 
 impl Bpftrace {
-    /// Stops it (SIGINT, as Ctrl-C) and returns what it printed, its maps included.
+    /// Stops it (SIGINT, as Ctrl-C) and returns what it printed, its maps included. bpftrace
+    /// now and then misses a SIGINT (seen: it stayed in its poll loop): it gets one every
+    /// second, and SIGKILL after ten.
     fn stop(mut self) -> anyhow::Result<String> {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        for _ in 0..10 {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+            for _ in 0..10 {
+                if self.child.try_wait()?.is_some() {
+                    return Ok(self.output.join().unwrap_or_default());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let _ = self.child.kill();
         self.child.wait()?;
-        Ok(self.output.join().unwrap_or_default())
+        bail!("bpftrace did not exit on SIGINT within 10 s on the host; killed it")
     }
 }
 
@@ -229,7 +244,7 @@ fn ensure_tracefs() -> anyhow::Result<()> {
 }
 
 /// The modes of the host run, in the order of the first repetition.
-pub const MODES: [&str; 4] = ["none", "rawtp-lru", "rawtp-empty", "bpftrace"];
+pub const MODES: [&str; 5] = ["none", "rawtp-lru", "rawtp-hash", "rawtp-empty", "bpftrace"];
 
 /// Runs the `select` loop `loops` times in each mode, the mode order rotated
 /// each of `reps` repetitions; returns `hostkfree mode= rep= select ...` lines.
@@ -243,8 +258,9 @@ pub fn measure(helper: &Path, reps: u32, loops: u32, loop_ms: u64, out: &Path) -
             let mode = MODES[(i + rep) % MODES.len()];
             let (bpftrace, attached) = match mode {
                 "none" => (None, None),
-                "rawtp-lru" => (None, Some(attach_kfree(true)?)),
-                "rawtp-empty" => (None, Some(attach_kfree(false)?)),
+                "rawtp-lru" => (None, Some(attach_kfree(Some(BPF_MAP_TYPE_LRU_HASH))?)),
+                "rawtp-hash" => (None, Some(attach_kfree(Some(BPF_MAP_TYPE_HASH))?)),
+                "rawtp-empty" => (None, Some(attach_kfree(None)?)),
                 _ => (Some(start_bpftrace(&script)?), None),
             };
             for _ in 0..loops {

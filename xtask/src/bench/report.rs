@@ -415,6 +415,7 @@ impl Report {
             let what = match mode {
                 "none" => "nothing",
                 "rawtp-lru" => "raw tracepoint, one LRU-hash lookup (the tracer's untracked path)",
+                "rawtp-hash" => "raw tracepoint, one hash lookup",
                 "rawtp-empty" => "raw tracepoint, empty program",
                 _ => "bpftrace: tracepoint:kmem:kfree with a hash lookup",
             };
