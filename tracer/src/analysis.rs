@@ -37,6 +37,10 @@ impl Analysis {
         &self.engine
     }
 
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
     pub fn summary(&self) -> Summary {
         Summary::new(self.events, *self.engine.stats(), &self.groups)
     }

@@ -50,14 +50,34 @@ pub fn run(options: LiveOptions) -> anyhow::Result<Outcome> {
     runtime.block_on(live(options))
 }
 
+/// Ticks between two looks for exited threads, and how long a thread must have been quiet
+/// to be forgotten: its last events may still be in the ring buffer behind the tick.
+const EXITED_EVERY: u32 = 10;
+const EXITED_QUIET: Duration = Duration::from_secs(5);
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 fn clock_base_ns() -> u64 {
-    let now = |clock| {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: a valid timespec.
-        unsafe { libc::clock_gettime(clock, &mut ts) };
-        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-    };
-    now(libc::CLOCK_REALTIME).saturating_sub(now(libc::CLOCK_MONOTONIC))
+    clock_ns(libc::CLOCK_REALTIME).saturating_sub(clock_ns(libc::CLOCK_MONOTONIC))
+}
+
+/// Whether `/proc/TID` names the kernel's thread TID: not so in a nested pid namespace.
+fn proc_shows_kernel_tids() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .is_some_and(|ids| ids.split_whitespace().count() == 1)
+    })
+}
+
+fn thread_exited(tid: u32) -> bool {
+    !std::path::Path::new(&format!("/proc/{tid}")).exists()
 }
 
 fn kernel_release() -> String {
@@ -172,6 +192,11 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     let mut planned_modules = loaded_cxl_modules();
     let started = Instant::now();
     let mut child_status = None;
+    // Exited threads' state is forgotten (every short-lived modprobe of a hotplug loop would
+    // otherwise stay until the thread cap), where /proc can tell.
+    let forget_exited = proc_shows_kernel_tids();
+    let mut ticks = 0u32;
+    let mut forgotten = 0usize;
 
     loop {
         tokio::select! {
@@ -200,6 +225,11 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
                         Ok(symbols) => pipeline.resolver.set_symbols(symbols),
                         Err(err) => eprintln!("tracer: warning: re-reading symbols after a module change: {err}"),
                     }
+                }
+                ticks = ticks.wrapping_add(1);
+                if forget_exited && ticks.is_multiple_of(EXITED_EVERY) {
+                    let quiet_since = clock_ns(libc::CLOCK_MONOTONIC).saturating_sub(EXITED_QUIET.as_nanos() as u64);
+                    forgotten += pipeline.analysis.engine_mut().forget_exited_threads(quiet_since, thread_exited);
                 }
                 if pipeline.recorder.as_ref().is_some_and(Recorder::failed) {
                     break;
@@ -242,6 +272,9 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
         eprintln!("tracer: traced command exited: {status}");
     }
     eprintln!("tracer: traced for {:.1?}", started.elapsed());
+    if forgotten > 0 {
+        eprintln!("tracer: forgot the state of {forgotten} threads after they exited");
+    }
     let mut out = BufWriter::new(io::stdout().lock());
     match options.format {
         Some(Format::Json) => {

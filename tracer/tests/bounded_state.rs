@@ -44,6 +44,26 @@ fn the_thread_cap_evicts_and_counts() {
 }
 
 #[test]
+fn exited_threads_are_forgotten_once_quiet() {
+    let churn = Churn { dports: 2_000, live: 2_000, reads_per_dport: 1, unlocked_every: 0, threads: 50 };
+    let mut analysis = Analysis::new(Limits::default());
+    let mut last_ts = 0;
+    for event in churn.events() {
+        last_ts = event.ts;
+        analysis.feed(&event, |_| {});
+    }
+    let before = analysis.engine().tracked_threads();
+    assert!(before > 10, "{before} threads");
+    // A thread with an event at or after `quiet_since` may still have events on the way.
+    assert_eq!(analysis.engine_mut().forget_exited_threads(0, |_| true), 0);
+    let odd = analysis.engine_mut().forget_exited_threads(last_ts + 1, |tid| tid % 2 == 1);
+    assert!(odd > 0);
+    assert_eq!(analysis.engine().tracked_threads(), before - odd);
+    // What is forgotten after an exit is no loss.
+    assert!(!analysis.summary().lost_anything());
+}
+
+#[test]
 fn the_live_dport_cap_evicts_and_counts() {
     let limits = Limits { max_dports: 100, ..Limits::default() };
     let mut analysis = Analysis::new(limits);

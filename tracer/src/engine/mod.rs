@@ -76,6 +76,30 @@ impl Engine {
         findings
     }
 
+    /// Forgets the threads that `exited` says are gone and that have had no event since
+    /// `quiet_since` (so none of theirs can still be on its way). Their loaded pointers and
+    /// held locks can never be used again, and a new thread that reuses the tid must not
+    /// inherit them. What a live run learns from /proc; a replay keeps them until the cap.
+    /// Returns how many were forgotten.
+    pub fn forget_exited_threads(&mut self, quiet_since: u64, mut exited: impl FnMut(u32) -> bool) -> usize {
+        let gone: Vec<u32> = self
+            .threads
+            .iter()
+            .filter(|(tid, t)| t.last_ts < quiet_since && exited(**tid))
+            .map(|(tid, _)| *tid)
+            .collect();
+        for tid in &gone {
+            if let Some(thread) = self.threads.remove(tid) {
+                for held in thread.held {
+                    if self.owners.get(&held.lock) == Some(tid) {
+                        self.owners.remove(&held.lock);
+                    }
+                }
+            }
+        }
+        gone.len()
+    }
+
     fn thread(&mut self, tid: u32, ts: u64) -> &mut Thread {
         if !self.threads.contains_key(&tid) && self.threads.len() >= self.limits.max_threads {
             self.evict_thread();
