@@ -161,7 +161,7 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
 
     let Discovery { symbols, plan, .. } = discovery;
     let mut pipeline = Pipeline {
-        resolver: Resolver::new(symbols, load::site_functions(&plan)).with_reload(Box::new(|| match Symbols::load() {
+        resolver: Resolver::new(symbols, load::site_functions(&plan)).with_reload(Box::new(|old: &Symbols| match old.reload_modules() {
             Ok(symbols) => Some(symbols),
             Err(err) => {
                 eprintln!("tracer: warning: re-reading kernel symbols: {err}");
@@ -221,7 +221,7 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
                         planned_modules.push(module);
                     }
                     layout = now;
-                    match Symbols::load() {
+                    match pipeline.resolver.symbols().reload_modules() {
                         Ok(symbols) => pipeline.resolver.set_symbols(symbols),
                         Err(err) => eprintln!("tracer: warning: re-reading symbols after a module change: {err}"),
                     }

@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// Reads the kernel's symbols afresh (in `tracer run`: /proc/kallsyms).
-pub type SymbolSource = Box<dyn FnMut() -> Option<Symbols>>;
+pub type SymbolSource = Box<dyn FnMut(&Symbols) -> Option<Symbols>>;
 
 /// Addresses remembered as unresolvable even after a re-read, at most.
 const MAX_UNRESOLVABLE: usize = 4096;
@@ -48,6 +48,10 @@ impl Resolver {
         self
     }
 
+    pub fn symbols(&self) -> &Symbols {
+        &self.symbols
+    }
+
     /// New symbols (a module was loaded or unloaded).
     pub fn set_symbols(&mut self, symbols: Symbols) {
         self.symbols = symbols;
@@ -65,7 +69,7 @@ impl Resolver {
         if unknown.is_empty() {
             return;
         }
-        if let Some(symbols) = reload() {
+        if let Some(symbols) = reload(&self.symbols) {
             self.set_symbols(symbols);
         }
         if self.unresolvable.len() + unknown.len() > MAX_UNRESOLVABLE {
@@ -160,9 +164,9 @@ mod tests {
         let rereads = std::rc::Rc::new(std::cell::Cell::new(0));
         let count = rereads.clone();
         let mut resolver = Resolver::new(Symbols::parse(before.as_bytes()).unwrap(), vec![Arc::from("f")])
-            .with_reload(Box::new(move || {
+            .with_reload(Box::new(move |old: &Symbols| {
                 count.set(count.get() + 1);
-                Symbols::parse(after.as_bytes()).ok()
+                old.with_modules_from(after.as_bytes()).ok()
             }));
         let raw = RawEvent {
             ts: 1,

@@ -26,63 +26,32 @@ pub enum KallsymsError {
     Hidden,
 }
 
-/// Text symbols sorted by address.
+/// Text symbols sorted by address: vmlinux's, shared by every re-read (its text does not
+/// move), and the modules'.
 #[derive(Default)]
 pub struct Symbols {
+    vmlinux: Arc<Table>,
+    modules: Table,
+}
+
+/// One sorted run of symbols, with its names indexed.
+#[derive(Default)]
+struct Table {
     symbols: Vec<Symbol>,
     by_name: FxHashMap<Arc<str>, Vec<usize>>,
 }
 
-impl Symbols {
-    /// Parses kallsyms lines: `ADDR TYPE NAME [\t[MODULE]]`.
-    pub fn parse(input: impl BufRead) -> Result<Symbols, KallsymsError> {
-        let mut symbols = Vec::new();
-        let mut modules: FxHashMap<String, Arc<str>> = FxHashMap::default();
-        let mut nonzero = false;
-        for (i, line) in input.lines().enumerate() {
-            let line = line?;
-            let mut fields = line.split_ascii_whitespace();
-            let (Some(addr), Some(kind), Some(name)) = (fields.next(), fields.next(), fields.next()) else {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                return Err(KallsymsError::Malformed { line: i + 1, text: line });
-            };
-            let addr = u64::from_str_radix(addr, 16)
-                .map_err(|_| KallsymsError::Malformed { line: i + 1, text: line.clone() })?;
-            nonzero |= addr != 0;
-            let kind = kind.as_bytes()[0];
-            let text = matches!(kind, b't' | b'T');
-            if !text {
-                continue;
-            }
-            let module = fields.next().and_then(|m| m.strip_prefix('[')).and_then(|m| m.strip_suffix(']')).map(|m| {
-                modules.entry(m.to_owned()).or_insert_with(|| Arc::from(m)).clone()
-            });
-            symbols.push(Symbol { addr, name: Arc::from(name), module, text });
-        }
-        if !nonzero && !symbols.is_empty() {
-            return Err(KallsymsError::Hidden);
-        }
+impl Table {
+    fn new(mut symbols: Vec<Symbol>) -> Table {
         symbols.sort_by_key(|s| s.addr);
         let mut by_name: FxHashMap<Arc<str>, Vec<usize>> = FxHashMap::default();
         for (i, s) in symbols.iter().enumerate() {
             by_name.entry(s.name.clone()).or_default().push(i);
         }
-        Ok(Symbols { symbols, by_name })
+        Table { symbols, by_name }
     }
 
-    pub fn load() -> Result<Symbols, KallsymsError> {
-        let file = std::fs::File::open("/proc/kallsyms")?;
-        Symbols::parse(std::io::BufReader::with_capacity(1 << 16, file))
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &Symbol> {
-        self.symbols.iter()
-    }
-
-    /// Every text symbol called `name` (static functions can repeat).
-    pub fn lookup(&self, name: &str) -> impl Iterator<Item = &Symbol> {
+    fn lookup(&self, name: &str) -> impl Iterator<Item = &Symbol> {
         self.by_name.get(name).into_iter().flatten().map(|&i| &self.symbols[i])
     }
 
@@ -94,8 +63,7 @@ impl Symbols {
         }
     }
 
-    /// Start and end of the function starting at `sym` (up to the next symbol).
-    pub fn extent(&self, sym: &Symbol) -> Option<(u64, u64)> {
+    fn extent(&self, sym: &Symbol) -> Option<(u64, u64)> {
         let i = self.index_of(sym.addr)?;
         let next = self.symbols[i + 1..].iter().find(|s| s.addr > sym.addr)?;
         // The last symbol of a module has no successor in that module: bound it.
@@ -105,8 +73,7 @@ impl Symbols {
         Some((sym.addr, next.addr))
     }
 
-    /// The symbol containing `addr` and the offset into it.
-    pub fn resolve(&self, addr: u64) -> Option<(&Symbol, u64, u64)> {
+    fn resolve(&self, addr: u64) -> Option<(&Symbol, u64, u64)> {
         let i = self.index_of(addr)?;
         let sym = &self.symbols[i];
         let size = match self.symbols.get(i + 1) {
@@ -118,6 +85,92 @@ impl Symbols {
             return None;
         }
         Some((sym, addr - sym.addr, size))
+    }
+}
+
+/// Parses kallsyms lines (`ADDR TYPE NAME [\t[MODULE]]`) into vmlinux's text symbols and the
+/// modules'; with `modules_only`, vmlinux's lines are skipped before anything is allocated.
+fn parse_lines(input: impl BufRead, modules_only: bool) -> Result<(Vec<Symbol>, Vec<Symbol>), KallsymsError> {
+    let (mut vmlinux, mut in_modules) = (Vec::new(), Vec::new());
+    let mut modules: FxHashMap<String, Arc<str>> = FxHashMap::default();
+    let mut nonzero = false;
+    for (i, line) in input.lines().enumerate() {
+        let line = line?;
+        let mut fields = line.split_ascii_whitespace();
+        let (Some(addr), Some(kind), Some(name)) = (fields.next(), fields.next(), fields.next()) else {
+            if line.trim().is_empty() {
+                continue;
+            }
+            return Err(KallsymsError::Malformed { line: i + 1, text: line });
+        };
+        let addr =
+            u64::from_str_radix(addr, 16).map_err(|_| KallsymsError::Malformed { line: i + 1, text: line.clone() })?;
+        nonzero |= addr != 0;
+        let text = matches!(kind.as_bytes()[0], b't' | b'T');
+        let module = fields.next().and_then(|m| m.strip_prefix('[')).and_then(|m| m.strip_suffix(']'));
+        if !text || modules_only && module.is_none() {
+            continue;
+        }
+        let module = module.map(|m| modules.entry(m.to_owned()).or_insert_with(|| Arc::from(m)).clone());
+        let symbol = Symbol { addr, name: Arc::from(name), module, text };
+        if symbol.module.is_some() { in_modules.push(symbol) } else { vmlinux.push(symbol) }
+    }
+    if !nonzero && (!vmlinux.is_empty() || !in_modules.is_empty()) {
+        return Err(KallsymsError::Hidden);
+    }
+    Ok((vmlinux, in_modules))
+}
+
+fn open_kallsyms() -> Result<impl BufRead, KallsymsError> {
+    let file = std::fs::File::open("/proc/kallsyms")?;
+    Ok(std::io::BufReader::with_capacity(1 << 16, file))
+}
+
+impl Symbols {
+    /// Parses kallsyms lines: `ADDR TYPE NAME [\t[MODULE]]`.
+    pub fn parse(input: impl BufRead) -> Result<Symbols, KallsymsError> {
+        let (vmlinux, modules) = parse_lines(input, false)?;
+        Ok(Symbols { vmlinux: Arc::new(Table::new(vmlinux)), modules: Table::new(modules) })
+    }
+
+    pub fn load() -> Result<Symbols, KallsymsError> {
+        Symbols::parse(open_kallsyms()?)
+    }
+
+    /// These symbols with the modules' read again (a module was loaded or unloaded): only
+    /// module lines are parsed, vmlinux's table is shared. Parsing all of kallsyms on every
+    /// module reload made the heap creep in long reload loops.
+    pub fn reload_modules(&self) -> Result<Symbols, KallsymsError> {
+        self.with_modules_from(open_kallsyms()?)
+    }
+
+    /// `reload_modules` from the given kallsyms text.
+    pub fn with_modules_from(&self, input: impl BufRead) -> Result<Symbols, KallsymsError> {
+        let (_, modules) = parse_lines(input, true)?;
+        Ok(Symbols { vmlinux: self.vmlinux.clone(), modules: Table::new(modules) })
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Symbol> {
+        self.vmlinux.symbols.iter().chain(self.modules.symbols.iter())
+    }
+
+    /// Every text symbol called `name` (static functions can repeat).
+    pub fn lookup(&self, name: &str) -> impl Iterator<Item = &Symbol> {
+        self.vmlinux.lookup(name).chain(self.modules.lookup(name))
+    }
+
+    fn table_of(&self, sym: &Symbol) -> &Table {
+        if sym.module.is_some() { &self.modules } else { &self.vmlinux }
+    }
+
+    /// Start and end of the function starting at `sym` (up to the next symbol).
+    pub fn extent(&self, sym: &Symbol) -> Option<(u64, u64)> {
+        self.table_of(sym).extent(sym)
+    }
+
+    /// The symbol containing `addr` and the offset into it.
+    pub fn resolve(&self, addr: u64) -> Option<(&Symbol, u64, u64)> {
+        self.vmlinux.resolve(addr).or_else(|| self.modules.resolve(addr))
     }
 
     /// "function+0xoff/0xsize [module]", or the raw address when it is in no known symbol.
@@ -199,6 +252,19 @@ ffffffffc0732500 t cxl_mem_exit\t[cxl_mem]
         let find = symbols.lookup("find_cxl_port").next().unwrap();
         assert_eq!(symbols.extent(find), None);
         assert!(symbols.lookup("some_data").next().is_none());
+    }
+
+    #[test]
+    fn a_module_reread_keeps_vmlinux_and_replaces_the_modules() {
+        let symbols = Symbols::parse(SAMPLE.as_bytes()).unwrap();
+        let moved = "ffffffffb2395a30 t ignored_on_a_module_reread\nffffffffc0900000 t cxl_mem_probe\t[cxl_mem]\nffffffffc0900400 t cxl_mem_remove\t[cxl_mem]\n";
+        let again = symbols.with_modules_from(moved.as_bytes()).unwrap();
+        assert!(Arc::ptr_eq(&symbols.vmlinux, &again.vmlinux));
+        assert_eq!(again.format(0xffffffffb2395a30 + 0x47), "match_port_by_dport+0x47/0x80");
+        assert_eq!(again.format(0xffffffffc0900010), "cxl_mem_probe+0x10/0x400 [cxl_mem]");
+        assert_eq!(again.format(0xffffffffc0732010), "0xffffffffc0732010");
+        assert_eq!(again.lookup("cxl_mem_probe").count(), 1);
+        assert_eq!(again.iter().count(), 4 + 2);
     }
 
     #[test]
