@@ -227,6 +227,17 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
         .cloned()
         .collect();
     let mut plan = Plan::build(&symbols, &probed, &uses);
+    // A use site the user named must exist: a silent miss would hide every finding there.
+    for asked in &config.extra_uses {
+        let found = plan.uses.iter().any(|u| u.function == asked.name && u.module == asked.module && u.probed.is_some());
+        if !found {
+            let module = asked.module.as_deref().map_or(String::new(), |m| format!(" in module {m}"));
+            bail!(
+                "--use-site {}: no function of that name{module} in the kernel's symbols (inlined into its callers, misspelled, or its module is not loaded): uses there could not be seen, so unlocked-use, stale-use and use-after-free at it would go unreported",
+                asked.name
+            );
+        }
+    }
     if direct_xa_load {
         let xa_load = callsites::CALLEES.iter().find(|c| c.name == "xa_load").expect("xa_load is a callee");
         if !plan.add_direct(&symbols, xa_load) {

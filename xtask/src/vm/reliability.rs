@@ -102,6 +102,10 @@ load_modules || { note "load-modules failed: $LOAD_ERROR"; exit 1; }
 wait $pid
 note "wait exit=$?"
 
+# A use site the user names that the kernel does not have.
+$T run --use-site no_such_cxl_function:0 -- true > /dev/null 2> $out/no-use-site.log
+note "no-use-site exit=$?"
+
 # --record on a full disk: a clear error, exit 2, and a partial trace that still reads.
 mkdir -p /mnt/small
 mount -t tmpfs -o size=8k tmpfs /mnt/small || { note "cannot mount the small tmpfs"; exit 1; }
@@ -288,6 +292,14 @@ pub fn environment(out: &Path, tracer: &Path) -> anyhow::Result<()> {
         "the workload traced after the wait did not pass (see wait.log)"
     );
     println!("test: guest:   --wait-for-cxl: waited, attached when the modules came, 3 of 3 probes judged");
+
+    expect(&r, "no-use-site exit", "2", "tracer run --use-site with a function the kernel does not have")?;
+    let log = read(out, "no-use-site.log")?;
+    ensure!(
+        log.contains("no_such_cxl_function") && log.contains("unlocked-use, stale-use and use-after-free"),
+        "the error for a missing --use-site must name it and the classes it costs:\n{log}"
+    );
+    println!("test: guest:   missing --use-site: exit 2, names the function and the finding classes");
 
     expect(&r, "full exit", "2", "--record on a full disk")?;
     let log = read(out, "full.log")?;
