@@ -56,8 +56,8 @@ pub struct SoakOptions {
 
 /// Memory growth allowed between the first and the last quarter of the run: the larger of
 /// an absolute slack (allocator noise, a grown buffer) and a fraction of the first
-/// quarter's median. Medians, not peaks: re-reading kallsyms after a module reload costs a
-/// few MiB for a moment, and whether a sample lands on one is chance. The engine's state
+/// quarter's median. Medians, not peaks: a sample can land on a passing allocation (the
+/// module symbols re-read after a reload, a burst of events), and whether it does is chance. The engine's state
 /// is capped (--max-dports and friends), so after its first quarter a run without a leak
 /// stays flat within this.
 const GROWTH_SLACK_KB: u64 = 2048;
