@@ -298,6 +298,10 @@ fn guest_run(
     o.modules = vec![module.to_owned()];
     o.quiet = true;
     o.out = Some(guest_out.clone());
+    // Two vCPUs even on TCG: the capacity runs drive tracked events from two CPUs at once,
+    // and the README's figures were measured so. The price is TCG's text-patching hazard
+    // (qemu.rs, `Accel::default_cpus`): a run can die with `Oops: int3`, reported as such.
+    o.cpus = Some(2);
     o.extra_files.push(GuestFile { path: "bin/bench-guest".into(), source: helper.to_owned(), mode: 0o755 });
     if modes.contains(&"bpftrace") {
         o.extra_files.push(GuestFile { path: "vm/bench.bt".into(), source: bt, mode: 0o644 });

@@ -157,6 +157,12 @@ mod tests {
         .unwrap();
         assert!(r.succeeded());
         assert_eq!(r.caller, "cxl_bus_probe");
+        // With record-cmd off (count_calls_start) the task name is not saved.
+        let r = parse_return(
+            "           <...>-190     [001] d..2.    18.281292: cxl_mem_probe: (cxl_bus_probe+0x1b/0x50 <- cxl_mem_probe) ret=0x0",
+        )
+        .unwrap();
+        assert_eq!((r.comm.as_str(), r.pid), ("<...>", 190));
         assert!(parse_return("# tracer: nop").is_err());
     }
 

@@ -155,6 +155,11 @@ pub struct RunOptions {
     /// How QEMU runs the guest: auto probes KVM once per host boot and falls back to TCG.
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: Accel,
+    /// Virtual CPUs. Default: 2 with KVM, 1 with TCG, where QEMU's multi-threaded
+    /// emulation can oops the guest (`Oops: int3`) whenever kernel text is patched, as
+    /// attaching or detaching the tracer does (docs/vm.md).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub cpus: Option<u32>,
     /// Extra kernel command-line parameters (e.g. "dyndbg=\"module cxl_core +p\"").
     #[arg(long, value_name = "PARAMS")]
     pub cmdline: Option<String>,
@@ -191,6 +196,7 @@ impl RunOptions {
             out: None,
             timeout: None,
             accel: Accel::Auto,
+            cpus: None,
             cmdline: None,
             quiet: false,
             script: Vec::new(),
@@ -517,8 +523,10 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
         cmdline.push(' ');
         cmdline.push_str(extra);
     }
+    let cpus = options.cpus.unwrap_or(accel.default_cpus());
     let machine = qemu::Machine {
         accel,
+        cpus,
         kernel: &kernel.image,
         initrd: &initrd,
         cmdline: &cmdline,
@@ -526,7 +534,7 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
         cxl: Some((options.topology, &cxl_dir)),
     };
     println!(
-        "vm: booting {} ({}) with topology {} on {accel}, bound {} s; console in {}",
+        "vm: booting {} ({}) with topology {} on {accel} with {cpus} vCPU(s), bound {} s; console in {}",
         kernel.release,
         kernel.image.display(),
         options.topology.name(),

@@ -398,6 +398,10 @@ count_calls_start() {
 		fi
 	done
 	: > $TRACEFS/trace
+	# Enabling an event with record-cmd on also hooks sched_switch to save task names, and
+	# disabling it unhooks it: two static-key flips in __schedule that the counting does not
+	# need (task names come out as <...>; calls.rs keeps the pid).
+	echo 0 > $TRACEFS/options/record-cmd
 	echo 1 > $TRACEFS/events/vmcount/enable || fail "cannot enable the vmcount kretprobes"
 	COUNTING=1
 	say "counting calls of: $COUNT_CALLS"
