@@ -45,7 +45,8 @@ pub enum Command {
         /// Also keep the raw events in this binary trace file.
         #[arg(long, value_name = "FILE")]
         record: Option<PathBuf>,
-        /// Exit with status 2 when any event was lost (dropped in the kernel or undecodable).
+        /// Exit with status 2 when any event was lost (dropped in the kernel or undecodable),
+        /// or when a probe could not be attached.
         #[arg(long)]
         strict: bool,
         #[command(flatten)]

@@ -152,6 +152,9 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     for warning in &attached.warnings {
         eprintln!("tracer: warning: {warning}");
     }
+    if options.strict && !attached.warnings.is_empty() {
+        bail!("{} probe(s) not attached, see the warnings above (--strict)", attached.warnings.len());
+    }
     eprintln!("tracer: {} kprobes attached in {:.1?}", attached.kprobe_count(), attached.took);
     let ring = attached.take_ring_buffer()?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until the

@@ -20,7 +20,7 @@ use tracer::{
     },
     probe::{
         attach::{self, Kprobes},
-        plan::Plan,
+        plan::{Plan, PlannedSite},
     },
     symbolize::Symbols,
 };
@@ -160,7 +160,18 @@ pub struct Discovery {
     pub plan: Plan,
     pub global_lock_hook: bool,
     pub direct_xa_load: bool,
+    /// The use sites the user named (`--use-site`): one that cannot be probed is an error.
+    pub asked_uses: Vec<DportFunction>,
     pub took: Duration,
+}
+
+impl Discovery {
+    /// Whether `site` is a function the user named with `--use-site`.
+    fn asked(&self, site: &PlannedSite) -> bool {
+        self.asked_uses
+            .iter()
+            .any(|u| u.name == *site.function && u.module.as_deref() == site.module.as_deref())
+    }
 }
 
 /// A user-added use site: `FUNCTION:ARG` or `MODULE:FUNCTION:ARG`.
@@ -254,6 +265,7 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
         plan,
         global_lock_hook: config.global_lock_hook,
         direct_xa_load,
+        asked_uses: config.extra_uses.clone(),
         took: start.elapsed(),
     })
 }
@@ -320,6 +332,10 @@ pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached
     for (i, site) in plan.sites.iter().enumerate() {
         match kprobes.attach(fd.as_fd(), &site.point, i as u64) {
             Ok(()) => attached_roles.push(site.role),
+            Err(err) if site.role == SiteRole::Use && discovery.asked(site) => bail!(
+                "--use-site {}: not probed ({err}): uses there could not be seen, so unlocked-use, stale-use and use-after-free at it would go unreported",
+                site.function
+            ),
             Err(err) => warnings.push(format!(
                 "{} {} in {}: not attached ({err}): {}",
                 site.what,
@@ -409,7 +425,7 @@ fn what_is_lost(role: SiteRole) -> &'static str {
     }
 }
 
-fn role_word(site: &tracer::probe::plan::PlannedSite) -> &'static str {
+fn role_word(site: &PlannedSite) -> &'static str {
     use tracer_common::SiteRole::*;
     match site.role {
         Use => "site",

@@ -105,6 +105,14 @@ note "wait exit=$?"
 # A use site the user names that the kernel does not have.
 $T run --use-site no_such_cxl_function:0 -- true > /dev/null 2> $out/no-use-site.log
 note "no-use-site exit=$?"
+# One the kernel has but refuses to probe (notify_die is on the kprobe blacklist): an error
+# too, and a problem for doctor; nothing of the attempt may stay behind.
+$T run --use-site notify_die:0 -- true > /dev/null 2> $out/unprobed-use-site.log
+note "unprobed-use-site exit=$?"
+$T doctor --use-site notify_die:0 > $out/unprobed-use-site-doctor.txt 2>&1
+note "unprobed-use-site-doctor exit=$?"
+$T leftovers > $out/unprobed-use-site-leftovers.txt 2>&1
+note "unprobed-use-site-leftovers exit=$?"
 
 # --record on a full disk: a clear error, exit 2, and a partial trace that still reads.
 mkdir -p /mnt/small
@@ -245,7 +253,8 @@ pub fn lifecycle(out: &Path, tracer: &Path) -> anyhow::Result<()> {
 }
 
 /// No CXL modules: `run` and `doctor` fail naming them; `--wait-for-cxl` waits, then
-/// traces; no BTF fails naming it; a full disk under `--record` fails clearly and leaves a
+/// traces; no BTF fails naming it; a `--use-site` the kernel lacks or refuses to probe fails
+/// naming it and what it costs; a full disk under `--record` fails clearly and leaves a
 /// trace that reads up to its last complete record.
 pub fn environment(out: &Path, tracer: &Path) -> anyhow::Result<()> {
     let mut o = RunOptions::new(Topology::Rp);
@@ -300,6 +309,22 @@ pub fn environment(out: &Path, tracer: &Path) -> anyhow::Result<()> {
         "the error for a missing --use-site must name it and the classes it costs:\n{log}"
     );
     println!("test: guest:   missing --use-site: exit 2, names the function and the finding classes");
+    expect(&r, "unprobed-use-site exit", "2", "tracer run --use-site with a function the kernel refuses to probe")?;
+    let log = read(out, "unprobed-use-site.log")?;
+    ensure!(
+        log.contains("--use-site notify_die")
+            && log.contains("the kernel refused kprobe")
+            && log.contains("unlocked-use, stale-use and use-after-free"),
+        "the error for an unprobeable --use-site must name it, say the kernel refused it and name the classes it costs:\n{log}"
+    );
+    expect(&r, "unprobed-use-site-doctor exit", "2", "doctor --use-site with a function the kernel refuses to probe")?;
+    let doctor = read(out, "unprobed-use-site-doctor.txt")?;
+    ensure!(
+        doctor.contains("attach check: FAILED") && doctor.contains("notify_die"),
+        "doctor must report the refused --use-site as a failed attach check:\n{doctor}"
+    );
+    expect(&r, "unprobed-use-site-leftovers exit", "0", "nothing left after the refused --use-site")?;
+    println!("test: guest:   unprobeable --use-site: exit 2 naming it, the kernel's refusal and the classes; doctor fails its attach check; nothing left");
 
     expect(&r, "full exit", "2", "--record on a full disk")?;
     let log = read(out, "full.log")?;
