@@ -314,11 +314,11 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
 
 fn report_discovery(d: &Discovery) {
     eprintln!(
-        "tracer: {} call sites and {} use sites in CXL code ({} modules: {}), planned {} kprobes in {:.1?}",
+        "tracer: {} call sites in CXL code ({} modules: {}) and {} use sites, planned {} kprobes in {:.1?}",
         d.calls.len(),
-        d.plan.uses.iter().filter(|u| u.probed.is_some()).count(),
         d.cxl_modules.len(),
         d.cxl_modules.join(" "),
+        d.plan.uses.iter().filter(|u| u.probed.is_some()).count(),
         d.plan.sites.len(),
         d.took
     );
