@@ -374,7 +374,6 @@ fn hang_is_bounded(out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cargo xtask vm soak --workload reload-mix` for a minute: memory flat, no drop, no crash.
 /// Flips of the kfree tracepoint in `text-patching`.
 const FLIPS: u32 = 300;
 
@@ -404,11 +403,9 @@ echo "tracer-vm: suite: flipped the kfree tracepoint $i times"
 /// guest's default vCPU count must survive that under load: with two vCPUs, QEMU 7.2's
 /// multi-threaded TCG oopses the guest within these flips (`Accel::default_cpus`).
 fn text_patching(out: &Path) -> anyhow::Result<()> {
-    fs::create_dir_all(out)?;
-    let script = out.with_extension("sh");
-    fs::write(&script, FLIP_KFREE).with_context(|| format!("writing {}", script.display()))?;
     let mut o = options(Topology::Rp, out);
-    o.script = vec![script.to_string_lossy().into_owned(), FLIPS.to_string()];
+    o.script = traced::script(out, FLIP_KFREE)?;
+    o.script.push(FLIPS.to_string());
     o.timeout = Some(300);
     let run = passing(&o)?;
     let flips = fs::read_to_string(out.join("flips.txt")).context("the guest wrote no flips.txt")?;
@@ -424,6 +421,7 @@ fn text_patching(out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `cargo xtask vm soak --workload reload-mix` for a minute: memory flat, no drop, no crash.
 fn short_soak(out: &Path, tracer: &Path) -> anyhow::Result<()> {
     // reload-mix, not mix: mix can oops the 6.12 kernel (docs/vm.md), which would make this
     // case fail on a kernel bug now and then.

@@ -220,7 +220,8 @@ fn root_dports(out: &Path) -> anyhow::Result<u64> {
     Ok(n)
 }
 
-fn script(out: &Path, text: &str) -> anyhow::Result<Vec<String>> {
+/// Writes `text` next to `out` as `OUT.sh` and returns it as a run's script argument.
+pub(super) fn script(out: &Path, text: &str) -> anyhow::Result<Vec<String>> {
     fs::create_dir_all(out)?;
     let path = out.with_extension("sh");
     fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
