@@ -160,18 +160,10 @@ pub struct Discovery {
     pub plan: Plan,
     pub global_lock_hook: bool,
     pub direct_xa_load: bool,
-    /// The use sites the user named (`--use-site`): one that cannot be probed is an error.
-    pub asked_uses: Vec<DportFunction>,
+    /// The plan's sites of the functions the user named (`--use-site`): one that cannot be
+    /// probed is an error.
+    pub asked_sites: Vec<usize>,
     pub took: Duration,
-}
-
-impl Discovery {
-    /// Whether `site` is a function the user named with `--use-site`.
-    fn asked(&self, site: &PlannedSite) -> bool {
-        self.asked_uses
-            .iter()
-            .any(|u| u.name == *site.function && u.module.as_deref() == site.module.as_deref())
-    }
 }
 
 /// A user-added use site: `FUNCTION:ARG` or `MODULE:FUNCTION:ARG`.
@@ -239,15 +231,17 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
         .collect();
     let mut plan = Plan::build(&symbols, &probed, &uses);
     // A use site the user named must exist: a silent miss would hide every finding there.
+    let mut asked_sites = Vec::new();
     for asked in &config.extra_uses {
-        let found = plan.uses.iter().any(|u| u.function == asked.name && u.module == asked.module && u.probed.is_some());
-        if !found {
+        let found = plan.uses.iter().find(|u| u.function == asked.name && u.module == asked.module).and_then(|u| u.probed);
+        let Some(site) = found else {
             let module = asked.module.as_deref().map_or(String::new(), |m| format!(" in module {m}"));
             bail!(
                 "--use-site {}: no function of that name{module} in the kernel's symbols (inlined into its callers, misspelled, or its module is not loaded): uses there could not be seen, so unlocked-use, stale-use and use-after-free at it would go unreported",
                 asked.name
             );
-        }
+        };
+        asked_sites.push(site);
     }
     if direct_xa_load {
         let xa_load = callsites::CALLEES.iter().find(|c| c.name == "xa_load").expect("xa_load is a callee");
@@ -265,7 +259,7 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
         plan,
         global_lock_hook: config.global_lock_hook,
         direct_xa_load,
-        asked_uses: config.extra_uses.clone(),
+        asked_sites,
         took: start.elapsed(),
     })
 }
@@ -332,7 +326,7 @@ pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached
     for (i, site) in plan.sites.iter().enumerate() {
         match kprobes.attach(fd.as_fd(), &site.point, i as u64) {
             Ok(()) => attached_roles.push(site.role),
-            Err(err) if site.role == SiteRole::Use && discovery.asked(site) => bail!(
+            Err(err) if discovery.asked_sites.contains(&i) => bail!(
                 "--use-site {}: not probed ({err}): uses there could not be seen, so unlocked-use, stale-use and use-after-free at it would go unreported",
                 site.function
             ),
