@@ -28,6 +28,7 @@ const SCENARIOS: &[(&str, &[Expected])] = &[
     ("free-without-predicted-lock", &[("rule-mismatch", "kfree", 1)]),
     ("address-reuse", &[]),
     ("address-reuse-stale-pointer", &[("use-after-free", "cxl_dport_init_ras_reporting", 1)]),
+    ("acpi-rebind-address-reuse", &[("unlocked-erase", "cxl_dport_remove", 2)]),
     ("lock-held-by-other-thread", &[("unlocked-use", "cxl_dport_init_ras_reporting", 1)]),
     ("lock-taken-before-tracing", &[]),
     ("stamp-stale-without-lock-events", &[("stale-use", "devm_cxl_add_port", 1)]),

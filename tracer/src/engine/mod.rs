@@ -57,6 +57,7 @@ impl Engine {
                     freed: None,
                 };
                 self.dports.add(*dport, new, &self.limits, &mut self.stats);
+                self.forget_older_refs(event.tid, *dport);
                 if !self.containers.contains_key(xa) && self.containers.len() >= self.limits.max_dports {
                     // Past the cap only (as many containers as live dports): forget one.
                     let victim = *self.containers.keys().next().expect("non-empty");
@@ -67,7 +68,10 @@ impl Engine {
             }
             Kind::XaLoad { ret, .. } => self.on_load(event, *ret, &mut findings),
             Kind::XaErase { xa, ret, .. } => self.on_write(event, *xa, *ret, &mut findings),
-            Kind::XaInsert { xa, entry, .. } => self.on_write(event, *xa, *entry, &mut findings),
+            Kind::XaInsert { xa, entry, .. } => {
+                self.forget_older_refs(event.tid, *entry);
+                self.on_write(event, *xa, *entry, &mut findings)
+            }
             Kind::Lock { lock } => self.acquire(event.tid, *lock, event.ts, event.stack.clone()),
             Kind::Unlock { lock } => self.release(event.tid, *lock),
             Kind::Use { dport, site } => self.on_use(event, *dport, site, &mut findings),
@@ -98,6 +102,21 @@ impl Engine {
             }
         }
         gone.len()
+    }
+
+    /// A thread that registers or publishes (`xa_insert`) the dport at `addr` holds it from
+    /// its own allocation, not from a lookup: a pointer it loaded from an older generation at
+    /// that address is not the one it uses now. Without this, a registration that reuses a
+    /// freed dport's address and uses the new dport before returning (7.2's
+    /// `__devm_cxl_add_dport()` calls `devm_cxl_dport_ras_setup(dport)` after `add_dport()`)
+    /// looked like a use after free to a thread that had loaded the old one (the `cxl_acpi`
+    /// bind that looks its root dport up, in every rebind cycle). Other threads' old
+    /// pointers stay: their uses are still use-after-free.
+    fn forget_older_refs(&mut self, tid: u32, addr: u64) {
+        let Some(generation) = self.dports.get(addr).map(|d| d.generation) else { return };
+        if let Some(thread) = self.threads.get_mut(&tid) {
+            thread.refs.retain(|r| r.dport != addr || r.generation == generation);
+        }
     }
 
     fn thread(&mut self, tid: u32, ts: u64) -> &mut Thread {
