@@ -343,6 +343,9 @@ pub enum SiteRole {
     HostAllocCall = 12,
     /// Its return address: rax = the allocation (the dport).
     HostAllocReturn = 13,
+    /// A `call __devm_add_action`: rdi = the devres host, rsi = the action, rdx = its data.
+    /// When the action is the one that frees dports, the data is a dport being registered.
+    HostActionCall = 14,
 }
 
 impl SiteRole {
@@ -361,6 +364,7 @@ impl SiteRole {
             11 => SiteRole::UnlockCall,
             12 => SiteRole::HostAllocCall,
             13 => SiteRole::HostAllocReturn,
+            14 => SiteRole::HostActionCall,
             _ => return None,
         })
     }
@@ -406,6 +410,9 @@ const _: () = assert!(size_of::<DportInfo>() == 48);
 pub struct Offsets {
     /// `struct cxl_dport`.`port`
     pub dport_port: u64,
+    /// `struct cxl_dport`.`dport_dev` (`dport` before 6.5): the index of the dport in its
+    /// port's xarray.
+    pub dport_dev: u64,
     /// `struct cxl_port`.`dev`
     pub port_dev: u64,
     /// `struct cxl_port`.`uport_dev`
@@ -421,7 +428,7 @@ pub struct Offsets {
     /// `struct devres`.`data`: where a devm allocation starts inside its devres block.
     pub devres_data: u64,
 }
-const _: () = assert!(size_of::<Offsets>() == 64);
+const _: () = assert!(size_of::<Offsets>() == 72);
 
 /// Low bits of `mutex->owner` are flags (MUTEX_FLAGS in kernel/locking/mutex.h, v6.12).
 pub const MUTEX_OWNER_FLAGS: u64 = 0x07;

@@ -4,7 +4,7 @@
 //! host's `dev->mutex`; `port->dports` is written under `port->dev.mutex`.
 use aya_ebpf::{
     EbpfContext,
-    helpers::bpf_probe_read_kernel,
+    helpers::{bpf_get_func_ret, bpf_probe_read_kernel},
     programs::{FExitContext, RawTracePointContext},
 };
 use tracer_common::{
@@ -70,9 +70,10 @@ fn track<C: EbpfContext>(ctx: &C, dport: u64, info: &DportInfo, origin: DportOri
     emit(ctx, EventKind::DportAdd, 0, Stack::Without, payload);
 }
 
-/// The tracked dport `entry` of xarray `xa`, discovering it on first sight: an entry is a
-/// dport iff `&entry->port->dports == xa`.
-pub fn lookup_or_discover<C: EbpfContext>(ctx: &C, xa: u64, entry: u64) -> Option<DportInfo> {
+/// The tracked dport `entry` at `index` of xarray `xa`, discovering it on first sight: an
+/// entry is a dport iff `&entry->port->dports == xa` and `entry->dport_dev == index` (a
+/// dport is stored under its device, drivers/cxl/core/port.c `add_dport()`).
+pub fn lookup_or_discover<C: EbpfContext>(ctx: &C, xa: u64, index: u64, entry: u64) -> Option<DportInfo> {
     if let Some(info) = unsafe { DPORTS.get(&entry) }
         && info.xa == xa
         && info.flags & DPORT_FREED == 0
@@ -84,7 +85,8 @@ pub fn lookup_or_discover<C: EbpfContext>(ctx: &C, xa: u64, entry: u64) -> Optio
     }
     let off = offsets();
     let port = read_u64(entry + off.dport_port)?;
-    if port == 0 || port + off.port_dports != xa {
+    let dport_dev = read_u64(entry + off.dport_dev)?;
+    if port == 0 || port + off.port_dports != xa || dport_dev != index {
         if unsafe { CONTAINERS.get(&xa) }.is_none() {
             insert(&NOT_CONTAINERS, &xa, &1);
         }
@@ -101,12 +103,18 @@ pub fn free_lock_stamp(info: &DportInfo) -> u32 {
     mutex::stamp(&offsets(), info.free_lock, FLAG_FREE_LOCK_KNOWN, FLAG_FREE_LOCK_HELD)
 }
 
-/// fexit of `__devm_cxl_add_dport(port, dport_dev, port_id, component_reg_phys, rcrb)`.
-/// Cross-checks the predicted free lock against the devres host the dport was really
-/// allocated on (seen at its `devm_kmalloc` call), and tracks the real one.
+/// fexit of the registration function (`__devm_cxl_add_dport(port, ...)`, or
+/// `devm_cxl_add_dport(port, ...)` on 6.1: their argument counts differ, so the return value
+/// is read with `bpf_get_func_ret`). Cross-checks the predicted free lock against the devres
+/// host the dport was really given (seen at its `devm_kmalloc` call, or where its
+/// `free_dport` action was added), and tracks the real one.
 pub fn on_dport_added(ctx: &FExitContext) {
     let port: u64 = ctx.arg(0);
-    let dport: u64 = ctx.arg(5);
+    let mut dport: u64 = 0;
+    // SAFETY: the context of an fexit program; the helper writes one u64.
+    if unsafe { bpf_get_func_ret(ctx.as_ptr(), &mut dport) } != 0 {
+        return;
+    }
     // ERR_PTR values are the top 4095 addresses.
     if dport == 0 || dport >= (-4095i64) as u64 {
         return;

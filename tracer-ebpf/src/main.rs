@@ -70,6 +70,7 @@ static ALLOC_HOST: LruHashMap<u64, u64> = LruHashMap::with_max_entries(1024, 0);
 #[unsafe(no_mangle)]
 static OFFSETS: Offsets = Offsets {
     dport_port: 0,
+    dport_dev: 0,
     port_dev: 0,
     port_uport_dev: 0,
     port_dports: 0,
@@ -78,6 +79,16 @@ static OFFSETS: Offsets = Offsets {
     mutex_owner: 0,
     devres_data: 0,
 };
+
+/// The address of the devres action that frees dports (`free_dport`, 7.2), or 0 on kernels
+/// where dports are devm allocations. Set by the loader from the kernel profile.
+#[unsafe(no_mangle)]
+static FREE_ACTION: u64 = 0;
+
+fn free_action() -> u64 {
+    // SAFETY: as OFFSETS.
+    unsafe { core::ptr::read_volatile(&FREE_ACTION) }
+}
 
 fn offsets() -> Offsets {
     // SAFETY: a global the loader sets before load; volatile so it is not constant-folded.
@@ -91,7 +102,8 @@ pub fn site(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// A dport registered: `__devm_cxl_add_dport(port, dport_dev, ...)` returned it.
+/// A dport registered: the kernel profile's registration function (`__devm_cxl_add_dport`,
+/// or `devm_cxl_add_dport` on 6.1), whose argument 0 is the port, returned it.
 #[fexit(function = "__devm_cxl_add_dport")]
 pub fn dport_add_exit(ctx: FExitContext) -> i32 {
     cxl::on_dport_added(&ctx);

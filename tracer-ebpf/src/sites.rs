@@ -12,7 +12,7 @@ use crate::{
     ALLOC_HOST, DPORTS, LOCKS, PENDING_HOST, PENDING_LOCK, SITES,
     cxl::free_lock_stamp,
     emit::{Stack, count, emit},
-    mutex, xarray,
+    free_action, mutex, xarray,
 };
 
 /// The probed task's registers. The verifier only allows context reads at constant offsets,
@@ -61,6 +61,7 @@ pub fn on_site(ctx: &ProbeContext) {
         Some(SiteRole::UnlockCall) => on_unlock_call(ctx),
         Some(SiteRole::HostAllocCall) => on_host_alloc_call(ctx),
         Some(SiteRole::HostAllocReturn) => on_host_alloc_return(ctx, site.arg == SITE_UNPAIRED_OK),
+        Some(SiteRole::HostActionCall) => on_host_action_call(ctx),
         None => {}
     }
 }
@@ -123,6 +124,20 @@ fn on_unlock_call(ctx: &ProbeContext) {
 /// `devm_kmalloc(dev, ...)` called by dport registration: remember the host device.
 fn on_host_alloc_call(ctx: &ProbeContext) {
     if PENDING_HOST.insert(&tid(), &regs(ctx).rdi, 0).is_err() {
+        count(Counter::DropMapFull);
+    }
+}
+
+/// `__devm_add_action(host, action, data, name)`: when the action is the one that frees
+/// dports (`free_dport`, 7.2), `data` is a dport being registered and `host` the device
+/// whose devres will free it.
+fn on_host_action_call(ctx: &ProbeContext) {
+    let r = regs(ctx);
+    let action = free_action();
+    if action == 0 || r.rsi != action || r.rdx == 0 {
+        return;
+    }
+    if ALLOC_HOST.insert(&r.rdx, &r.rdi, 0).is_err() {
         count(Counter::DropMapFull);
     }
 }

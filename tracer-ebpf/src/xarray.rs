@@ -50,7 +50,7 @@ pub fn on_load_return(ctx: &ProbeContext, tail: bool) {
     if entry == 0 {
         return;
     }
-    let Some(info) = lookup_or_discover(ctx, call.xa, entry) else { return };
+    let Some(info) = lookup_or_discover(ctx, call.xa, call.index, entry) else { return };
     let flags = free_lock_stamp(&info);
     emit(ctx, EventKind::XaLoad, flags, Stack::With, Payload { xa: XaAccess { xa: call.xa, index: call.index, entry } });
 }
@@ -65,7 +65,7 @@ pub fn on_erase_return(ctx: &ProbeContext, tail: bool) {
     let Some(call) = take_pending(tail) else { return };
     let entry = regs(ctx).rax;
     if entry != 0 {
-        let _ = lookup_or_discover(ctx, call.xa, entry);
+        let _ = lookup_or_discover(ctx, call.xa, call.index, entry);
     }
     let Some(flags) = port_lock_stamp(call.xa) else { return };
     emit(ctx, EventKind::XaErase, flags, Stack::With, Payload { xa: XaAccess { xa: call.xa, index: call.index, entry } });
@@ -76,7 +76,7 @@ pub fn on_store_call(ctx: &ProbeContext) {
     let r = regs(ctx);
     let (xa, index, entry) = (r.rdi, r.rsi, r.rdx);
     if entry != 0 {
-        let _ = lookup_or_discover(ctx, xa, entry);
+        let _ = lookup_or_discover(ctx, xa, index, entry);
     }
     let Some(flags) = port_lock_stamp(xa) else { return };
     emit(ctx, EventKind::XaInsert, flags, Stack::With, Payload { xa: XaAccess { xa, index, entry } });

@@ -44,9 +44,10 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
         }
     }
     let d = discover(&options.probe, false)?;
+    print!("{}", d.profile);
     println!(
         "offsets: {}",
-        d.named_offsets.iter().map(|(n, v)| format!("{n}={v}")).collect::<Vec<_>>().join(" ")
+        d.profile.named_offsets().iter().map(|(n, v)| format!("{n}={v}")).collect::<Vec<_>>().join(" ")
     );
     let module_btf: Vec<&str> =
         d.cxl_modules.iter().filter(|m| btf_dir.join(m).exists()).map(String::as_str).collect();
@@ -99,10 +100,21 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
     } else if !by_callee.contains_key("xa_load") {
         problems.push("no xa_load call site found in CXL code: lookups (and so read-side findings) are not observable".into());
     }
-    let host_checks = d.calls.iter().filter(|c| c.callee.name == "devm_kmalloc").count();
-    println!(
-        "  __devm_cxl_add_dport: fexit (registration; dports are also discovered at first lookup); its devres host is cross-checked at {host_checks} devm_kmalloc call site(s)"
-    );
+    let host_callee = d.profile.host_check_callee();
+    let host_checks = d.calls.iter().filter(|c| Some(c.callee) == host_callee).count();
+    match (d.profile.registration, host_callee) {
+        (Some(function), Some(callee)) => println!(
+            "  {function}: fexit (registration; dports are also discovered at first lookup); its devres host is cross-checked at {host_checks} {} call site(s)",
+            callee.name
+        ),
+        (Some(function), None) => println!(
+            "  {function}: fexit (registration; dports are also discovered at first lookup); devres host not cross-checked"
+        ),
+        (None, _) => println!("  registration: not probed (dports are discovered at first lookup)"),
+    }
+    if host_callee.is_some() && host_checks == 0 {
+        problems.push("the devres host cross-check has no call site in CXL code: a wrong free-lock model would go unnoticed".into());
+    }
     println!("  kfree: raw tracepoint (frees of tracked dports)");
     println!("  uses: {} function(s) with a struct cxl_dport * argument:", d.plan.uses.len());
     for u in &d.plan.uses {

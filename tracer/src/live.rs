@@ -142,7 +142,7 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
                 tool_version: env!("CARGO_PKG_VERSION").to_owned(),
                 kernel_release: kernel_release(),
                 clock_base_ns: clock_base_ns(),
-                offsets: discovery.named_offsets.clone(),
+                offsets: discovery.profile.named_offsets(),
             };
             Some(Recorder::create(path, &header)?)
         }

@@ -17,6 +17,7 @@ use tracer::{
         btf::{DportFunction, KernelBtf},
         callsites::{self, CallSite, is_cxl_module},
         kcore::Kcore,
+        profile::Profile,
     },
     probe::{
         attach::{self, Kprobes},
@@ -24,7 +25,7 @@ use tracer::{
     },
     symbolize::Symbols,
 };
-use tracer_common::{COUNTERS, Counter, MAX_SITES, Offsets, SiteInfo, SiteRole};
+use tracer_common::{COUNTERS, Counter, MAX_SITES, SiteInfo, SiteRole};
 
 /// The eBPF object built from `tracer-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -151,8 +152,8 @@ fn wait_for_cxl(wait: Option<Duration>) -> anyhow::Result<()> {
 /// Everything learnt about this kernel before attaching.
 pub struct Discovery {
     pub symbols: Symbols,
-    pub offsets: Offsets,
-    pub named_offsets: Vec<(String, u64)>,
+    /// What differs on this kernel: member names and offsets, registration, devres host.
+    pub profile: Profile,
     pub cxl_modules: Vec<String>,
     /// Whether the built-in CXL core is in vmlinux (its functions are in kallsyms).
     pub cxl_core: bool,
@@ -209,11 +210,13 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
         || symbols.lookup("__devm_cxl_add_dport").any(|s| s.module.is_none());
     let module_refs: Vec<&str> = cxl_modules.iter().map(String::as_str).collect();
     let btf = KernelBtf::load(btf_dir, &module_refs)?;
-    let (offsets, named_offsets) = btf.offsets().context("reading struct offsets from BTF")?;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let profile = Profile::resolve(&btf, &symbols, &release).context("resolving the kernel profile from BTF")?;
     let mut uses = btf.dport_functions().context("listing functions with a struct cxl_dport * argument")?;
     uses.extend(config.extra_uses.iter().cloned());
     let kcore = Kcore::open()?;
-    let calls = callsites::find(&symbols, &kcore)?;
+    let callees: Vec<_> = callsites::CALLEES.iter().copied().chain(profile.host_check_callee()).collect();
+    let calls = callsites::find(&symbols, &kcore, &callees)?;
     // xa_load itself when asked, or when CXL code has no call site of it but it is traceable.
     let xa_load_traceable = attach::traceable(&tracefs, "xa_load");
     if config.direct_xa_load && !xa_load_traceable {
@@ -251,8 +254,7 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
     }
     Ok(Discovery {
         symbols,
-        offsets,
-        named_offsets,
+        profile,
         cxl_modules,
         cxl_core,
         calls,
@@ -304,7 +306,8 @@ pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached
         bail!("{} probe sites planned, the kernel side holds at most {MAX_SITES}", plan.sites.len());
     }
     let mut ebpf = EbpfLoader::new()
-        .override_global("OFFSETS", &discovery.offsets, true)
+        .override_global("OFFSETS", &discovery.profile.offsets, true)
+        .override_global("FREE_ACTION", &discovery.profile.free_action_addr(), true)
         .map_max_entries("EVENTS", ring_bytes)
         .load(EBPF_OBJECT)
         .context("loading the eBPF programs (run `tracer doctor` for what this kernel supports)")?;
@@ -358,11 +361,17 @@ pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached
         attach_global_lock_hook(&mut ebpf, &btf)
             .context("--lock-events global: attaching fexit/fentry on the mutex API failed (use the default, callsites)")?;
     }
-    match attach_dport_registration(&mut ebpf, &btf) {
-        Ok(()) => {}
-        Err(err) => warnings.push(format!(
-            "__devm_cxl_add_dport: fexit not attached ({err:#}): dports are still discovered at their first lookup"
-        )),
+    match discovery.profile.registration {
+        Some(function) => {
+            if let Err(err) = attach_dport_registration(&mut ebpf, &btf, function) {
+                warnings.push(format!(
+                    "{function}: fexit not attached ({err:#}): dports are still discovered at their first lookup, but the devres host cross-check is off"
+                ));
+            }
+        }
+        None => warnings.push(
+            "no dport registration function to attach to (kernel profile): dports are only discovered at their first lookup, and the devres host cross-check is off".into(),
+        ),
     }
     let tracepoint: &mut RawTracePoint = ebpf.program_mut("kfree").context("no kfree program")?.try_into()?;
     if let Err(err) = tracepoint.load().map_err(anyhow::Error::from).and_then(|()| Ok(tracepoint.attach("kfree")?)) {
@@ -398,9 +407,9 @@ fn attach_global_lock_hook(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<()
     Ok(())
 }
 
-fn attach_dport_registration(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<()> {
+fn attach_dport_registration(ebpf: &mut Ebpf, btf: &aya::Btf, function: &str) -> anyhow::Result<()> {
     let program: &mut FExit = ebpf.program_mut("dport_add_exit").context("no dport_add_exit program")?.try_into()?;
-    program.load("__devm_cxl_add_dport", btf)?;
+    program.load(function, btf)?;
     program.attach()?;
     Ok(())
 }
@@ -415,7 +424,7 @@ fn what_is_lost(role: SiteRole) -> &'static str {
         LockCall | LockReturn | LockReturnIfZero | LockReturnIfOne | UnlockCall => {
             "lock events here are not seen (stale-use across an unlock/relock here; held state still comes from mutex->owner)"
         }
-        HostAllocCall | HostAllocReturn => "the devres host cross-check of registrations is off",
+        HostAllocCall | HostAllocReturn | HostActionCall => "the devres host cross-check of registrations is off",
     }
 }
 
@@ -423,7 +432,7 @@ fn role_word(site: &PlannedSite) -> &'static str {
     use tracer_common::SiteRole::*;
     match site.role {
         Use => "site",
-        LoadCall | EraseCall | StoreCall | LockCall | UnlockCall | HostAllocCall => "call",
+        LoadCall | EraseCall | StoreCall | LockCall | UnlockCall | HostAllocCall | HostActionCall => "call",
         LoadReturn | EraseReturn | LockReturn | LockReturnIfZero | LockReturnIfOne | HostAllocReturn => "return",
     }
 }

@@ -2,10 +2,8 @@
 //! function taking a `struct cxl_dport *` (the use sites), in vmlinux and in module BTF.
 use std::path::{Path, PathBuf};
 
-
 use btf_rs::{Btf, Type};
 use fallible_iterator::FallibleIterator;
-use tracer_common::Offsets;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
@@ -37,18 +35,6 @@ pub struct DportFunction {
     pub arg: u32,
 }
 
-/// The member offsets the kernel side reads, with the names `doctor` and traces show.
-pub const OFFSET_MEMBERS: [(&str, &str); 8] = [
-    ("cxl_dport", "port"),
-    ("cxl_port", "dev"),
-    ("cxl_port", "uport_dev"),
-    ("cxl_port", "dports"),
-    ("device", "parent"),
-    ("device", "mutex"),
-    ("mutex", "owner"),
-    ("devres", "data"),
-];
-
 impl KernelBtf {
     /// vmlinux BTF and that of each named module present under `dir` (/sys/kernel/btf).
     pub fn load(dir: &Path, modules: &[&str]) -> Result<KernelBtf, BtfError> {
@@ -63,28 +49,6 @@ impl KernelBtf {
             }
         }
         Ok(KernelBtf { vmlinux, modules: loaded })
-    }
-
-    /// Offsets of `OFFSET_MEMBERS`, in bytes.
-    pub fn offsets(&self) -> Result<(Offsets, Vec<(String, u64)>), BtfError> {
-        let mut values = [0u64; OFFSET_MEMBERS.len()];
-        for (value, (strukt, member)) in values.iter_mut().zip(OFFSET_MEMBERS) {
-            *value = member_offset(&self.vmlinux, strukt, member)?;
-        }
-        let [dport_port, port_dev, port_uport_dev, port_dports, device_parent, device_mutex, mutex_owner, devres_data] =
-            values;
-        let offsets = Offsets {
-            dport_port,
-            port_dev,
-            port_uport_dev,
-            port_dports,
-            device_parent,
-            device_mutex,
-            mutex_owner,
-            devres_data,
-        };
-        let named = OFFSET_MEMBERS.iter().zip(values).map(|((s, m), v)| (format!("{s}.{m}"), v)).collect();
-        Ok((offsets, named))
     }
 
     /// Every function (vmlinux and modules) with a `struct cxl_dport *` parameter.
@@ -102,17 +66,22 @@ impl KernelBtf {
     }
 }
 
-/// Byte offset of `member` in `struct strukt`, looking into anonymous members.
-pub fn member_offset(btf: &Btf, strukt: &'static str, member: &'static str) -> Result<u64, BtfError> {
+/// The definition of `struct strukt` (not a forward declaration).
+pub fn find_struct(btf: &Btf, strukt: &'static str) -> Result<btf_rs::Struct, BtfError> {
     let types = btf.resolve_types_by_name(strukt).map_err(|_| BtfError::MissingStruct { name: strukt })?;
-    let def = types
+    types
         .into_iter()
         .find_map(|t| match t {
             Type::Struct(s) if !s.members.is_empty() => Some(s),
             _ => None,
         })
-        .ok_or(BtfError::MissingStruct { name: strukt })?;
-    let bits = find_member(btf, &def, member)?.ok_or(BtfError::MissingMember { strukt, member })?;
+        .ok_or(BtfError::MissingStruct { name: strukt })
+}
+
+/// Byte offset of `member` in `struct strukt`, looking into anonymous members.
+pub fn member_offset(btf: &Btf, strukt: &'static str, member: &'static str) -> Result<u64, BtfError> {
+    let def = find_struct(btf, strukt)?;
+    let bits = member_bit_offset(btf, &def, member)?.ok_or(BtfError::MissingMember { strukt, member })?;
     if bits % 8 != 0 {
         return Err(BtfError::Bitfield { strukt, member });
     }
@@ -120,7 +89,7 @@ pub fn member_offset(btf: &Btf, strukt: &'static str, member: &'static str) -> R
 }
 
 /// Bit offset of `member`, searching anonymous struct/union members too.
-fn find_member(btf: &Btf, def: &btf_rs::Struct, member: &str) -> Result<Option<u32>, BtfError> {
+pub fn member_bit_offset(btf: &Btf, def: &btf_rs::Struct, member: &str) -> Result<Option<u32>, BtfError> {
     for m in &def.members {
         let name = btf.resolve_name(m).unwrap_or_default();
         if name == member {
@@ -128,7 +97,7 @@ fn find_member(btf: &Btf, def: &btf_rs::Struct, member: &str) -> Result<Option<u
         }
         if name.is_empty()
             && let Ok(Type::Struct(inner) | Type::Union(inner)) = btf.resolve_chained_type(m)
-            && let Some(bits) = find_member(btf, &inner, member)?
+            && let Some(bits) = member_bit_offset(btf, &inner, member)?
         {
             return Ok(Some(m.bit_offset() + bits));
         }
@@ -136,23 +105,26 @@ fn find_member(btf: &Btf, def: &btf_rs::Struct, member: &str) -> Result<Option<u
     Ok(None)
 }
 
-/// Whether `ty` is a pointer to `struct strukt` (through const, volatile, typedefs).
-fn is_struct_pointer(btf: &Btf, ty: &Type, strukt: &str) -> bool {
-    let Type::Ptr(ptr) = ty else { return false };
+/// The name of the struct `ty` points to (through const, volatile, typedefs), if it is a
+/// pointer to a struct.
+pub fn pointee_struct_name(btf: &Btf, ty: &Type) -> Option<String> {
+    let Type::Ptr(ptr) = ty else { return None };
     let mut next = btf.resolve_chained_type(ptr).ok();
     while let Some(t) = next {
         match &t {
-            Type::Struct(_) | Type::Fwd(_) => {
-                let name = t.as_btf_type().and_then(|b| btf.resolve_name(b).ok());
-                return name.as_deref() == Some(strukt);
-            }
+            Type::Struct(_) | Type::Fwd(_) => return t.as_btf_type().and_then(|b| btf.resolve_name(b).ok()),
             Type::Const(_) | Type::Volatile(_) | Type::Restrict(_) | Type::Typedef(_) | Type::TypeTag(_) => {
                 next = t.as_btf_type().and_then(|b| btf.resolve_chained_type(b).ok());
             }
-            _ => return false,
+            _ => return None,
         }
     }
-    false
+    None
+}
+
+/// Whether `ty` is a pointer to `struct strukt` (through const, volatile, typedefs).
+fn is_struct_pointer(btf: &Btf, ty: &Type, strukt: &str) -> bool {
+    pointee_struct_name(btf, ty).as_deref() == Some(strukt)
 }
 
 /// Functions among `types` with a parameter pointing to `struct strukt`.

@@ -13,7 +13,7 @@ use crate::symbolize::{Symbol, Symbols};
 
 /// A callee the tracer probes at its call sites: the role of the probe on the call
 /// instruction, and of the one on its return address (when the result matters).
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Callee {
     pub name: &'static str,
     pub call: SiteRole,
@@ -22,6 +22,8 @@ pub struct Callee {
     pub caller: Option<&'static str>,
 }
 
+/// The callees every kernel has; the kernel profile adds the one its devres host check
+/// needs (`Profile::host_check_callee`).
 pub const CALLEES: &[Callee] = &[
     Callee { name: "xa_load", call: SiteRole::LoadCall, ret: Some(SiteRole::LoadReturn), caller: None },
     Callee { name: "xa_erase", call: SiteRole::EraseCall, ret: Some(SiteRole::EraseReturn), caller: None },
@@ -43,14 +45,6 @@ pub const CALLEES: &[Callee] = &[
     Callee { name: "mutex_lock_killable_nested", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturnIfZero), caller: None },
     Callee { name: "mutex_trylock", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturnIfOne), caller: None },
     Callee { name: "mutex_unlock", call: SiteRole::UnlockCall, ret: None, caller: None },
-    // devm_kzalloc() in __devm_cxl_add_dport (drivers/cxl/core/port.c, v6.12): the devres
-    // host the dport really lives on, to cross-check the model's free lock.
-    Callee {
-        name: "devm_kmalloc",
-        call: SiteRole::HostAllocCall,
-        ret: Some(SiteRole::HostAllocReturn),
-        caller: Some("__devm_cxl_add_dport"),
-    },
 ];
 
 /// A call to one of `CALLEES` inside a CXL function.
@@ -64,7 +58,7 @@ pub struct CallSite {
     pub offset: u64,
     /// Length of the call instruction (the return address is `offset + len`).
     pub len: u64,
-    pub callee: &'static Callee,
+    pub callee: Callee,
     /// A tail call (`jmp`): its return is in the caller's caller, not observable here.
     pub tail: bool,
 }
@@ -112,9 +106,9 @@ pub fn cxl_functions(symbols: &Symbols) -> Vec<&Symbol> {
 
 /// Callee entry addresses, with the 16 bytes of padding before each: a call rewritten to
 /// go through a call-depth thunk in that padding still counts.
-fn callee_targets(symbols: &Symbols) -> FxHashMap<u64, &'static Callee> {
+fn callee_targets(symbols: &Symbols, callees: &[Callee]) -> FxHashMap<u64, Callee> {
     let mut targets = FxHashMap::default();
-    for callee in CALLEES {
+    for &callee in callees {
         for sym in symbols.lookup(callee.name).filter(|s| s.module.is_none()) {
             for back in 0..=16 {
                 targets.insert(sym.addr - back, callee);
@@ -128,7 +122,7 @@ fn callee_targets(symbols: &Symbols) -> FxHashMap<u64, &'static Callee> {
 pub fn scan(
     function: &Symbol,
     code: &[u8],
-    targets: &FxHashMap<u64, &'static Callee>,
+    targets: &FxHashMap<u64, Callee>,
     out: &mut Vec<CallSite>,
 ) {
     let end = function.addr + code.len() as u64;
@@ -162,9 +156,9 @@ pub fn scan(
 /// Largest function scanned; anything bigger is a symbol-table artefact.
 const MAX_FUNCTION: u64 = 1 << 20;
 
-/// Every call site of `CALLEES` in CXL code, read from the running kernel's text.
-pub fn find(symbols: &Symbols, kcore: &Kcore) -> Result<Vec<CallSite>, KcoreError> {
-    let targets = callee_targets(symbols);
+/// Every call site of `callees` in CXL code, read from the running kernel's text.
+pub fn find(symbols: &Symbols, kcore: &Kcore, callees: &[Callee]) -> Result<Vec<CallSite>, KcoreError> {
+    let targets = callee_targets(symbols, callees);
     let mut sites = Vec::new();
     for function in cxl_functions(symbols) {
         let Some((start, end)) = symbols.extent(function) else { continue };
@@ -192,7 +186,7 @@ mod tests {
                 .as_bytes(),
         )
         .unwrap();
-        let targets = callee_targets(&symbols);
+        let targets = callee_targets(&symbols, CALLEES);
         let f = symbol(0xffffffff81001000, "match_port_by_dport");
         // endbr64; mov rdi,rbx; call xa_load; mov rdi,r12; call 0x...; jmp mutex_unlock
         let mut code = vec![0xf3, 0x0f, 0x1e, 0xfa, 0x48, 0x89, 0xdf];

@@ -3,3 +3,4 @@
 pub mod btf;
 pub mod callsites;
 pub mod kcore;
+pub mod profile;

@@ -202,11 +202,11 @@ mod tests {
             tail,
         };
         let calls = [
-            call("match_port_by_dport", 0xffffffff81001000, None, 0x42, xa_load, false),
-            call("dup", 0xffffffff81001200, None, 0x10, mutex_unlock, false),
-            call("cxl_mem_probe", 0xffffffffc0001000, Some("cxl_mem"), 0x1c2, xa_load, false),
-            call("cxl_mem_probe", 0xffffffffc0001000, Some("cxl_mem"), 0x300, xa_load, true),
-            call("dup", 0xffffffff81001200, None, 0x20, xa_load, true),
+            call("match_port_by_dport", 0xffffffff81001000, None, 0x42, *xa_load, false),
+            call("dup", 0xffffffff81001200, None, 0x10, *mutex_unlock, false),
+            call("cxl_mem_probe", 0xffffffffc0001000, Some("cxl_mem"), 0x1c2, *xa_load, false),
+            call("cxl_mem_probe", 0xffffffffc0001000, Some("cxl_mem"), 0x300, *xa_load, true),
+            call("dup", 0xffffffff81001200, None, 0x20, *xa_load, true),
         ];
         let uses = [
             DportFunction { name: "cxl_dport_init_ras_reporting".into(), module: None, arg: 0 },
