@@ -29,10 +29,13 @@ pub enum EventKind {
     Use = 7,
     /// The memory of a tracked dport was freed.
     Free = 8,
+    /// An instruction in CXL code read or wrote a field of a dport this thread loaded
+    /// (an inline dereference, such as `if (dport->rch)`).
+    Deref = 9,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 8] = [
+    pub const ALL: [EventKind; 9] = [
         EventKind::DportAdd,
         EventKind::XaLoad,
         EventKind::XaErase,
@@ -41,6 +44,7 @@ impl EventKind {
         EventKind::Unlock,
         EventKind::Use,
         EventKind::Free,
+        EventKind::Deref,
     ];
 
     pub const fn from_u32(value: u32) -> Option<EventKind> {
@@ -53,6 +57,7 @@ impl EventKind {
             6 => EventKind::Unlock,
             7 => EventKind::Use,
             8 => EventKind::Free,
+            9 => EventKind::Deref,
             _ => return None,
         })
     }
@@ -68,6 +73,7 @@ impl EventKind {
             EventKind::Unlock => "unlock",
             EventKind::Use => "use",
             EventKind::Free => "free",
+            EventKind::Deref => "deref",
         }
     }
 
@@ -77,7 +83,7 @@ impl EventKind {
             EventKind::DportAdd => size_of::<DportAdd>(),
             EventKind::XaLoad | EventKind::XaErase | EventKind::XaInsert => size_of::<XaAccess>(),
             EventKind::Lock | EventKind::Unlock => size_of::<LockOp>(),
-            EventKind::Use => size_of::<DportUse>(),
+            EventKind::Use | EventKind::Deref => size_of::<DportUse>(),
             EventKind::Free => size_of::<DportFree>(),
         }
     }
@@ -168,13 +174,14 @@ pub struct LockOp {
 }
 const _: () = assert!(size_of::<LockOp>() == 8);
 
-/// Payload of `Use`.
+/// Payload of `Use` and `Deref`.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct DportUse {
     pub dport: u64,
-    /// Index of the use site in `SITES`: the loader knows which function it is (an index,
-    /// not an address, stays right when a module is reloaded elsewhere).
+    /// Index of the site in `SITES`: the loader knows which function (and for a deref, which
+    /// instruction and member) it is. An index, not an address, stays right when a module
+    /// is reloaded elsewhere.
     pub site: u64,
 }
 const _: () = assert!(size_of::<DportUse>() == 16);
@@ -346,6 +353,9 @@ pub enum SiteRole {
     /// A `call __devm_add_action`: rdi = the devres host, rsi = the action, rdx = its data.
     /// When the action is the one that frees dports, the data is a dport being registered.
     HostActionCall = 14,
+    /// An instruction that accesses memory at a displacement inside `struct cxl_dport` from
+    /// base register `SiteInfo::arg` (a `Reg` value).
+    Deref = 15,
 }
 
 impl SiteRole {
@@ -365,6 +375,7 @@ impl SiteRole {
             12 => SiteRole::HostAllocCall,
             13 => SiteRole::HostAllocReturn,
             14 => SiteRole::HostActionCall,
+            15 => SiteRole::Deref,
             _ => return None,
         })
     }
@@ -381,6 +392,78 @@ pub struct SiteInfo {
     /// For `Use`: which argument (0-5) is the dport. For other roles, `SITE_*` flags.
     pub arg: u32,
 }
+
+/// A general-purpose register, as `SiteInfo::arg` of a `Deref` site names the base register.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Reg {
+    Rax = 0,
+    Rbx = 1,
+    Rcx = 2,
+    Rdx = 3,
+    Rsi = 4,
+    Rdi = 5,
+    Rbp = 6,
+    R8 = 7,
+    R9 = 8,
+    R10 = 9,
+    R11 = 10,
+    R12 = 11,
+    R13 = 12,
+    R14 = 13,
+    R15 = 14,
+}
+
+impl Reg {
+    pub const ALL: [Reg; 15] = [
+        Reg::Rax,
+        Reg::Rbx,
+        Reg::Rcx,
+        Reg::Rdx,
+        Reg::Rsi,
+        Reg::Rdi,
+        Reg::Rbp,
+        Reg::R8,
+        Reg::R9,
+        Reg::R10,
+        Reg::R11,
+        Reg::R12,
+        Reg::R13,
+        Reg::R14,
+        Reg::R15,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reg::Rax => "rax",
+            Reg::Rbx => "rbx",
+            Reg::Rcx => "rcx",
+            Reg::Rdx => "rdx",
+            Reg::Rsi => "rsi",
+            Reg::Rdi => "rdi",
+            Reg::Rbp => "rbp",
+            Reg::R8 => "r8",
+            Reg::R9 => "r9",
+            Reg::R10 => "r10",
+            Reg::R11 => "r11",
+            Reg::R12 => "r12",
+            Reg::R13 => "r13",
+            Reg::R14 => "r14",
+            Reg::R15 => "r15",
+        }
+    }
+}
+
+/// Key of the kernel's map of dports each thread loaded: a deref site reports only a
+/// pointer its thread got from `xa_load`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadedKey {
+    pub tid: u32,
+    pub pad: u32,
+    pub dport: u64,
+}
+const _: () = assert!(size_of::<LoadedKey>() == 16);
 
 /// `SiteInfo::arg` of a return role: a return without a pending call is normal here (the
 /// return of a function that tail-calls the callee, whose other return paths have none; or
@@ -447,4 +530,5 @@ mod pod {
     unsafe impl aya::Pod for SiteInfo {}
     unsafe impl aya::Pod for PendingXa {}
     unsafe impl aya::Pod for Offsets {}
+    unsafe impl aya::Pod for LoadedKey {}
 }

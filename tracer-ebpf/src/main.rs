@@ -15,7 +15,7 @@ use aya_ebpf::{
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::{FEntryContext, FExitContext, ProbeContext, RawTracePointContext},
 };
-use tracer_common::{COUNTERS, DportInfo, MAX_SITES, Offsets, PendingXa, SiteInfo};
+use tracer_common::{COUNTERS, DportInfo, LoadedKey, MAX_SITES, Offsets, PendingXa, SiteInfo};
 
 /// Records for userspace (`tracer_common::Record`). Resized by the loader.
 #[map]
@@ -28,6 +28,10 @@ static COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS as u32,
 /// Tracked dports by address, freed ones included (flagged) so later uses are still seen.
 #[map]
 static DPORTS: LruHashMap<u64, DportInfo> = LruHashMap::with_max_entries(65536, 0);
+
+/// The dports each thread got from `xa_load`: a deref site reports only those.
+#[map]
+static LOADED: LruHashMap<LoadedKey, u8> = LruHashMap::with_max_entries(16384, 0);
 
 /// Known dports xarrays (`&port->dports`) and the port lock of their port.
 #[map]

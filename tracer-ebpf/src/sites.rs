@@ -6,10 +6,12 @@ use aya_ebpf::{
     helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid},
     programs::ProbeContext,
 };
-use tracer_common::{Counter, DportUse, EventKind, Payload, SITE_DIRECT, SITE_UNPAIRED_OK, SiteInfo, SiteRole};
+use tracer_common::{
+    Counter, DportUse, EventKind, LoadedKey, Payload, SITE_DIRECT, SITE_UNPAIRED_OK, SiteInfo, SiteRole,
+};
 
 use crate::{
-    ALLOC_HOST, DPORTS, LOCKS, PENDING_HOST, PENDING_LOCK, SITES,
+    ALLOC_HOST, DPORTS, LOADED, LOCKS, PENDING_HOST, PENDING_LOCK, SITES,
     cxl::free_lock_stamp,
     emit::{Stack, count, emit},
     free_action, mutex, xarray,
@@ -44,6 +46,33 @@ pub fn regs(ctx: &ProbeContext) -> Regs {
     }
 }
 
+/// General-purpose register `reg` (a `Reg` value) of the probed task.
+fn reg(ctx: &ProbeContext, reg: u32) -> u64 {
+    let r: *const pt_regs = ctx.regs;
+    // SAFETY: a kprobe's context is the probed task's pt_regs; each arm reads at a constant
+    // offset, which is all the verifier allows.
+    unsafe {
+        match reg {
+            0 => core::ptr::read_volatile(&raw const (*r).rax),
+            1 => core::ptr::read_volatile(&raw const (*r).rbx),
+            2 => core::ptr::read_volatile(&raw const (*r).rcx),
+            3 => core::ptr::read_volatile(&raw const (*r).rdx),
+            4 => core::ptr::read_volatile(&raw const (*r).rsi),
+            5 => core::ptr::read_volatile(&raw const (*r).rdi),
+            6 => core::ptr::read_volatile(&raw const (*r).rbp),
+            7 => core::ptr::read_volatile(&raw const (*r).r8),
+            8 => core::ptr::read_volatile(&raw const (*r).r9),
+            9 => core::ptr::read_volatile(&raw const (*r).r10),
+            10 => core::ptr::read_volatile(&raw const (*r).r11),
+            11 => core::ptr::read_volatile(&raw const (*r).r12),
+            12 => core::ptr::read_volatile(&raw const (*r).r13),
+            13 => core::ptr::read_volatile(&raw const (*r).r14),
+            14 => core::ptr::read_volatile(&raw const (*r).r15),
+            _ => 0,
+        }
+    }
+}
+
 pub fn on_site(ctx: &ProbeContext) {
     // SAFETY: the context of a kprobe attached through a perf link.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
@@ -62,6 +91,7 @@ pub fn on_site(ctx: &ProbeContext) {
         Some(SiteRole::HostAllocCall) => on_host_alloc_call(ctx),
         Some(SiteRole::HostAllocReturn) => on_host_alloc_return(ctx, site.arg == SITE_UNPAIRED_OK),
         Some(SiteRole::HostActionCall) => on_host_action_call(ctx),
+        Some(SiteRole::Deref) => on_deref(ctx, &site, cookie),
         None => {}
     }
 }
@@ -84,6 +114,19 @@ fn on_use(ctx: &ProbeContext, site: &SiteInfo, index: u64) {
     let Some(info) = (unsafe { DPORTS.get(&dport) }).copied() else { return };
     let flags = free_lock_stamp(&info);
     emit(ctx, EventKind::Use, flags, Stack::With, Payload { dport_use: DportUse { dport, site: index } });
+}
+
+/// An instruction about to access a field through its base register: a deref, if the
+/// register holds a dport this thread loaded. A pointer to anything else at the same
+/// displacement misses the map and costs one lookup.
+fn on_deref(ctx: &ProbeContext, site: &SiteInfo, index: u64) {
+    let dport = reg(ctx, site.arg);
+    if unsafe { LOADED.get(&LoadedKey { tid: tid(), pad: 0, dport }) }.is_none() {
+        return;
+    }
+    let Some(info) = (unsafe { DPORTS.get(&dport) }).copied() else { return };
+    let flags = free_lock_stamp(&info);
+    emit(ctx, EventKind::Deref, flags, Stack::With, Payload { dport_use: DportUse { dport, site: index } });
 }
 
 fn tid() -> u32 {

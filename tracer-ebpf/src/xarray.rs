@@ -1,10 +1,12 @@
 //! `port->dports` accesses, probed at their call sites in CXL code (xa_load and xa_erase are
 //! notrace on stock kernels: lib/Makefile builds lib/ without ftrace).
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::ProbeContext};
-use tracer_common::{Counter, EventKind, FLAG_PORT_LOCK_HELD, FLAG_PORT_LOCK_KNOWN, Payload, PendingXa, XaAccess};
+use tracer_common::{
+    Counter, EventKind, FLAG_PORT_LOCK_HELD, FLAG_PORT_LOCK_KNOWN, LoadedKey, Payload, PendingXa, XaAccess,
+};
 
 use crate::{
-    CONTAINERS, NOT_CONTAINERS, PENDING_XA,
+    CONTAINERS, LOADED, NOT_CONTAINERS, PENDING_XA,
     cxl::{free_lock_stamp, lookup_or_discover},
     emit::{Stack, count, emit},
     mutex, offsets,
@@ -51,6 +53,9 @@ pub fn on_load_return(ctx: &ProbeContext, tail: bool) {
         return;
     }
     let Some(info) = lookup_or_discover(ctx, call.xa, call.index, entry) else { return };
+    if LOADED.insert(&LoadedKey { tid: tid(), pad: 0, dport: entry }, &1, 0).is_err() {
+        count(Counter::DropMapFull);
+    }
     let flags = free_lock_stamp(&info);
     emit(ctx, EventKind::XaLoad, flags, Stack::With, Payload { xa: XaAccess { xa: call.xa, index: call.index, entry } });
 }

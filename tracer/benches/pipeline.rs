@@ -37,6 +37,7 @@ fn records(churn: &Churn) -> Vec<Vec<u8>> {
                 Kind::Unlock { lock } => (RawPayload::Unlock(LockOp { lock }), false),
                 Kind::Use { dport, .. } => (RawPayload::Use(DportUse { dport, site: 0 }), true),
                 Kind::Free { dport } => (RawPayload::Free(DportFree { dport, block: dport - 40 }), true),
+                Kind::Deref { dport, .. } => (RawPayload::Deref(DportUse { dport, site: 0 }), true),
             };
             let mut comm = [0u8; 16];
             comm[..e.comm.len().min(15)].copy_from_slice(&e.comm.as_bytes()[..e.comm.len().min(15)]);
@@ -67,7 +68,7 @@ fn symbols() -> Symbols {
 }
 
 fn run(records: &[Vec<u8>]) -> usize {
-    let mut resolver = Resolver::new(symbols(), vec![Arc::from("devm_cxl_add_port")]);
+    let mut resolver = Resolver::new(symbols(), vec![Arc::<str>::from("devm_cxl_add_port").into()]);
     let mut analysis = Analysis::new(Limits::default());
     for record in records {
         let raw = decode(record).expect("well-formed");

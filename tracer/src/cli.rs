@@ -132,4 +132,8 @@ pub struct ProbeArgs {
     /// instead of failing when they are not.
     #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "600")]
     pub wait_for_cxl: Option<u64>,
+    /// Do not probe inline dereferences (`if (dport->rch)`): only calls that pass a dport on
+    /// are uses then. Fewer kprobes, a faster attach, and a blind spot.
+    #[arg(long)]
+    pub no_derefs: bool,
 }

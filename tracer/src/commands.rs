@@ -74,6 +74,7 @@ impl TryFrom<ProbeArgs> for ProbeConfig {
             global_lock_hook: args.lock_events == LockEvents::Global,
             direct_xa_load: args.xa_load == XaLoadProbe::Direct,
             wait_for_cxl: args.wait_for_cxl.map(std::time::Duration::from_secs),
+            derefs: !args.no_derefs,
         })
     }
 }

@@ -45,6 +45,7 @@ pub enum RawPayload {
     Unlock(LockOp),
     Use(DportUse),
     Free(DportFree),
+    Deref(DportUse),
 }
 
 impl RawEvent {
@@ -117,6 +118,7 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent, DecodeError> {
         EventKind::Unlock => RawPayload::Unlock(read_fields!(bytes, p, LockOp { lock })),
         EventKind::Use => RawPayload::Use(read_fields!(bytes, p, DportUse { dport, site })),
         EventKind::Free => RawPayload::Free(read_fields!(bytes, p, DportFree { dport, block })),
+        EventKind::Deref => RawPayload::Deref(read_fields!(bytes, p, DportUse { dport, site })),
     };
     let stack = (0..stack_bytes as usize / 8).map(|i| u64_at(bytes, STACK_OFFSET + i * 8)).collect();
     let mut comm = [0u8; 16];
@@ -150,6 +152,7 @@ pub fn encode(event: &RawEvent) -> Vec<u8> {
         RawPayload::Unlock(l) => (EventKind::Unlock, vec![l.lock], vec![]),
         RawPayload::Use(u) => (EventKind::Use, vec![u.dport, u.site], vec![]),
         RawPayload::Free(f) => (EventKind::Free, vec![f.dport, f.block], vec![]),
+        RawPayload::Deref(u) => (EventKind::Deref, vec![u.dport, u.site], vec![]),
     };
     put32(&mut bytes, offset_of!(EventHeader, kind), kind as u32);
     put32(&mut bytes, offset_of!(EventHeader, flags), event.flags);

@@ -130,6 +130,15 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
             ),
         }
     }
+    if d.derefs.functions > 0 || !options.probe.derefs {
+        println!(
+            "  deref sites: {} instructions in {} functions (memory accesses inside struct cxl_dport through a register, in the functions that can hold a loaded dport; reported only when the register holds a dport the thread loaded)",
+            d.derefs.sites, d.derefs.functions
+        );
+    }
+    if !options.probe.derefs {
+        println!("    not probed (--no-derefs): inline accesses such as `if (dport->rch)` are not seen");
+    }
     let locks = d.plan.count(SiteRole::LockCall);
     let unlocks = d.plan.count(SiteRole::UnlockCall);
     if d.global_lock_hook {
@@ -143,6 +152,9 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
         match attach(&d, options.probe.ring_bytes) {
             Ok(attached) => {
                 println!("attach check: {} kprobes, fexit and tracepoint attached in {:.1?}", attached.kprobe_count(), attached.took);
+                if d.derefs.sites > 0 {
+                    println!("  of which the {} deref sites took {:.1?}", d.derefs.sites, attached.deref_took);
+                }
                 for warning in &attached.warnings {
                     println!("  problem: {warning}");
                     problems.push(warning.clone());

@@ -34,6 +34,41 @@ pub enum Kind {
     Unlock { lock: u64 },
     Use { dport: u64, site: Arc<str> },
     Free { dport: u64 },
+    /// An inline field access (`if (dport->rch)`) through a dport pointer.
+    Deref { dport: u64, access: Arc<Access> },
+}
+
+/// What a deref site's instruction touches, from the kernel's code and BTF.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Access {
+    /// The function the instruction is in.
+    pub function: Arc<str>,
+    /// Offset of the instruction in that function.
+    pub insn: u64,
+    /// The member of `struct cxl_dport` it falls in, nested members as a path ("regs.ras").
+    pub member: Arc<str>,
+    /// Offset of the access in the dport, and its size in bytes.
+    pub offset: u32,
+    pub size: u32,
+    pub write: bool,
+}
+
+impl Access {
+    /// Where, as a frame is printed: "cxl_mem_probe+0x19a".
+    pub fn place(&self) -> String {
+        format!("{}+{:#x}", self.function, self.insn)
+    }
+
+    /// "read" or "write".
+    pub fn verb(&self) -> &'static str {
+        if self.write { "write" } else { "read" }
+    }
+
+    /// Parses `place()` back: (function, insn offset).
+    pub fn parse_place(place: &str) -> Option<(&str, u64)> {
+        let (function, offset) = place.split_once('+')?;
+        Some((function, parse_hex(offset)?))
+    }
 }
 
 impl Kind {
@@ -47,6 +82,7 @@ impl Kind {
             Kind::Unlock { .. } => EventKind::Unlock,
             Kind::Use { .. } => EventKind::Use,
             Kind::Free { .. } => EventKind::Free,
+            Kind::Deref { .. } => EventKind::Deref,
         }
     }
 
@@ -117,6 +153,17 @@ impl fmt::Display for Event {
             Kind::Lock { lock } | Kind::Unlock { lock } => write!(f, " lock={}", Hex(*lock))?,
             Kind::Use { dport, site } => write!(f, " dport={} site={site}", Hex(*dport))?,
             Kind::Free { dport } => write!(f, " dport={}", Hex(*dport))?,
+            Kind::Deref { dport, access } => write!(
+                f,
+                " dport={} {} of dport->{} ({} byte{} at +{:#x}) at {}",
+                Hex(*dport),
+                access.verb(),
+                access.member,
+                access.size,
+                if access.size == 1 { "" } else { "s" },
+                access.offset,
+                access.place()
+            )?,
         }
         if let Some(held) = self.free_lock_held {
             write!(f, " free_lock_held={held}")?;

@@ -4,12 +4,13 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use crate::event::Stack;
+use crate::event::{Access, Stack};
 
 #[derive(Default)]
 pub struct Interner {
     strings: FxHashMap<Arc<str>, ()>,
     stacks: FxHashMap<Stack, ()>,
+    accesses: FxHashMap<Arc<Access>, ()>,
 }
 
 impl Interner {
@@ -19,6 +20,15 @@ impl Interner {
         }
         let new: Arc<str> = Arc::from(text);
         self.strings.insert(new.clone(), ());
+        new
+    }
+
+    pub fn access(&mut self, access: Access) -> Arc<Access> {
+        if let Some((existing, ())) = self.accesses.get_key_value(&access) {
+            return existing.clone();
+        }
+        let new = Arc::new(access);
+        self.accesses.insert(new.clone(), ());
         new
     }
 

@@ -164,7 +164,7 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
 
     let Discovery { symbols, plan, .. } = discovery;
     let mut pipeline = Pipeline {
-        resolver: Resolver::new(symbols, load::site_functions(&plan)).with_reload(Box::new(|old: &Symbols| match old.reload_modules() {
+        resolver: Resolver::new(symbols, load::site_names(&plan)).with_reload(Box::new(|old: &Symbols| match old.reload_modules() {
             Ok(symbols) => Some(symbols),
             Err(err) => {
                 eprintln!("tracer: warning: re-reading kernel symbols: {err}");

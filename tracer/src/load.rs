@@ -2,11 +2,11 @@
 use std::{
     os::fd::AsFd,
     path::PathBuf,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
+use rustc_hash::FxHashSet;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
@@ -15,7 +15,8 @@ use aya::{
 use tracer::{
     kernel::{
         btf::{DportFunction, KernelBtf},
-        callsites::{self, CallSite, is_cxl_module},
+        callsites::{self, CallSite, CxlText, is_cxl_module},
+        derefs,
         kcore::Kcore,
         profile::Profile,
     },
@@ -23,6 +24,7 @@ use tracer::{
         attach::{self, Kprobes},
         plan::{Plan, PlannedSite},
     },
+    resolve::SiteName,
     symbolize::Symbols,
 };
 use tracer_common::{COUNTERS, Counter, MAX_SITES, SiteInfo, SiteRole};
@@ -96,6 +98,8 @@ pub struct ProbeConfig {
     pub direct_xa_load: bool,
     /// Wait this long for the CXL modules instead of failing without them.
     pub wait_for_cxl: Option<Duration>,
+    /// Probe inline dereferences of dports (deref sites).
+    pub derefs: bool,
 }
 
 /// The CXL driver modules of this kernel (those its modules.dep lists), for the message
@@ -164,6 +168,7 @@ pub struct Discovery {
     /// The plan's sites of the functions the user named (`--use-site`): one that cannot be
     /// probed is an error.
     pub asked_sites: Vec<usize>,
+    pub derefs: DerefScan,
     pub took: Duration,
 }
 
@@ -215,8 +220,9 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
     let mut uses = btf.dport_functions().context("listing functions with a struct cxl_dport * argument")?;
     uses.extend(config.extra_uses.iter().cloned());
     let kcore = Kcore::open()?;
+    let text = CxlText::read(&symbols, &kcore)?;
     let callees: Vec<_> = callsites::CALLEES.iter().copied().chain(profile.host_check_callee()).collect();
-    let calls = callsites::find(&symbols, &kcore, &callees)?;
+    let calls = callsites::find(&symbols, &text, &callees);
     // xa_load itself when asked, or when CXL code has no call site of it but it is traceable.
     let xa_load_traceable = attach::traceable(&tracefs, "xa_load");
     if config.direct_xa_load && !xa_load_traceable {
@@ -246,6 +252,18 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
         };
         asked_sites.push(site);
     }
+    let derefs = if config.derefs {
+        let loaders = btf.dport_loaders().context("listing functions that return a struct cxl_dport")?;
+        let holders = dport_holders(&symbols, &text, &calls, &loaders, &uses);
+        let mut sites = Vec::new();
+        for (function, code) in text.functions.iter().filter(|(f, _)| holders.contains(&f.addr)) {
+            derefs::scan(function, code, &profile.dport, &mut sites);
+        }
+        plan.add_derefs(&symbols, &sites);
+        DerefScan { functions: holders.len(), sites: sites.len() }
+    } else {
+        DerefScan::default()
+    };
     if direct_xa_load {
         let xa_load = callsites::CALLEES.iter().find(|c| c.name == "xa_load").expect("xa_load is a callee");
         if !plan.add_direct(&symbols, xa_load) {
@@ -262,8 +280,48 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
         global_lock_hook: config.global_lock_hook,
         direct_xa_load,
         asked_sites,
+        derefs,
         took: start.elapsed(),
     })
+}
+
+/// How many functions the deref scan looked at and how many sites it found.
+#[derive(Copy, Clone, Debug, Default)]
+pub struct DerefScan {
+    pub functions: usize,
+    pub sites: usize,
+}
+
+/// Entry addresses of the CXL functions that can hold a dport loaded from `port->dports`:
+/// those with an `xa_load` call site, those calling a loader (a function that returns a
+/// dport or fills a `struct cxl_dport **`), and the use sites (taking a `struct cxl_dport *`).
+fn dport_holders(
+    symbols: &Symbols,
+    text: &CxlText,
+    calls: &[CallSite],
+    loaders: &[DportFunction],
+    uses: &[DportFunction],
+) -> FxHashSet<u64> {
+    let resolve = |f: &DportFunction| {
+        symbols
+            .lookup(&f.name)
+            .filter(|s| s.module.as_deref() == f.module.as_deref())
+            .map(|s| s.addr)
+            .collect::<Vec<_>>()
+    };
+    let loader_addrs: FxHashSet<u64> = loaders.iter().flat_map(resolve).collect();
+    let mut holders: FxHashSet<u64> =
+        calls.iter().filter(|c| c.callee.name == "xa_load").map(|c| c.function_addr).collect();
+    holders.extend(uses.iter().flat_map(resolve));
+    for (function, code) in &text.functions {
+        if !holders.contains(&function.addr) && callsites::calls_any(function.addr, code, &loader_addrs) {
+            holders.insert(function.addr);
+        }
+    }
+    // Only CXL code is probed.
+    let cxl: FxHashSet<u64> = text.functions.iter().map(|(f, _)| f.addr).collect();
+    holders.retain(|a| cxl.contains(a));
+    holders
 }
 
 /// The kernel side, loaded and attached. Dropping it detaches everything (kprobes first).
@@ -273,6 +331,8 @@ pub struct Attached {
     /// What could not be attached, and what that disables.
     pub warnings: Vec<String>,
     pub took: Duration,
+    /// Of which attaching the deref sites.
+    pub deref_took: Duration,
 }
 
 impl Attached {
@@ -326,8 +386,14 @@ pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached
     let fd = program.fd()?.try_clone()?;
     let mut kprobes = Kprobes::new()?;
     let mut attached_roles = Vec::new();
+    let mut deref_took = Duration::ZERO;
     for (i, site) in plan.sites.iter().enumerate() {
-        match kprobes.attach(fd.as_fd(), &site.point, i as u64) {
+        let started = Instant::now();
+        let result = kprobes.attach(fd.as_fd(), &site.point, i as u64);
+        if site.role == SiteRole::Deref {
+            deref_took += started.elapsed();
+        }
+        match result {
             Ok(()) => attached_roles.push(site.role),
             Err(err) if discovery.asked_sites.contains(&i) => bail!(
                 "--use-site {}: not probed ({err}): uses there could not be seen, so unlocked-use, stale-use and use-after-free at it would go unreported",
@@ -379,7 +445,7 @@ pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached
             "kfree tracepoint not attached ({err:#}): frees are not seen, so use-after-free and rule-mismatch are disabled"
         ));
     }
-    Ok(Attached { kprobes, ebpf, warnings, took: start.elapsed() })
+    Ok(Attached { kprobes, ebpf, warnings, took: start.elapsed(), deref_took })
 }
 
 /// The opt-in global lock hook: (program, kernel function, fentry or fexit).
@@ -419,6 +485,7 @@ fn what_is_lost(role: SiteRole) -> &'static str {
     use SiteRole::*;
     match role {
         Use => "uses at this site are not seen (unlocked-use, stale-use, use-after-free there)",
+        Deref => "inline accesses at this instruction are not seen (unlocked-use, stale-use, use-after-free there)",
         LoadCall | LoadReturn => "lookups here are not seen (unlocked-use, stale-use, use-after-free of dports loaded here)",
         EraseCall | EraseReturn | StoreCall => "writes here are not seen (unlocked-erase)",
         LockCall | LockReturn | LockReturnIfZero | LockReturnIfOne | UnlockCall => {
@@ -431,7 +498,7 @@ fn what_is_lost(role: SiteRole) -> &'static str {
 fn role_word(site: &PlannedSite) -> &'static str {
     use tracer_common::SiteRole::*;
     match site.role {
-        Use => "site",
+        Use | Deref => "site",
         LoadCall | EraseCall | StoreCall | LockCall | UnlockCall | HostAllocCall | HostActionCall => "call",
         LoadReturn | EraseReturn | LockReturn | LockReturnIfZero | LockReturnIfOne | HostAllocReturn => "return",
     }
@@ -444,7 +511,7 @@ fn raise_memlock() {
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
 }
 
-/// Names of the use sites by site index, for the resolver.
-pub fn site_functions(plan: &Plan) -> Vec<Arc<str>> {
-    plan.sites.iter().map(|s| s.function.clone()).collect()
+/// What each site index stands for, for the resolver.
+pub fn site_names(plan: &Plan) -> Vec<SiteName> {
+    plan.sites.iter().map(PlannedSite::name).collect()
 }

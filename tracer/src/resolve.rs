@@ -6,13 +6,26 @@ use rustc_hash::FxHashSet;
 
 use crate::{
     decode::{RawEvent, RawPayload},
-    event::{Event, Kind},
+    event::{Access, Event, Kind},
     intern::Interner,
     symbolize::{StackCache, Symbols},
 };
 
 /// Reads the kernel's symbols afresh (in `tracer run`: /proc/kallsyms).
 pub type SymbolSource = Box<dyn FnMut(&Symbols) -> Option<Symbols>>;
+
+/// What a site index stands for: its function, and for a deref site what it accesses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SiteName {
+    pub function: Arc<str>,
+    pub access: Option<Arc<Access>>,
+}
+
+impl From<Arc<str>> for SiteName {
+    fn from(function: Arc<str>) -> SiteName {
+        SiteName { function, access: None }
+    }
+}
 
 /// Addresses remembered as unresolvable even after a re-read, at most.
 const MAX_UNRESOLVABLE: usize = 4096;
@@ -21,8 +34,8 @@ pub struct Resolver {
     symbols: Symbols,
     stacks: StackCache,
     interner: Interner,
-    /// Function of each site index (`SITES` order).
-    sites: Vec<Arc<str>>,
+    /// Each site index (`SITES` order).
+    sites: Vec<SiteName>,
     reload: Option<SymbolSource>,
     /// Addresses still unknown after a re-read (the BPF programs' own code, mostly): not
     /// worth another one.
@@ -30,7 +43,7 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    pub fn new(symbols: Symbols, sites: Vec<Arc<str>>) -> Resolver {
+    pub fn new(symbols: Symbols, sites: Vec<SiteName>) -> Resolver {
         Resolver {
             symbols,
             stacks: StackCache::default(),
@@ -82,6 +95,13 @@ impl Resolver {
         }
     }
 
+    fn site(&mut self, index: u64) -> SiteName {
+        match usize::try_from(index).ok().and_then(|i| self.sites.get(i)) {
+            Some(site) => site.clone(),
+            None => SiteName { function: self.interner.string(&format!("site#{index}")), access: None },
+        }
+    }
+
     pub fn resolve(&mut self, raw: &RawEvent) -> Event {
         let kind = match &raw.payload {
             RawPayload::DportAdd(d) => Kind::DportAdd {
@@ -97,14 +117,23 @@ impl Resolver {
             RawPayload::XaInsert(x) => Kind::XaInsert { xa: x.xa, index: x.index, entry: x.entry },
             RawPayload::Lock(l) => Kind::Lock { lock: l.lock },
             RawPayload::Unlock(l) => Kind::Unlock { lock: l.lock },
-            RawPayload::Use(u) => {
-                let site = match usize::try_from(u.site).ok().and_then(|i| self.sites.get(i)) {
-                    Some(name) => name.clone(),
-                    None => self.interner.string(&format!("site#{}", u.site)),
-                };
-                Kind::Use { dport: u.dport, site }
-            }
+            RawPayload::Use(u) => Kind::Use { dport: u.dport, site: self.site(u.site).function },
             RawPayload::Free(f) => Kind::Free { dport: f.dport },
+            RawPayload::Deref(u) => {
+                let site = self.site(u.site);
+                let access = site.access.unwrap_or_else(|| {
+                    // Not a deref site: say so rather than invent a member.
+                    Arc::new(Access {
+                        function: site.function,
+                        insn: 0,
+                        member: self.interner.string("?"),
+                        offset: 0,
+                        size: 0,
+                        write: false,
+                    })
+                });
+                Kind::Deref { dport: u.dport, access }
+            }
         };
         self.know(&raw.stack);
         let stack = (!raw.stack.is_empty()).then(|| self.stacks.symbolize(&self.symbols, &raw.stack));
@@ -134,7 +163,20 @@ mod tests {
                 .as_bytes(),
         )
         .unwrap();
-        let mut resolver = Resolver::new(symbols, vec![Arc::from("xa_load"), Arc::from("cxl_dport_init_ras_reporting")]);
+        let rch = Arc::new(Access {
+            function: Arc::from("cxl_mem_probe"),
+            insn: 0x19a,
+            member: Arc::from("rch"),
+            offset: 144,
+            size: 1,
+            write: false,
+        });
+        let sites = vec![
+            SiteName::from(Arc::<str>::from("xa_load")),
+            SiteName::from(Arc::<str>::from("cxl_dport_init_ras_reporting")),
+            SiteName { function: Arc::from("cxl_mem_probe"), access: Some(rch.clone()) },
+        ];
+        let mut resolver = Resolver::new(symbols, sites);
         let mut comm = [0u8; 16];
         comm[..12].copy_from_slice(b"kworker/u8:3");
         let raw = RawEvent {
@@ -153,8 +195,10 @@ mod tests {
         assert_eq!(event.kind, Kind::Use { dport: 0xffff888104a2d000, site: Arc::from("cxl_dport_init_ras_reporting") });
         let frames: Vec<&str> = event.stack.as_ref().unwrap().iter().map(|f| &**f).collect();
         assert_eq!(frames, ["cxl_dport_init_ras_reporting+0x0/0x90", "cxl_mem_probe+0x13a/0x400 [cxl_mem]"]);
-        let unknown = RawEvent { payload: RawPayload::Use(DportUse { dport: 1, site: 9 }), ..raw };
+        let unknown = RawEvent { payload: RawPayload::Use(DportUse { dport: 1, site: 9 }), ..raw.clone() };
         assert!(matches!(resolver.resolve(&unknown).kind, Kind::Use { site, .. } if &*site == "site#9"));
+        let deref = RawEvent { payload: RawPayload::Deref(DportUse { dport: 1, site: 2 }), ..raw };
+        assert_eq!(resolver.resolve(&deref).kind, Kind::Deref { dport: 1, access: rch });
     }
 
     #[test]
@@ -163,7 +207,7 @@ mod tests {
         let after = "ffffffff81001000 t cxl_dport_init_ras_reporting\nffffffff81001090 t other\nffffffffc0661000 t cxl_mem_probe\t[cxl_mem]\nffffffffc0661400 t x\t[cxl_mem]\n";
         let rereads = std::rc::Rc::new(std::cell::Cell::new(0));
         let count = rereads.clone();
-        let mut resolver = Resolver::new(Symbols::parse(before.as_bytes()).unwrap(), vec![Arc::from("f")])
+        let mut resolver = Resolver::new(Symbols::parse(before.as_bytes()).unwrap(), vec![SiteName::from(Arc::<str>::from("f"))])
             .with_reload(Box::new(move |old: &Symbols| {
                 count.set(count.get() + 1);
                 old.with_modules_from(after.as_bytes()).ok()

@@ -133,7 +133,13 @@ fn corrupt_and_foreign_files_name_the_problem() {
     other[12..16].copy_from_slice(&crc.to_le_bytes());
     let err = TraceReader::new(other.as_slice()).err().unwrap();
     assert!(matches!(err, TraceError::Version { found } if found == FORMAT_VERSION + 1));
-    assert!(err.to_string().contains("version 2 is not supported: this tracer reads version 1"), "{err}");
+    assert!(err.to_string().contains("version 3 is not supported: this tracer reads versions 1 to 2"), "{err}");
+    // Version 1 (before deref events) is still read.
+    let mut older = bytes.clone();
+    older[8 + 8 + 4 + 1] = 1;
+    let crc = crc32fast::hash(&older[16..16 + u32::from_le_bytes(older[8..12].try_into().unwrap()) as usize]);
+    older[12..16].copy_from_slice(&crc.to_le_bytes());
+    assert_eq!(TraceReader::new(older.as_slice()).unwrap().count(), read_jsonl(&data("stock-cxl-mem-probe.jsonl")).len());
     // A flipped byte in the middle: a checksum error at that record's offset.
     let mut flipped = bytes.clone();
     let at = bytes.len() / 2;

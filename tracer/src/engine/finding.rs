@@ -3,7 +3,7 @@ use std::{fmt, hash::Hash, str::FromStr, sync::Arc};
 
 use rustc_hash::FxHashMap;
 
-use crate::event::Stack;
+use crate::event::{Access, Stack};
 
 /// The finding classes of DESIGN §2; their names are part of the CLI contract.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -134,6 +134,8 @@ pub struct Finding {
     /// Where the expected lock was taken, when it is held.
     pub lock: Option<LockInfo>,
     pub free: Option<FreeInfo>,
+    /// For an inline dereference: the member touched, its size, read or write.
+    pub access: Option<Arc<Access>>,
     /// One sentence on what exactly went wrong.
     pub reason: &'static str,
 }

@@ -18,7 +18,7 @@ pub use self::{
     state::{EngineStats, Limits},
 };
 use self::state::{Container, Dport, Dports, Held, Ref, Thread};
-use crate::event::{Event, Kind, Stack, frame_function};
+use crate::event::{Access, Event, Kind, Stack, frame_function};
 
 #[derive(Default)]
 pub struct Engine {
@@ -74,7 +74,10 @@ impl Engine {
             }
             Kind::Lock { lock } => self.acquire(event.tid, *lock, event.ts, event.stack.clone()),
             Kind::Unlock { lock } => self.release(event.tid, *lock),
-            Kind::Use { dport, site } => self.on_use(event, *dport, site, &mut findings),
+            Kind::Use { dport, site } => self.on_use(event, *dport, site, None, &mut findings),
+            Kind::Deref { dport, access } => {
+                self.on_use(event, *dport, &access.function, Some(access), &mut findings)
+            }
             Kind::Free { dport } => self.on_free(event, *dport, &mut findings),
         }
         findings
@@ -211,6 +214,7 @@ impl Engine {
             load: None,
             lock: None,
             free: None,
+            access: None,
             reason,
         }
     }
@@ -255,7 +259,16 @@ impl Engine {
         }
     }
 
-    fn on_use(&mut self, event: &Event, addr: u64, site: &Arc<str>, findings: &mut Vec<Finding>) {
+    /// A use: the dport passed to a function, or (`access`) one of its fields read or written
+    /// inline. Both are judged by the same rules.
+    fn on_use(
+        &mut self,
+        event: &Event,
+        addr: u64,
+        site: &Arc<str>,
+        access: Option<&Arc<Access>>,
+        findings: &mut Vec<Finding>,
+    ) {
         let Some(dport) = self.dports.get(addr) else {
             self.stats.unknown_objects += 1;
             return;
@@ -304,6 +317,7 @@ impl Engine {
         f.load = Some(load);
         f.lock = lock_info;
         f.free = free;
+        f.access = access.cloned();
         findings.push(f);
     }
 
@@ -365,8 +379,10 @@ impl Engine {
 /// Where an event happened: the use site, else the function of the innermost frame, else
 /// the event kind.
 fn event_site(event: &Event) -> Arc<str> {
-    if let Kind::Use { site, .. } = &event.kind {
-        return site.clone();
+    match &event.kind {
+        Kind::Use { site, .. } => return site.clone(),
+        Kind::Deref { access, .. } => return access.function.clone(),
+        _ => {}
     }
     match event.stack.as_deref().and_then(|s| s.first()) {
         Some(frame) => Arc::from(frame_function(frame)),

@@ -8,7 +8,7 @@ use std::io::{BufRead, Write};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    event::{Event, Hex, Kind, parse_hex},
+    event::{Access, Event, Hex, Kind, parse_hex},
     intern::Interner,
 };
 
@@ -22,6 +22,8 @@ pub enum JsonlError {
     MissingField { line: u64, kind: &'static str, field: &'static str },
     #[error("line {line}: field {field:?} is not a hex address (\"0x...\"): {value:?}")]
     BadHex { line: u64, field: &'static str, value: String },
+    #[error("line {line}: deref site {value:?} is not \"function+0xoffset\"")]
+    BadPlace { line: u64, value: String },
     #[error("line {line}: cannot read: {source}")]
     Io { line: u64, source: std::io::Error },
 }
@@ -57,6 +59,15 @@ struct Line {
     lock: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     site: Option<String>,
+    /// A deref's member path, offset and size in the dport, and whether it writes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    member: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    size: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    write: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     stack: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -95,6 +106,7 @@ impl<R: BufRead> JsonlReader<R> {
             "unlock" => "unlock",
             "use" => "use",
             "free" => "free",
+            "deref" => "deref",
             other => return Err(JsonlError::UnknownKind { line, kind: other.to_owned() }),
         };
         let hex = |field: &'static str, value: &Option<String>| -> Result<u64, JsonlError> {
@@ -125,6 +137,20 @@ impl<R: BufRead> JsonlReader<R> {
                 dport: hex("dport", &wire.dport)?,
                 site: self.interner.string(wire.site.as_deref().ok_or(JsonlError::MissingField { line, kind, field: "site" })?),
             },
+            "deref" => {
+                let missing = |field| JsonlError::MissingField { line, kind, field };
+                let site = wire.site.as_deref().ok_or(missing("site"))?;
+                let (function, insn) = Access::parse_place(site).ok_or(JsonlError::BadPlace { line, value: site.to_owned() })?;
+                let access = Access {
+                    function: self.interner.string(function),
+                    insn,
+                    member: self.interner.string(wire.member.as_deref().ok_or(missing("member"))?),
+                    offset: wire.offset.ok_or(missing("offset"))?,
+                    size: wire.size.ok_or(missing("size"))?,
+                    write: wire.write.ok_or(missing("write"))?,
+                };
+                Kind::Deref { dport: hex("dport", &wire.dport)?, access: self.interner.access(access) }
+            }
             _ => Kind::Free { dport: hex("dport", &wire.dport)? },
         };
         Ok(Event {
@@ -196,6 +222,14 @@ pub fn write_event(out: &mut impl Write, event: &Event) -> std::io::Result<()> {
             line.site = Some(site.to_string());
         }
         Kind::Free { dport } => line.dport = hex(*dport),
+        Kind::Deref { dport, access } => {
+            line.dport = hex(*dport);
+            line.site = Some(access.place());
+            line.member = Some(access.member.to_string());
+            line.offset = Some(access.offset);
+            line.size = Some(access.size);
+            line.write = Some(access.write);
+        }
     }
     serde_json::to_writer(&mut *out, &line)?;
     out.write_all(b"\n")

@@ -14,7 +14,8 @@
 //! ```
 //! EVENT payloads by kind: dport_add dport port xa port_lock free_lock:u64 root:u8;
 //! xa_load/xa_erase xa index ret:u64; xa_insert xa index entry:u64; lock/unlock lock:u64;
-//! use dport:u64 site:u32 (STRING id); free dport:u64. Stack id 0 means no stack.
+//! use dport:u64 site:u32 (STRING id); free dport:u64; deref dport:u64 function:u32 insn:u32
+//! member:u32 (STRING ids) offset:u32 size:u32 write:u8 (version 2). Stack id 0 means no stack.
 use std::{
     io::{Read, Write},
     ops::Range,
@@ -24,11 +25,13 @@ use std::{
 use bytes::{Buf, BufMut, BytesMut};
 use rustc_hash::FxHashMap;
 
-use crate::event::{Event, EventKind, Kind, Stack};
+use crate::event::{Access, Event, EventKind, Kind, Stack};
 
 pub const MAGIC: [u8; 8] = *b"CXLTRACE";
-/// Bumped on any incompatible change; readers refuse other versions.
-pub const FORMAT_VERSION: u16 = 1;
+/// Bumped on any incompatible change; readers refuse newer versions. Version 2 added the
+/// deref event; a version 1 file is read as it is (it has none).
+pub const FORMAT_VERSION: u16 = 2;
+const OLDEST_READABLE: u16 = 1;
 /// Largest chunk accepted; the writer ends a chunk at every flush and at 64 KiB.
 pub const MAX_CHUNK: u32 = 1 << 24;
 
@@ -62,7 +65,7 @@ pub struct TraceHeader {
 pub enum TraceError {
     #[error("not a tracer trace file (starts with {found:02x?}, expected {MAGIC:02x?} \"CXLTRACE\")")]
     BadMagic { found: Vec<u8> },
-    #[error("trace format version {found} is not supported: this tracer reads version {FORMAT_VERSION}")]
+    #[error("trace format version {found} is not supported: this tracer reads versions {OLDEST_READABLE} to {FORMAT_VERSION}")]
     Version { found: u16 },
     #[error("byte offset {offset}: the first record is not a header (type {kind})")]
     MissingHeader { offset: u64, kind: u8 },
@@ -405,6 +408,7 @@ fn parse_event(buf: &[u8], offset: u64, strings: &[Arc<str>], stacks: &[Stack]) 
         EventKind::XaLoad | EventKind::XaErase | EventKind::XaInsert => 24,
         EventKind::Lock | EventKind::Unlock | EventKind::Free => 8,
         EventKind::Use => 12,
+        EventKind::Deref => 29,
     };
     if p.len() != payload_len {
         return Err(err(if p.len() < payload_len { "shorter than its fields" } else { "trailing bytes" }));
@@ -433,6 +437,22 @@ fn parse_event(buf: &[u8], offset: u64, strings: &[Arc<str>], stacks: &[Stack]) 
             site: string_at(strings, le_u32(p, 8)).ok_or_else(|| err("use site is an undefined string"))?,
         },
         EventKind::Free => Kind::Free { dport: w(0) },
+        EventKind::Deref => {
+            let string = |at: usize, what| string_at(strings, le_u32(p, at)).ok_or_else(|| err(what));
+            let access = Access {
+                function: string(8, "deref function is an undefined string")?,
+                insn: u64::from(le_u32(p, 12)),
+                member: string(16, "deref member is an undefined string")?,
+                offset: le_u32(p, 20),
+                size: le_u32(p, 24),
+                write: match p[28] {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(err("deref write flag is neither 0 nor 1")),
+                },
+            };
+            Kind::Deref { dport: w(0), access: Arc::new(access) }
+        }
     };
     let stamp = |known, held| if flags & known != 0 { Some(flags & held != 0) } else { None };
     Ok(Event {
@@ -468,7 +488,7 @@ impl<R: Read> Iterator for TraceReader<R> {
 fn parse_header(fields: &[u8], offset: u64) -> Result<TraceHeader, TraceError> {
     let mut b = Body { buf: fields, offset, record: "header" };
     let version = b.u16()?;
-    if version != FORMAT_VERSION {
+    if !(OLDEST_READABLE..=FORMAT_VERSION).contains(&version) {
         return Err(TraceError::Version { found: version });
     }
     let tool_version = b.str()?;
@@ -567,9 +587,10 @@ impl<W: Write> TraceWriter<W> {
     pub fn write_event(&mut self, event: &Event) -> std::io::Result<()> {
         let comm = self.string_id(&event.comm);
         let stack = event.stack.as_ref().map_or(0, |s| self.stack_id(s));
-        let site = match &event.kind {
-            Kind::Use { site, .. } => self.string_id(site),
-            _ => 0,
+        let (site, member) = match &event.kind {
+            Kind::Use { site, .. } => (self.string_id(site), 0),
+            Kind::Deref { access, .. } => (self.string_id(&access.function), self.string_id(&access.member)),
+            _ => (0, 0),
         };
         let mut flags = 0;
         if let Some(held) = event.free_lock_held {
@@ -609,6 +630,15 @@ impl<W: Write> TraceWriter<W> {
                     b.put_u32_le(site);
                 }
                 Kind::Free { dport } => b.put_u64_le(*dport),
+                Kind::Deref { dport, access } => {
+                    b.put_u64_le(*dport);
+                    b.put_u32_le(site);
+                    b.put_u32_le(u32::try_from(access.insn).unwrap_or(u32::MAX));
+                    b.put_u32_le(member);
+                    b.put_u32_le(access.offset);
+                    b.put_u32_le(access.size);
+                    b.put_u8(u8::from(access.write));
+                }
             }
         });
         if self.buf.len() >= FLUSH_AT {

@@ -51,6 +51,22 @@ impl KernelBtf {
         Ok(KernelBtf { vmlinux, modules: loaded })
     }
 
+    /// Every function (vmlinux and modules) that hands its caller a dport: one returning a
+    /// `struct cxl_dport *` or filling a `struct cxl_dport **` parameter
+    /// (`cxl_mem_find_port(cxlmd, &dport)`). Their callers can hold a loaded dport.
+    pub fn dport_loaders(&self) -> Result<Vec<DportFunction>, BtfError> {
+        let mut found = Vec::new();
+        collect_loaders(&self.vmlinux, self.vmlinux.type_iter(), None, &mut found)?;
+        for (module, btf) in &self.modules {
+            if let Some(split) = btf.split() {
+                collect_loaders(btf, split.type_iter(), Some(module), &mut found)?;
+            }
+        }
+        found.sort();
+        found.dedup();
+        Ok(found)
+    }
+
     /// Every function (vmlinux and modules) with a `struct cxl_dport *` parameter.
     pub fn dport_functions(&self) -> Result<Vec<DportFunction>, BtfError> {
         let mut found = Vec::new();
@@ -125,6 +141,40 @@ pub fn pointee_struct_name(btf: &Btf, ty: &Type) -> Option<String> {
 /// Whether `ty` is a pointer to `struct strukt` (through const, volatile, typedefs).
 fn is_struct_pointer(btf: &Btf, ty: &Type, strukt: &str) -> bool {
     pointee_struct_name(btf, ty).as_deref() == Some(strukt)
+}
+
+/// Whether `ty` is a `struct cxl_dport **`.
+fn is_dport_out_param(btf: &Btf, ty: &Type) -> bool {
+    let Type::Ptr(ptr) = ty else { return false };
+    btf.resolve_chained_type(ptr).is_ok_and(|inner| is_struct_pointer(btf, &inner, "cxl_dport"))
+}
+
+/// Functions among `types` returning a `struct cxl_dport *` or taking a `struct cxl_dport **`
+/// (`arg` is that parameter's index, or 6 for the return value).
+fn collect_loaders(
+    btf: &Btf,
+    mut types: impl FallibleIterator<Item = Type, Error = btf_rs::Error>,
+    module: Option<&str>,
+    found: &mut Vec<DportFunction>,
+) -> Result<(), BtfError> {
+    while let Some(ty) = types.next()? {
+        let Type::Func(func) = &ty else { continue };
+        let Ok(Type::FuncProto(proto)) = btf.resolve_chained_type(func) else { continue };
+        let returns = btf
+            .resolve_type_by_id(proto.return_type_id())
+            .is_ok_and(|r| is_struct_pointer(btf, &r, "cxl_dport"));
+        let out_param = proto
+            .parameters
+            .iter()
+            .position(|p| btf.resolve_chained_type(p).is_ok_and(|t| is_dport_out_param(btf, &t)));
+        let arg = match (out_param, returns) {
+            (Some(i), _) => i as u32,
+            (None, true) => 6,
+            (None, false) => continue,
+        };
+        found.push(DportFunction { name: btf.resolve_name(func)?, module: module.map(str::to_owned), arg });
+    }
+    Ok(())
 }
 
 /// Functions among `types` with a parameter pointing to `struct strukt`.

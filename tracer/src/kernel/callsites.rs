@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use tracer_common::SiteRole;
 
 use super::kcore::{Kcore, KcoreError};
@@ -156,19 +156,44 @@ pub fn scan(
 /// Largest function scanned; anything bigger is a symbol-table artefact.
 const MAX_FUNCTION: u64 = 1 << 20;
 
-/// Every call site of `callees` in CXL code, read from the running kernel's text.
-pub fn find(symbols: &Symbols, kcore: &Kcore, callees: &[Callee]) -> Result<Vec<CallSite>, KcoreError> {
+/// The code of every CXL function, read once from the running kernel's text.
+pub struct CxlText {
+    pub functions: Vec<(Symbol, Vec<u8>)>,
+}
+
+impl CxlText {
+    pub fn read(symbols: &Symbols, kcore: &Kcore) -> Result<CxlText, KcoreError> {
+        let mut functions = Vec::new();
+        for function in cxl_functions(symbols) {
+            let Some((start, end)) = symbols.extent(function) else { continue };
+            if end - start > MAX_FUNCTION {
+                continue;
+            }
+            functions.push((function.clone(), kcore.read(start, (end - start) as usize)?));
+        }
+        Ok(CxlText { functions })
+    }
+}
+
+/// Every call site of `callees` in CXL code.
+pub fn find(symbols: &Symbols, text: &CxlText, callees: &[Callee]) -> Vec<CallSite> {
     let targets = callee_targets(symbols, callees);
     let mut sites = Vec::new();
-    for function in cxl_functions(symbols) {
-        let Some((start, end)) = symbols.extent(function) else { continue };
-        if end - start > MAX_FUNCTION {
-            continue;
-        }
-        let code = kcore.read(start, (end - start) as usize)?;
-        scan(function, &code, &targets, &mut sites);
+    for (function, code) in &text.functions {
+        scan(function, code, &targets, &mut sites);
     }
-    Ok(sites)
+    sites
+}
+
+/// Whether `code` (of a function at `addr`) calls or tail-calls one of `targets`.
+pub fn calls_any(addr: u64, code: &[u8], targets: &FxHashSet<u64>) -> bool {
+    let decoder = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
+    decoder.into_iter().any(|insn| {
+        !insn.is_invalid()
+            && insn.op0_kind() == OpKind::NearBranch64
+            && matches!(insn.mnemonic(), Mnemonic::Call | Mnemonic::Jmp)
+            && targets.contains(&insn.near_branch_target())
+    })
 }
 
 #[cfg(test)]

@@ -2,5 +2,6 @@
 //! sites, kernel text through /proc/kcore, and the call sites in CXL code.
 pub mod btf;
 pub mod callsites;
+pub mod derefs;
 pub mod kcore;
 pub mod profile;

@@ -19,6 +19,7 @@ use tracer_common::{Offsets, SiteRole};
 use super::{
     btf::{BtfError, KernelBtf, find_struct, member_bit_offset, pointee_struct_name},
     callsites::Callee,
+    derefs::Layout,
 };
 use crate::symbolize::Symbols;
 
@@ -106,6 +107,8 @@ pub struct Profile {
     /// The registration function the fexit goes on, if this kernel has one out of line.
     pub registration: Option<&'static str>,
     pub host_check: Option<HostCheck>,
+    /// `struct cxl_dport` as this kernel lays it out: what an inline access touches.
+    pub dport: Layout,
 }
 
 impl Profile {
@@ -149,7 +152,9 @@ impl Profile {
                 registration.filter(|_| in_vmlinux(DEVM_ALLOC)).map(|caller| HostCheck::DevmAlloc { caller }),
             ),
         };
-        Ok(Profile { release, members, offsets, lifetime, lifetime_why, registration, host_check })
+        let dport = Layout::from_btf(&btf.vmlinux, "cxl_dport")
+            .map_err(|_| ProfileError::MissingStruct { release: release.clone(), strukt: "cxl_dport" })?;
+        Ok(Profile { release, members, offsets, lifetime, lifetime_why, registration, host_check, dport })
     }
 
     /// `struct.member` = offset, for the trace header and `doctor`.
@@ -204,6 +209,7 @@ impl fmt::Display for Profile {
             })
             .collect();
         writeln!(f, "  members: {}", renamed.join(", "))?;
+        writeln!(f, "  struct cxl_dport: {} bytes, {} members at any depth (for inline accesses)", self.dport.size, self.dport.members.len())?;
         match self.registration {
             Some(name) => writeln!(f, "  registration: {name}() (returns the new struct cxl_dport *, the port is its argument 0)")?,
             None => writeln!(

@@ -6,10 +6,13 @@ use tracer_common::{SITE_DIRECT, SITE_UNPAIRED_OK, SiteRole};
 
 use super::attach::ProbePoint;
 use crate::{
+    event::Access,
     kernel::{
         btf::DportFunction,
         callsites::{CallSite, Callee},
+        derefs::DerefSite,
     },
+    resolve::SiteName,
     symbolize::{Symbol, Symbols},
 };
 
@@ -24,8 +27,17 @@ pub struct PlannedSite {
     pub addr: u64,
     pub function: Arc<str>,
     pub module: Option<Arc<str>>,
-    /// What is probed, for `doctor`: the callee of a call site, or "use".
+    /// What is probed, for `doctor`: the callee of a call site, "use" or "deref".
     pub what: &'static str,
+    /// For a deref site: the member its instruction touches.
+    pub access: Option<Arc<Access>>,
+}
+
+impl PlannedSite {
+    /// What the site's index stands for in events.
+    pub fn name(&self) -> SiteName {
+        SiteName { function: self.function.clone(), access: self.access.clone() }
+    }
 }
 
 /// A function taking `struct cxl_dport *`, and whether it can be probed here.
@@ -81,6 +93,7 @@ impl Plan {
                     function: function.name.clone(),
                     module: function.module.clone(),
                     what: call.callee.name,
+                    access: None,
                 })
             };
             add(call.callee.call, call.offset);
@@ -105,6 +118,7 @@ impl Plan {
                             function: function.name.clone(),
                             module: function.module.clone(),
                             what: call.callee.name,
+                            access: None,
                         }),
                         None => {
                             // No kretprobe by address: drop the call probe again, it would
@@ -130,6 +144,7 @@ impl Plan {
                     function: sym.name.clone(),
                     module: sym.module.clone(),
                     what: "use",
+                    access: None,
                 });
                 plan.sites.len() - 1
             });
@@ -151,6 +166,7 @@ impl Plan {
             function: sym.name.clone(),
             module: None,
             what: callee.name,
+            access: None,
         };
         let entry = ProbePoint::Symbol { module: None, symbol: callee.name.into(), offset: 0 };
         self.sites.push(site(callee.call, SITE_DIRECT, entry));
@@ -159,6 +175,31 @@ impl Plan {
             self.sites.push(site(ret, SITE_UNPAIRED_OK, exit));
         }
         true
+    }
+
+    /// A kprobe on each deref site's instruction; its argument names the base register.
+    pub fn add_derefs(&mut self, symbols: &Symbols, derefs: &[DerefSite]) {
+        for d in derefs {
+            let function = Symbol { addr: d.function_addr, name: d.function.clone(), module: d.module.clone(), text: true };
+            let access = Access {
+                function: d.function.clone(),
+                insn: d.insn,
+                member: d.member.clone(),
+                offset: d.offset,
+                size: d.size,
+                write: d.write,
+            };
+            self.sites.push(PlannedSite {
+                role: SiteRole::Deref,
+                arg: d.reg as u32,
+                point: point(symbols, &function, d.insn),
+                addr: d.function_addr + d.insn,
+                function: d.function.clone(),
+                module: d.module.clone(),
+                what: "deref",
+                access: Some(Arc::new(access)),
+            });
+        }
     }
 
     /// The function name a use event's site index stands for.

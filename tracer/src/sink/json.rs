@@ -53,6 +53,18 @@ pub fn group_value(group: &Group) -> Value {
         map.insert("lock_ts".into(), lock.ts.into());
         map.insert("lock_stack".into(), stack(lock.stack.as_ref()));
     }
+    if let Some(access) = &f.access {
+        map.insert(
+            "access".into(),
+            json!({
+                "member": &*access.member,
+                "offset": access.offset,
+                "size": access.size,
+                "write": access.write,
+                "at": access.place(),
+            }),
+        );
+    }
     if let Some(free) = &f.free {
         map.insert("free_ts".into(), free.ts.into());
         map.insert("free_tid".into(), free.tid.into());

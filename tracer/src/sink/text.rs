@@ -31,6 +31,23 @@ pub fn write_group(out: &mut impl Write, group: &Group) -> io::Result<()> {
     let f = &group.finding;
     writeln!(out, "{RULE}")?;
     writeln!(out, "BUG: tracer: {} in {}", f.class, f.site)?;
+    if let Some(access) = &f.access {
+        // KASAN's first line: what was touched, how wide, where.
+        let how = match f.class {
+            Class::UnlockedUse => "unlocked ",
+            Class::StaleUse => "stale ",
+            _ => "",
+        };
+        writeln!(
+            out,
+            "{how}{} of dport->{} ({} byte{}) at {}",
+            access.verb(),
+            access.member,
+            access.size,
+            if access.size == 1 { "" } else { "s" },
+            access.place()
+        )?;
+    }
     writeln!(out, "{}", f.reason)?;
     write!(out, "task {} (tid {}) at {}s", f.comm, f.tid, secs(f.ts))?;
     if group.count > 1 {
@@ -69,6 +86,7 @@ pub fn write_group(out: &mut impl Write, group: &Group) -> io::Result<()> {
         writeln!(out, "held locks: {}", held.join(", "))?;
     }
     let what = match f.class {
+        _ if f.access.is_some() => "access",
         Class::UnlockedErase => "write",
         Class::RuleMismatch => "free",
         Class::UseAfterFree if f.load.is_none() => "access",
