@@ -180,11 +180,10 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     let mut child = match options.command.split_first() {
         Some((program, args)) => {
             let stdout = io::stderr().as_fd().try_clone_to_owned()?;
-            let child = tokio::process::Command::new(program)
-                .args(args)
-                .stdout(Stdio::from(stdout))
-                .spawn()
-                .with_context(|| format!("cannot run {program:?}"))?;
+            let mut cmd = tokio::process::Command::new(program);
+            cmd.args(args).stdout(Stdio::from(stdout));
+            load::restore_open_files_in(&mut cmd);
+            let child = cmd.spawn().with_context(|| format!("cannot run {program:?}"))?;
             Some(child)
         }
         None => None,

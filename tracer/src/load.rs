@@ -254,13 +254,10 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
     }
     let derefs = if config.derefs {
         let loaders = btf.dport_loaders().context("listing functions that return a struct cxl_dport")?;
-        let holders = dport_holders(&symbols, &text, &calls, &loaders, &uses);
-        let mut sites = Vec::new();
-        for (function, code) in text.functions.iter().filter(|(f, _)| holders.contains(&f.addr)) {
-            derefs::scan(function, code, &profile.dport, &mut sites);
-        }
+        let sites = derefs::find(&symbols, &text, &loaders, &uses, &profile.dport);
         plan.add_derefs(&symbols, &sites);
-        DerefScan { functions: holders.len(), sites: sites.len() }
+        let functions: FxHashSet<u64> = sites.iter().map(|s| s.function_addr).collect();
+        DerefScan { functions: functions.len(), sites: sites.len() }
     } else {
         DerefScan::default()
     };
@@ -285,43 +282,11 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
     })
 }
 
-/// How many functions the deref scan looked at and how many sites it found.
+/// How many deref sites were found, in how many functions.
 #[derive(Copy, Clone, Debug, Default)]
 pub struct DerefScan {
     pub functions: usize,
     pub sites: usize,
-}
-
-/// Entry addresses of the CXL functions that can hold a dport loaded from `port->dports`:
-/// those with an `xa_load` call site, those calling a loader (a function that returns a
-/// dport or fills a `struct cxl_dport **`), and the use sites (taking a `struct cxl_dport *`).
-fn dport_holders(
-    symbols: &Symbols,
-    text: &CxlText,
-    calls: &[CallSite],
-    loaders: &[DportFunction],
-    uses: &[DportFunction],
-) -> FxHashSet<u64> {
-    let resolve = |f: &DportFunction| {
-        symbols
-            .lookup(&f.name)
-            .filter(|s| s.module.as_deref() == f.module.as_deref())
-            .map(|s| s.addr)
-            .collect::<Vec<_>>()
-    };
-    let loader_addrs: FxHashSet<u64> = loaders.iter().flat_map(resolve).collect();
-    let mut holders: FxHashSet<u64> =
-        calls.iter().filter(|c| c.callee.name == "xa_load").map(|c| c.function_addr).collect();
-    holders.extend(uses.iter().flat_map(resolve));
-    for (function, code) in &text.functions {
-        if !holders.contains(&function.addr) && callsites::calls_any(function.addr, code, &loader_addrs) {
-            holders.insert(function.addr);
-        }
-    }
-    // Only CXL code is probed.
-    let cxl: FxHashSet<u64> = text.functions.iter().map(|(f, _)| f.addr).collect();
-    holders.retain(|a| cxl.contains(a));
-    holders
 }
 
 /// The kernel side, loaded and attached. Dropping it detaches everything (kprobes first).
@@ -361,6 +326,7 @@ impl Attached {
 pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached> {
     let start = Instant::now();
     raise_memlock();
+    raise_open_files();
     let plan = &discovery.plan;
     if plan.sites.len() > MAX_SITES as usize {
         bail!("{} probe sites planned, the kernel side holds at most {MAX_SITES}", plan.sites.len());
@@ -509,6 +475,50 @@ fn raise_memlock() {
     let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: a valid rlimit.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
+}
+
+/// The open-files limit before `raise_open_files`, for the command the tracer runs.
+static ORIGINAL_OPEN_FILES: std::sync::OnceLock<(libc::rlim_t, libc::rlim_t)> = std::sync::OnceLock::new();
+
+/// Gives a child the open-files limit the tracer started with (it needs none of the
+/// tracer's raise; some programs walk every descriptor up to the limit).
+pub fn restore_open_files_in(cmd: &mut tokio::process::Command) {
+    if let Some(&(cur, max)) = ORIGINAL_OPEN_FILES.get() {
+        // SAFETY: setrlimit is async-signal-safe, as pre_exec requires.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit { rlim_cur: cur, rlim_max: max };
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                Ok(())
+            });
+        }
+    }
+}
+
+/// Every kprobe holds file descriptors (its perf event and link): a plan of several hundred
+/// sites passes the usual soft limit of 1024. Raise it to the most the kernel allows
+/// (`fs.nr_open` for root), or at least to the hard limit.
+fn raise_open_files() {
+    let mut original = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: a valid out pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut original) } == 0 {
+        let _ = ORIGINAL_OPEN_FILES.set((original.rlim_cur, original.rlim_max));
+    }
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        .unwrap_or(1 << 20);
+    let wanted = libc::rlimit { rlim_cur: nr_open, rlim_max: nr_open };
+    // SAFETY: valid rlimits.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) } != 0 {
+        let mut current = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: a valid out pointer.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut current) } == 0 {
+            current.rlim_cur = current.rlim_max;
+            // SAFETY: a valid rlimit.
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &current) };
+        }
+    }
 }
 
 /// What each site index stands for, for the resolver.

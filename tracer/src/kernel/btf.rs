@@ -150,7 +150,7 @@ fn is_dport_out_param(btf: &Btf, ty: &Type) -> bool {
 }
 
 /// Functions among `types` returning a `struct cxl_dport *` or taking a `struct cxl_dport **`
-/// (`arg` is that parameter's index, or 6 for the return value).
+/// (`arg` is that parameter's index, or `derefs::RETURNS` for the return value).
 fn collect_loaders(
     btf: &Btf,
     mut types: impl FallibleIterator<Item = Type, Error = btf_rs::Error>,
@@ -169,7 +169,7 @@ fn collect_loaders(
             .position(|p| btf.resolve_chained_type(p).is_ok_and(|t| is_dport_out_param(btf, &t)));
         let arg = match (out_param, returns) {
             (Some(i), _) => i as u32,
-            (None, true) => 6,
+            (None, true) => super::derefs::RETURNS,
             (None, false) => continue,
         };
         found.push(DportFunction { name: btf.resolve_name(func)?, module: module.map(str::to_owned), arg });
