@@ -15,8 +15,14 @@ pub struct Analysis {
 }
 
 impl Analysis {
+    /// An analysis that folds the uses of one load into one root-cause finding.
     pub fn new(limits: Limits) -> Analysis {
-        Analysis { engine: Engine::new(limits), groups: Groups::default(), events: 0 }
+        Analysis::with_folding(limits, true)
+    }
+
+    /// `fold: false` reports every use on its own (`--no-fold`).
+    pub fn with_folding(limits: Limits, fold: bool) -> Analysis {
+        Analysis { engine: Engine::new(limits), groups: Groups::new(fold), events: 0 }
     }
 
     /// Feeds one event; `on_new` sees each finding that opens a new group, as it happens.

@@ -22,6 +22,8 @@ pub enum Command {
         format: Format,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        report: ReportArgs,
     },
     /// Print the events of a trace: readable text, or the JSON-lines interchange.
     Print {
@@ -53,6 +55,8 @@ pub enum Command {
         probe: ProbeArgs,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        report: ReportArgs,
         /// Command to trace (its stdout goes to tracer's stderr, so stdout carries findings).
         #[arg(last = true, value_name = "CMD")]
         command: Vec<String>,
@@ -90,6 +94,14 @@ pub enum LockEvents {
 pub enum XaLoadProbe {
     Callsites,
     Direct,
+}
+
+#[derive(clap::Args)]
+pub struct ReportArgs {
+    /// Report every use on its own, instead of one finding per root cause (the uses of one
+    /// loaded pointer in one call chain, listed under the outermost as "also").
+    #[arg(long)]
+    pub no_fold: bool,
 }
 
 #[derive(clap::Args)]

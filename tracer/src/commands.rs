@@ -24,15 +24,16 @@ use crate::{
 
 pub fn run(command: Command) -> anyhow::Result<Outcome> {
     match command {
-        Command::Analyze { file, format, limits } => analyze(&file, format, limits.into()),
+        Command::Analyze { file, format, limits, report } => analyze(&file, format, limits.into(), !report.no_fold),
         Command::Print { file, format } => print(&file, format),
         Command::Convert { file, output } => convert(&file, &output),
-        Command::Run { format, record, strict, probe, limits, command } => live::run(LiveOptions {
+        Command::Run { format, record, strict, probe, limits, report, command } => live::run(LiveOptions {
             format: Some(format),
             record,
             strict,
             probe: probe.try_into()?,
             limits: limits.into(),
+            fold: !report.no_fold,
             command,
         }),
         Command::Record { output, probe, command } => live::run(LiveOptions {
@@ -41,6 +42,7 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
             strict: false,
             probe: probe.try_into()?,
             limits: Limits::default(),
+            fold: true,
             command,
         }),
         Command::Doctor { probe, no_attach } => doctor::run(DoctorOptions { probe: probe.try_into()?, no_attach }),
@@ -79,9 +81,9 @@ impl TryFrom<ProbeArgs> for ProbeConfig {
     }
 }
 
-fn analyze(path: &std::path::Path, format: Format, limits: Limits) -> anyhow::Result<Outcome> {
+fn analyze(path: &std::path::Path, format: Format, limits: Limits, fold: bool) -> anyhow::Result<Outcome> {
     let mut source = FileSource::open(path)?;
-    let mut analysis = Analysis::new(limits);
+    let mut analysis = Analysis::with_folding(limits, fold);
     let mut failure = None;
     for event in source.by_ref() {
         match event {

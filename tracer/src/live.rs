@@ -39,6 +39,8 @@ pub struct LiveOptions {
     pub strict: bool,
     pub probe: ProbeConfig,
     pub limits: Limits,
+    /// One finding per root cause (`--no-fold` turns it off).
+    pub fold: bool,
     pub command: Vec<String>,
 }
 
@@ -171,7 +173,7 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
                 None
             }
         })),
-        analysis: Analysis::new(options.limits),
+        analysis: Analysis::with_folding(options.limits, options.fold),
         recorder,
         live_text: options.format == Some(Format::Text),
         undecodable: 0,

@@ -33,6 +33,18 @@ const SCENARIOS: &[(&str, &[Expected])] = &[
     ("deref-under-lock", &[]),
     ("deref-after-unlock", &[("unlocked-use", "cxl_mem_probe", 1)]),
     ("deref-not-a-loaded-dport", &[]),
+    (
+        "stock-7.2.13-memdev-acpi",
+        &[
+            ("unlocked-use", "cxl_add_ep", 2),
+            ("unlocked-use", "cxl_mem_probe", 2),
+            ("stale-use", "devm_cxl_add_endpoint", 2),
+            ("unlocked-erase", "cxl_dport_remove", 2),
+            ("unlocked-use", "cxl_add_ep", 2),
+            ("unlocked-use", "cxl_mem_probe", 2),
+            ("stale-use", "devm_cxl_add_endpoint", 2),
+        ],
+    ),
     ("lock-held-by-other-thread", &[("unlocked-use", "cxl_dport_init_ras_reporting", 1)]),
     ("lock-taken-before-tracing", &[]),
     ("stamp-stale-without-lock-events", &[("stale-use", "devm_cxl_add_port", 1)]),
@@ -82,6 +94,33 @@ fn scenarios_give_exactly_the_expected_findings() {
             }
         }
     }
+}
+
+/// With `--no-fold`, every use of a loaded pointer is a finding of its own: what the
+/// folded view gathers under one root cause.
+#[test]
+fn without_folding_every_use_is_its_own_finding() {
+    let groups = |fold: bool| {
+        let mut analysis = Analysis::with_folding(Limits::default(), fold);
+        for event in FileSource::open(&data("stock-7.2.13-memdev-acpi.jsonl")).unwrap() {
+            analysis.feed(&event.unwrap(), |_| {});
+        }
+        analysis.groups().iter().map(|g| (g.finding.class, g.finding.site.clone(), g.also_at.len())).collect::<Vec<_>>()
+    };
+    let (folded, unfolded) = (groups(true), groups(false));
+    assert_eq!(unfolded.len(), 27);
+    assert!(unfolded.iter().all(|(_, _, also)| *also == 0));
+    // Each folded root plus what it gathered is the unfolded view, one for one.
+    assert_eq!(folded.iter().map(|(_, _, also)| 1 + also).sum::<usize>(), unfolded.len());
+    // The stale pointer in cxl_mem_probe: one root at devm_cxl_add_endpoint, with the five
+    // places it reached below it.
+    assert!(folded.iter().any(|(class, site, also)| class.name() == "stale-use" && &**site == "devm_cxl_add_endpoint" && *also == 5));
+    let out = Command::new(env!("CARGO_BIN_EXE_tracer"))
+        .args(["analyze", "--no-fold"])
+        .arg(data("stock-7.2.13-memdev-acpi.jsonl"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).matches("BUG: tracer:").count(), 27);
 }
 
 #[test]

@@ -3,7 +3,7 @@ use std::{fmt, hash::Hash, str::FromStr, sync::Arc};
 
 use rustc_hash::FxHashMap;
 
-use crate::event::{Access, Stack};
+use crate::event::{Access, Stack, frame_function};
 
 /// The finding classes of DESIGN §2; their names are part of the CLI contract.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -165,35 +165,144 @@ pub struct Group {
     pub count: u64,
     /// Time of the last occurrence.
     pub last_ts: u64,
+    /// The other uses of the same loaded pointer in the same call chain, folded into this
+    /// root cause, in order of first occurrence.
+    pub also_at: Vec<AlsoAt>,
 }
 
-/// Findings grouped in order of first occurrence.
+/// A use folded into a root-cause finding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlsoAt {
+    pub class: Class,
+    /// The function the dport was passed to, or the function of the accessing instruction.
+    pub site: Arc<str>,
+    /// For an inline access: what it touched.
+    pub access: Option<Arc<Access>>,
+    pub count: u64,
+}
+
+impl AlsoAt {
+    fn of(finding: &Finding) -> AlsoAt {
+        AlsoAt { class: finding.class, site: finding.site.clone(), access: finding.access.clone(), count: 1 }
+    }
+
+    fn same_place(&self, other: &AlsoAt) -> bool {
+        self.class == other.class && self.site == other.site && self.access == other.access
+    }
+}
+
+/// The invocation a loaded pointer was used in: the thread, the load (its time), and the
+/// call chain below the function that holds the pointer (the frames the load stack and the
+/// use stack share, bottom up), and the class. Uses with the same key come from one
+/// lockless lookup in one call of one function, wrong in the same way: one root cause.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct LoadKey {
+    class: Class,
+    tid: u32,
+    load_ts: u64,
+    holder: Arc<str>,
+    chain: Vec<Arc<str>>,
+}
+
+impl LoadKey {
+    fn of(finding: &Finding) -> Option<LoadKey> {
+        let load = finding.load.as_ref()?;
+        let (load_stack, use_stack) = (load.stack.as_ref()?, finding.stack.as_ref()?);
+        let shared = load_stack.iter().rev().zip(use_stack.iter().rev()).take_while(|(a, b)| a == b).count();
+        // The holder is the function both stacks are in just above the shared frames: the
+        // load went out of it through one call, the use through another (or is in it).
+        let load_frame = load_stack.iter().rev().nth(shared)?;
+        let use_frame = use_stack.iter().rev().nth(shared)?;
+        let holder = frame_function(load_frame);
+        if holder != frame_function(use_frame) {
+            return None;
+        }
+        let chain = use_stack.iter().rev().take(shared).cloned().collect();
+        Some(LoadKey { class: finding.class, tid: finding.tid, load_ts: load.ts, holder: Arc::from(holder), chain })
+    }
+}
+
+/// Loads remembered for folding; older ones are forgotten (their later uses then open
+/// groups of their own, which only makes a report longer).
+const MAX_LOADS: usize = 4096;
+
+/// Findings grouped in order of first occurrence; with folding, the uses of one load in
+/// one call chain are one group at the outermost use.
 #[derive(Default)]
 pub struct Groups {
     index: FxHashMap<GroupKey, usize>,
     groups: Vec<Group>,
+    /// Fold uses of the same load into one root cause (`--no-fold` turns it off).
+    fold: bool,
+    /// Each recent load's root group.
+    loads: FxHashMap<LoadKey, usize>,
+    load_order: std::collections::VecDeque<LoadKey>,
 }
 
-/// Whether `Groups::add` opened a new group.
+/// What `Groups::add` did with a finding.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Added {
+    /// It opened a new group.
     New(usize),
+    /// It is one more occurrence of a group.
     Repeat(usize),
+    /// It is another use of a group's load, folded into it.
+    Folded(usize),
 }
 
 impl Groups {
+    /// Groups that fold the uses of one load into one root cause when `fold` is set.
+    pub fn new(fold: bool) -> Groups {
+        Groups { fold, ..Groups::default() }
+    }
+
     pub fn add(&mut self, finding: Finding) -> Added {
+        let load = if self.fold && finding.class.is_read_side() { LoadKey::of(&finding) } else { None };
+        if let Some(load) = &load
+            && let Some(&root) = self.loads.get(load)
+        {
+            self.fold_into(root, &finding);
+            return Added::Folded(root);
+        }
         let key = GroupKey::of(&finding);
-        if let Some(&i) = self.index.get(&key) {
+        let added = if let Some(&i) = self.index.get(&key) {
             let group = &mut self.groups[i];
             group.count += 1;
             group.last_ts = group.last_ts.max(finding.ts);
-            return Added::Repeat(i);
+            Added::Repeat(i)
+        } else {
+            let i = self.groups.len();
+            self.index.insert(key, i);
+            self.groups.push(Group { last_ts: finding.ts, finding, count: 1, also_at: Vec::new() });
+            Added::New(i)
+        };
+        if let (Some(load), Added::New(i) | Added::Repeat(i)) = (load, added) {
+            self.remember(load, i);
         }
-        let i = self.groups.len();
-        self.index.insert(key, i);
-        self.groups.push(Group { last_ts: finding.ts, finding, count: 1 });
-        Added::New(i)
+        added
+    }
+
+    fn fold_into(&mut self, root: usize, finding: &Finding) {
+        let group = &mut self.groups[root];
+        let also = AlsoAt::of(finding);
+        // The root's own place, seen again in a later occurrence of the same root cause.
+        if also.same_place(&AlsoAt::of(&group.finding)) {
+            return;
+        }
+        match group.also_at.iter_mut().find(|a| a.same_place(&also)) {
+            Some(existing) => existing.count += 1,
+            None => group.also_at.push(also),
+        }
+    }
+
+    fn remember(&mut self, load: LoadKey, group: usize) {
+        if self.loads.len() >= MAX_LOADS
+            && let Some(old) = self.load_order.pop_front()
+        {
+            self.loads.remove(&old);
+        }
+        self.load_order.push_back(load.clone());
+        self.loads.insert(load, group);
     }
 
     pub fn get(&self, i: usize) -> &Group {
@@ -212,7 +321,7 @@ impl Groups {
         self.groups.is_empty()
     }
 
-    /// (groups, occurrences) of one class.
+    /// (groups, occurrences) of one class: with folding, root causes.
     pub fn count_class(&self, class: Class) -> (u64, u64) {
         self.groups
             .iter()

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use rustc_hash::FxHashMap;
 
 pub use self::{
-    finding::{Added, Class, ExpectedLock, Finding, FreeInfo, Group, Groups, LoadInfo, LockInfo, LockRole},
+    finding::{Added, AlsoAt, Class, ExpectedLock, Finding, FreeInfo, Group, Groups, LoadInfo, LockInfo, LockRole},
     state::{EngineStats, Limits},
 };
 use self::state::{Container, Dport, Dports, Held, Ref, Thread};

@@ -589,7 +589,7 @@ pub fn find(
             scan(function, code, &entries, &loader_at, layout, &mut sites);
         }
     }
-    sites.sort_by(|a, b| (a.function_addr, a.insn).cmp(&(b.function_addr, b.insn)));
+    sites.sort_by_key(|s| (s.function_addr, s.insn));
     sites
 }
 

@@ -5,7 +5,7 @@ use serde_json::{Map, Value, json};
 
 use crate::{
     engine::Group,
-    event::{Hex, Stack},
+    event::{Access, Hex, Stack},
     summary::Summary,
 };
 
@@ -18,6 +18,16 @@ fn stack(stack: Option<&Stack>) -> Value {
         Some(stack) => Value::Array(stack.iter().map(|f| Value::String(f.to_string())).collect()),
         None => Value::Null,
     }
+}
+
+fn access_value(access: &Access) -> Value {
+    json!({
+        "member": &*access.member,
+        "offset": access.offset,
+        "size": access.size,
+        "write": access.write,
+        "at": access.place(),
+    })
 }
 
 pub fn group_value(group: &Group) -> Value {
@@ -54,16 +64,21 @@ pub fn group_value(group: &Group) -> Value {
         map.insert("lock_stack".into(), stack(lock.stack.as_ref()));
     }
     if let Some(access) = &f.access {
-        map.insert(
-            "access".into(),
-            json!({
-                "member": &*access.member,
-                "offset": access.offset,
-                "size": access.size,
-                "write": access.write,
-                "at": access.place(),
-            }),
-        );
+        map.insert("access".into(), access_value(access));
+    }
+    if !group.also_at.is_empty() {
+        let also: Vec<Value> = group
+            .also_at
+            .iter()
+            .map(|a| {
+                let mut v = json!({ "class": a.class.name(), "site": &*a.site, "count": a.count });
+                if let Some(access) = &a.access {
+                    v.as_object_mut().expect("object").insert("access".into(), access_value(access));
+                }
+                v
+            })
+            .collect();
+        map.insert("also_at".into(), also.into());
     }
     if let Some(free) = &f.free {
         map.insert("free_ts".into(), free.ts.into());

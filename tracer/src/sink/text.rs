@@ -3,7 +3,7 @@ use std::io::{self, Write};
 
 use crate::{
     engine::{Class, Group},
-    event::{Hex, Stack},
+    event::{Access, Hex, Stack},
     summary::Summary,
 };
 
@@ -33,20 +33,7 @@ pub fn write_group(out: &mut impl Write, group: &Group) -> io::Result<()> {
     writeln!(out, "BUG: tracer: {} in {}", f.class, f.site)?;
     if let Some(access) = &f.access {
         // KASAN's first line: what was touched, how wide, where.
-        let how = match f.class {
-            Class::UnlockedUse => "unlocked ",
-            Class::StaleUse => "stale ",
-            _ => "",
-        };
-        writeln!(
-            out,
-            "{how}{} of dport->{} ({} byte{}) at {}",
-            access.verb(),
-            access.member,
-            access.size,
-            if access.size == 1 { "" } else { "s" },
-            access.place()
-        )?;
+        writeln!(out, "{}", describe_access(f.class, access))?;
     }
     writeln!(out, "{}", f.reason)?;
     write!(out, "task {} (tid {}) at {}s", f.comm, f.tid, secs(f.ts))?;
@@ -85,6 +72,17 @@ pub fn write_group(out: &mut impl Write, group: &Group) -> io::Result<()> {
             .collect();
         writeln!(out, "held locks: {}", held.join(", "))?;
     }
+    if !group.also_at.is_empty() {
+        writeln!(out, "the same loaded pointer, in the same call chain, also:")?;
+        for also in &group.also_at {
+            let place = match &also.access {
+                Some(access) => describe_access(also.class, access),
+                None => format!("passed to {}", also.site),
+            };
+            let times = if also.count == group.count { String::new() } else { format!(" ({} times)", also.count) };
+            writeln!(out, "  {place}{times}")?;
+        }
+    }
     let what = match f.class {
         _ if f.access.is_some() => "access",
         Class::UnlockedErase => "write",
@@ -117,6 +115,23 @@ pub fn write_group(out: &mut impl Write, group: &Group) -> io::Result<()> {
         )?;
     }
     writeln!(out, "{RULE}")
+}
+
+/// "unlocked read of dport->rch (1 byte) at cxl_mem_probe+0x19a".
+fn describe_access(class: Class, access: &Access) -> String {
+    let how = match class {
+        Class::UnlockedUse => "unlocked ",
+        Class::StaleUse => "stale ",
+        _ => "",
+    };
+    format!(
+        "{how}{} of dport->{} ({} byte{}) at {}",
+        access.verb(),
+        access.member,
+        access.size,
+        if access.size == 1 { "" } else { "s" },
+        access.place()
+    )
 }
 
 pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {
