@@ -3,7 +3,7 @@
 //! the findings the live run printed.
 use crate::{
     engine::{Added, Engine, Group, Groups, Limits},
-    event::Event,
+    event::{Event, Kind},
     summary::Summary,
 };
 
@@ -12,6 +12,9 @@ pub struct Analysis {
     engine: Engine,
     groups: Groups,
     events: u64,
+    /// Events about dports (anything but lock and unlock): without any, there was no CXL
+    /// activity to judge.
+    dport_events: u64,
 }
 
 impl Analysis {
@@ -22,12 +25,15 @@ impl Analysis {
 
     /// `fold: false` reports every use on its own (`--no-fold`).
     pub fn with_folding(limits: Limits, fold: bool) -> Analysis {
-        Analysis { engine: Engine::new(limits), groups: Groups::new(fold), events: 0 }
+        Analysis { engine: Engine::new(limits), groups: Groups::new(fold), ..Analysis::default() }
     }
 
     /// Feeds one event; `on_new` sees each finding that opens a new group, as it happens.
     pub fn feed(&mut self, event: &Event, mut on_new: impl FnMut(&Group)) {
         self.events += 1;
+        if !matches!(event.kind, Kind::Lock { .. } | Kind::Unlock { .. }) {
+            self.dport_events += 1;
+        }
         for finding in self.engine.process(event) {
             if let Added::New(i) = self.groups.add(finding) {
                 on_new(self.groups.get(i));
@@ -45,6 +51,18 @@ impl Analysis {
 
     pub fn engine_mut(&mut self) -> &mut Engine {
         &mut self.engine
+    }
+
+    /// Why a clean result means nothing, if it does: no events at all, or none about a dport
+    /// (a crashed recorder, a wrong file, a workload that never reached CXL code).
+    pub fn silence(&self) -> Option<&'static str> {
+        if self.events == 0 {
+            Some("no events at all")
+        } else if self.dport_events == 0 {
+            Some("no event about a dport (only lock events): no CXL lookup, use, write or free was seen")
+        } else {
+            None
+        }
     }
 
     pub fn summary(&self) -> Summary {

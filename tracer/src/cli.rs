@@ -24,12 +24,17 @@ pub enum Command {
         limits: LimitArgs,
         #[command(flatten)]
         report: ReportArgs,
+        /// Exit with status 2 when the input has nothing to judge (empty, or no event about
+        /// a dport) or lost events (undecodable, cut off, dropped in the kernel); with
+        /// `--format ktap`, lost events also fail the lost-events test.
+        #[arg(long)]
+        strict: bool,
     },
     /// Print the events of a trace: readable text, or the JSON-lines interchange.
     Print {
         file: PathBuf,
         #[arg(long, value_enum, default_value = "text")]
-        format: Format,
+        format: EventFormat,
     },
     /// Convert events (a binary trace or JSON lines) into a binary trace file.
     Convert {
@@ -48,7 +53,7 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         record: Option<PathBuf>,
         /// Exit with status 2 when any event was lost (dropped in the kernel or undecodable),
-        /// or when a probe could not be attached.
+        /// when a probe could not be attached, or when the run saw no CXL activity at all.
         #[arg(long)]
         strict: bool,
         #[command(flatten)]
@@ -82,6 +87,14 @@ pub enum Command {
     /// List what tracer instances left in the kernel: BPF programs, maps and links, and
     /// kprobe events. Exit status 0 when nothing is left, 2 otherwise.
     Leftovers,
+}
+
+/// How `print` writes events.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventFormat {
+    Text,
+    /// The JSON-lines event interchange.
+    Json,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]

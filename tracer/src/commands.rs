@@ -15,7 +15,7 @@ use tracer::{
 
 use crate::{
     Outcome,
-    cli::{Command, LimitArgs, LockEvents, ProbeArgs, XaLoadProbe},
+    cli::{Command, EventFormat, LimitArgs, LockEvents, ProbeArgs, XaLoadProbe},
     doctor::{self, DoctorOptions},
     leftovers,
     live::{self, LiveOptions},
@@ -24,7 +24,9 @@ use crate::{
 
 pub fn run(command: Command) -> anyhow::Result<Outcome> {
     match command {
-        Command::Analyze { file, format, limits, report } => analyze(&file, format, limits.into(), !report.no_fold),
+        Command::Analyze { file, format, limits, report, strict } => {
+            analyze(&file, format, limits.into(), !report.no_fold, strict)
+        }
         Command::Print { file, format } => print(&file, format),
         Command::Convert { file, output } => convert(&file, &output),
         Command::Run { format, record, strict, probe, limits, report, command } => live::run(LiveOptions {
@@ -81,7 +83,7 @@ impl TryFrom<ProbeArgs> for ProbeConfig {
     }
 }
 
-fn analyze(path: &std::path::Path, format: Format, limits: Limits, fold: bool) -> anyhow::Result<Outcome> {
+fn analyze(path: &std::path::Path, format: Format, limits: Limits, fold: bool, strict: bool) -> anyhow::Result<Outcome> {
     let mut source = FileSource::open(path)?;
     let mut analysis = Analysis::with_folding(limits, fold);
     let mut failure = None;
@@ -106,13 +108,19 @@ fn analyze(path: &std::path::Path, format: Format, limits: Limits, fold: bool) -
         );
     }
     let mut out = BufWriter::new(io::stdout().lock());
-    for group in analysis.groups().iter() {
-        sink::write_group(&mut out, format, group)?;
-    }
-    sink::write_summary(&mut out, format, &summary)?;
+    sink::write_report(&mut out, format, analysis.groups().iter(), &summary, strict)?;
     out.flush()?;
     if let Some(err) = failure {
         return Err(err).context("analysis stopped at a bad record; the findings above cover the events before it");
+    }
+    if let Some(why) = analysis.silence() {
+        eprintln!("tracer: warning: {}: {why}: a clean result here proves nothing", path.display());
+        if strict {
+            anyhow::bail!("{}: nothing to judge (--strict)", path.display());
+        }
+    }
+    if strict && summary.lost_anything() {
+        anyhow::bail!("{}: events were lost or state was evicted (--strict): see the summary", path.display());
     }
     Ok(if analysis.groups().is_empty() { Outcome::Clean } else { Outcome::Findings })
 }
@@ -140,10 +148,10 @@ fn convert(path: &std::path::Path, output: &std::path::Path) -> anyhow::Result<O
     Ok(Outcome::Clean)
 }
 
-fn print(path: &std::path::Path, format: Format) -> anyhow::Result<Outcome> {
+fn print(path: &std::path::Path, format: EventFormat) -> anyhow::Result<Outcome> {
     let source = FileSource::open(path)?;
     let mut out = BufWriter::new(io::stdout().lock());
-    if format == Format::Text
+    if format == EventFormat::Text
         && let Some(header) = source.header()
     {
         writeln!(
@@ -159,8 +167,8 @@ fn print(path: &std::path::Path, format: Format) -> anyhow::Result<Outcome> {
     for event in source.by_ref() {
         let event = event?;
         match format {
-            Format::Text => writeln!(out, "{event}")?,
-            Format::Json => jsonl::write_event(&mut out, &event)?,
+            EventFormat::Text => writeln!(out, "{event}")?,
+            EventFormat::Json => jsonl::write_event(&mut out, &event)?,
         }
     }
     if let Some(cut) = source.truncation() {

@@ -281,11 +281,8 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     }
     let mut out = BufWriter::new(io::stdout().lock());
     match options.format {
-        Some(Format::Json) => {
-            for group in pipeline.analysis.groups().iter() {
-                sink::json::write_group(&mut out, group)?;
-            }
-            sink::json::write_summary(&mut out, &summary)?;
+        Some(format @ (Format::Json | Format::Ktap)) => {
+            sink::write_report(&mut out, format, pipeline.analysis.groups().iter(), &summary, options.strict)?;
         }
         Some(Format::Text) => {
             for group in pipeline.analysis.groups().iter() {
@@ -306,6 +303,12 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     }
     if let Some(err) = write_error {
         return Err(err.context("the trace file is complete up to its last whole chunk; `tracer analyze` reads it"));
+    }
+    if let Some(why) = pipeline.analysis.silence() {
+        eprintln!("tracer: warning: this run saw {why}: a clean result proves nothing (did the workload reach CXL code?)");
+        if options.strict {
+            bail!("the run saw no CXL activity (--strict)");
+        }
     }
     if options.strict && lost > 0 {
         bail!("{lost} events lost (--strict)");

@@ -1,5 +1,6 @@
-//! Where findings go: a lockdep/KASAN-style text report, or JSON lines.
+//! Where findings go: a lockdep/KASAN-style text report, JSON lines, or KTAP.
 pub mod json;
+pub mod ktap;
 pub mod text;
 
 use std::io::Write;
@@ -10,19 +11,32 @@ use crate::{engine::Group, summary::Summary};
 pub enum Format {
     Text,
     Json,
+    /// KTAP version 1: a test per finding class, a subtest per finding.
+    Ktap,
 }
 
-/// Writes findings and the closing summary in one format.
-pub fn write_group(out: &mut impl Write, format: Format, group: &Group) -> std::io::Result<()> {
+/// Writes the findings and the closing summary in one format. `strict`: in KTAP, lost
+/// events fail their test.
+pub fn write_report<'a>(
+    out: &mut impl Write,
+    format: Format,
+    groups: impl IntoIterator<Item = &'a Group>,
+    summary: &Summary,
+    strict: bool,
+) -> std::io::Result<()> {
     match format {
-        Format::Text => text::write_group(out, group),
-        Format::Json => json::write_group(out, group),
-    }
-}
-
-pub fn write_summary(out: &mut impl Write, format: Format, summary: &Summary) -> std::io::Result<()> {
-    match format {
-        Format::Text => text::write_summary(out, summary),
-        Format::Json => json::write_summary(out, summary),
+        Format::Text => {
+            for group in groups {
+                text::write_group(out, group)?;
+            }
+            text::write_summary(out, summary)
+        }
+        Format::Json => {
+            for group in groups {
+                json::write_group(out, group)?;
+            }
+            json::write_summary(out, summary)
+        }
+        Format::Ktap => ktap::write(out, &groups.into_iter().collect::<Vec<_>>(), summary, strict),
     }
 }
