@@ -7,13 +7,30 @@ use aya_ebpf::{
 };
 use tracer_common::{Counter, EventHeader, EventKind, FLAG_STACK_LOST, MAX_STACK_FRAMES, Payload, Record, ShortRecord};
 
-use crate::{COUNTS, EVENTS};
+use crate::{COUNTS, EVENTS, SITE_HITS, SITE_REPORTS};
 
 pub fn count(counter: Counter) {
     if let Some(slot) = COUNTS.get_ptr_mut(counter as u32) {
         // SAFETY: this CPU's slot; per-CPU maps are not shared between CPUs.
         unsafe { *slot += 1 };
     }
+}
+
+fn bump(map: &aya_ebpf::maps::PerCpuArray<u64>, index: u64) {
+    if let Some(slot) = map.get_ptr_mut(index as u32) {
+        // SAFETY: this CPU's slot; per-CPU maps are not shared between CPUs.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// A site's probe ran.
+pub fn site_hit(index: u64) {
+    bump(&SITE_HITS, index);
+}
+
+/// A site reported a tracked dport.
+pub fn site_report(index: u64) {
+    bump(&SITE_REPORTS, index);
 }
 
 /// Reservations tried before an event is counted lost. A kprobe that fires on an int3 runs

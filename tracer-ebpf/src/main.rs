@@ -50,6 +50,15 @@ static LOCKS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(32768, 0);
 #[map]
 static BLOCKS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
 
+/// How often each site's probe ran, by site index (coverage: a gate that passes because the
+/// workload never reached the code proves nothing).
+#[map]
+static SITE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SITES, 0);
+
+/// How often each load, use or deref site reported a tracked dport, by site index.
+#[map]
+static SITE_REPORTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SITES, 0);
+
 /// Probed sites; a site's kprobe carries its index as attach cookie.
 #[map]
 static SITES: Array<SiteInfo> = Array::with_max_entries(MAX_SITES, 0);

@@ -13,7 +13,7 @@ use tracer_common::{
 use crate::{
     ALLOC_HOST, DPORTS, LOADED, LOCKS, PENDING_HOST, PENDING_LOCK, SITES,
     cxl::free_lock_stamp,
-    emit::{Stack, count, emit},
+    emit::{Stack, count, emit, site_hit, site_report},
     free_action, mutex, xarray,
 };
 
@@ -77,10 +77,11 @@ pub fn on_site(ctx: &ProbeContext) {
     // SAFETY: the context of a kprobe attached through a perf link.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     let Some(site) = SITES.get(cookie as u32).copied() else { return };
+    site_hit(cookie);
     match SiteRole::from_u32(site.role) {
         Some(SiteRole::Use) => on_use(ctx, &site, cookie),
         Some(SiteRole::LoadCall | SiteRole::EraseCall) => xarray::on_call(ctx, site.arg == SITE_DIRECT),
-        Some(SiteRole::LoadReturn) => xarray::on_load_return(ctx, site.arg == SITE_UNPAIRED_OK),
+        Some(SiteRole::LoadReturn) => xarray::on_load_return(ctx, site.arg == SITE_UNPAIRED_OK, cookie),
         Some(SiteRole::EraseReturn) => xarray::on_erase_return(ctx, site.arg == SITE_UNPAIRED_OK),
         Some(SiteRole::StoreCall) => xarray::on_store_call(ctx),
         Some(SiteRole::LockCall) => on_lock_call(ctx),
@@ -113,6 +114,7 @@ fn on_use(ctx: &ProbeContext, site: &SiteInfo, index: u64) {
     let dport = arg(&regs(ctx), site.arg);
     let Some(info) = (unsafe { DPORTS.get(&dport) }).copied() else { return };
     let flags = free_lock_stamp(&info);
+    site_report(index);
     emit(ctx, EventKind::Use, flags, Stack::With, Payload { dport_use: DportUse { dport, site: index } });
 }
 
@@ -126,6 +128,7 @@ fn on_deref(ctx: &ProbeContext, site: &SiteInfo, index: u64) {
     }
     let Some(info) = (unsafe { DPORTS.get(&dport) }).copied() else { return };
     let flags = free_lock_stamp(&info);
+    site_report(index);
     emit(ctx, EventKind::Deref, flags, Stack::With, Payload { dport_use: DportUse { dport, site: index } });
 }
 

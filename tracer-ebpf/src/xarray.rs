@@ -8,7 +8,7 @@ use tracer_common::{
 use crate::{
     CONTAINERS, LOADED, NOT_CONTAINERS, PENDING_XA,
     cxl::{free_lock_stamp, lookup_or_discover},
-    emit::{Stack, count, emit},
+    emit::{Stack, count, emit, site_report},
     mutex, offsets,
     sites::regs,
 };
@@ -45,8 +45,8 @@ fn take_pending(tail: bool) -> Option<PendingXa> {
     Some(pending)
 }
 
-/// At the return of `xa_load`: a dport loaded from its port's xarray.
-pub fn on_load_return(ctx: &ProbeContext, tail: bool) {
+/// At the return of `xa_load` (site `index`): a dport loaded from its port's xarray.
+pub fn on_load_return(ctx: &ProbeContext, tail: bool, index: u64) {
     let Some(call) = take_pending(tail) else { return };
     let entry = regs(ctx).rax;
     if entry == 0 {
@@ -57,6 +57,7 @@ pub fn on_load_return(ctx: &ProbeContext, tail: bool) {
         count(Counter::DropMapFull);
     }
     let flags = free_lock_stamp(&info);
+    site_report(index);
     emit(ctx, EventKind::XaLoad, flags, Stack::With, Payload { xa: XaAccess { xa: call.xa, index: call.index, entry } });
 }
 

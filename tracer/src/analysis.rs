@@ -2,6 +2,7 @@
 //! `tracer run` and `tracer analyze` both go through this, so a recorded trace replays to
 //! the findings the live run printed.
 use crate::{
+    coverage::Coverage,
     engine::{Added, Engine, Group, Groups, Limits},
     event::{Event, Kind},
     summary::Summary,
@@ -63,6 +64,11 @@ impl Analysis {
         } else {
             None
         }
+    }
+
+    /// `coverage` (from the kernel's per-site counters) with the engine's judged counts.
+    pub fn judge_coverage(&self, coverage: Coverage) -> Coverage {
+        coverage.with_judged(|_, place| self.engine.judged_at(place))
     }
 
     pub fn summary(&self) -> Summary {

@@ -29,6 +29,11 @@ pub enum Command {
         /// `--format ktap`, lost events also fail the lost-events test.
         #[arg(long)]
         strict: bool,
+        /// Print the full site coverage table (every probed load, use and deref site: how
+        /// often it ran, reported a dport, was judged) on stderr; the trace must be one
+        /// `tracer run --record` wrote.
+        #[arg(long)]
+        coverage: bool,
     },
     /// Print the events of a trace: readable text, or the JSON-lines interchange.
     Print {

@@ -24,8 +24,8 @@ use crate::{
 
 pub fn run(command: Command) -> anyhow::Result<Outcome> {
     match command {
-        Command::Analyze { file, format, limits, report, strict } => {
-            analyze(&file, format, limits.into(), !report.no_fold, strict)
+        Command::Analyze { file, format, limits, report, strict, coverage } => {
+            analyze(&file, format, limits.into(), AnalyzeOptions { fold: !report.no_fold, strict, coverage })
         }
         Command::Print { file, format } => print(&file, format),
         Command::Convert { file, output } => convert(&file, &output),
@@ -83,7 +83,15 @@ impl TryFrom<ProbeArgs> for ProbeConfig {
     }
 }
 
-fn analyze(path: &std::path::Path, format: Format, limits: Limits, fold: bool, strict: bool) -> anyhow::Result<Outcome> {
+struct AnalyzeOptions {
+    fold: bool,
+    strict: bool,
+    /// Print the whole coverage table.
+    coverage: bool,
+}
+
+fn analyze(path: &std::path::Path, format: Format, limits: Limits, options: AnalyzeOptions) -> anyhow::Result<Outcome> {
+    let AnalyzeOptions { fold, strict, coverage } = options;
     let mut source = FileSource::open(path)?;
     let mut analysis = Analysis::with_folding(limits, fold);
     let mut failure = None;
@@ -98,6 +106,7 @@ fn analyze(path: &std::path::Path, format: Format, limits: Limits, fold: bool, s
     }
     let mut summary = analysis.summary();
     summary.kernel = source.kernel_counters();
+    summary.coverage = source.coverage().map(|c| analysis.judge_coverage(c));
     if let Some(cut) = source.truncation() {
         summary.truncated_bytes = cut.lost_bytes;
         eprintln!(
@@ -110,6 +119,18 @@ fn analyze(path: &std::path::Path, format: Format, limits: Limits, fold: bool, s
     let mut out = BufWriter::new(io::stdout().lock());
     sink::write_report(&mut out, format, analysis.groups().iter(), &summary, strict)?;
     out.flush()?;
+    if coverage {
+        match &summary.coverage {
+            // After a text report on stdout; beside a machine-readable one, on stderr.
+            Some(table) if format == Format::Text => sink::text::write_coverage_table(&mut out, table)?,
+            Some(table) => sink::text::write_coverage_table(&mut io::stderr().lock(), table)?,
+            None => anyhow::bail!(
+                "{}: no site coverage in this input (only a trace written by `tracer run --record` or `tracer record` has it)",
+                path.display()
+            ),
+        }
+        out.flush()?;
+    }
     if let Some(err) = failure {
         return Err(err).context("analysis stopped at a bad record; the findings above cover the events before it");
     }
@@ -137,6 +158,9 @@ fn convert(path: &std::path::Path, output: &std::path::Path) -> anyhow::Result<O
     for event in source.by_ref() {
         writer.write_event(&event?)?;
         events += 1;
+    }
+    if let Some(coverage) = source.coverage() {
+        writer.write_coverage(&coverage)?;
     }
     let counters = source.kernel_counters();
     if !counters.is_empty() {

@@ -3,6 +3,7 @@
 //! The library holds everything that does not need a kernel: the event model, the formats,
 //! the engine and the reports. The binary adds the CLI and the live kernel side.
 pub mod analysis;
+pub mod coverage;
 pub mod decode;
 pub mod engine;
 pub mod event;

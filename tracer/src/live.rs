@@ -259,15 +259,17 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
         child_status = child.wait().await.ok();
     }
     let counts = attached.counters()?;
+    let coverage = attached.coverage(&plan)?;
     drop(attached);
 
     let mut summary: Summary = pipeline.analysis.summary();
     summary.undecodable = pipeline.undecodable;
     summary.kernel = counters_named(&counts);
+    summary.coverage = Some(pipeline.analysis.judge_coverage(coverage.clone()));
     let mut write_error = None;
     if let Some(recorder) = pipeline.recorder.take() {
         let path = recorder.path().to_owned();
-        match recorder.finish(summary.kernel.clone()) {
+        match recorder.finish(summary.kernel.clone(), coverage) {
             Ok(events) => eprintln!("tracer: trace of {events} events written to {}", path.display()),
             Err(err) => write_error = Some(err),
         }

@@ -13,6 +13,7 @@ use aya::{
     programs::{FEntry, FExit, KProbe, RawTracePoint},
 };
 use tracer::{
+    coverage::{Coverage, SiteRun},
     kernel::{
         btf::{DportFunction, KernelBtf},
         callsites::{self, CallSite, CxlText, is_cxl_module},
@@ -308,6 +309,23 @@ impl Attached {
     pub fn take_ring_buffer(&mut self) -> anyhow::Result<RingBuf<aya::maps::MapData>> {
         let map = self.ebpf.take_map("EVENTS").context("the eBPF object has no EVENTS map")?;
         Ok(RingBuf::try_from(map)?)
+    }
+
+    /// How often each load, use and deref site ran and reported a tracked dport, from the
+    /// kernel's per-site counters (summed over CPUs). `judged` is left for the engine.
+    pub fn coverage(&self, plan: &Plan) -> anyhow::Result<Coverage> {
+        let per_cpu = |name: &str| -> anyhow::Result<PerCpuArray<&MapData, u64>> {
+            Ok(PerCpuArray::try_from(self.ebpf.map(name).with_context(|| format!("the eBPF object has no {name} map"))?)?)
+        };
+        let (hits, reports) = (per_cpu("SITE_HITS")?, per_cpu("SITE_REPORTS")?);
+        let mut sites = Vec::new();
+        for (i, site) in plan.sites.iter().enumerate() {
+            let Some((kind, place)) = site.coverage() else { continue };
+            let ran = hits.get(&(i as u32), 0)?.iter().sum();
+            let reported = reports.get(&(i as u32), 0)?.iter().sum();
+            sites.push(SiteRun { kind, place, function: site.function.clone(), ran, reported, judged: 0 });
+        }
+        Ok(Coverage { sites })
     }
 
     /// Kernel counters, summed over CPUs.

@@ -15,6 +15,7 @@ use std::{
 
 use anyhow::Context as _;
 use tracer::{
+    coverage::Coverage,
     event::Event,
     format::tracefile::{TraceHeader, TraceWriter},
 };
@@ -23,6 +24,8 @@ enum Message {
     Event(Event),
     /// Kernel counters so far; also ends the current chunk (a flush).
     Counters(Vec<(String, u64)>),
+    /// Which sites ran, at the end of the run.
+    Coverage(Coverage),
 }
 
 pub struct Recorder {
@@ -54,6 +57,7 @@ impl Recorder {
                         let refs: Vec<(&str, u64)> = counters.iter().map(|(n, v)| (n.as_str(), *v)).collect();
                         writer.write_counters(&refs)
                     }
+                    Message::Coverage(coverage) => writer.write_coverage(&coverage),
                 }
             });
             let result = result.and_then(|()| writer.into_inner()?.flush());
@@ -85,8 +89,12 @@ impl Recorder {
         self.failed.load(Ordering::Relaxed)
     }
 
-    /// Writes what is queued, then the final counters, and closes the file.
-    pub fn finish(mut self, counters: Vec<(String, u64)>) -> anyhow::Result<u64> {
+    /// Writes what is queued, then the site coverage and the final counters, and closes the
+    /// file.
+    pub fn finish(mut self, counters: Vec<(String, u64)>, coverage: Coverage) -> anyhow::Result<u64> {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Message::Coverage(coverage));
+        }
         self.counters(counters);
         self.tx = None;
         let thread = self.thread.take().expect("joined once");

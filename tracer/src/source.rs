@@ -7,6 +7,7 @@ use std::{
 };
 
 use crate::{
+    coverage::Coverage,
     event::Event,
     format::{
         jsonl::{JsonlError, JsonlReader},
@@ -67,6 +68,14 @@ impl FileSource {
         match &self.reader {
             Reader::Trace(r) => r.counters().to_vec(),
             Reader::Jsonl(_) => Vec::new(),
+        }
+    }
+
+    /// The site coverage a binary trace recorded at its end.
+    pub fn coverage(&self) -> Option<Coverage> {
+        match &self.reader {
+            Reader::Trace(r) => r.coverage().cloned(),
+            Reader::Jsonl(_) => None,
         }
     }
 

@@ -1,7 +1,10 @@
 //! End-of-run accounting: every event seen, lost or undecodable, and the findings by class.
 use tracer_common::Counter;
 
-use crate::engine::{Class, EngineStats, Groups};
+use crate::{
+    coverage::Coverage,
+    engine::{Class, EngineStats, Groups},
+};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -16,6 +19,8 @@ pub struct Summary {
     pub engine: EngineStats,
     /// (class, grouped findings, occurrences), for every class.
     pub findings: Vec<(Class, u64, u64)>,
+    /// Which probed sites ran (a live run, or a trace that recorded it).
+    pub coverage: Option<Coverage>,
 }
 
 impl Summary {

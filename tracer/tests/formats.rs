@@ -69,6 +69,57 @@ fn json_to_binary_to_json_is_identity() {
     }
 }
 
+/// The site coverage a live run records at the end of its trace is what analyze reports,
+/// with the engine's judged counts added, and the sites that never ran listed.
+#[test]
+fn coverage_recorded_in_a_trace_is_reported_by_analyze() {
+    use std::sync::Arc;
+    use tracer::coverage::{Coverage, SiteKind, SiteRun};
+    let site = |kind, place: &str, function: &str, ran, reported| SiteRun {
+        kind,
+        place: Arc::from(place),
+        function: Arc::from(function),
+        ran,
+        reported,
+        judged: 0,
+    };
+    let coverage = Coverage {
+        sites: vec![
+            site(SiteKind::Load, "match_port_by_dport+0x4f", "match_port_by_dport", 9, 1),
+            site(SiteKind::Load, "cxl_pci_find_port+0x3a", "cxl_pci_find_port", 0, 0),
+            site(SiteKind::Use, "cxl_dport_init_ras_reporting", "cxl_dport_init_ras_reporting", 1, 1),
+            site(SiteKind::Use, "devm_cxl_add_port", "devm_cxl_add_port", 4, 1),
+            site(SiteKind::Deref, "cxl_mem_probe+0x147", "cxl_mem_probe", 1, 1),
+            site(SiteKind::Deref, "rcd_pcie_cap_emit+0x26", "rcd_pcie_cap_emit", 0, 0),
+        ],
+    };
+    let mut writer = TraceWriter::new(Vec::new(), &header()).unwrap();
+    for event in read_jsonl(&data("stock-cxl-mem-probe.jsonl")) {
+        writer.write_event(&event).unwrap();
+    }
+    writer.write_coverage(&coverage).unwrap();
+    let bytes = writer.into_inner().unwrap();
+    let mut reader = TraceReader::new(bytes.as_slice()).unwrap();
+    reader.by_ref().for_each(drop);
+    assert_eq!(reader.coverage(), Some(&coverage));
+    let file = std::env::temp_dir().join(format!("tracer-coverage-{}.trace", std::process::id()));
+    std::fs::write(&file, &bytes).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tracer")).args(["analyze", "--coverage"]).arg(&file).output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("coverage: 1 of 2 load sites ran (1 reports, 1 judged); 2 of 2 use sites ran (2 reports, 2 judged); 1 of 2 deref sites ran (1 reports, 0 judged)"), "{text}");
+    assert!(text.contains("load sites that never ran, by function: cxl_pci_find_port"), "{text}");
+    assert!(text.contains("deref sites that never ran, by function: rcd_pcie_cap_emit"), "{text}");
+    assert!(text.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["use", "4", "1", "1", "devm_cxl_add_port"]), "{text}");
+    let json = Command::new(env!("CARGO_BIN_EXE_tracer")).args(["analyze", "--format", "json"]).arg(&file).output().unwrap();
+    let summary = String::from_utf8(json.stdout).unwrap().lines().last().unwrap().to_owned();
+    assert!(summary.contains(r#""never_ran":["cxl_pci_find_port+0x3a"]"#), "{summary}");
+    // Events alone (JSON lines) carry no coverage: --coverage says so.
+    let out = Command::new(env!("CARGO_BIN_EXE_tracer")).args(["analyze", "--coverage"]).arg(data("stock-cxl-mem-probe.jsonl")).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no site coverage"));
+    let _ = std::fs::remove_file(&file);
+}
+
 #[test]
 fn print_converts_a_binary_trace_to_the_interchange() {
     let path = data("stock-cxl-mem-probe.jsonl");

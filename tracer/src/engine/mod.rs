@@ -30,6 +30,8 @@ pub struct Engine {
     owners: FxHashMap<u64, u32>,
     next_period: u64,
     stats: EngineStats,
+    /// Uses judged, by site: the function of a use, "function+0xoff" of a deref.
+    judged: FxHashMap<String, u64>,
 }
 
 impl Engine {
@@ -284,6 +286,11 @@ impl Engine {
             self.stats.unjudged_uses += 1;
             return;
         };
+        let place = match access {
+            Some(access) => access.place(),
+            None => site.to_string(),
+        };
+        *self.judged.entry(place).or_default() += 1;
         self.reconcile(event, free_lock, event.free_lock_held);
         let period = self.threads.get(&event.tid).and_then(|t| t.period_of(free_lock));
 
@@ -364,6 +371,12 @@ impl Engine {
         }
         let free = Arc::new(FreeInfo { ts: event.ts, tid: event.tid, comm: event.comm.clone(), stack: event.stack.clone() });
         self.dports.mark_freed(addr, free, &self.limits, &mut self.stats);
+    }
+
+    /// How many uses at `place` (a use site's function, a deref's "function+0xoff") were
+    /// judged: their pointer was one the thread was seen loading.
+    pub fn judged_at(&self, place: &str) -> u64 {
+        self.judged.get(place).copied().unwrap_or(0)
     }
 
     /// Tracked dports (live and remembered freed ones).

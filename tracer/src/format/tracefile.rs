@@ -10,6 +10,8 @@
 //!   STACK    id:u32 n:u16 frame:u32*n                (frame = STRING id), ids 1, 2, 3...
 //!   EVENT    ts:u64 cpu:u32 tid:u32 comm:u32 kind:u8 flags:u8 stack:u32 payload
 //!   COUNTERS n:u16 (name:str value:u64)*n            kernel counters so far (last wins)
+//!   COVERAGE n:u32 (kind:u8 place:str function:str ran:u64 reported:u64)*n
+//!                                                    probed sites at the end (version 2)
 //! str = len:u16 utf8[len]; str32 = len:u32 utf8[len]; integers little-endian
 //! ```
 //! EVENT payloads by kind: dport_add dport port xa port_lock free_lock:u64 root:u8;
@@ -25,7 +27,10 @@ use std::{
 use bytes::{Buf, BufMut, BytesMut};
 use rustc_hash::FxHashMap;
 
-use crate::event::{Access, Event, EventKind, Kind, Stack};
+use crate::{
+    coverage::{Coverage, SiteKind, SiteRun},
+    event::{Access, Event, EventKind, Kind, Stack},
+};
 
 pub const MAGIC: [u8; 8] = *b"CXLTRACE";
 /// Bumped on any incompatible change; readers refuse newer versions. Version 2 added the
@@ -43,6 +48,7 @@ const REC_STRING: u8 = 2;
 const REC_STACK: u8 = 3;
 const REC_EVENT: u8 = 4;
 const REC_COUNTERS: u8 = 5;
+const REC_COVERAGE: u8 = 6;
 
 const FLAG_FREE_KNOWN: u8 = 1 << 0;
 const FLAG_FREE_HELD: u8 = 1 << 1;
@@ -106,6 +112,11 @@ impl Body<'_> {
         if self.buf.remaining() < n { Err(self.err("shorter than its fields")) } else { Ok(()) }
     }
 
+    fn u8(&mut self) -> Result<u8, TraceError> {
+        self.need(1)?;
+        Ok(self.buf.get_u8())
+    }
+
     fn u16(&mut self) -> Result<u16, TraceError> {
         self.need(2)?;
         Ok(self.buf.get_u16_le())
@@ -164,6 +175,7 @@ pub struct TraceReader<R> {
     strings: Vec<Arc<str>>,
     stacks: Vec<Stack>,
     counters: Vec<(String, u64)>,
+    coverage: Option<Coverage>,
     truncation: Option<Truncation>,
     failed: bool,
 }
@@ -183,6 +195,7 @@ impl<R: Read> TraceReader<R> {
             strings: Vec::new(),
             stacks: Vec::new(),
             counters: Vec::new(),
+            coverage: None,
             truncation: None,
             failed: false,
         };
@@ -211,6 +224,11 @@ impl<R: Read> TraceReader<R> {
     /// The kernel counters of the last COUNTERS record read so far.
     pub fn counters(&self) -> &[(String, u64)] {
         &self.counters
+    }
+
+    /// The site coverage, once its record was read (at the end of the file).
+    pub fn coverage(&self) -> Option<&Coverage> {
+        self.coverage.as_ref()
     }
 
     /// Set when the file ends inside a chunk or a record (the writer was cut off).
@@ -363,6 +381,25 @@ impl<R: Read> TraceReader<R> {
                     }
                     b.end()?;
                     self.counters = counters;
+                }
+                REC_COVERAGE => {
+                    let mut b = Body { buf: fields, offset, record: "coverage" };
+                    let n = b.u32()?;
+                    let mut sites = Vec::with_capacity((n as usize).min(1 << 16));
+                    for _ in 0..n {
+                        let kind = match b.u8()? {
+                            0 => SiteKind::Load,
+                            1 => SiteKind::Use,
+                            2 => SiteKind::Deref,
+                            _ => return Err(b.err("unknown site kind")),
+                        };
+                        let place = Arc::from(b.str()?);
+                        let function = Arc::from(b.str()?);
+                        let (ran, reported) = (b.u64()?, b.u64()?);
+                        sites.push(SiteRun { kind, place, function, ran, reported, judged: 0 });
+                    }
+                    b.end()?;
+                    self.coverage = Some(Coverage { sites });
                 }
                 REC_HEADER => {
                     return Err(TraceError::Malformed { offset, record: "header", what: "a second header record" });
@@ -645,6 +682,25 @@ impl<W: Write> TraceWriter<W> {
             self.flush()?;
         }
         Ok(())
+    }
+
+    /// Records which probed sites ran (written once, at the end of a run).
+    pub fn write_coverage(&mut self, coverage: &Coverage) -> std::io::Result<()> {
+        self.record(REC_COVERAGE, |b| {
+            b.put_u32_le(coverage.sites.len() as u32);
+            for s in &coverage.sites {
+                b.put_u8(match s.kind {
+                    SiteKind::Load => 0,
+                    SiteKind::Use => 1,
+                    SiteKind::Deref => 2,
+                });
+                put_str(b, &s.place);
+                put_str(b, &s.function);
+                b.put_u64_le(s.ran);
+                b.put_u64_le(s.reported);
+            }
+        });
+        self.flush()
     }
 
     /// Records the kernel counters so far (a reader keeps the last such record).

@@ -6,6 +6,7 @@ use tracer_common::{SITE_DIRECT, SITE_UNPAIRED_OK, SiteRole};
 
 use super::attach::ProbePoint;
 use crate::{
+    coverage::SiteKind,
     event::Access,
     kernel::{
         btf::DportFunction,
@@ -25,6 +26,8 @@ pub struct PlannedSite {
     pub point: ProbePoint,
     /// Absolute address at planning time.
     pub addr: u64,
+    /// Offset of the probed instruction in `function` (0 for an entry or a return probe).
+    pub offset: u64,
     pub function: Arc<str>,
     pub module: Option<Arc<str>>,
     /// What is probed, for `doctor`: the callee of a call site, "use" or "deref".
@@ -37,6 +40,24 @@ impl PlannedSite {
     /// What the site's index stands for in events.
     pub fn name(&self) -> SiteName {
         SiteName { function: self.function.clone(), access: self.access.clone() }
+    }
+
+    /// What coverage counts this site as, and where it is: the return address of a load
+    /// ("match_port_by_dport+0x4a"), the function of a use, the instruction of a deref.
+    pub fn coverage(&self) -> Option<(SiteKind, Arc<str>)> {
+        let kind = match self.role {
+            SiteRole::LoadReturn => SiteKind::Load,
+            SiteRole::Use => SiteKind::Use,
+            SiteRole::Deref => SiteKind::Deref,
+            _ => return None,
+        };
+        let place = match (kind, &self.access) {
+            (SiteKind::Use, _) => self.function.clone(),
+            (SiteKind::Deref, Some(access)) => Arc::from(access.place()),
+            _ if matches!(self.point, ProbePoint::Return { .. }) => Arc::from(format!("{} (return)", self.function)),
+            _ => Arc::from(format!("{}+{:#x}", self.function, self.offset)),
+        };
+        Some((kind, place))
     }
 }
 
@@ -90,6 +111,7 @@ impl Plan {
                     arg: 0,
                     point: point(symbols, &function, offset),
                     addr: function.addr + offset,
+                    offset,
                     function: function.name.clone(),
                     module: function.module.clone(),
                     what: call.callee.name,
@@ -115,6 +137,7 @@ impl Plan {
                             arg: SITE_UNPAIRED_OK,
                             point,
                             addr: function.addr,
+                            offset: 0,
                             function: function.name.clone(),
                             module: function.module.clone(),
                             what: call.callee.name,
@@ -141,6 +164,7 @@ impl Plan {
                     arg: use_fn.arg,
                     point: point(symbols, sym, 0),
                     addr: sym.addr,
+                    offset: 0,
                     function: sym.name.clone(),
                     module: sym.module.clone(),
                     what: "use",
@@ -163,6 +187,7 @@ impl Plan {
             arg,
             point,
             addr: sym.addr,
+            offset: 0,
             function: sym.name.clone(),
             module: None,
             what: callee.name,
@@ -194,6 +219,7 @@ impl Plan {
                 arg: d.reg as u32,
                 point: point(symbols, &function, d.insn),
                 addr: d.function_addr + d.insn,
+                offset: d.insn,
                 function: d.function.clone(),
                 module: d.module.clone(),
                 what: "deref",

@@ -4,6 +4,7 @@ use std::io::{self, Write};
 use serde_json::{Map, Value, json};
 
 use crate::{
+    coverage::{Coverage, SiteKind},
     engine::Group,
     event::{Access, Hex, Stack},
     summary::Summary,
@@ -101,7 +102,7 @@ pub fn summary_value(s: &Summary) -> Value {
     let occurrences: Map<String, Value> =
         s.findings.iter().map(|(c, _, n)| (c.name().to_owned(), (*n).into())).collect();
     let e = &s.engine;
-    json!({ "summary": {
+    let mut v = json!({ "summary": {
         "events": s.events,
         "dropped": s.dropped(),
         "dropped_by_reason": by_reason,
@@ -119,7 +120,30 @@ pub fn summary_value(s: &Summary) -> Value {
             "threads": e.evicted_threads,
             "refs": e.evicted_refs,
         },
-    }})
+    }});
+    if let Some(coverage) = &s.coverage {
+        v["summary"]["coverage"] = coverage_value(coverage);
+    }
+    v
+}
+
+/// Per kind: sites, sites that ran, reports, judged, and every site that never ran.
+fn coverage_value(coverage: &Coverage) -> Value {
+    let mut out = Map::new();
+    for kind in SiteKind::ALL {
+        let t = coverage.totals(kind);
+        let never: Vec<Value> = coverage
+            .sites
+            .iter()
+            .filter(|s| s.kind == kind && s.ran == 0)
+            .map(|s| Value::String(s.place.to_string()))
+            .collect();
+        out.insert(
+            kind.name().to_owned(),
+            json!({ "sites": t.sites, "ran": t.ran, "reported": t.reported, "judged": t.judged, "never_ran": never }),
+        );
+    }
+    Value::Object(out)
 }
 
 pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {

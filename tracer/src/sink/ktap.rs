@@ -16,6 +16,11 @@ pub const LOST_EVENTS_TEST: &str = "lost-events";
 pub fn write(out: &mut impl Write, groups: &[&Group], summary: &Summary, strict: bool) -> io::Result<()> {
     writeln!(out, "KTAP version 1")?;
     writeln!(out, "# tracer: {} events seen, {} dropped in the kernel, {} undecodable", summary.events, summary.dropped(), summary.undecodable)?;
+    if let Some(coverage) = &summary.coverage {
+        let mut lines = Vec::new();
+        super::text::write_coverage(&mut lines, coverage, "# ")?;
+        out.write_all(&lines)?;
+    }
     writeln!(out, "1..{}", Class::ALL.len() + 1)?;
     for (n, class) in Class::ALL.into_iter().enumerate() {
         let findings: Vec<&&Group> = groups.iter().filter(|g| g.finding.class == class).collect();

@@ -3,6 +3,7 @@ use std::io::{self, Write};
 
 use crate::{
     engine::{Class, Group},
+    coverage::{Coverage, SiteKind},
     event::{Access, Hex, Stack},
     summary::Summary,
 };
@@ -134,6 +135,40 @@ fn describe_access(class: Class, access: &Access) -> String {
     )
 }
 
+/// The coverage lines of the summary: per kind, how many sites ran, and the functions whose
+/// load and use sites never ran (a gate is only as good as what its workload reached).
+pub fn write_coverage(out: &mut impl Write, coverage: &Coverage, prefix: &str) -> io::Result<()> {
+    let parts: Vec<String> = SiteKind::ALL
+        .into_iter()
+        .map(|kind| {
+            let t = coverage.totals(kind);
+            format!("{} of {} {} sites ran ({} reports, {} judged)", t.ran, t.sites, kind.name(), t.reported, t.judged)
+        })
+        .collect();
+    writeln!(out, "{prefix}coverage: {}", parts.join("; "))?;
+    for kind in SiteKind::ALL {
+        let never = coverage.never_ran(kind);
+        if never.is_empty() {
+            continue;
+        }
+        let list: Vec<String> = never
+            .iter()
+            .map(|(function, n)| if *n == 1 { function.to_string() } else { format!("{function} ({n})") })
+            .collect();
+        writeln!(out, "{prefix}  {} sites that never ran, by function: {}", kind.name(), list.join(", "))?;
+    }
+    Ok(())
+}
+
+/// `analyze --coverage`: every site, one per line.
+pub fn write_coverage_table(out: &mut impl Write, coverage: &Coverage) -> io::Result<()> {
+    writeln!(out, "{:<6} {:>8} {:>8} {:>8}  site", "kind", "ran", "reported", "judged")?;
+    for s in &coverage.sites {
+        writeln!(out, "{:<6} {:>8} {:>8} {:>8}  {}", s.kind.name(), s.ran, s.reported, s.judged, s.place)?;
+    }
+    Ok(())
+}
+
 pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {
     writeln!(out, "tracer summary:")?;
     writeln!(out, "  events: {} seen, {} undecodable", s.events, s.undecodable)?;
@@ -179,6 +214,9 @@ pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {
         writeln!(out)?;
     } else {
         writeln!(out, ": {}", classes.join(", "))?;
+    }
+    if let Some(coverage) = &s.coverage {
+        write_coverage(out, coverage, "  ")?;
     }
     if let Some((_, n)) = s.kernel.iter().find(|(name, n)| name == "host_mismatch" && *n > 0) {
         writeln!(
