@@ -41,6 +41,22 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: EventFormat,
     },
+    /// Draw the findings of a trace (binary or JSON-lines events) on a time axis: a lane
+    /// per thread, loads, lock holds, uses, inline accesses, erases and frees, the findings
+    /// highlighted. One self-contained HTML page, or Trace Event Format JSON for Perfetto.
+    Timeline {
+        file: PathBuf,
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: PathBuf,
+        /// Only this finding (its number in `tracer analyze`'s report, from 1): its dport,
+        /// its locks, from its load to its last occurrence. Default: everything.
+        #[arg(long, value_name = "N")]
+        finding: Option<usize>,
+        #[arg(long, value_enum, default_value = "html")]
+        format: TimelineFormat,
+        #[command(flatten)]
+        report: ReportArgs,
+    },
     /// Convert events (a binary trace or JSON lines) into a binary trace file.
     Convert {
         file: PathBuf,
@@ -92,6 +108,15 @@ pub enum Command {
     /// List what tracer instances left in the kernel: BPF programs, maps and links, and
     /// kprobe events. Exit status 0 when nothing is left, 2 otherwise.
     Leftovers,
+}
+
+/// How `timeline` writes.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TimelineFormat {
+    /// One self-contained HTML page.
+    Html,
+    /// Trace Event Format JSON (Perfetto's UI, chrome://tracing).
+    ChromeTrace,
 }
 
 /// How `print` writes events.

@@ -11,11 +11,12 @@ use tracer::{
     },
     sink::{self, Format},
     source::FileSource,
+    timeline::{Selection, Timeline},
 };
 
 use crate::{
     Outcome,
-    cli::{Command, EventFormat, LimitArgs, LockEvents, ProbeArgs, XaLoadProbe},
+    cli::{Command, EventFormat, LimitArgs, LockEvents, ProbeArgs, TimelineFormat, XaLoadProbe},
     doctor::{self, DoctorOptions},
     leftovers,
     live::{self, LiveOptions},
@@ -49,6 +50,9 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
         }),
         Command::Doctor { probe, no_attach } => doctor::run(DoctorOptions { probe: probe.try_into()?, no_attach }),
         Command::Leftovers => leftovers::run(),
+        Command::Timeline { file, output, finding, format, report } => {
+            timeline(&file, &output, finding, format, !report.no_fold)
+        }
     }
 }
 
@@ -144,6 +148,57 @@ fn analyze(path: &std::path::Path, format: Format, limits: Limits, options: Anal
         anyhow::bail!("{}: events were lost or state was evicted (--strict): see the summary", path.display());
     }
     Ok(if analysis.groups().is_empty() { Outcome::Clean } else { Outcome::Findings })
+}
+
+fn timeline(
+    path: &std::path::Path,
+    output: &std::path::Path,
+    finding: Option<usize>,
+    format: TimelineFormat,
+    fold: bool,
+) -> anyhow::Result<Outcome> {
+    let mut source = FileSource::open(path)?;
+    let mut analysis = Analysis::with_folding(Limits::default(), fold);
+    let mut events = Vec::new();
+    for event in source.by_ref() {
+        let event = event.with_context(|| format!("reading {}", path.display()))?;
+        analysis.feed(&event, |_| {});
+        events.push(event);
+    }
+    let groups: Vec<_> = analysis.groups().iter().collect();
+    let selection = match finding {
+        None => Selection::All,
+        Some(n) if n >= 1 && n <= groups.len() => Selection::Finding(n - 1),
+        Some(n) => anyhow::bail!(
+            "--finding {n}: {} has {} finding(s) (numbered from 1 as `tracer analyze` lists them)",
+            path.display(),
+            groups.len()
+        ),
+    };
+    if let Some(why) = analysis.silence() {
+        eprintln!("tracer: warning: {}: {why}: the timeline is empty", path.display());
+    }
+    let timeline = Timeline::build(&events, &groups, selection);
+    let text = match format {
+        TimelineFormat::Html => {
+            let title = match finding {
+                Some(n) => format!("{} finding {n}", path.display()),
+                None => path.display().to_string(),
+            };
+            timeline.html(&title)
+        }
+        TimelineFormat::ChromeTrace => timeline.chrome_trace().to_string(),
+    };
+    std::fs::write(output, text).with_context(|| format!("writing {}", output.display()))?;
+    eprintln!(
+        "tracer: timeline of {} events, {} lock holds, {} threads, {} finding(s) written to {}",
+        timeline.marks.len(),
+        timeline.spans.len(),
+        timeline.lanes.len(),
+        timeline.findings.len(),
+        output.display()
+    );
+    Ok(Outcome::Clean)
 }
 
 fn convert(path: &std::path::Path, output: &std::path::Path) -> anyhow::Result<Outcome> {

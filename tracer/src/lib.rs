@@ -18,3 +18,4 @@ pub mod source;
 pub mod summary;
 pub mod symbolize;
 pub mod synth;
+pub mod timeline;
