@@ -356,6 +356,12 @@ pub enum SiteRole {
     /// An instruction that accesses memory at a displacement inside `struct cxl_dport` from
     /// base register `SiteInfo::arg` (a `Reg` value).
     Deref = 15,
+    /// A `call kfree` in the devres release path: rdi = the block (a devres node, or a devm
+    /// dport's node).
+    FreeCall = 16,
+    /// The entry of the function that frees dports (`free_dport(dport)`, 7.2), when fentry
+    /// cannot be used: argument `SiteInfo::arg` is the dport.
+    FreeEntry = 17,
 }
 
 impl SiteRole {
@@ -376,6 +382,8 @@ impl SiteRole {
             13 => SiteRole::HostAllocReturn,
             14 => SiteRole::HostActionCall,
             15 => SiteRole::Deref,
+            16 => SiteRole::FreeCall,
+            17 => SiteRole::FreeEntry,
             _ => return None,
         })
     }

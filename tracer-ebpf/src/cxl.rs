@@ -133,9 +133,14 @@ pub fn on_dport_added(ctx: &FExitContext) {
     track(ctx, dport, &info, DportOrigin::Registered);
 }
 
-/// `kfree(call_site, ptr)`: reports the free of a tracked dport's memory.
+/// `kfree(call_site, ptr)` at the raw tracepoint (the fallback free path).
 pub fn on_kfree(ctx: &RawTracePointContext) {
-    let ptr: u64 = ctx.arg(1);
+    on_free(ctx, ctx.arg(1));
+}
+
+/// `ptr` is being freed: reports it if it is a tracked dport's memory (the dport itself, or
+/// the devres node holding a devm dport).
+pub fn on_free<C: EbpfContext>(ctx: &C, ptr: u64) {
     let Some(&dport) = (unsafe { BLOCKS.get(&ptr) }) else { return };
     let Some(info) = (unsafe { DPORTS.get(&dport) }).copied() else { return };
     let _ = BLOCKS.remove(&info.block);

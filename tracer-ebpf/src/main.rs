@@ -123,8 +123,16 @@ pub fn dport_add_exit(ctx: FExitContext) -> i32 {
     0
 }
 
-/// Every `kfree`: one map lookup, then out unless it frees a tracked dport. A raw
-/// tracepoint: 6.12's verifier refuses tp_btf reads of kfree's `const void *ptr`.
+/// `free_dport(dport)` (7.2): the devres action that frees a dport, seen where it happens.
+#[fentry(function = "free_dport")]
+pub fn free_dport_entry(ctx: FEntryContext) -> i32 {
+    cxl::on_free(&ctx, ctx.arg(0));
+    0
+}
+
+/// The fallback free path, for a kernel with neither `free_dport` nor a probeable devres
+/// release path: every `kfree`, one map lookup, then out unless it frees a tracked dport. A
+/// raw tracepoint: 6.12's verifier refuses tp_btf reads of kfree's `const void *ptr`.
 #[raw_tracepoint(tracepoint = "kfree")]
 pub fn kfree(ctx: RawTracePointContext) -> i32 {
     cxl::on_kfree(&ctx);

@@ -12,7 +12,7 @@ use tracer_common::{
 
 use crate::{
     ALLOC_HOST, DPORTS, LOADED, LOCKS, PENDING_HOST, PENDING_LOCK, SITES,
-    cxl::free_lock_stamp,
+    cxl::{self, free_lock_stamp},
     emit::{Stack, count, emit, site_hit, site_report},
     free_action, mutex, xarray,
 };
@@ -93,6 +93,8 @@ pub fn on_site(ctx: &ProbeContext) {
         Some(SiteRole::HostAllocReturn) => on_host_alloc_return(ctx, site.arg == SITE_UNPAIRED_OK),
         Some(SiteRole::HostActionCall) => on_host_action_call(ctx),
         Some(SiteRole::Deref) => on_deref(ctx, &site, cookie),
+        Some(SiteRole::FreeCall) => cxl::on_free(ctx, regs(ctx).rdi),
+        Some(SiteRole::FreeEntry) => cxl::on_free(ctx, arg(&regs(ctx), site.arg)),
         None => {}
     }
 }

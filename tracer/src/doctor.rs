@@ -3,6 +3,7 @@ use std::collections::BTreeMap;
 
 use anyhow::bail;
 use tracer::probe::attach;
+use tracer::kernel::profile::FreePath;
 use tracer_common::SiteRole;
 
 use crate::{
@@ -115,7 +116,26 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
     if host_callee.is_some() && host_checks == 0 {
         problems.push("the devres host cross-check has no call site in CXL code: a wrong free-lock model would go unnoticed".into());
     }
-    println!("  kfree: raw tracepoint (frees of tracked dports)");
+    match &d.profile.free {
+        FreePath::DevresKfree => {
+            let functions: std::collections::BTreeSet<&str> = d.frees.iter().map(|c| &*c.function).collect();
+            println!(
+                "  frees: {} kfree call site(s) of the devres core probed ({}): nothing runs on other kfrees",
+                d.frees.len(),
+                functions.into_iter().collect::<Vec<_>>().join(", ")
+            );
+        }
+        path => println!("  frees: {} ({})", path.describe(), d.profile.free_why),
+    }
+    let hot = load::hot_attach_points(&d);
+    if hot.is_empty() {
+        println!("  attach points outside CXL and devres code: none");
+    } else {
+        println!("  attach points outside CXL and devres code:");
+        for point in &hot {
+            println!("    {point}");
+        }
+    }
     println!("  uses: {} function(s) with a struct cxl_dport * argument:", d.plan.uses.len());
     for u in &d.plan.uses {
         let name = match &u.module {

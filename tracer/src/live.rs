@@ -320,14 +320,21 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
 
 fn report_discovery(d: &Discovery) {
     eprintln!(
-        "tracer: {} call sites in CXL code ({} modules: {}) and {} use sites, planned {} kprobes in {:.1?}",
+        "tracer: {} call sites in CXL code ({} modules: {}), {} use sites, {} deref sites in {} functions, {} devres kfree sites; planned {} kprobes in {:.1?}",
         d.calls.len(),
         d.cxl_modules.len(),
         d.cxl_modules.join(" "),
         d.plan.uses.iter().filter(|u| u.probed.is_some()).count(),
+        d.derefs.sites,
+        d.derefs.functions,
+        d.frees.len(),
         d.plan.sites.len(),
         d.took
     );
+    eprintln!("tracer: kernel profile: {:?} lifetime, frees seen by {}", d.profile.lifetime, d.profile.free.describe());
+    for point in load::hot_attach_points(d) {
+        eprintln!("tracer: attach point outside CXL and devres code: {point}");
+    }
     if !d.cxl_core && d.cxl_modules.is_empty() {
         eprintln!("tracer: warning: no CXL code in this kernel (no cxl_core symbols, no cxl_* module): nothing to trace");
     }

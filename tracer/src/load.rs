@@ -19,10 +19,10 @@ use tracer::{
         callsites::{self, CallSite, CxlText, is_cxl_module},
         derefs,
         kcore::Kcore,
-        profile::Profile,
+        profile::{FreePath, KFREE, Profile},
     },
     probe::{
-        attach::{self, Kprobes},
+        attach::{self, Kprobes, ProbePoint},
         plan::{Plan, PlannedSite},
     },
     resolve::SiteName,
@@ -170,6 +170,8 @@ pub struct Discovery {
     /// probed is an error.
     pub asked_sites: Vec<usize>,
     pub derefs: DerefScan,
+    /// The devres core's `kfree` call sites, when frees are seen there.
+    pub frees: Vec<CallSite>,
     pub took: Duration,
 }
 
@@ -224,6 +226,19 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
     let text = CxlText::read(&symbols, &kcore)?;
     let callees: Vec<_> = callsites::CALLEES.iter().copied().chain(profile.host_check_callee()).collect();
     let calls = callsites::find(&symbols, &text, &callees);
+    let mut profile = profile;
+    let frees = match profile.free {
+        FreePath::DevresKfree => {
+            let devres = CxlText::read_functions(&symbols, &kcore, callsites::devres_functions(&symbols))?;
+            let frees = callsites::find(&symbols, &devres, &[KFREE]);
+            if frees.is_empty() {
+                profile.free = FreePath::Tracepoint;
+                profile.free_why = "no kfree call found in the devres core (devres_release_all and its neighbours)".into();
+            }
+            frees
+        }
+        _ => Vec::new(),
+    };
     // xa_load itself when asked, or when CXL code has no call site of it but it is traceable.
     let xa_load_traceable = attach::traceable(&tracefs, "xa_load");
     if config.direct_xa_load && !xa_load_traceable {
@@ -237,6 +252,7 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
         .iter()
         .filter(|c| !(config.global_lock_hook && c.callee.name.starts_with("mutex_")))
         .filter(|c| !(direct_xa_load && c.callee.name == "xa_load"))
+        .chain(&frees)
         .cloned()
         .collect();
     let mut plan = Plan::build(&symbols, &probed, &uses);
@@ -279,8 +295,25 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
         direct_xa_load,
         asked_sites,
         derefs,
+        frees,
         took: start.elapsed(),
     })
+}
+
+/// Every attach point outside CXL and devres code, with what it costs: a probe there runs
+/// on paths the tracer does not care about (empty by default).
+pub fn hot_attach_points(d: &Discovery) -> Vec<String> {
+    let mut out = Vec::new();
+    if d.profile.free == FreePath::Tracepoint {
+        out.push("kfree raw tracepoint: every kfree in the system pays a map lookup".to_owned());
+    }
+    if d.global_lock_hook {
+        out.push("fexit/fentry on mutex_lock*/mutex_unlock (--lock-events global): every mutex in the system pays a map lookup".to_owned());
+    }
+    if d.direct_xa_load {
+        out.push("kprobe on xa_load itself: every xarray lookup in the system pays a map lookup".to_owned());
+    }
+    out
 }
 
 /// How many deref sites were found, in how many functions.
@@ -346,8 +379,9 @@ pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached
     raise_memlock();
     raise_open_files();
     let plan = &discovery.plan;
-    if plan.sites.len() > MAX_SITES as usize {
-        bail!("{} probe sites planned, the kernel side holds at most {MAX_SITES}", plan.sites.len());
+    // One slot stays free for the fallback kprobe of the free path.
+    if plan.sites.len() >= MAX_SITES as usize {
+        bail!("{} probe sites planned, the kernel side holds at most {}", plan.sites.len(), MAX_SITES - 1);
     }
     let mut ebpf = EbpfLoader::new()
         .override_global("OFFSETS", &discovery.profile.offsets, true)
@@ -423,13 +457,60 @@ pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached
             "no dport registration function to attach to (kernel profile): dports are only discovered at their first lookup, and the devres host cross-check is off".into(),
         ),
     }
-    let tracepoint: &mut RawTracePoint = ebpf.program_mut("kfree").context("no kfree program")?.try_into()?;
-    if let Err(err) = tracepoint.load().map_err(anyhow::Error::from).and_then(|()| Ok(tracepoint.attach("kfree")?)) {
-        warnings.push(format!(
-            "kfree tracepoint not attached ({err:#}): frees are not seen, so use-after-free and rule-mismatch are disabled"
-        ));
-    }
+    attach_free_path(&mut ebpf, &btf, discovery, &mut kprobes, fd.as_fd(), &mut warnings)?;
     Ok(Attached { kprobes, ebpf, warnings, took: start.elapsed(), deref_took })
+}
+
+/// Attaches where the profile says frees are seen. `free_dport` falls back from fentry to a
+/// kprobe; any path that cannot be attached falls back to the kfree raw tracepoint, with a
+/// warning (every kfree in the system then pays a map lookup).
+fn attach_free_path(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    discovery: &Discovery,
+    kprobes: &mut Kprobes,
+    kprobe: std::os::fd::BorrowedFd<'_>,
+    warnings: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let fallback = match &discovery.profile.free {
+        FreePath::Action { function } => {
+            let program: &mut FEntry = ebpf.program_mut("free_dport_entry").context("no free_dport_entry program")?.try_into()?;
+            let fentry = program.load(function, btf).map_err(anyhow::Error::from).and_then(|()| Ok(program.attach()?));
+            match fentry {
+                Ok(_) => None,
+                Err(fentry_err) => {
+                    // The SITES slot after the plan's is the fallback kprobe's.
+                    let index = discovery.plan.sites.len();
+                    let mut sites: Array<_, SiteInfo> =
+                        Array::try_from(ebpf.map_mut("SITES").context("the eBPF object has no SITES map")?)?;
+                    sites.set(index as u32, SiteInfo { addr: 0, role: SiteRole::FreeEntry as u32, arg: 0 }, 0)?;
+                    let point = ProbePoint::Symbol { module: None, symbol: function.to_string(), offset: 0 };
+                    match kprobes.attach(kprobe, &point, index as u64) {
+                        Ok(()) => {
+                            warnings.push(format!("{function}: fentry refused ({fentry_err:#}), frees are seen by a kprobe instead"));
+                            None
+                        }
+                        Err(kprobe_err) => Some(format!("{function}: neither fentry ({fentry_err:#}) nor a kprobe ({kprobe_err}) attached")),
+                    }
+                }
+            }
+        }
+        FreePath::DevresKfree => {
+            let attached = discovery.plan.count(SiteRole::FreeCall);
+            (attached == 0).then(|| "no kfree call site of the devres core is probed".to_owned())
+        }
+        FreePath::Tracepoint => Some(format!("the kernel profile chose it: {}", discovery.profile.free_why)),
+    };
+    let Some(why) = fallback else { return Ok(()) };
+    let tracepoint: &mut RawTracePoint = ebpf.program_mut("kfree").context("no kfree program")?.try_into()?;
+    match tracepoint.load().map_err(anyhow::Error::from).and_then(|()| Ok(tracepoint.attach("kfree")?)) {
+        Ok(_) if matches!(discovery.profile.free, FreePath::Tracepoint) => {}
+        Ok(_) => warnings.push(format!("frees are seen by the kfree raw tracepoint ({why}): every kfree in the system pays a map lookup")),
+        Err(err) => warnings.push(format!(
+            "no free path attached ({why}; kfree tracepoint: {err:#}): frees are not seen, so use-after-free and rule-mismatch are disabled"
+        )),
+    }
+    Ok(())
 }
 
 /// The opt-in global lock hook: (program, kernel function, fentry or fexit).
@@ -476,6 +557,7 @@ fn what_is_lost(role: SiteRole) -> &'static str {
             "lock events here are not seen (stale-use across an unlock/relock here; held state still comes from mutex->owner)"
         }
         HostAllocCall | HostAllocReturn | HostActionCall => "the devres host cross-check of registrations is off",
+        FreeCall | FreeEntry => "frees through this call are not seen (use-after-free, rule-mismatch)",
     }
 }
 
@@ -483,7 +565,8 @@ fn role_word(site: &PlannedSite) -> &'static str {
     use tracer_common::SiteRole::*;
     match site.role {
         Use | Deref => "site",
-        LoadCall | EraseCall | StoreCall | LockCall | UnlockCall | HostAllocCall | HostActionCall => "call",
+        LoadCall | EraseCall | StoreCall | LockCall | UnlockCall | HostAllocCall | HostActionCall | FreeCall => "call",
+        FreeEntry => "entry",
         LoadReturn | EraseReturn | LockReturn | LockReturnIfZero | LockReturnIfOne | HostAllocReturn => "return",
     }
 }

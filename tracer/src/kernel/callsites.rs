@@ -104,6 +104,33 @@ pub fn cxl_functions(symbols: &Symbols) -> Vec<&Symbol> {
     out
 }
 
+/// The functions of the devres core (drivers/base/devres.c, built into vmlinux): the dense
+/// run of `devres_*`/`devm_*` symbols around `devres_release_all`. Its `kfree` calls are
+/// where a devm dport's memory is freed (release_nodes(), devres_free(), devres_release()...).
+pub fn devres_functions(symbols: &Symbols) -> Vec<&Symbol> {
+    let vmlinux: Vec<&Symbol> = symbols.iter().filter(|s| s.module.is_none() && is_function(s)).collect();
+    let Some(anchor) = vmlinux.iter().position(|s| &*s.name == "devres_release_all") else { return Vec::new() };
+    let named = |s: &Symbol| s.name.starts_with("devres") || s.name.starts_with("devm_") || s.name.contains("release_nodes");
+    // Walk out from the anchor while devres-named symbols keep coming (a few helpers with
+    // other names, like group_open_release, sit between them).
+    let reach = |step: isize| {
+        let mut last = anchor as isize;
+        let mut i = anchor as isize;
+        while i >= 0 && (i as usize) < vmlinux.len() && (i - last).abs() <= DEVRES_GAP {
+            if named(vmlinux[i as usize]) {
+                last = i;
+            }
+            i += step;
+        }
+        last as usize
+    };
+    let (first, last) = (reach(-1), reach(1));
+    vmlinux[first..=last].to_vec()
+}
+
+/// Other-named symbols tolerated between two devres-named ones.
+const DEVRES_GAP: isize = 4;
+
 /// Callee entry addresses, with the 16 bytes of padding before each: a call rewritten to
 /// go through a call-depth thunk in that padding still counts.
 fn callee_targets(symbols: &Symbols, callees: &[Callee]) -> FxHashMap<u64, Callee> {
@@ -163,8 +190,13 @@ pub struct CxlText {
 
 impl CxlText {
     pub fn read(symbols: &Symbols, kcore: &Kcore) -> Result<CxlText, KcoreError> {
+        CxlText::read_functions(symbols, kcore, cxl_functions(symbols))
+    }
+
+    /// The code of `functions`.
+    pub fn read_functions(symbols: &Symbols, kcore: &Kcore, list: Vec<&Symbol>) -> Result<CxlText, KcoreError> {
         let mut functions = Vec::new();
-        for function in cxl_functions(symbols) {
+        for function in list {
             let Some((start, end)) = symbols.extent(function) else { continue };
             if end - start > MAX_FUNCTION {
                 continue;

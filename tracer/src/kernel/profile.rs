@@ -96,6 +96,30 @@ pub enum Lifetime {
     FreeAction,
 }
 
+/// Where the tracer sees a dport's memory freed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FreePath {
+    /// The devres action that frees a dport, `free_dport(dport)`: fentry, else a kprobe.
+    Action { function: &'static str },
+    /// The `kfree` calls of the devres core, where a devm dport's node is freed: kprobes.
+    DevresKfree,
+    /// The `kfree` raw tracepoint: every kfree in the system pays a map lookup (the fallback).
+    Tracepoint,
+}
+
+impl FreePath {
+    pub fn describe(&self) -> String {
+        match self {
+            FreePath::Action { function } => format!("fentry on {function}() (a kprobe if fentry is refused)"),
+            FreePath::DevresKfree => "kprobes at the kfree calls of the devres core (drivers/base/devres.c)".into(),
+            FreePath::Tracepoint => "the kfree raw tracepoint (every kfree in the system pays a map lookup)".into(),
+        }
+    }
+}
+
+/// The callee whose calls in the devres core free a devm dport's node.
+pub const KFREE: Callee = Callee { name: "kfree", call: SiteRole::FreeCall, ret: None, caller: None };
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Profile {
     pub release: String,
@@ -109,6 +133,9 @@ pub struct Profile {
     pub host_check: Option<HostCheck>,
     /// `struct cxl_dport` as this kernel lays it out: what an inline access touches.
     pub dport: Layout,
+    /// Where frees are seen, and why.
+    pub free: FreePath,
+    pub free_why: String,
 }
 
 impl Profile {
@@ -154,7 +181,29 @@ impl Profile {
         };
         let dport = Layout::from_btf(&btf.vmlinux, "cxl_dport")
             .map_err(|_| ProfileError::MissingStruct { release: release.clone(), strukt: "cxl_dport" })?;
-        Ok(Profile { release, members, offsets, lifetime, lifetime_why, registration, host_check, dport })
+        let (free, free_why) = match lifetime {
+            Lifetime::FreeAction if free_action.is_some() => (
+                FreePath::Action { function: FREE_ACTION },
+                format!("{FREE_ACTION}() frees every registered dport: nothing else needs watching"),
+            ),
+            Lifetime::FreeAction => (FreePath::Tracepoint, format!("no {FREE_ACTION}() symbol to probe")),
+            Lifetime::Devm => (
+                FreePath::DevresKfree,
+                "a devm dport is freed with its devres node, by the devres core's kfree calls".into(),
+            ),
+        };
+        Ok(Profile {
+            release,
+            members,
+            offsets,
+            lifetime,
+            lifetime_why,
+            registration,
+            host_check,
+            dport,
+            free,
+            free_why,
+        })
     }
 
     /// `struct.member` = offset, for the trace header and `doctor`.
@@ -220,14 +269,15 @@ impl fmt::Display for Profile {
         }
         match &self.host_check {
             Some(HostCheck::DevmAlloc { caller }) => {
-                writeln!(f, "  devres host: seen at {DEVM_ALLOC}(host, ...) called by {caller}(), which returns the dport")
+                writeln!(f, "  devres host: seen at {DEVM_ALLOC}(host, ...) called by {caller}(), which returns the dport")?
             }
             Some(HostCheck::FreeAction { action_addr }) => writeln!(
                 f,
                 "  devres host: seen at {ADD_ACTION}(host, {FREE_ACTION} = {action_addr:#x}, dport) in CXL code"
-            ),
-            None => writeln!(f, "  devres host: not observable on this kernel: the model's free lock is not cross-checked"),
+            )?,
+            None => writeln!(f, "  devres host: not observable on this kernel: the model's free lock is not cross-checked")?,
         }
+        writeln!(f, "  frees: {}, because {}", self.free.describe(), self.free_why)
     }
 }
 

@@ -114,6 +114,7 @@ pub fn summary_value(s: &Summary) -> Value {
         "unjudged_uses": e.unjudged_uses,
         "unknown_objects": e.unknown_objects,
         "stamp_corrections": e.stamp_corrections,
+        "frees_missed": e.reregistered,
         "evicted": {
             "dports": e.evicted_dports,
             "containers": e.evicted_containers,

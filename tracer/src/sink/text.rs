@@ -196,6 +196,13 @@ pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {
         "  engine: {} uses not judged (pointer not seen loaded), {} unknown objects, {} lock states corrected from mutex->owner",
         e.unjudged_uses, e.unknown_objects, e.stamp_corrections
     )?;
+    if e.reregistered > 0 {
+        writeln!(
+            out,
+            "  WARNING: {} dport(s) registered again at a live address: their free was not seen (a free path the tracer does not probe)",
+            e.reregistered
+        )?;
+    }
     if e.evicted() > 0 {
         writeln!(
             out,
