@@ -1,13 +1,17 @@
-//! `cargo xtask fixture NAME`: out-of-tree rebuilds of the CXL memdev driver for the guest.
+//! `cargo xtask fixture NAME [--kernel K]`: out-of-tree rebuilds of the CXL memdev driver for
+//! a kernel of the matrix (DESIGN §7).
 //!
-//! Both fixtures compile `drivers/cxl/mem.c` from Debian's 6.12 source against the headers
-//! package of the guest kernel, so the result loads in place of the distro's `cxl_mem`:
-//! `cxl-mem-fixed` with `xtask/fixtures/cxl-mem-fixed.patch` (the read-side fix of the
-//! seed thread, adapted to 6.12), `cxl-mem-stock` unmodified, as the control. The stock
-//! rebuild is compared function by function with the distro's module to show that the
-//! rebuild itself changes nothing.
+//! Both fixtures compile `drivers/cxl/mem.c` from Debian's source of the kernel against its
+//! headers package, with the compiler Debian built it with, so the result loads in place of
+//! the distro's `cxl_mem`: `cxl-mem-fixed` with the kernel's `xtask/fixtures/cxl-mem-fixed-K.patch`
+//! (the read-side fix of the seed thread: as written for 7.2, adapted to 6.12 and 6.1),
+//! `cxl-mem-stock` unmodified, as the control. The stock rebuild is compared function by
+//! function with the distro's module to show that the rebuild itself changes nothing.
+mod chroot;
 mod code;
+mod distro;
 mod source;
+mod toolchain;
 
 use std::{
     fs,
@@ -19,22 +23,20 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    setup,
-    util::{self, cache_dir, workspace_root},
+    debian::{self, StockKernel},
+    util::{cache_dir, workspace_root},
 };
+use toolchain::Toolchain;
 
-/// The guest kernel the fixtures are built for (DESIGN §6): its `uname -r`.
-pub const KERNEL_RELEASE: &str = "6.12.117+deb12-amd64";
-/// The upstream version of that kernel; the source tarball must hold exactly this.
-const KERNEL_VERSION: &str = "6.12.117";
-const SOURCE_PACKAGE: &str = "linux-source-6.12";
-/// The compiler Debian built the kernel with; the headers package's Makefile expects it.
-const COMPILER: &str = "gcc-12";
+/// The read-side fix for `cxl_mem_probe()` of each kernel: a header that explains it, then a
+/// `-p1` diff of `drivers/cxl/mem.c`.
+const FIXED_PATCHES: &[(&str, &str)] = &[
+    ("6.1", include_str!("../fixtures/cxl-mem-fixed-6.1.patch")),
+    ("6.12", include_str!("../fixtures/cxl-mem-fixed-6.12.patch")),
+    ("7.2", include_str!("../fixtures/cxl-mem-fixed-7.2.patch")),
+];
 
-/// The read-side fix for `cxl_mem_probe()`: a header that explains it, then a `-p1` diff.
-const FIXED_PATCH: &str = include_str!("../fixtures/cxl-mem-fixed.patch");
-
-/// The source files a fixture compiles, relative to `drivers/cxl`.
+/// The source file a fixture compiles, relative to `drivers/cxl`.
 const MAIN_SOURCE: &str = "mem.c";
 /// Kbuild for the out-of-tree module: the same object list as `drivers/cxl/Makefile`.
 const KBUILD: &str = "obj-m := cxl_mem.o\ncxl_mem-y := mem.o\n";
@@ -45,6 +47,15 @@ pub struct Options {
     /// The fixture to build
     #[arg(value_enum)]
     pub fixture: Fixture,
+    /// The kernel to build it for
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = debian::DEFAULT_KERNEL,
+        value_parser = clap::builder::PossibleValuesParser::new(debian::STOCK_KERNELS.iter().map(|k| k.name)),
+        long_help = format!("The kernel to build it for: {}", debian::matrix_help()),
+    )]
+    pub kernel: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -63,51 +74,68 @@ impl Fixture {
         }
     }
 
-    fn patch(self) -> Option<&'static str> {
+    fn patch(self, kernel: &StockKernel) -> anyhow::Result<Option<&'static str>> {
         match self {
-            Self::CxlMemFixed => Some(FIXED_PATCH),
-            Self::CxlMemStock => None,
+            Self::CxlMemFixed => fixed_patch(kernel).map(Some),
+            Self::CxlMemStock => Ok(None),
         }
     }
 }
 
+fn fixed_patch(kernel: &StockKernel) -> anyhow::Result<&'static str> {
+    FIXED_PATCHES.iter().find(|(name, _)| *name == kernel.name).map(|(_, patch)| *patch).with_context(|| {
+        format!(
+            "there is no cxl-mem-fixed patch for {}: write xtask/fixtures/cxl-mem-fixed-{}.patch",
+            kernel.release, kernel.name
+        )
+    })
+}
+
 pub fn run(options: &Options) -> anyhow::Result<()> {
-    let module = build(options.fixture)?;
+    let kernel = debian::stock_kernel(&options.kernel)?;
+    let module = build_for_kernel(options.fixture, kernel)?;
     println!("{}", module.display());
     Ok(())
 }
 
-/// Builds `fixture` unless the cached build is current and returns the module's path,
-/// `target/fixtures/NAME/cxl_mem.ko`.
+/// Builds `fixture` for the harness's default kernel; see `build_for_kernel`.
 pub fn build(fixture: Fixture) -> anyhow::Result<PathBuf> {
-    let name = fixture.name();
-    setup::ensure_packages(setup::FIXTURE_PACKAGES)?;
-    let versions = Versions::query()?;
-    let cache = cache_dir().join("fixtures");
-    let source = source::ensure(&cache, &versions.source)?;
+    build_for_kernel(fixture, debian::stock_kernel(debian::DEFAULT_KERNEL)?)
+}
 
-    let dir = cache.join(name);
+/// Builds `fixture` for `kernel` unless the cached build is current and returns the module's
+/// path, `target/fixtures/KERNEL/NAME/cxl_mem.ko`.
+pub fn build_for_kernel(fixture: Fixture, kernel: &'static StockKernel) -> anyhow::Result<PathBuf> {
+    let name = fixture.name();
+    let label = format!("{name} for {}", kernel.release);
+    let toolchain = Toolchain::ensure(kernel)?;
+    let versions = Versions::query(kernel, &toolchain)?;
+    let source = source::ensure(kernel, &versions.headers)?;
+
+    let dir = kernel_cache(kernel).join(name);
     let build_dir = dir.join("build");
     let built = build_dir.join(MODULE_FILE);
     let inputs_file = dir.join("inputs");
-    let inputs = versions.inputs(fixture);
+    let inputs = versions.inputs(kernel, fixture)?;
     if fs::read_to_string(&inputs_file).ok().as_deref() == Some(inputs.as_str()) && built.is_file() {
-        println!("fixture: {name}: up to date in {}", build_dir.display());
+        println!("fixture: {label}: up to date in {}", build_dir.display());
     } else {
         let started = Instant::now();
         // The inputs file goes last: a failed build leaves none and is redone next time.
         let _ = fs::remove_file(&inputs_file);
-        prepare(&source.cxl_dir(), &build_dir, fixture)?;
-        compile(&build_dir).with_context(|| format!("building {name} failed: see the compiler output above"))?;
+        prepare(kernel, &source.cxl_dir(), &build_dir, fixture)?;
+        toolchain
+            .compile(&build_dir)
+            .with_context(|| format!("building {label} failed: see the compiler output above"))?;
         fs::write(&inputs_file, &inputs).with_context(|| format!("writing {}", inputs_file.display()))?;
-        println!("fixture: {name}: built in {:.1} s", started.elapsed().as_secs_f64());
+        println!("fixture: {label}: built in {:.1} s", started.elapsed().as_secs_f64());
     }
 
     let module = fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
-    check_vermagic(&module).with_context(|| format!("{} does not fit the guest kernel", built.display()))?;
-    report_code(fixture, &module)?;
+    check_vermagic(kernel, &module).with_context(|| format!("{} does not fit the guest kernel", built.display()))?;
+    report_code(fixture, kernel, &versions.headers, &module)?;
 
-    let out_dir = workspace_root().join("target/fixtures").join(name);
+    let out_dir = workspace_root().join("target/fixtures").join(kernel.name).join(name);
     let out = out_dir.join(MODULE_FILE);
     if fs::read(&out).ok().as_deref() != Some(module.as_slice()) {
         fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
@@ -116,72 +144,63 @@ pub fn build(fixture: Fixture) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
-/// `drivers/cxl` of the guest kernel's source (extracted once, cached) and the CXL headers
-/// `header` includes, relative to it: for other out-of-tree modules (the bench's load
-/// generator).
-pub fn cxl_headers(header: &str) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
-    setup::ensure_packages(setup::FIXTURE_PACKAGES)?;
-    let versions = Versions::query()?;
-    let cxl_dir = source::ensure(&cache_dir().join("fixtures"), &versions.source)?.cxl_dir();
+/// `drivers/cxl` of `kernel`'s source (extracted once, cached) and the CXL headers `header`
+/// includes, relative to it: for other out-of-tree modules (the bench's load generator).
+pub fn cxl_headers(kernel: &'static StockKernel, header: &str) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
+    let toolchain = Toolchain::ensure(kernel)?;
+    let versions = Versions::query(kernel, &toolchain)?;
+    let cxl_dir = source::ensure(kernel, &versions.headers)?.cxl_dir();
     let files = source::local_includes(&cxl_dir, Path::new(header))?;
     Ok((cxl_dir, files))
 }
 
-/// Versions of what goes into a build; a change in any of them means a rebuild.
+/// Runs Kbuild for the external module in `build_dir` against `kernel`'s headers, with the
+/// compiler Debian built it with (on the host, or in the sid chroot for 7.2).
+pub fn compile(kernel: &'static StockKernel, build_dir: &Path) -> anyhow::Result<()> {
+    Toolchain::ensure(kernel)?.compile(build_dir)
+}
+
+/// The cache of one kernel's fixtures: its extracted source, the distro's module, a folder
+/// per fixture.
+fn kernel_cache(kernel: &StockKernel) -> PathBuf {
+    cache_dir().join("fixtures").join(kernel.name)
+}
+
+/// Versions of what goes into a build; a change in any of them means a rebuild. The source
+/// package is fetched at the headers package's version, so it needs no version of its own.
 struct Versions {
-    source: String,
     headers: String,
     compiler: String,
 }
 
 impl Versions {
-    fn query() -> anyhow::Result<Self> {
-        let version = |package: &str| {
-            util::output(Command::new("dpkg-query").args(["-W", "-f=${Version}", package]))
-                .with_context(|| format!("asking dpkg for the version of {package}"))
-        };
-        let versions = Self {
-            source: version(SOURCE_PACKAGE)?,
-            headers: version(&headers_package())?,
-            compiler: version(COMPILER)?,
-        };
-        if versions.source != versions.headers {
-            bail!(
-                "{SOURCE_PACKAGE} {} does not match {} {}: install the matching source with \
-                 `apt-get install {SOURCE_PACKAGE}={}`",
-                versions.source,
-                headers_package(),
-                versions.headers,
-                versions.headers
-            );
-        }
-        Ok(versions)
+    fn query(kernel: &StockKernel, toolchain: &Toolchain) -> anyhow::Result<Self> {
+        Ok(Self {
+            headers: toolchain.package_version(kernel.headers_package)?,
+            compiler: toolchain.package_version(kernel.compiler)?,
+        })
     }
 
     /// Everything the build depends on, as text: the cache is current when this is equal.
-    fn inputs(&self, fixture: Fixture) -> String {
-        format!(
-            "fixture {}\nsource {}\nheaders {}\ncompiler {}\nkbuild\n{KBUILD}patch\n{}",
+    fn inputs(&self, kernel: &StockKernel, fixture: Fixture) -> anyhow::Result<String> {
+        Ok(format!(
+            "fixture {}\nkernel {}\nsource {} {}\nheaders {} {}\ncompiler {} {}\nkbuild\n{KBUILD}patch\n{}",
             fixture.name(),
-            self.source,
+            kernel.release,
+            kernel.source_package,
             self.headers,
+            kernel.headers_package,
+            self.headers,
+            kernel.compiler,
             self.compiler,
-            fixture.patch().unwrap_or("none\n"),
-        )
+            fixture.patch(kernel)?.unwrap_or("none\n"),
+        ))
     }
-}
-
-fn headers_package() -> String {
-    format!("linux-headers-{KERNEL_RELEASE}")
-}
-
-fn headers_dir() -> PathBuf {
-    Path::new("/usr/src").join(headers_package())
 }
 
 /// Fills `build_dir` afresh: `mem.c` and the headers it includes from `cxl_dir`, the
 /// fixture's patch applied, and the Kbuild file.
-fn prepare(cxl_dir: &Path, build_dir: &Path, fixture: Fixture) -> anyhow::Result<()> {
+fn prepare(kernel: &StockKernel, cxl_dir: &Path, build_dir: &Path, fixture: Fixture) -> anyhow::Result<()> {
     if build_dir.exists() {
         fs::remove_dir_all(build_dir).with_context(|| format!("removing the old build in {}", build_dir.display()))?;
     }
@@ -192,8 +211,9 @@ fn prepare(cxl_dir: &Path, build_dir: &Path, fixture: Fixture) -> anyhow::Result
         fs::copy(cxl_dir.join(&file), &to)
             .with_context(|| format!("copying {} to {}", file.display(), to.display()))?;
     }
-    if let Some(patch) = fixture.patch() {
-        apply_patch(build_dir, patch).with_context(|| format!("applying the {} patch failed", fixture.name()))?;
+    if let Some(patch) = fixture.patch(kernel)? {
+        apply_patch(kernel, build_dir, patch)
+            .with_context(|| format!("applying the {} patch for {} failed", fixture.name(), kernel.name))?;
     }
     fs::write(build_dir.join("Kbuild"), KBUILD)
         .with_context(|| format!("writing Kbuild in {}", build_dir.display()))?;
@@ -203,7 +223,7 @@ fn prepare(cxl_dir: &Path, build_dir: &Path, fixture: Fixture) -> anyhow::Result
 /// Applies a kernel-tree patch (`a/drivers/cxl/...`) to a copy of `drivers/cxl`: exactly,
 /// with no fuzz, so a patch that no longer fits the source fails instead of landing
 /// somewhere else.
-fn apply_patch(dir: &Path, patch: &str) -> anyhow::Result<()> {
+fn apply_patch(kernel: &StockKernel, dir: &Path, patch: &str) -> anyhow::Result<()> {
     let patch_file = dir.join(".fixture.patch");
     fs::write(&patch_file, patch).with_context(|| format!("writing {}", patch_file.display()))?;
     let out = Command::new("patch")
@@ -217,7 +237,8 @@ fn apply_patch(dir: &Path, patch: &str) -> anyhow::Result<()> {
     let _ = fs::remove_file(&patch_file);
     if !out.status.success() {
         bail!(
-            "patch does not apply to the {KERNEL_VERSION} source ({}):\n{}{}",
+            "patch does not apply to the {} source ({}):\n{}{}",
+            kernel.version,
             out.status,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
@@ -226,30 +247,11 @@ fn apply_patch(dir: &Path, patch: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs Kbuild for the module in `build_dir` against the installed headers.
-pub fn compile(build_dir: &Path) -> anyhow::Result<()> {
-    let headers = headers_dir();
-    if !headers.join("Makefile").is_file() {
-        bail!("{} has no Makefile: install {}", headers.display(), headers_package());
-    }
-    util::run(
-        Command::new("make")
-            .arg("-C")
-            .arg(&headers)
-            .arg(format!("M={}", build_dir.display()))
-            .arg(format!("CC={COMPILER}"))
-            .arg("modules")
-            // A jobserver inherited from an outer make would not fit this one.
-            .env_remove("MAKEFLAGS")
-            .env_remove("MFLAGS"),
-    )
-}
-
-/// The module must carry the guest kernel's release in its vermagic, or modprobe refuses it.
-pub fn check_vermagic(module: &[u8]) -> anyhow::Result<()> {
+/// The module must carry `kernel`'s release in its vermagic, or modprobe refuses it.
+pub fn check_vermagic(kernel: &StockKernel, module: &[u8]) -> anyhow::Result<()> {
     let vermagic = modinfo(module, "vermagic")?.context("the module has no vermagic")?;
-    if vermagic.split_whitespace().next() != Some(KERNEL_RELEASE) {
-        bail!("its vermagic is \"{vermagic}\", not for {KERNEL_RELEASE}");
+    if vermagic.split_whitespace().next() != Some(kernel.release) {
+        bail!("its vermagic is \"{vermagic}\", not for {}", kernel.release);
     }
     Ok(())
 }
@@ -267,22 +269,23 @@ fn modinfo(module: &[u8], key: &str) -> anyhow::Result<Option<String>> {
         .map(str::to_owned))
 }
 
-/// Compares the rebuilt code with the distro's `cxl_mem.ko` and says what differs. For the
-/// stock fixture every function must match; for the fixed one, only what the patch touches.
-fn report_code(fixture: Fixture, module: &[u8]) -> anyhow::Result<()> {
-    let name = fixture.name();
-    let distro = Path::new("/lib/modules").join(KERNEL_RELEASE).join("kernel/drivers/cxl/cxl_mem.ko.xz");
-    let theirs = match decompress_xz(&distro) {
+/// Compares the rebuilt code with the distro's `cxl_mem.ko` of the same kernel and says what
+/// differs. For the stock fixture every function must match; for the fixed one, only what
+/// the patch touches.
+fn report_code(fixture: Fixture, kernel: &StockKernel, version: &str, module: &[u8]) -> anyhow::Result<()> {
+    let label = format!("{} for {}", fixture.name(), kernel.release);
+    let theirs = match distro::cxl_mem(kernel, version) {
         Ok(theirs) => theirs,
         Err(err) => {
-            println!("fixture: {name}: warning: cannot compare with the distro module: {err:#}");
+            println!("fixture: {label}: warning: cannot compare with the distro module: {err:#}");
             return Ok(());
         }
     };
-    let comparison = code::compare(module, &theirs)?;
+    let comparison = code::compare(module, &theirs.bytes)?;
     let same = comparison.same.len();
+    let against = format!("the distro's cxl_mem.ko ({})", theirs.origin);
     if comparison.identical() {
-        println!("fixture: {name}: code identical to the distro's cxl_mem.ko ({same} functions)");
+        println!("fixture: {label}: code identical to {against} ({same} functions)");
         return Ok(());
     }
     let mut parts = Vec::new();
@@ -296,47 +299,51 @@ fn report_code(fixture: Fixture, module: &[u8]) -> anyhow::Result<()> {
         }
     }
     let summary = format!("{} ({same} functions identical)", parts.join("; "));
-    match fixture.patch() {
-        Some(_) => println!("fixture: {name}: code against the distro's cxl_mem.ko: {summary}"),
-        None => println!(
-            "fixture: {name}: warning: the unmodified rebuild is not the distro's code: {summary}; \
+    match fixture {
+        Fixture::CxlMemFixed => println!("fixture: {label}: code against {against}: {summary}"),
+        Fixture::CxlMemStock => println!(
+            "fixture: {label}: warning: the unmodified rebuild is not the distro's code: {summary}; \
              the compiler or headers differ from Debian's build, so it is a weaker control"
         ),
     }
     Ok(())
 }
 
-fn decompress_xz(path: &Path) -> anyhow::Result<Vec<u8>> {
-    if !path.is_file() {
-        bail!("{} is missing (it comes with the kernel image package)", path.display());
-    }
-    let out = Command::new("xz").arg("-dc").arg(path).output().context("cannot start xz: install xz-utils")?;
-    if !out.status.success() {
-        bail!("xz -dc {} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim_end());
-    }
-    Ok(out.stdout)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        debian::{STOCK_KERNELS, SidApt, Suite},
+        setup, util,
+    };
 
     #[test]
-    fn setup_installs_what_the_fixtures_build_with() {
-        for package in [SOURCE_PACKAGE, &headers_package(), COMPILER, "make", "patch"] {
-            assert!(setup::FIXTURE_PACKAGES.contains(&package), "{package} is not in FIXTURE_PACKAGES");
+    fn every_kernel_has_a_fixed_patch_and_setup_installs_what_it_builds_with() {
+        for kernel in STOCK_KERNELS {
+            assert!(fixed_patch(kernel).unwrap().contains("\n--- a/drivers/cxl/mem.c\n"), "{}", kernel.name);
+            let packages = setup::fixture_packages(kernel);
+            let needed: &[&str] = match kernel.suite {
+                Suite::Host => &[kernel.headers_package, kernel.compiler, "make", "patch", "xz-utils"],
+                Suite::Sid => &["debootstrap", "patch", "xz-utils"],
+            };
+            for package in needed {
+                assert!(packages.contains(package), "{package} is not in fixture_packages({})", kernel.name);
+            }
         }
     }
 
     #[test]
-    fn inputs_change_with_the_patch_and_the_versions() {
-        let versions = Versions { source: "1".into(), headers: "1".into(), compiler: "12".into() };
-        let fixed = versions.inputs(Fixture::CxlMemFixed);
-        let stock = versions.inputs(Fixture::CxlMemStock);
+    fn inputs_change_with_the_patch_the_kernel_and_the_versions() {
+        let kernel = debian::stock_kernel("6.12").unwrap();
+        let versions = Versions { headers: "1".into(), compiler: "12".into() };
+        let fixed = versions.inputs(kernel, Fixture::CxlMemFixed).unwrap();
+        let stock = versions.inputs(kernel, Fixture::CxlMemStock).unwrap();
         assert_ne!(fixed, stock);
-        assert!(fixed.contains(FIXED_PATCH));
+        assert!(fixed.contains(fixed_patch(kernel).unwrap()));
+        let other = debian::stock_kernel("7.2").unwrap();
+        assert_ne!(versions.inputs(other, Fixture::CxlMemStock).unwrap(), stock);
         let newer = Versions { compiler: "12.1".into(), ..versions };
-        assert_ne!(newer.inputs(Fixture::CxlMemFixed), fixed);
+        assert_ne!(newer.inputs(kernel, Fixture::CxlMemFixed).unwrap(), fixed);
     }
 
     /// The line range of `cxl_mem_probe()` in `source`.
@@ -357,63 +364,125 @@ mod tests {
         code.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).any(|word| word == "dport")
     }
 
-    /// Lines of `cxl_mem_probe()` that use `dport` outside the `scoped_guard` on the
-    /// endpoint's parent, or before it was fetched there. Empty means the probe keeps the
-    /// dport under the lock.
-    fn dport_uses_outside_the_lock(source: &str) -> Vec<String> {
-        let body = probe_body(source);
-        let guard = body
-            .iter()
-            .position(|l| l.contains("scoped_guard(device, endpoint_parent)"))
-            .expect("the scoped_guard on endpoint_parent");
-        // The guard's block: from its line to the brace that closes it.
-        let mut depth = 0i32;
-        let mut guard_end = guard;
-        for (i, line) in body.iter().enumerate().skip(guard) {
-            depth += line.matches('{').count() as i32 - line.matches('}').count() as i32;
-            if depth == 0 {
-                guard_end = i;
-                break;
+    /// The locked sections of a probe body, as inclusive line ranges: each
+    /// `scoped_guard(device, ...)` block (6.12, 7.2) and each stretch from `device_lock(` to
+    /// `device_unlock(` (6.1).
+    fn locked_sections(body: &[&str]) -> Vec<(usize, usize)> {
+        let mut sections = Vec::new();
+        for (start, line) in body.iter().enumerate() {
+            let code = line.trim_start();
+            if code.starts_with("scoped_guard(device,") {
+                // The guard's block: from its line to the brace that closes it.
+                let mut depth = 0i32;
+                for (i, line) in body.iter().enumerate().skip(start) {
+                    depth += line.matches('{').count() as i32 - line.matches('}').count() as i32;
+                    if depth == 0 {
+                        sections.push((start, i));
+                        break;
+                    }
+                }
+            } else if code.starts_with("device_lock(") {
+                let end = body[start..].iter().position(|l| l.trim_start().starts_with("device_unlock(")).expect("unlock");
+                sections.push((start, start + end));
             }
         }
-        let fetch = body[guard..=guard_end]
-            .iter()
-            .position(|l| l.trim_start().starts_with("dport = cxl_find_dport_by_dev("))
-            .map(|i| guard + i);
+        sections
+    }
+
+    /// Lines of `cxl_mem_probe()` that use `dport` outside every locked section, or inside one
+    /// but before the dport was fetched again there. Empty means the probe fetches and uses
+    /// the dport only under a lock.
+    fn dport_uses_outside_the_lock(source: &str) -> Vec<String> {
+        let body = probe_body(source);
+        let sections = locked_sections(&body);
+        let fetched_under_lock = |i: usize| {
+            sections.iter().any(|&(start, end)| {
+                (start..=end).contains(&i)
+                    && body[start..=i].iter().any(|l| l.trim_start().starts_with("dport = cxl_find_dport_by_dev("))
+            })
+        };
         body.iter()
             .enumerate()
             .filter(|(_, l)| mentions_dport(l) && l.trim() != "struct cxl_dport *dport;")
-            .filter(|(i, _)| fetch.is_none_or(|fetch| *i < fetch || *i > guard_end))
+            .filter(|(i, _)| !fetched_under_lock(*i))
             .map(|(_, l)| l.trim().to_owned())
             .collect()
     }
 
-    /// Applies the fix to the real 6.12 source and checks what it does to the probe. Needs
-    /// the `linux-source-6.12` package and `patch` (`cargo xtask setup` installs both).
-    #[test]
-    fn fixed_patch_applies_to_the_pristine_source_and_moves_every_dport_use_under_the_lock() {
-        let versions = Versions::query().expect("the fixture packages (run `cargo xtask setup`)");
-        let source = source::ensure(&cache_dir().join("fixtures"), &versions.source).unwrap();
+    /// The source package version the tests use: the installed headers' version for a
+    /// bookworm kernel (set-up installs them), the one sid serves for a sid kernel.
+    fn headers_version(kernel: &StockKernel) -> String {
+        let mut cmd = match kernel.suite {
+            Suite::Host => {
+                let mut cmd = Command::new("dpkg-query");
+                cmd.args(["-W", "-f=${Version}", kernel.headers_package]);
+                cmd
+            }
+            Suite::Sid => {
+                let sid = SidApt::new();
+                sid.prepare().expect("the sid package lists");
+                let mut cmd = Command::new("apt-cache");
+                cmd.args(sid.options()).args(["show", "--no-all-versions", kernel.headers_package]);
+                cmd
+            }
+        };
+        let out = util::output(&mut cmd).expect("the headers package's version (run `cargo xtask setup`)");
+        out.lines()
+            .find_map(|l| l.strip_prefix("Version: "))
+            .unwrap_or(&out)
+            .trim()
+            .to_owned()
+    }
+
+    /// Applies the fix to the real source of `kernel` and checks what it does to the probe:
+    /// every use of the dport comes after a fetch under a lock, where the stock source uses
+    /// `stock_uses` without one (so the check cannot pass vacuously). Needs `patch` and the
+    /// source package (fetched as a .deb and cached on first use).
+    fn fix_moves_every_dport_use_under_the_lock(name: &str, stock_uses: &[&str]) {
+        let kernel = debian::stock_kernel(name).unwrap();
+        let source = source::ensure(kernel, &headers_version(kernel)).unwrap();
         let stock = fs::read_to_string(source.cxl_dir().join(MAIN_SOURCE)).unwrap();
-        let stock_uses = dport_uses_outside_the_lock(&stock);
-        assert!(
-            stock_uses.iter().any(|l| l.contains("cxl_dport_init_ras_reporting(dport, dev)"))
-                && stock_uses.iter().any(|l| l.contains("dport->rch")),
-            "the check no longer sees the stock bug: {stock_uses:?}"
-        );
+        let found = dport_uses_outside_the_lock(&stock);
+        for expected in stock_uses {
+            assert!(
+                found.iter().any(|l| l.contains(expected)),
+                "{name}: the check no longer sees the stock use {expected:?}: {found:?}"
+            );
+        }
 
         let dir = tempfile::tempdir().unwrap();
         let build_dir = dir.path().join("build");
-        prepare(&source.cxl_dir(), &build_dir, Fixture::CxlMemFixed).unwrap();
+        prepare(kernel, &source.cxl_dir(), &build_dir, Fixture::CxlMemFixed).unwrap();
         let fixed = fs::read_to_string(build_dir.join(MAIN_SOURCE)).unwrap();
         assert_ne!(fixed, stock);
-        assert!(fixed.contains("cxl_mem_find_port(cxlmd, NULL)"));
-        assert_eq!(dport_uses_outside_the_lock(&fixed), Vec::<String>::new());
+        assert!(fixed.contains("cxl_mem_find_port(cxlmd, NULL)"), "{name}");
+        assert_eq!(dport_uses_outside_the_lock(&fixed), Vec::<String>::new(), "{name}");
         for file in ["Kbuild", "cxl.h", "cxlmem.h", "cxlpci.h"] {
-            assert!(build_dir.join(file).is_file(), "{file} missing from the build folder");
+            assert!(build_dir.join(file).is_file(), "{name}: {file} missing from the build folder");
         }
 
-        prepare(&source.cxl_dir(), &build_dir, Fixture::CxlMemStock).unwrap();
+        prepare(kernel, &source.cxl_dir(), &build_dir, Fixture::CxlMemStock).unwrap();
         assert_eq!(fs::read_to_string(build_dir.join(MAIN_SOURCE)).unwrap(), stock);
+    }
+
+    /// 6.1.192: the stock probe locks the right device but uses the dport it loaded before.
+    #[test]
+    fn fix_6_1_applies_and_moves_every_dport_use_under_the_lock() {
+        fix_moves_every_dport_use_under_the_lock(
+            "6.1",
+            &["cxl_mem_find_port(cxlmd, &dport)", "devm_cxl_add_endpoint(cxlmd, dport)"],
+        );
+    }
+
+    /// 6.12.117: the stock probe reads dport->rch and sets up RAS with no lock.
+    #[test]
+    fn fix_6_12_applies_and_moves_every_dport_use_under_the_lock() {
+        fix_moves_every_dport_use_under_the_lock("6.12", &["cxl_dport_init_ras_reporting(dport, dev)", "dport->rch"]);
+    }
+
+    /// 7.2.13: the seed thread's own hunk against the source it was written for.
+    #[test]
+    fn fix_7_2_applies_and_moves_every_dport_use_under_the_lock() {
+        fix_moves_every_dport_use_under_the_lock("7.2", &["dport->rch", "devm_cxl_add_endpoint(endpoint_parent, cxlmd, dport)"]);
     }
 }

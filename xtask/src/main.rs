@@ -1,5 +1,6 @@
 //! Developer tasks cargo cannot do by itself: set-up, the test suite, the QEMU CXL guest.
 mod bench;
+mod debian;
 mod demo;
 mod fixture;
 mod setup;

@@ -6,11 +6,16 @@ use std::{fs, path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use crate::util::{self, cache_dir, cargo_home, output};
+use crate::{
+    debian::{STOCK_KERNELS, StockKernel, Suite},
+    util::{self, cache_dir, cargo_home, output},
+};
 
 /// Debian packages the project uses: the QEMU guest (qemu, busybox for its userland, kmod
-/// for depmod), the out-of-tree module fixtures (gcc-12, make, the kernel headers and
-/// source), and bpftool/bpftrace for the guest's comparison runs and leak checks.
+/// for depmod), bpftool/bpftrace for the guest's comparison runs and leak checks, Chromium
+/// for the timeline page's browser test, and a kernel source tarball for the kernel's own
+/// KTAP parser (tools/testing/kunit; any version will do) that the KTAP test runs; the
+/// out-of-tree module fixtures add `fixture_packages()`.
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
@@ -21,26 +26,38 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "make",
     "bpftool",
     "bpftrace",
+    "chromium",
+    "linux-source-6.12",
+    "python3",
 ];
 
-/// What `cargo xtask fixture` builds with (it ensures only these; set-up installs them too):
-/// the 6.12.117 source tarball and the guest kernel's headers (which pull in `-common`,
-/// `linux-kbuild`, pahole for module BTF, and a kernel image whose `cxl_mem.ko` the stock
-/// rebuild is compared with), the compiler Debian built that kernel with, and `patch`.
-pub const FIXTURE_PACKAGES: &[&str] = &[
-    "linux-source-6.12",
-    "linux-headers-6.12.117+deb12-amd64",
-    "gcc-12",
-    "make",
-    "patch",
-    "xz-utils",
-];
+/// Host tools every fixture build uses: patch to apply the fix, xz for the source tarball and
+/// the distro's modules, make for Kbuild.
+const FIXTURE_TOOLS: &[&str] = &["make", "patch", "xz-utils"];
+
+/// What `cargo xtask fixture --kernel K` needs on the host (it ensures only these; set-up
+/// installs them for every kernel). A bookworm kernel builds on the host: its headers package
+/// (which pulls in `-common`, `linux-kbuild` and pahole for module BTF) and the compiler
+/// Debian built it with. A sid kernel builds in a sid chroot that debootstrap makes. The
+/// source packages are not installed: the fixtures fetch them as .debs pinned to the headers'
+/// version.
+pub fn fixture_packages(kernel: &StockKernel) -> Vec<&'static str> {
+    let mut packages = FIXTURE_TOOLS.to_vec();
+    match kernel.suite {
+        Suite::Host => packages.extend([kernel.headers_package, kernel.compiler]),
+        Suite::Sid => packages.push("debootstrap"),
+    }
+    packages
+}
 
 /// bpf-linker release the eBPF build is known to work with (DESIGN §5).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run() -> anyhow::Result<()> {
-    let mut packages = [DEBIAN_PACKAGES, FIXTURE_PACKAGES].concat();
+    let mut packages = DEBIAN_PACKAGES.to_vec();
+    for kernel in STOCK_KERNELS {
+        packages.extend(fixture_packages(kernel));
+    }
     packages.sort_unstable();
     packages.dedup();
     ensure_packages(&packages)?;

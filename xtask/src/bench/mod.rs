@@ -26,7 +26,7 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 
 use crate::{
-    fixture, setup,
+    debian, fixture, setup,
     util::{self, cache_dir},
     vm::{self, GuestFile, RunOptions, Topology},
 };
@@ -219,11 +219,13 @@ fn build_helper() -> anyhow::Result<PathBuf> {
 /// Builds `cxl_dport_bench.ko` against the guest kernel's headers, with the CXL headers
 /// from its source (the fixtures' cached extraction); rebuilt only when its inputs change.
 fn build_module() -> anyhow::Result<PathBuf> {
-    let (cxl_dir, headers) = fixture::cxl_headers("cxlmem.h")?;
-    let dir = cache_dir().join("bench/module");
+    // The bench boots the harness's default kernel.
+    let kernel = debian::stock_kernel(debian::DEFAULT_KERNEL)?;
+    let (cxl_dir, headers) = fixture::cxl_headers(kernel, "cxlmem.h")?;
+    let dir = cache_dir().join("bench").join(format!("module-{}", kernel.name));
     let ko = dir.join(format!("{MODULE_NAME}.ko"));
     let kbuild = format!("obj-m := {MODULE_NAME}.o\n");
-    let mut inputs = format!("{kbuild}{MODULE_SOURCE}");
+    let mut inputs = format!("{}\n{kbuild}{MODULE_SOURCE}", kernel.release);
     for h in &headers {
         inputs.push_str(&fs::read_to_string(cxl_dir.join(h)).with_context(|| format!("reading {}", h.display()))?);
     }
@@ -239,10 +241,11 @@ fn build_module() -> anyhow::Result<PathBuf> {
         }
         fs::write(dir.join(format!("{MODULE_NAME}.c")), MODULE_SOURCE)?;
         fs::write(dir.join("Kbuild"), &kbuild)?;
-        fixture::compile(&dir).context("building the bench module failed")?;
+        fixture::compile(kernel, &dir).context("building the bench module failed")?;
         fs::write(&stamp, &inputs)?;
     }
-    fixture::check_vermagic(&fs::read(&ko)?).with_context(|| format!("{} does not fit the guest kernel", ko.display()))?;
+    fixture::check_vermagic(kernel, &fs::read(&ko)?)
+        .with_context(|| format!("{} does not fit the guest kernel", ko.display()))?;
     Ok(ko)
 }
 
