@@ -28,7 +28,10 @@ use tracer_common::{COUNTERS, Counter};
 use crate::{
     Outcome,
     recorder::Recorder,
-    load::{self, Discovery, ProbeConfig, attach, cxl_module_layout, discover, loaded_cxl_modules, privilege_problem},
+    load::{
+        self, Attached, Discovery, ModuleRescan, ProbeConfig, attach, cxl_module_layout, discover,
+        privilege_problem,
+    },
 };
 
 pub struct LiveOptions {
@@ -164,7 +167,7 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .context("polling the ring buffer")?;
 
-    let Discovery { symbols, plan, .. } = discovery;
+    let Discovery { symbols, mut plan, rescan, .. } = discovery;
     let mut pipeline = Pipeline {
         resolver: Resolver::new(symbols, load::site_names(&plan)).with_reload(Box::new(|old: &Symbols| match old.reload_modules() {
             Ok(symbols) => Some(symbols),
@@ -193,7 +196,6 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     let mut tick = tokio::time::interval(TICK);
     // A module reloaded between two ticks shows as a new load address.
     let mut layout = cxl_module_layout();
-    let mut planned_modules = loaded_cxl_modules();
     let started = Instant::now();
     let mut child_status = None;
     // Exited threads' state is forgotten (every short-lived modprobe of a hotplug loop would
@@ -218,17 +220,18 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
                 }
                 let now = cxl_module_layout();
                 if now != layout {
-                    let new: Vec<String> =
-                        now.iter().map(|(name, _)| name).filter(|m| !planned_modules.contains(m)).cloned().collect();
-                    for module in new {
-                        eprintln!("tracer: warning: {module} was loaded after tracer started: its call sites are not probed (start tracer with --wait-for-cxl, or restart it)");
-                        planned_modules.push(module);
-                    }
-                    layout = now;
                     match pipeline.resolver.symbols().reload_modules() {
                         Ok(symbols) => pipeline.resolver.set_symbols(symbols),
                         Err(err) => eprintln!("tracer: warning: re-reading symbols after a module change: {err}"),
                     }
+                    // A module loaded since the last tick (again, or for the first time):
+                    // find its sites where its code has them now.
+                    let loaded: Vec<String> =
+                        now.iter().filter(|entry| !layout.contains(entry)).map(|(name, _)| name.clone()).collect();
+                    for module in loaded {
+                        rescan_module(&mut pipeline, &mut attached, &mut plan, &rescan, &module);
+                    }
+                    layout = now;
                 }
                 ticks = ticks.wrapping_add(1);
                 if forget_exited && ticks.is_multiple_of(EXITED_EVERY) {
@@ -316,6 +319,33 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
         bail!("{lost} events lost (--strict)");
     }
     Ok(if pipeline.analysis.groups().is_empty() || options.format.is_none() { Outcome::Clean } else { Outcome::Findings })
+}
+
+/// Finds `module`'s sites again after it was loaded (again) and attaches them if its code
+/// moved them (another build of the module); says what it did.
+fn rescan_module(pipeline: &mut Pipeline, attached: &mut Attached, plan: &mut tracer::probe::plan::Plan, rescan: &ModuleRescan, module: &str) {
+    let sites = match rescan.module_sites(pipeline.resolver.symbols(), module) {
+        Ok(sites) => sites,
+        Err(err) => {
+            eprintln!("tracer: warning: {module} was loaded again but its sites could not be found again ({err:#}): the probes the kernel re-armed may no longer fit its code");
+            return;
+        }
+    };
+    let count = sites.len();
+    match attached.replace_module_sites(plan, module, sites) {
+        Ok(r) if r.same => eprintln!("tracer: {module} loaded again: same code, its {count} sites re-armed by the kernel"),
+        Ok(r) => {
+            pipeline.resolver.set_sites(load::site_names(plan));
+            eprintln!(
+                "tracer: {module} loaded with other code (another build): {} old sites detached, {} new sites attached",
+                r.removed, r.added
+            );
+            for failure in r.failed {
+                eprintln!("tracer: warning: {module}: not attached: {failure}");
+            }
+        }
+        Err(err) => eprintln!("tracer: warning: {module}: its new sites could not be attached: {err:#}"),
+    }
 }
 
 fn report_discovery(d: &Discovery) {

@@ -172,6 +172,8 @@ pub struct Discovery {
     pub derefs: DerefScan,
     /// The devres core's `kfree` call sites, when frees are seen there.
     pub frees: Vec<CallSite>,
+    /// For finding a module's sites again when it is reloaded.
+    pub rescan: ModuleRescan,
     pub took: Duration,
 }
 
@@ -269,14 +271,29 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
         };
         asked_sites.push(site);
     }
+    let loaders = btf.dport_loaders().context("listing functions that return a struct cxl_dport")?;
     let derefs = if config.derefs {
-        let loaders = btf.dport_loaders().context("listing functions that return a struct cxl_dport")?;
         let sites = derefs::find(&symbols, &text, &loaders, &uses, &profile.dport);
         plan.add_derefs(&symbols, &sites);
         let functions: FxHashSet<u64> = sites.iter().map(|s| s.function_addr).collect();
         DerefScan { functions: functions.len(), sites: sites.len() }
     } else {
         DerefScan::default()
+    };
+    let rescan = ModuleRescan {
+        btf_dir: btf_dir.clone(),
+        callees: callees
+            .iter()
+            .copied()
+            .filter(|c| !(config.global_lock_hook && c.name.starts_with("mutex_")))
+            .filter(|c| !(direct_xa_load && c.name == "xa_load"))
+            .collect(),
+        vmlinux_uses: uses.iter().filter(|u| u.module.is_none()).cloned().collect(),
+        vmlinux_loaders: loaders.iter().filter(|l| l.module.is_none()).cloned().collect(),
+        extra_uses: config.extra_uses.clone(),
+        layout: profile.dport.clone(),
+        derefs: config.derefs,
+        btf,
     };
     if direct_xa_load {
         let xa_load = callsites::CALLEES.iter().find(|c| c.name == "xa_load").expect("xa_load is a callee");
@@ -296,8 +313,43 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
         asked_sites,
         derefs,
         frees,
+        rescan,
         took: start.elapsed(),
     })
+}
+
+/// What it takes to find a CXL module's sites again after it was loaded again, maybe as
+/// another build (a patched `cxl_mem.ko` in place of the distro's): its call sites, use
+/// sites and deref sites are where its code now has them.
+pub struct ModuleRescan {
+    btf: KernelBtf,
+    btf_dir: PathBuf,
+    callees: Vec<tracer::kernel::callsites::Callee>,
+    vmlinux_uses: Vec<DportFunction>,
+    vmlinux_loaders: Vec<DportFunction>,
+    extra_uses: Vec<DportFunction>,
+    layout: tracer::kernel::derefs::Layout,
+    derefs: bool,
+}
+
+impl ModuleRescan {
+    /// The sites of `module` in the running kernel (symbols re-read since it was loaded).
+    pub fn module_sites(&self, symbols: &Symbols, module: &str) -> anyhow::Result<Vec<PlannedSite>> {
+        let (mut uses, mut loaders) = self.btf.module_functions(&self.btf_dir, module)?;
+        uses.extend(self.extra_uses.iter().filter(|u| u.module.as_deref() == Some(module)).cloned());
+        let functions: Vec<&tracer::symbolize::Symbol> =
+            symbols.iter().filter(|s| s.text && s.module.as_deref() == Some(module)).collect();
+        let text = CxlText::read_functions(symbols, &Kcore::open()?, functions)?;
+        let calls = callsites::find(symbols, &text, &self.callees);
+        let mut plan = Plan::build(symbols, &calls, &uses);
+        if self.derefs {
+            loaders.extend(self.vmlinux_loaders.iter().cloned());
+            let all_uses: Vec<DportFunction> = self.vmlinux_uses.iter().chain(&uses).cloned().collect();
+            plan.add_derefs(symbols, &derefs::find(symbols, &text, &loaders, &all_uses, &self.layout));
+        }
+        plan.sites.retain(|s| s.module.as_deref() == Some(module));
+        Ok(plan.sites)
+    }
 }
 
 /// Every attach point outside CXL and devres code, with what it costs: a probe there runs
@@ -323,9 +375,25 @@ pub struct DerefScan {
     pub sites: usize,
 }
 
+/// The `SITES` slot of the free path's fallback kprobe.
+const FREE_FALLBACK_SITE: u32 = MAX_SITES - 1;
+
+/// What `Attached::replace_module_sites` did.
+#[derive(Debug, Default)]
+pub struct Replaced {
+    /// The module's code has the same sites as before: the kernel re-armed its probes.
+    pub same: bool,
+    pub removed: usize,
+    pub added: usize,
+    /// Sites that could not be attached, with the kernel's reason.
+    pub failed: Vec<String>,
+}
+
 /// The kernel side, loaded and attached. Dropping it detaches everything (kprobes first).
 pub struct Attached {
     kprobes: Kprobes,
+    /// The program behind every kprobe, for sites attached later.
+    site_program: aya::programs::ProgramFd,
     pub ebpf: Ebpf,
     /// What could not be attached, and what that disables.
     pub warnings: Vec<String>,
@@ -344,6 +412,46 @@ impl Attached {
         Ok(RingBuf::try_from(map)?)
     }
 
+    /// A CXL module was loaded again: if its code now has other sites than the plan's (another
+    /// build of it), detach the old ones and attach the new ones at new site indexes (events
+    /// already in flight still name the old ones, which stay in the plan, retired).
+    pub fn replace_module_sites(&mut self, plan: &mut Plan, module: &str, new: Vec<PlannedSite>) -> anyhow::Result<Replaced> {
+        let key = |s: &PlannedSite| (s.role as u32, s.arg, s.function.clone(), s.offset, s.point.spec());
+        let old: Vec<usize> = (0..plan.sites.len())
+            .filter(|&i| plan.sites[i].module.as_deref() == Some(module) && !plan.retired.contains(&i))
+            .collect();
+        let mut old_keys: Vec<_> = old.iter().map(|&i| key(&plan.sites[i])).collect();
+        let mut new_keys: Vec<_> = new.iter().map(key).collect();
+        old_keys.sort();
+        new_keys.sort();
+        if old_keys == new_keys {
+            return Ok(Replaced { same: true, ..Replaced::default() });
+        }
+        if plan.sites.len() + new.len() >= FREE_FALLBACK_SITE as usize {
+            bail!("{module}: {} new sites would pass the kernel side's {FREE_FALLBACK_SITE} site slots", new.len());
+        }
+        let mut replaced = Replaced::default();
+        let mut sites: Array<_, SiteInfo> =
+            Array::try_from(self.ebpf.map_mut("SITES").context("the eBPF object has no SITES map")?)?;
+        for &i in &old {
+            self.kprobes.detach(i as u64);
+            // A late hit of a retired site does nothing.
+            sites.set(i as u32, SiteInfo::default(), 0)?;
+            plan.retired.insert(i);
+            replaced.removed += 1;
+        }
+        for site in new {
+            let index = plan.sites.len();
+            sites.set(index as u32, SiteInfo { addr: site.addr, role: site.role as u32, arg: site.arg }, 0)?;
+            match self.kprobes.attach(self.site_program.as_fd(), &site.point, index as u64) {
+                Ok(()) => replaced.added += 1,
+                Err(err) => replaced.failed.push(format!("{} {}: {err}", site.what, site.point.spec())),
+            }
+            plan.sites.push(site);
+        }
+        Ok(replaced)
+    }
+
     /// How often each load, use and deref site ran and reported a tracked dport, from the
     /// kernel's per-site counters (summed over CPUs). `judged` is left for the engine.
     pub fn coverage(&self, plan: &Plan) -> anyhow::Result<Coverage> {
@@ -353,7 +461,10 @@ impl Attached {
         let (hits, reports) = (per_cpu("SITE_HITS")?, per_cpu("SITE_REPORTS")?);
         let mut sites = Vec::new();
         for (i, site) in plan.sites.iter().enumerate() {
-            let Some((kind, place)) = site.coverage() else { continue };
+            let Some((kind, mut place)) = site.coverage() else { continue };
+            if plan.retired.contains(&i) {
+                place = format!("{place} (before {} was reloaded)", site.module.as_deref().unwrap_or("its module")).into();
+            }
             let ran = hits.get(&(i as u32), 0)?.iter().sum();
             let reported = reports.get(&(i as u32), 0)?.iter().sum();
             sites.push(SiteRun { kind, place, function: site.function.clone(), ran, reported, judged: 0 });
@@ -379,9 +490,9 @@ pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached
     raise_memlock();
     raise_open_files();
     let plan = &discovery.plan;
-    // One slot stays free for the fallback kprobe of the free path.
-    if plan.sites.len() >= MAX_SITES as usize {
-        bail!("{} probe sites planned, the kernel side holds at most {}", plan.sites.len(), MAX_SITES - 1);
+    // The last slot stays free for the fallback kprobe of the free path.
+    if plan.sites.len() >= FREE_FALLBACK_SITE as usize {
+        bail!("{} probe sites planned, the kernel side holds at most {FREE_FALLBACK_SITE}", plan.sites.len());
     }
     let mut ebpf = EbpfLoader::new()
         .override_global("OFFSETS", &discovery.profile.offsets, true)
@@ -458,7 +569,7 @@ pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached
         ),
     }
     attach_free_path(&mut ebpf, &btf, discovery, &mut kprobes, fd.as_fd(), &mut warnings)?;
-    Ok(Attached { kprobes, ebpf, warnings, took: start.elapsed(), deref_took })
+    Ok(Attached { kprobes, site_program: fd, ebpf, warnings, took: start.elapsed(), deref_took })
 }
 
 /// Attaches where the profile says frees are seen. `free_dport` falls back from fentry to a
@@ -479,8 +590,8 @@ fn attach_free_path(
             match fentry {
                 Ok(_) => None,
                 Err(fentry_err) => {
-                    // The SITES slot after the plan's is the fallback kprobe's.
-                    let index = discovery.plan.sites.len();
+                    // The last SITES slot is the fallback kprobe's (plans stop short of it).
+                    let index = FREE_FALLBACK_SITE as usize;
                     let mut sites: Array<_, SiteInfo> =
                         Array::try_from(ebpf.map_mut("SITES").context("the eBPF object has no SITES map")?)?;
                     sites.set(index as u32, SiteInfo { addr: 0, role: SiteRole::FreeEntry as u32, arg: 0 }, 0)?;

@@ -65,6 +65,11 @@ impl Resolver {
         &self.symbols
     }
 
+    /// New site names (a module's sites were found again after it was reloaded).
+    pub fn set_sites(&mut self, sites: Vec<SiteName>) {
+        self.sites = sites;
+    }
+
     /// New symbols (a module was loaded or unloaded).
     pub fn set_symbols(&mut self, symbols: Symbols) {
         self.symbols = symbols;

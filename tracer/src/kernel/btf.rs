@@ -51,6 +51,22 @@ impl KernelBtf {
         Ok(KernelBtf { vmlinux, modules: loaded })
     }
 
+    /// The use sites and loaders of one module, from its BTF in `dir` (after it was loaded
+    /// again): (functions taking a dport, functions handing one back).
+    pub fn module_functions(&self, dir: &Path, module: &str) -> Result<(Vec<DportFunction>, Vec<DportFunction>), BtfError> {
+        let path = dir.join(module);
+        let (mut uses, mut loaders) = (Vec::new(), Vec::new());
+        if !path.exists() {
+            return Ok((uses, loaders));
+        }
+        let btf = Btf::from_split_file(&path, &self.vmlinux).map_err(|source| BtfError::Open { path, source })?;
+        if let Some(split) = btf.split() {
+            collect_pointer_params(&btf, split.type_iter(), "cxl_dport", Some(module), &mut uses)?;
+            collect_loaders(&btf, split.type_iter(), Some(module), &mut loaders)?;
+        }
+        Ok((uses, loaders))
+    }
+
     /// Every function (vmlinux and modules) that hands its caller a dport: one returning a
     /// `struct cxl_dport *` or filling a `struct cxl_dport **` parameter
     /// (`cxl_mem_find_port(cxlmd, &dport)`). Their callers can hold a loaded dport.

@@ -81,9 +81,19 @@ pub fn traceable(tracefs: &Path, function: &str) -> bool {
 pub struct Kprobes {
     tracefs: PathBuf,
     group: String,
+    /// Every event defined and not yet removed.
     events: Vec<String>,
-    /// Perf events and the links holding the program on them.
-    attached: Vec<(OwnedFd, OwnedFd)>,
+    /// The attached ones: the perf event and the link holding the program on it, by cookie.
+    attached: Vec<Attachment>,
+    next: usize,
+}
+
+struct Attachment {
+    cookie: u64,
+    event: String,
+    // Dropped link first, then the perf event (field order).
+    _link: OwnedFd,
+    _perf: OwnedFd,
 }
 
 const PERF_TYPE_TRACEPOINT: u32 = 2;
@@ -95,7 +105,13 @@ impl Kprobes {
     pub fn new() -> Result<Kprobes, AttachError> {
         let tracefs = tracefs()?;
         remove_stale_groups(&tracefs);
-        Ok(Kprobes { tracefs, group: format!("tracer_{}", std::process::id()), events: Vec::new(), attached: Vec::new() })
+        Ok(Kprobes {
+            tracefs,
+            group: format!("tracer_{}", std::process::id()),
+            events: Vec::new(),
+            attached: Vec::new(),
+            next: 0,
+        })
     }
 
     fn write_events(&self, line: &str) -> std::io::Result<()> {
@@ -106,7 +122,8 @@ impl Kprobes {
     /// Defines a kprobe at `point` and attaches `prog` to it with `cookie`.
     pub fn attach(&mut self, prog: impl AsFd, point: &ProbePoint, cookie: u64) -> Result<(), AttachError> {
         let spec = point.spec();
-        let event = format!("s{}", self.events.len());
+        let event = format!("s{}", self.next);
+        self.next += 1;
         self.write_events(&format!("{}:{}/{event} {spec}\n", point.kind(), self.group))
             .map_err(|source| AttachError::Define { spec: spec.clone(), source })?;
         self.events.push(event.clone());
@@ -116,8 +133,19 @@ impl Kprobes {
             .map_err(|source| AttachError::Id { path: id_path, source })?;
         let perf = perf_event_open_tracepoint(id).map_err(|source| AttachError::PerfOpen { spec: spec.clone(), source })?;
         let link = link_create(prog.as_fd(), perf.as_fd(), cookie).map_err(|source| AttachError::Link { spec, source })?;
-        self.attached.push((perf, link));
+        self.attached.push(Attachment { cookie, event, _link: link, _perf: perf });
         Ok(())
+    }
+
+    /// Detaches the kprobe with `cookie` and removes its event. Returns whether it was there.
+    pub fn detach(&mut self, cookie: u64) -> bool {
+        let Some(i) = self.attached.iter().position(|a| a.cookie == cookie) else { return false };
+        let attachment = self.attached.swap_remove(i);
+        let event = attachment.event.clone();
+        drop(attachment);
+        let _ = self.write_events(&format!("-:{}/{event}\n", self.group));
+        self.events.retain(|e| *e != event);
+        true
     }
 
     pub fn len(&self) -> usize {

@@ -75,6 +75,9 @@ pub struct UseSite {
 #[derive(Default)]
 pub struct Plan {
     pub sites: Vec<PlannedSite>,
+    /// Sites of a module that was loaded again as another build: detached, their indexes
+    /// kept so events already sent still name them.
+    pub retired: rustc_hash::FxHashSet<usize>,
     pub uses: Vec<UseSite>,
     /// Tail calls whose result could not be probed (a kretprobe needs a unique name).
     pub unprobed_tail_calls: Vec<CallSite>,
