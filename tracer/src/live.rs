@@ -340,6 +340,12 @@ fn rescan_module(pipeline: &mut Pipeline, attached: &mut Attached, plan: &mut tr
                 "tracer: {module} loaded with other code (another build): {} old sites detached, {} new sites attached",
                 r.removed, r.added
             );
+            // The kernel re-armed the old probes at module load, before this tick: what the
+            // module did in between (its probe runs during insmod) was seen through probes
+            // that do not fit its code.
+            eprintln!(
+                "tracer: warning: {module}: events between its load and now were seen with its previous build's probes, so findings there may be wrong; load your build before starting the tracer (or start it with --wait-for-cxl)"
+            );
             for failure in r.failed {
                 eprintln!("tracer: warning: {module}: not attached: {failure}");
             }

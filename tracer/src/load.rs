@@ -70,7 +70,8 @@ pub fn privilege_problem() -> Option<String> {
     (!missing.is_empty()).then(|| format!("tracer needs {}: run it as root, e.g. with sudo", missing.join(", ")))
 }
 
-/// CXL modules loaded now, from /proc/modules: (name, load address).
+/// CXL modules loaded now, from /proc/modules: (name, "size address"). A module loaded
+/// again shows as a change of either (another build usually has another size).
 pub fn cxl_module_layout() -> Vec<(String, String)> {
     std::fs::read_to_string("/proc/modules")
         .unwrap_or_default()
@@ -78,7 +79,8 @@ pub fn cxl_module_layout() -> Vec<(String, String)> {
         .filter_map(|l| {
             let fields: Vec<&str> = l.split_whitespace().collect();
             let name = *fields.first()?;
-            is_cxl_module(name).then(|| (name.to_owned(), fields.last().copied().unwrap_or_default().to_owned()))
+            let place = format!("{} {}", fields.get(1).copied().unwrap_or_default(), fields.last().copied().unwrap_or_default());
+            is_cxl_module(name).then(|| (name.to_owned(), place))
         })
         .collect()
 }
