@@ -23,10 +23,9 @@ use crate::util::{self, cache_dir};
 /// Bumped when the base archive's layout changes, so stale cached bases are not reused.
 const BASE_FORMAT: u32 = 1;
 
-/// The modules the initramfs holds: the 9p share for results and the CXL drivers the
-/// workloads exercise (`cxl_core`, `cxl_port` are built into Debian's kernel). The guest
-/// loads them all, in this order, except cxl_pmem unless asked (`--pmem`).
-pub const SHARE_MODULES: &[&str] = &["9pnet_virtio", "9p"];
+/// The CXL drivers the workloads exercise, besides what /init needs for the results share
+/// (basics.rs); `cxl_core` and `cxl_port` are built into Debian's kernels. The guest loads
+/// them all, in this order, except cxl_pmem unless asked (`--pmem`).
 pub const CXL_MODULES: &[&str] = &["cxl_acpi", "cxl_pci", "cxl_mem", "cxl_pmem"];
 pub const PMEM_MODULE: &str = "cxl_pmem";
 
@@ -86,13 +85,20 @@ pub fn base(kernel: &Kernel, index: &ModuleIndex, modules: &[String]) -> anyhow:
             .map(|m| format!("{}:{}:{:?}", p.display(), m.len(), m.modified().ok()))
             .unwrap_or_default()
     };
+    // Keyed on each module file too: a user's tree may be rebuilt in place under the same
+    // release, and two kernels may need different modules (basics.rs).
+    let module_stamps: Vec<String> = modules
+        .iter()
+        .map(|m| stamp(&kernel.modules.join(&index.modules[m].path)))
+        .collect();
     let key = fnv1a(
         format!(
-            "{BASE_FORMAT}\n{}\n{}\n{}\n{}",
+            "{BASE_FORMAT}\n{}\n{}\n{}\n{}\n{}",
             kernel.release,
             stamp(&kernel.modules.join("modules.dep")),
             stamp(&busybox),
-            modules.join(" ")
+            modules.join(" "),
+            module_stamps.join("\n")
         )
         .as_bytes(),
     );

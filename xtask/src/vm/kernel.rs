@@ -1,5 +1,5 @@
-//! The guest kernel: the Debian package fetched into the cache, a user's .deb, or a user's
-//! own image and modules tree; and the modules the initramfs takes from it.
+//! The guest kernel: a stock Debian kernel of the matrix fetched into the cache, a user's
+//! .deb, or a user's own image and modules tree; and the modules the initramfs takes from it.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -9,15 +9,16 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::util::{self, cache_dir};
-
-/// The kernel the harness boots unless told otherwise (DESIGN §6).
-pub const DEFAULT_PACKAGE: &str = "linux-image-6.12.117+deb12-amd64-unsigned";
+use crate::{
+    debian::{self, StockKernel},
+    util::{self, cache_dir},
+};
 
 /// Where the kernel comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
-    /// A Debian package name, fetched with `apt-get download`.
-    Package(String),
+    /// A stock Debian kernel of the matrix (DESIGN §7): its packages, fetched with apt.
+    Stock(&'static StockKernel),
     /// A kernel image .deb the user built or downloaded.
     Deb(PathBuf),
     /// A bzImage and its installed modules directory (`lib/modules/RELEASE`).
@@ -35,14 +36,25 @@ pub struct Kernel {
 impl Kernel {
     pub fn resolve(source: &Source) -> anyhow::Result<Self> {
         match source {
-            Source::Package(package) => {
-                let deb = fetch_package(package)?;
-                unpacked(&deb)
+            Source::Stock(stock) => {
+                let debs = fetch_stock(stock)?;
+                let kernel = unpacked(&debs)?;
+                if kernel.release != stock.release {
+                    bail!(
+                        "the packages of kernel {} ({}) hold release {}, not {}: the matrix in \
+                         xtask/src/debian.rs is out of date",
+                        stock.name,
+                        stock.image_packages.join(", "),
+                        kernel.release,
+                        stock.release
+                    );
+                }
+                Ok(kernel)
             }
             Source::Deb(deb) => {
                 let deb = fs::canonicalize(deb)
                     .with_context(|| format!("kernel .deb {} not found", deb.display()))?;
-                unpacked(&deb)
+                unpacked(&[deb])
             }
             Source::Tree { image, modules } => from_tree(image, modules),
         }
@@ -57,94 +69,73 @@ fn kernels_dir() -> PathBuf {
     cache_dir().join("kernels")
 }
 
-/// The cached .deb of `package`, downloaded on first use.
-fn fetch_package(package: &str) -> anyhow::Result<PathBuf> {
+/// The cached .debs of a stock kernel, downloaded on first use. The first package decides
+/// the version and the others are pinned to it, so a tree is never unpacked from two builds
+/// (sid moves on while a cache keeps an older package).
+fn fetch_stock(stock: &StockKernel) -> anyhow::Result<Vec<PathBuf>> {
     let dir = kernels_dir();
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    if let Some(deb) = find_deb(&dir, package)? {
-        return Ok(deb);
+    let mut debs: Vec<PathBuf> = Vec::new();
+    for package in stock.image_packages {
+        let spec = match debs.first().and_then(|first| deb_version(first)) {
+            Some(version) => format!("{package}={version}"),
+            None => (*package).to_owned(),
+        };
+        let deb = debian::cached_deb(stock.suite, &spec, &dir)
+            .with_context(|| format!("cannot fetch kernel {} ({})", stock.name, stock.release))?;
+        debs.push(deb);
     }
-    println!("vm: downloading {package} into {}", dir.display());
-    // Download into a staging directory so an interrupted download is never taken for a
-    // complete package.
-    let staging = dir.join(format!(".download-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&staging);
-    fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
-    let result = util::output(
-        Command::new("apt-get")
-            .args(["download", "-q", package])
-            .current_dir(&staging),
-    )
-    .with_context(|| {
-        format!(
-            "cannot download the kernel package {package}: it comes from Debian bookworm-security; \
-                 check the apt sources and run `apt-get update`, or pass --kernel-deb FILE"
-        )
-    });
-    if let Err(e) = result {
-        let _ = fs::remove_dir_all(&staging);
-        return Err(e);
-    }
-    let deb = find_deb(&staging, package)?.with_context(|| {
-        format!(
-            "apt-get download {package} left no .deb in {}",
-            staging.display()
-        )
-    })?;
-    let target = dir.join(deb.file_name().expect("a found file has a name"));
-    fs::rename(&deb, &target)
-        .with_context(|| format!("moving {} to {}", deb.display(), target.display()))?;
-    let _ = fs::remove_dir_all(&staging);
-    Ok(target)
+    Ok(debs)
 }
 
-fn find_deb(dir: &Path, package: &str) -> anyhow::Result<Option<PathBuf>> {
-    let prefix = format!("{package}_");
-    let mut found: Vec<PathBuf> = fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb"))
-        })
-        .collect();
-    found.sort();
-    Ok(found.pop())
+/// The version in a .deb's file name (`NAME_VERSION_ARCH.deb`, the epoch's colon as `%3a`).
+fn deb_version(deb: &Path) -> Option<String> {
+    let name = deb.file_name()?.to_str()?.strip_suffix(".deb")?;
+    let mut fields = name.split('_');
+    let (_, version, _) = (fields.next()?, fields.next()?, fields.next()?);
+    Some(version.replace("%3a", ":"))
 }
 
-/// The unpacked tree of `deb` in the cache, unpacked and indexed (depmod) on first use.
-fn unpacked(deb: &Path) -> anyhow::Result<Kernel> {
-    let meta = fs::metadata(deb).with_context(|| format!("reading {}", deb.display()))?;
-    let stem = deb
+/// The unpacked tree of `debs` (one kernel: image, modules, base) in the cache, unpacked
+/// together and indexed (depmod) on first use.
+fn unpacked(debs: &[PathBuf]) -> anyhow::Result<Kernel> {
+    let first = debs.first().context("no kernel package to unpack")?;
+    let stem = first
         .file_stem()
         .and_then(|s| s.to_str())
         .context("the kernel .deb has no usable file name")?;
     // A user's .deb may be rebuilt under the same name: key its tree on size and mtime too.
-    let key = fnv1a(
-        format!(
+    let mut stamps = Vec::new();
+    for deb in debs {
+        let meta = fs::metadata(deb).with_context(|| format!("reading {}", deb.display()))?;
+        stamps.push(format!(
             "{}:{}:{:?}",
             deb.display(),
             meta.len(),
             meta.modified().ok()
-        )
-        .as_bytes(),
-    );
+        ));
+    }
+    let key = fnv1a(stamps.join("\n").as_bytes());
     let tree = kernels_dir().join(format!("{stem}-{key:016x}"));
+    let names = || {
+        debs.iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     if !tree.exists() {
-        println!("vm: unpacking {}", deb.display());
+        println!("vm: unpacking {}", names());
         let staging = kernels_dir().join(format!(".unpack-{}", std::process::id()));
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
         let result = (|| {
-            util::run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&staging))
-                .with_context(|| format!("unpacking {} failed", deb.display()))?;
-            let release = single_release(&staging.join("lib/modules"))
-                .with_context(|| format!("{} is not a kernel image package", deb.display()))?;
-            // Debian's package carries no modules.dep: the postinst makes it on the target.
-            util::output(Command::new("depmod").arg("-b").arg(&staging).arg(&release))
-                .context("depmod failed on the unpacked kernel (the kmod package provides it)")?;
+            for deb in debs {
+                util::run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&staging))
+                    .with_context(|| format!("unpacking {} failed", deb.display()))?;
+            }
+            let layout = Layout::find(&staging)
+                .with_context(|| format!("{} do not make a kernel", names()))?;
+            // Debian's packages carry no modules.dep: the postinst makes it on the target.
+            depmod(&layout)?;
             fs::rename(&staging, &tree)
                 .with_context(|| format!("moving {} to {}", staging.display(), tree.display()))
         })();
@@ -153,37 +144,123 @@ fn unpacked(deb: &Path) -> anyhow::Result<Kernel> {
             return Err(e);
         }
     }
-    let release = single_release(&tree.join("lib/modules"))?;
-    let image = tree.join("boot").join(format!("vmlinuz-{release}"));
-    if !image.is_file() {
-        bail!(
-            "{} has no boot/vmlinuz-{release}: is it a kernel image package?",
-            deb.display()
-        );
-    }
+    let layout = Layout::find(&tree)
+        .with_context(|| format!("the cached tree {} (of {})", tree.display(), names()))?;
     Ok(Kernel {
-        image,
-        modules: tree.join("lib/modules").join(&release),
-        release,
+        image: layout.image,
+        modules: layout.modules,
+        release: layout.release,
     })
 }
 
-fn single_release(modules_root: &Path) -> anyhow::Result<String> {
-    let releases: Vec<String> = fs::read_dir(modules_root)
-        .with_context(|| format!("no {}", modules_root.display()))?
-        .filter_map(Result::ok)
-        .filter(|e| e.path().is_dir())
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect();
-    match releases.as_slice() {
-        [one] => Ok(one.clone()),
-        [] => bail!("{} holds no kernel release", modules_root.display()),
-        many => bail!(
-            "{} holds several kernel releases ({}): expected one",
-            modules_root.display(),
-            many.join(", ")
-        ),
+/// Where the modules of an unpacked kernel live: `lib/modules` in Debian 12's packages,
+/// `usr/lib/modules` in the merged-/usr packages of later suites.
+const MODULE_ROOTS: &[&str] = &["lib/modules", "usr/lib/modules"];
+
+/// An unpacked kernel tree: its image, its modules directory and its release.
+#[derive(Debug, PartialEq, Eq)]
+struct Layout {
+    image: PathBuf,
+    /// `ROOT/lib/modules/RELEASE` or `ROOT/usr/lib/modules/RELEASE`.
+    modules: PathBuf,
+    release: String,
+}
+
+impl Layout {
+    /// Finds the one release under the module roots of `tree` and its image: Debian 12's
+    /// `boot/vmlinuz-RELEASE`, or the image the merged-/usr packages keep in the modules
+    /// directory (`vmlinuz`, or `vmlinuz.unsigned` in sid's `linux-binary-unsigned-*`).
+    fn find(tree: &Path) -> anyhow::Result<Self> {
+        let mut found = Vec::new();
+        for root in MODULE_ROOTS {
+            let dir = tree.join(root);
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.filter_map(Result::ok) {
+                if entry.path().is_dir() {
+                    found.push((dir.join(entry.file_name()), entry.file_name()));
+                }
+            }
+        }
+        found.sort();
+        let (modules, release) = match found.as_slice() {
+            [(modules, release)] => (
+                modules.clone(),
+                release
+                    .to_str()
+                    .context("the kernel release is not UTF-8")?
+                    .to_owned(),
+            ),
+            [] => bail!(
+                "{} has no kernel release under {}: is it a kernel image package?",
+                tree.display(),
+                MODULE_ROOTS.join(" or ")
+            ),
+            many => bail!(
+                "{} holds several kernel releases ({}): expected one",
+                tree.display(),
+                many.iter()
+                    .map(|(m, _)| m.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let candidates = [
+            tree.join("boot").join(format!("vmlinuz-{release}")),
+            modules.join("vmlinuz"),
+            modules.join("vmlinuz.unsigned"),
+        ];
+        let image = candidates
+            .iter()
+            .find(|c| c.is_file())
+            .with_context(|| {
+                format!(
+                    "kernel {release} in {} has no image (looked for {})",
+                    tree.display(),
+                    candidates
+                        .iter()
+                        .map(|c| c.strip_prefix(tree).unwrap_or(c).display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?
+            .clone();
+        Ok(Self {
+            image,
+            modules,
+            release,
+        })
     }
+
+    /// The `depmod -b` base of the modules directory: `BASE/lib/modules/RELEASE`.
+    fn depmod_base(&self) -> &Path {
+        self.modules
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::parent)
+            .expect("the modules directory lies under lib/modules")
+    }
+}
+
+/// Indexes the modules of an unpacked tree (`modules.dep` and friends).
+fn depmod(layout: &Layout) -> anyhow::Result<()> {
+    util::output(
+        Command::new("depmod")
+            .arg("-b")
+            .arg(layout.depmod_base())
+            .arg(&layout.release),
+    )
+    .context("depmod failed on the unpacked kernel (the kmod package provides it)")?;
+    if !layout.modules.join("modules.dep").is_file() {
+        bail!(
+            "depmod -b {} {} wrote no modules.dep in {}: this kmod looks for modules elsewhere",
+            layout.depmod_base().display(),
+            layout.release,
+            layout.modules.display()
+        );
+    }
+    Ok(())
 }
 
 fn from_tree(image: &Path, modules: &Path) -> anyhow::Result<Kernel> {
@@ -248,7 +325,7 @@ impl ModuleIndex {
         Ok(Self::parse(&dep, &builtin))
     }
 
-    fn parse(dep: &str, builtin: &str) -> Self {
+    pub(super) fn parse(dep: &str, builtin: &str) -> Self {
         let mut modules = BTreeMap::new();
         for line in dep.lines() {
             let Some((path, deps)) = line.split_once(':') else {
@@ -267,6 +344,12 @@ impl ModuleIndex {
         Self { modules, builtin }
     }
 
+    /// Whether `name` is compiled into the kernel (and not also a module).
+    pub fn is_builtin(&self, name: &str) -> bool {
+        let name = normalize(name);
+        self.builtin.contains(&name) && !self.modules.contains_key(&name)
+    }
+
     /// `names` and everything they need, each once, dependencies before their users.
     /// Built-in names are dropped; a name that is neither a module nor built in is an error.
     pub fn closure<'a>(
@@ -275,10 +358,10 @@ impl ModuleIndex {
     ) -> anyhow::Result<Vec<String>> {
         let mut order = Vec::new();
         for name in names {
-            let name = normalize(name);
-            if self.builtin.contains(&name) && !self.modules.contains_key(&name) {
+            if self.is_builtin(name) {
                 continue;
             }
+            let name = normalize(name);
             let module = self.modules.get(&name).with_context(|| {
                 format!("module {name} is neither built in nor in modules.dep of this kernel: is the driver enabled in its config?")
             })?;
@@ -433,6 +516,98 @@ kernel/drivers/cxl/cxl_mem.ko.xz:
                 "cxl_mem"
             ]
         );
+    }
+
+    /// An unpacked tree with `files` (relative paths) in a fresh directory.
+    fn tree(files: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for f in files {
+            let path = dir.path().join(f);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, b"").unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn layout_of_a_debian_12_image_package() {
+        // linux-image-6.12.117+deb12-amd64-unsigned: boot/ and lib/modules/.
+        let rel = "6.12.117+deb12-amd64";
+        let t = tree(&[
+            &format!("boot/vmlinuz-{rel}"),
+            &format!("boot/config-{rel}"),
+            &format!("lib/modules/{rel}/kernel/drivers/cxl/cxl_mem.ko.xz"),
+            &format!("lib/modules/{rel}/modules.builtin"),
+        ]);
+        let layout = Layout::find(t.path()).unwrap();
+        assert_eq!(layout.release, rel);
+        assert_eq!(layout.image, t.path().join(format!("boot/vmlinuz-{rel}")));
+        assert_eq!(layout.modules, t.path().join(format!("lib/modules/{rel}")));
+        assert_eq!(layout.depmod_base(), t.path());
+    }
+
+    #[test]
+    fn layout_of_merged_usr_packages() {
+        // linux-binary-unsigned-, linux-modules- and linux-base-7.2.13+deb14-amd64 together.
+        let rel = "7.2.13+deb14-amd64";
+        let t = tree(&[
+            &format!("usr/lib/modules/{rel}/vmlinuz.unsigned"),
+            &format!("usr/lib/modules/{rel}/kernel/drivers/cxl/cxl_mem.ko.xz"),
+            &format!("usr/lib/modules/{rel}/modules.builtin"),
+            &format!("usr/lib/modules/{rel}/modules.order"),
+            &format!("usr/lib/modules/{rel}/config"),
+            "usr/share/doc/linux-base-7.2.13+deb14-amd64/copyright",
+        ]);
+        let layout = Layout::find(t.path()).unwrap();
+        assert_eq!(layout.release, rel);
+        assert_eq!(
+            layout.image,
+            t.path()
+                .join(format!("usr/lib/modules/{rel}/vmlinuz.unsigned"))
+        );
+        assert_eq!(
+            layout.modules,
+            t.path().join(format!("usr/lib/modules/{rel}"))
+        );
+        assert_eq!(layout.depmod_base(), t.path().join("usr"));
+    }
+
+    #[test]
+    fn layout_names_what_is_missing() {
+        let rel = "7.2.13+deb14-amd64";
+        // The modules package alone: no image.
+        let t = tree(&[&format!("usr/lib/modules/{rel}/kernel/fs/9p/9p.ko.xz")]);
+        let err = format!("{:#}", Layout::find(t.path()).unwrap_err());
+        assert!(
+            err.contains("has no image") && err.contains("vmlinuz.unsigned"),
+            "{err}"
+        );
+        // Not a kernel package at all.
+        let t = tree(&["usr/share/doc/x/copyright"]);
+        let err = format!("{:#}", Layout::find(t.path()).unwrap_err());
+        assert!(err.contains("no kernel release"), "{err}");
+        // Two releases.
+        let t = tree(&[
+            "lib/modules/6.1.0-57-amd64/modules.builtin",
+            "usr/lib/modules/7.2.13/modules.builtin",
+        ]);
+        let err = format!("{:#}", Layout::find(t.path()).unwrap_err());
+        assert!(err.contains("several kernel releases"), "{err}");
+    }
+
+    #[test]
+    fn versions_from_deb_file_names() {
+        let v = |name: &str| deb_version(Path::new(name));
+        assert_eq!(
+            v("/c/linux-modules-7.2.13+deb14-amd64_7.2.13-1_amd64.deb").as_deref(),
+            Some("7.2.13-1")
+        );
+        assert_eq!(
+            v("linux-image-6.12.117+deb12-amd64-unsigned_6.12.117-1~deb12u1_amd64.deb").as_deref(),
+            Some("6.12.117-1~deb12u1")
+        );
+        assert_eq!(v("x_1%3a2.0-1_all.deb").as_deref(), Some("1:2.0-1"));
+        assert_eq!(v("not-a-deb.tar"), None);
     }
 
     #[test]

@@ -5,11 +5,13 @@
 //! The harness never hangs and never lies: every boot has a wall-clock bound, the host reads
 //! the serial console for kernel failures, and a run passes only when the guest printed its
 //! result line (which carries a per-run nonce) with exit 0 and no failure was seen.
+mod basics;
 mod calls;
 mod cpio;
 pub mod findings;
 mod initramfs;
 mod kernel;
+mod kernel_arg;
 mod qemu;
 mod reliability;
 pub mod soak;
@@ -27,6 +29,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 pub use initramfs::GuestFile;
+pub use kernel_arg::KernelArg;
 pub use qemu::{Accel, Crash};
 pub use suite::suite;
 pub use workload::Workload;
@@ -135,13 +138,15 @@ pub struct RunOptions {
     /// loaded after the CXL drivers when no stock module has its name (repeatable).
     #[arg(long = "module", value_name = "FILE")]
     pub modules: Vec<PathBuf>,
-    /// Boot the kernel of this linux-image .deb instead of the default Debian kernel.
+    /// The kernel: a stock Debian kernel of the matrix, or the user's image (with
+    /// `modules_dir`); `None` boots debian::DEFAULT_KERNEL. From code:
+    /// `options.kernel = Some(KernelArg::stock("7.2")?)`.
+    #[arg(long, value_name = "NAME|IMAGE", value_parser = KernelArg::parse, help = kernel_arg::help())]
+    pub kernel: Option<KernelArg>,
+    /// Boot the kernel of this linux-image .deb instead of a stock Debian kernel.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "modules_dir"])]
     pub kernel_deb: Option<PathBuf>,
-    /// Boot this kernel image (bzImage); needs --modules.
-    #[arg(long, value_name = "IMAGE", requires = "modules_dir")]
-    pub kernel: Option<PathBuf>,
-    /// The installed modules of --kernel: DIR/lib/modules/RELEASE after
+    /// The installed modules of --kernel IMAGE: DIR/lib/modules/RELEASE after
     /// `make modules_install INSTALL_MOD_PATH=DIR`.
     #[arg(long = "modules", value_name = "DIR", requires = "kernel")]
     pub modules_dir: Option<PathBuf>,
@@ -190,8 +195,8 @@ impl RunOptions {
             count_calls: Vec::new(),
             pmem: false,
             modules: Vec::new(),
-            kernel_deb: None,
             kernel: None,
+            kernel_deb: None,
             modules_dir: None,
             out: None,
             timeout: None,
@@ -302,6 +307,8 @@ impl fmt::Display for Failure {
 /// One guest run, after QEMU is gone and the results are copied.
 pub struct Run {
     pub out: PathBuf,
+    /// The guest kernel's release (`uname -r`).
+    pub release: String,
     pub accel: Accel,
     pub accel_reason: String,
     /// From QEMU's start to /init's first line, and to the CXL topology being ready.
@@ -326,8 +333,9 @@ impl Run {
             Some(_) => "failed",
         };
         println!(
-            "vm: {verdict} in {:.1} s ({}: {}; boot to /init {}, CXL ready {})",
+            "vm: {verdict} in {:.1} s (kernel {}, {}: {}; boot to /init {}, CXL ready {})",
             self.elapsed.as_secs_f64(),
+            self.release,
             self.accel,
             self.accel_reason,
             secs(self.to_init),
@@ -402,14 +410,11 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
     }
     setup::ensure_packages(VM_PACKAGES)?;
 
-    let source = match (&options.kernel_deb, &options.kernel, &options.modules_dir) {
-        (Some(deb), _, _) => kernel::Source::Deb(deb.clone()),
-        (None, Some(image), Some(modules)) => kernel::Source::Tree {
-            image: image.clone(),
-            modules: modules.clone(),
-        },
-        _ => kernel::Source::Package(kernel::DEFAULT_PACKAGE.to_owned()),
-    };
+    let source = kernel_arg::source(
+        options.kernel.as_ref(),
+        options.kernel_deb.as_deref(),
+        options.modules_dir.as_deref(),
+    )?;
     let kernel = kernel::Kernel::resolve(&source)?;
     let index = kernel.module_index()?;
     let user_modules: Vec<kernel::UserModule> = options
@@ -431,12 +436,13 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
         }
     }
 
-    // The modules the base archive holds: the share, the CXL drivers, and whatever the
-    // user's modules need.
-    let wanted = initramfs::SHARE_MODULES
+    // The modules the base archive holds: what /init needs for the share, the CXL drivers,
+    // and whatever the user's modules need.
+    let basic_modules = basics::modules(&index, &kernel.release)?;
+    let wanted = basic_modules
         .iter()
-        .chain(initramfs::CXL_MODULES)
-        .copied()
+        .map(String::as_str)
+        .chain(initramfs::CXL_MODULES.iter().copied())
         .chain(
             user_modules
                 .iter()
@@ -452,6 +458,26 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
     for u in &user_modules {
         if !load.contains(&u.name) {
             load.push(u.name.clone());
+        }
+    }
+    if !options.pmem {
+        // Kernels where another CXL driver links against cxl_pmem (7.2's cxl_acpi imports
+        // devm_cxl_add_nvdimm_bridge) load it whatever --pmem says: say so, as it makes
+        // every cycle slower.
+        let needers: Vec<&str> = load
+            .iter()
+            .filter(|m| {
+                index.modules.get(*m).is_some_and(|m| m.deps.iter().any(|d| d == initramfs::PMEM_MODULE))
+            })
+            .map(String::as_str)
+            .collect();
+        if !needers.is_empty() {
+            println!(
+                "vm: {} is loaded without --pmem: {} needs it on {} (modules.dep)",
+                initramfs::PMEM_MODULE,
+                needers.join(", "),
+                kernel.release
+            );
         }
     }
 
@@ -475,6 +501,7 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
         tracer: tracer.is_some(),
         manual_tracer: options.manual_tracer,
         load_cxl: !options.no_cxl_at_boot,
+        basic_modules: &basic_modules,
         count_calls: &options.count_calls,
         workloads: &workloads,
         cycles: options.cycles,
@@ -562,6 +589,7 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
     });
     Ok(Run {
         out,
+        release: kernel.release,
         accel,
         accel_reason,
         to_init: session.mark("tracer-vm: init started"),

@@ -274,8 +274,8 @@ echo "cxl_mem reloaded from updates/" > /share/out/suite-module.txt
 /// `--module` puts a module in place of the stock one: here the kernel's own cxl_mem.ko.xz
 /// (which also exercises decompressing a user's module), with cxl_pmem loaded (`--pmem`).
 fn user_module(out: &Path) -> anyhow::Result<()> {
-    let kernel = super::kernel::Kernel::resolve(&super::kernel::Source::Package(
-        super::kernel::DEFAULT_PACKAGE.to_owned(),
+    let kernel = super::kernel::Kernel::resolve(&super::kernel::Source::Stock(
+        crate::debian::stock_kernel(crate::debian::DEFAULT_KERNEL)?,
     ))?;
     let index = kernel.module_index()?;
     let stock = &index

@@ -95,6 +95,8 @@ pub struct GuestConfig<'a> {
     pub manual_tracer: bool,
     /// Load the CXL modules at boot and wait for the topology (else the script does).
     pub load_cxl: bool,
+    /// Modules /init loads, in order, before it mounts the results share (basics.rs).
+    pub basic_modules: &'a [String],
     /// `[MODULE:]FUNCTION` specs whose calls are counted during the workloads and script.
     pub count_calls: &'a [String],
     pub workloads: &'a [Workload],
@@ -123,6 +125,7 @@ impl GuestConfig<'_> {
                 .to_owned(),
             ),
             ("LOAD_CXL", u8::from(self.load_cxl).to_string()),
+            ("BASIC_MODULES", self.basic_modules.join(" ")),
             ("COUNT_CALLS", self.count_calls.join(" ")),
             ("WORKLOADS", names.join(" ")),
             ("CYCLES", self.cycles.to_string()),
@@ -175,7 +178,12 @@ setup_failed() {
 }
 
 mkdir -p /share
-modprobe 9pnet_virtio && modprobe 9p || setup_failed "cannot load the 9p modules for the results share"
+# What this kernel builds as modules of virtio PCI and 9p, dependencies first (the host chose
+# them from its modules.dep and modules.builtin); empty when all of it is built in.
+for m in $BASIC_MODULES; do
+	modprobe "$m" 2> /tmp/modprobe.err || setup_failed "cannot load $m for the results share: $(cat /tmp/modprobe.err)"
+done
+[ -z "$BASIC_MODULES" ] || say "basic modules loaded: $BASIC_MODULES"
 mount -t 9p -o trans=virtio,version=9p2000.L share /share || setup_failed "cannot mount the 9p results share"
 mkdir -p /share/out || setup_failed "the results share is not writable"
 
@@ -488,11 +496,41 @@ cycle_memdev_bind() {
 	for m in $(memdev_names); do sysw $CXL/drivers/cxl_mem/bind "$m"; done
 }
 
+# The modules that use module $1's symbols, each after those that use it in turn: the order
+# they unload in. Kernels differ: 7.2's cxl_pci needs cxl_mem (it imports
+# devm_cxl_add_classdev from it), 6.1's and 6.12's do not.
+holders() {
+	local h
+	for h in /sys/module/$1/holders/*; do
+		[ -e "$h" ] || continue
+		holders "${h##*/}"
+		echo "${h##*/}"
+	done
+}
+
+# The words of $1 in reverse order.
+reversed() {
+	r=
+	for w in $1; do r="$w $r"; done
+	echo $r
+}
+
+# reload MODULE CHECK: unloads MODULE (after the modules holding it, which cannot stay
+# without it), runs CHECK, and loads them all back, MODULE first.
 reload() {
-	rmmod "$1" 2> /tmp/rmmod.err || fail "rmmod $1 failed: $(cat /tmp/rmmod.err)"
-	[ ! -e "/sys/module/$1" ] || fail "module $1 still loaded after rmmod"
-	$2 "after rmmod $1"
-	modprobe "$1" 2> /tmp/modprobe.err || fail "modprobe $1 failed: $(cat /tmp/modprobe.err)"
+	above=$(holders "$1" | awk '!seen[$0]++')
+	if [ -n "$above" ] && [ "$RELOAD_NOTED" != "$1" ]; then
+		say "$1 is used by $(echo $above): they are unloaded and loaded with it"
+		RELOAD_NOTED=$1
+	fi
+	for m in $above $1; do
+		rmmod "$m" 2> /tmp/rmmod.err || fail "rmmod $m failed: $(cat /tmp/rmmod.err)"
+		[ ! -e "/sys/module/$m" ] || fail "module $m still loaded after rmmod"
+	done
+	$2 "after rmmod $(echo $above $1)"
+	for m in $1 $(reversed "$above"); do
+		modprobe "$m" 2> /tmp/modprobe.err || fail "modprobe $m failed: $(cat /tmp/modprobe.err)"
+	done
 }
 
 cycle_cxl_mem_reload() { reload cxl_mem expect_no_memdev_bound; }
@@ -605,17 +643,19 @@ cycle_mix() { :; }
 cycle_reload_mix() { :; }
 
 race_cxl_mem_reload() {
+	above=$(holders cxl_mem | awk '!seen[$0]++')
 	i=0
 	while [ $i -lt "$1" ]; do
-		rmmod cxl_mem 2> /dev/null || echo x >> /tmp/race.errors
-		modprobe cxl_mem 2> /dev/null || echo x >> /tmp/race.errors
+		for m in $above cxl_mem; do rmmod "$m" 2> /dev/null || echo x >> /tmp/race.errors; done
+		for m in cxl_mem $(reversed "$above"); do modprobe "$m" 2> /dev/null || echo x >> /tmp/race.errors; done
 		i=$((i + 1))
 	done
 	say "reload-mix: cxl-mem-reload loop done ($1 cycles)"
 }
 
 # run_race NAME LOOP_A LOOP_B CYCLES: the two loops in parallel, then a restore: the root
-# bound, cxl_mem loaded, then every memdev bound, until the topology reads as before.
+# bound, every module loaded at boot loaded (a reload loop may have stopped between rmmod and
+# modprobe), then every memdev bound, until the topology reads as before.
 run_race() {
 	: > /tmp/race.errors
 	$2 "$4" &
@@ -627,7 +667,9 @@ run_race() {
 	say "$1: $(wc -l < /tmp/race.errors) writes failed while racing (expected: the loops undo each other)"
 	dev=$(acpi0017)
 	[ -e "/sys/bus/platform/drivers/cxl_acpi/$dev" ] || sysw /sys/bus/platform/drivers/cxl_acpi/bind "$dev"
-	[ -e /sys/module/cxl_mem ] || modprobe cxl_mem 2> /tmp/modprobe.err || fail "modprobe cxl_mem failed after $1: $(cat /tmp/modprobe.err)"
+	for m in $LOAD_MODULES; do
+		[ -e "/sys/module/$m" ] || modprobe "$m" 2> /tmp/modprobe.err || fail "modprobe $m failed after $1: $(cat /tmp/modprobe.err)"
+	done
 	n=0
 	while [ "$(topology)" != "$BASE" ] && [ $n -lt $((SETTLE_SECS * 10)) ]; do
 		for m in $(memdev_names); do
@@ -658,6 +700,7 @@ mod tests {
             tracer,
             manual_tracer,
             load_cxl,
+            basic_modules: &["virtio_pci".to_owned(), "9p".to_owned()],
             count_calls: &["cxl_mem:cxl_mem_probe".to_owned(), "devm_cxl_add_port".to_owned()],
             workloads: &[Workload::MemdevBind, Workload::Mix],
             cycles: 3,
@@ -672,6 +715,7 @@ mod tests {
     fn config_tells_init_how_to_run_the_tracer() {
         let c = config(true, false, true);
         assert!(c.contains("TRACER='1'\n") && c.contains("LOAD_CXL='1'\n"), "{c}");
+        assert!(c.contains("BASIC_MODULES='virtio_pci 9p'\n"), "{c}");
         assert!(c.contains("COUNT_CALLS='cxl_mem:cxl_mem_probe devm_cxl_add_port'\n"), "{c}");
         assert!(c.contains("WORKLOADS='memdev-bind mix'\n"), "{c}");
         // The user's command is quoted once more, to survive `. /vm/config`.
