@@ -57,6 +57,7 @@ impl Engine {
                     root: *root,
                     generation: 0,
                     freed: None,
+                    prior_free: None,
                 };
                 self.dports.add(*dport, new, &self.limits, &mut self.stats);
                 self.forget_older_refs(event.tid, *dport);
@@ -311,7 +312,13 @@ impl Engine {
             return;
         };
         let dport = self.dports.get(addr).expect("looked up above");
-        let free = if load_generation == generation { dport.freed.as_deref().cloned() } else { None };
+        let free = if load_generation == generation {
+            dport.freed.as_deref().cloned()
+        } else if load_generation + 1 == generation {
+            dport.prior_free.as_deref().cloned()
+        } else {
+            None
+        };
         let lock = Self::free_lock(dport);
         let load = self.threads.get(&event.tid).and_then(|t| t.find_ref(addr)).expect("found above");
         let load = LoadInfo { ts: load.ts, stack: load.stack.clone(), free_lock_held: load.free_lock_period.is_some() };

@@ -35,6 +35,9 @@ pub struct Dport {
     pub root: bool,
     pub generation: u32,
     pub freed: Option<Arc<FreeInfo>>,
+    /// The free of the generation before this one at the same address: a pointer to that
+    /// one, used after the address was reused, is a use-after-free with this free's stack.
+    pub prior_free: Option<Arc<FreeInfo>>,
 }
 
 /// A dports xarray and the port it belongs to.
@@ -166,6 +169,7 @@ impl Dports {
                     self.live -= 1;
                 }
                 dport.generation = old.generation + 1;
+                dport.prior_free = old.freed.clone();
             }
             None => dport.generation = 1,
         }
