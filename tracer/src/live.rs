@@ -167,7 +167,7 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .context("polling the ring buffer")?;
 
-    let Discovery { symbols, mut plan, rescan, .. } = discovery;
+    let Discovery { symbols, mut plan, mut rescan, .. } = discovery;
     let mut pipeline = Pipeline {
         resolver: Resolver::new(symbols, load::site_names(&plan)).with_reload(Box::new(|old: &Symbols| match old.reload_modules() {
             Ok(symbols) => Some(symbols),
@@ -229,7 +229,7 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
                     let loaded: Vec<String> =
                         now.iter().filter(|entry| !layout.contains(entry)).map(|(name, _)| name.clone()).collect();
                     for module in loaded {
-                        rescan_module(&mut pipeline, &mut attached, &mut plan, &rescan, &module);
+                        rescan_module(&mut pipeline, &mut attached, &mut plan, &mut rescan, &module);
                     }
                     layout = now;
                 }
@@ -321,36 +321,47 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     Ok(if pipeline.analysis.groups().is_empty() || options.format.is_none() { Outcome::Clean } else { Outcome::Findings })
 }
 
-/// Finds `module`'s sites again after it was loaded (again) and attaches them if its code
-/// moved them (another build of the module); says what it did.
-fn rescan_module(pipeline: &mut Pipeline, attached: &mut Attached, plan: &mut tracer::probe::plan::Plan, rescan: &ModuleRescan, module: &str) {
-    let sites = match rescan.module_sites(pipeline.resolver.symbols(), module) {
-        Ok(sites) => sites,
-        Err(err) => {
-            eprintln!("tracer: warning: {module} was loaded again but its sites could not be found again ({err:#}): the probes the kernel re-armed may no longer fit its code");
+/// Finds `module`'s sites again after it was loaded (again) and attaches them where its
+/// code has them now; says what it did.
+fn rescan_module(pipeline: &mut Pipeline, attached: &mut Attached, plan: &mut tracer::probe::plan::Plan, rescan: &mut ModuleRescan, module: &str) {
+    let symbols = pipeline.resolver.symbols();
+    // The common case: the same build again, whose probes the kernel re-armed at load.
+    match rescan.same_code(symbols, module, plan) {
+        Ok(true) => {
+            eprintln!("tracer: {module} loaded again: same code, its probes re-armed by the kernel");
             return;
         }
-    };
-    let count = sites.len();
-    match attached.replace_module_sites(plan, module, sites) {
-        Ok(r) if r.same => eprintln!("tracer: {module} loaded again: same code, its {count} sites re-armed by the kernel"),
+        Ok(false) => {}
+        Err(err) => eprintln!("tracer: warning: {module}: reading its code again: {err:#}"),
+    }
+    match attached.rediscover_module(plan, module, || rescan.module_sites(symbols, module)) {
+        Ok(r) if r.same => {
+            eprintln!("tracer: {module} loaded again: same code, its {} sites attached again", r.added);
+            for failure in r.failed {
+                eprintln!("tracer: warning: {module}: not attached again: {failure}");
+            }
+        }
         Ok(r) => {
             pipeline.resolver.set_sites(load::site_names(plan));
             eprintln!(
-                "tracer: {module} loaded with other code (another build): {} old sites detached, {} new sites attached",
+                "tracer: {module} loaded with other code (another build, or loaded after the tracer started): {} old sites detached, {} new sites attached",
                 r.removed, r.added
             );
-            // The kernel re-armed the old probes at module load, before this tick: what the
-            // module did in between (its probe runs during insmod) was seen through probes
-            // that do not fit its code.
-            eprintln!(
-                "tracer: warning: {module}: events between its load and now were seen with its previous build's probes, so findings there may be wrong; load your build before starting the tracer (or start it with --wait-for-cxl)"
-            );
+            if r.removed > 0 {
+                // The kernel re-armed the old probes at module load, before this tick: what
+                // the module did in between (its probe runs during insmod) was seen through
+                // probes that do not fit its code.
+                eprintln!(
+                    "tracer: warning: {module}: events between its load and now were seen with its previous build's probes, so findings there may be wrong; load your build before starting the tracer (or start it with --wait-for-cxl)"
+                );
+            }
             for failure in r.failed {
                 eprintln!("tracer: warning: {module}: not attached: {failure}");
             }
         }
-        Err(err) => eprintln!("tracer: warning: {module}: its new sites could not be attached: {err:#}"),
+        Err(err) => eprintln!(
+            "tracer: warning: {module} was loaded again but its sites could not be found again ({err:#}): its previous probes were put back and may no longer fit its code"
+        ),
     }
 }
 

@@ -6,7 +6,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use rustc_hash::FxHashSet;
+use rustc_hash::{FxHashMap, FxHashSet};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
@@ -70,8 +70,10 @@ pub fn privilege_problem() -> Option<String> {
     (!missing.is_empty()).then(|| format!("tracer needs {}: run it as root, e.g. with sudo", missing.join(", ")))
 }
 
-/// CXL modules loaded now, from /proc/modules: (name, "size address"). A module loaded
-/// again shows as a change of either (another build usually has another size).
+/// CXL modules loaded and live now, from /proc/modules (`name size refs deps state
+/// address`): (name, "size address"). A module loaded again shows as a change of either
+/// (another build usually has another size). One still loading is left out until it is
+/// live: its symbols may not be in kallsyms yet.
 pub fn cxl_module_layout() -> Vec<(String, String)> {
     std::fs::read_to_string("/proc/modules")
         .unwrap_or_default()
@@ -79,8 +81,9 @@ pub fn cxl_module_layout() -> Vec<(String, String)> {
         .filter_map(|l| {
             let fields: Vec<&str> = l.split_whitespace().collect();
             let name = *fields.first()?;
+            let live = fields.get(4).is_none_or(|state| *state == "Live");
             let place = format!("{} {}", fields.get(1).copied().unwrap_or_default(), fields.last().copied().unwrap_or_default());
-            is_cxl_module(name).then(|| (name.to_owned(), place))
+            (is_cxl_module(name) && live).then(|| (name.to_owned(), place))
         })
         .collect()
 }
@@ -295,6 +298,7 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
         extra_uses: config.extra_uses.clone(),
         layout: profile.dport.clone(),
         derefs: config.derefs,
+        texts: module_texts(&text),
         btf,
     };
     if direct_xa_load {
@@ -332,16 +336,76 @@ pub struct ModuleRescan {
     extra_uses: Vec<DportFunction>,
     layout: tracer::kernel::derefs::Layout,
     derefs: bool,
+    /// Each module's code as it was when its sites were found, by function.
+    texts: FxHashMap<String, ModuleText>,
+}
+
+/// A module's functions and their bytes.
+type ModuleText = Vec<(std::sync::Arc<str>, Vec<u8>)>;
+
+fn module_texts(text: &CxlText) -> FxHashMap<String, ModuleText> {
+    let mut texts: FxHashMap<String, ModuleText> = FxHashMap::default();
+    for (function, code) in &text.functions {
+        if let Some(module) = &function.module {
+            texts.entry(module.to_string()).or_default().push((function.name.clone(), code.clone()));
+        }
+    }
+    texts
+}
+
+/// Bytes a probe of this tracer may have changed in a probed function: the start (the
+/// ftrace call an entry probe patches) and each probed instruction's first five bytes (an
+/// int3, or the jump of an optimized kprobe).
+fn patched(offset: usize, probes: &[u64]) -> bool {
+    offset < 16 || probes.iter().any(|&p| (p as usize..p as usize + 5).contains(&offset))
 }
 
 impl ModuleRescan {
-    /// The sites of `module` in the running kernel (symbols re-read since it was loaded).
-    pub fn module_sites(&self, symbols: &Symbols, module: &str) -> anyhow::Result<Vec<PlannedSite>> {
+    fn read_module(symbols: &Symbols, module: &str) -> anyhow::Result<CxlText> {
+        let functions: Vec<&tracer::symbolize::Symbol> = callsites::cxl_functions(symbols)
+            .into_iter()
+            .filter(|s| s.module.as_deref() == Some(module))
+            .collect();
+        if functions.is_empty() {
+            bail!("no function of {module} in the kernel's symbols (is it still loading?)");
+        }
+        Ok(CxlText::read_functions(symbols, &Kcore::open()?, functions)?)
+    }
+
+    /// Whether `module`, loaded again, has the code it had when its sites were found, but
+    /// for the bytes this tracer's own probes (`plan`'s sites, which the kernel re-armed at
+    /// load) patch. Then nothing needs doing.
+    pub fn same_code(&self, symbols: &Symbols, module: &str, plan: &Plan) -> anyhow::Result<bool> {
+        let Some(old) = self.texts.get(module) else { return Ok(false) };
+        let now = ModuleRescan::read_module(symbols, module)?;
+        if now.functions.len() != old.len() {
+            return Ok(false);
+        }
+        for ((function, code), (name, before)) in now.functions.iter().zip(old) {
+            if function.name != *name || code.len() != before.len() {
+                return Ok(false);
+            }
+            let probes: Vec<u64> = plan
+                .sites
+                .iter()
+                .enumerate()
+                .filter(|(i, s)| !plan.retired.contains(i) && s.module.as_deref() == Some(module) && s.function == *name)
+                .map(|(_, s)| s.offset)
+                .collect();
+            if code.iter().zip(before).enumerate().any(|(at, (a, b))| a != b && !patched(at, &probes)) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The sites of `module` in the running kernel (symbols re-read since it was loaded), its
+    /// code read with none of this tracer's probes in it; remembered for `same_code`.
+    pub fn module_sites(&mut self, symbols: &Symbols, module: &str) -> anyhow::Result<Vec<PlannedSite>> {
         let (mut uses, mut loaders) = self.btf.module_functions(&self.btf_dir, module)?;
         uses.extend(self.extra_uses.iter().filter(|u| u.module.as_deref() == Some(module)).cloned());
-        let functions: Vec<&tracer::symbolize::Symbol> =
-            symbols.iter().filter(|s| s.text && s.module.as_deref() == Some(module)).collect();
-        let text = CxlText::read_functions(symbols, &Kcore::open()?, functions)?;
+        let text = ModuleRescan::read_module(symbols, module)?;
+        self.texts.extend(module_texts(&text));
         let calls = callsites::find(symbols, &text, &self.callees);
         let mut plan = Plan::build(symbols, &calls, &uses);
         if self.derefs {
@@ -380,10 +444,10 @@ pub struct DerefScan {
 /// The `SITES` slot of the free path's fallback kprobe.
 const FREE_FALLBACK_SITE: u32 = MAX_SITES - 1;
 
-/// What `Attached::replace_module_sites` did.
+/// What `Attached::rediscover_module` did.
 #[derive(Debug, Default)]
 pub struct Replaced {
-    /// The module's code has the same sites as before: the kernel re-armed its probes.
+    /// The module's code has the same sites as before: they were attached again as they were.
     pub same: bool,
     pub removed: usize,
     pub added: usize,
@@ -414,29 +478,56 @@ impl Attached {
         Ok(RingBuf::try_from(map)?)
     }
 
-    /// A CXL module was loaded again: if its code now has other sites than the plan's (another
-    /// build of it), detach the old ones and attach the new ones at new site indexes (events
-    /// already in flight still name the old ones, which stay in the plan, retired).
-    pub fn replace_module_sites(&mut self, plan: &mut Plan, module: &str, new: Vec<PlannedSite>) -> anyhow::Result<Replaced> {
+    /// A CXL module was loaded again: find its sites where its code has them now. The kernel
+    /// re-armed this tracer's probes in the new text, so they are detached before `rescan`
+    /// reads it (a probe's int3 would garble the decoding). The same code gets its probes
+    /// back at the same site indexes; another build (a patched `cxl_mem.ko`) gets new ones,
+    /// and its old ones stay in the plan, retired, so events already sent still name them.
+    pub fn rediscover_module(
+        &mut self,
+        plan: &mut Plan,
+        module: &str,
+        rescan: impl FnOnce() -> anyhow::Result<Vec<PlannedSite>>,
+    ) -> anyhow::Result<Replaced> {
         let key = |s: &PlannedSite| (s.role as u32, s.arg, s.function.clone(), s.offset, s.point.spec());
         let old: Vec<usize> = (0..plan.sites.len())
             .filter(|&i| plan.sites[i].module.as_deref() == Some(module) && !plan.retired.contains(&i))
             .collect();
+        for &i in &old {
+            self.kprobes.detach(i as u64);
+        }
+        let found = rescan();
+        let mut replaced = Replaced::default();
+        let new = match found {
+            Ok(new) => new,
+            Err(err) => {
+                // Put the old probes back: a stale site is better than none.
+                for &i in &old {
+                    let _ = self.kprobes.attach(self.site_program.as_fd(), &plan.sites[i].point, i as u64);
+                }
+                return Err(err);
+            }
+        };
         let mut old_keys: Vec<_> = old.iter().map(|&i| key(&plan.sites[i])).collect();
         let mut new_keys: Vec<_> = new.iter().map(key).collect();
         old_keys.sort();
         new_keys.sort();
         if old_keys == new_keys {
-            return Ok(Replaced { same: true, ..Replaced::default() });
+            replaced.same = true;
+            for &i in &old {
+                match self.kprobes.attach(self.site_program.as_fd(), &plan.sites[i].point, i as u64) {
+                    Ok(()) => replaced.added += 1,
+                    Err(err) => replaced.failed.push(format!("{} {}: {err}", plan.sites[i].what, plan.sites[i].point.spec())),
+                }
+            }
+            return Ok(replaced);
         }
         if plan.sites.len() + new.len() >= FREE_FALLBACK_SITE as usize {
             bail!("{module}: {} new sites would pass the kernel side's {FREE_FALLBACK_SITE} site slots", new.len());
         }
-        let mut replaced = Replaced::default();
         let mut sites: Array<_, SiteInfo> =
             Array::try_from(self.ebpf.map_mut("SITES").context("the eBPF object has no SITES map")?)?;
         for &i in &old {
-            self.kprobes.detach(i as u64);
             // A late hit of a retired site does nothing.
             sites.set(i as u32, SiteInfo::default(), 0)?;
             plan.retired.insert(i);

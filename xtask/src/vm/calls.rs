@@ -118,7 +118,11 @@ fn parse_return(line: &str) -> anyhow::Result<Return> {
         .next()
         .filter(|c| !c.is_empty())
         .context("no caller symbol")?;
-    let (function, rest) = rest.split_once(')').context("no \")\" after the function")?;
+    // The function is the event's own name (the probe was defined on it): the kernel's
+    // `<- FUNCTION` symbolization is not always right (6.1 printed `_note_9` for a module's
+    // function until the module was first reloaded).
+    let function = head.rsplit(' ').next().unwrap_or_default();
+    let (_, rest) = rest.split_once(')').context("no \")\" after the function")?;
     let value = rest
         .trim()
         .strip_prefix("ret=")
@@ -163,6 +167,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!((r.comm.as_str(), r.pid), ("<...>", 190));
+        // 6.1 before the module's first reload: the function is the event's name.
+        let r = parse_return(
+            "           <...>-139     [000] .....    26.672455: cxl_mem_probe: (cxl_bus_probe+0x17/0x50 <- _note_9) ret=0x0",
+        )
+        .unwrap();
+        assert_eq!((r.function.as_str(), r.caller.as_str()), ("cxl_mem_probe", "cxl_bus_probe"));
         assert!(parse_return("# tracer: nop").is_err());
     }
 

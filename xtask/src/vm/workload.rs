@@ -524,7 +524,14 @@ reload() {
 		RELOAD_NOTED=$1
 	fi
 	for m in $above $1; do
-		rmmod "$m" 2> /tmp/rmmod.err || fail "rmmod $m failed: $(cat /tmp/rmmod.err)"
+		# EAGAIN is transient: someone (a tracer registering a kprobe on the module, say)
+		# holds a reference for a moment. Try a few times before calling it a failure.
+		tries=0
+		until rmmod "$m" 2> /tmp/rmmod.err; do
+			tries=$((tries + 1))
+			grep -q "temporarily unavailable" /tmp/rmmod.err && [ $tries -lt 20 ] || fail "rmmod $m failed: $(cat /tmp/rmmod.err)"
+			sleep 0.1
+		done
 		[ ! -e "/sys/module/$m" ] || fail "module $m still loaded after rmmod"
 	done
 	$2 "after rmmod $(echo $above $1)"
