@@ -232,7 +232,21 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
     let kcore = Kcore::open()?;
     let text = CxlText::read(&symbols, &kcore)?;
     let callees: Vec<_> = callsites::CALLEES.iter().copied().chain(profile.host_check_callee()).collect();
-    let calls = callsites::find(&symbols, &text, &callees);
+    let mut calls = callsites::find(&symbols, &text, &callees);
+    // `__devm_add_action` is called for every devres action in CXL code; only the calls
+    // that add the free action say where a dport lives. Keep those, and those whose action
+    // argument is not known statically.
+    let action = profile.free_action_addr();
+    if action != 0 {
+        let code: FxHashMap<u64, &[u8]> = text.functions.iter().map(|(f, c)| (f.addr, c.as_slice())).collect();
+        calls.retain(|c| {
+            c.callee.call != SiteRole::HostActionCall
+                || code
+                    .get(&c.function_addr)
+                    .and_then(|code| callsites::rsi_before_call(c.function_addr, code, c.offset))
+                    .is_none_or(|rsi| rsi == action)
+        });
+    }
     let mut profile = profile;
     let frees = match profile.free {
         FreePath::DevresKfree => {
@@ -353,12 +367,6 @@ fn module_texts(text: &CxlText) -> FxHashMap<String, ModuleText> {
     texts
 }
 
-/// Bytes a probe of this tracer may have changed in a probed function: the start (the
-/// ftrace call an entry probe patches) and each probed instruction's first five bytes (an
-/// int3, or the jump of an optimized kprobe).
-fn patched(offset: usize, probes: &[u64]) -> bool {
-    offset < 16 || probes.iter().any(|&p| (p as usize..p as usize + 5).contains(&offset))
-}
 
 impl ModuleRescan {
     fn read_module(symbols: &Symbols, module: &str) -> anyhow::Result<CxlText> {
@@ -374,7 +382,7 @@ impl ModuleRescan {
 
     /// Whether `module`, loaded again, has the code it had when its sites were found, but
     /// for the bytes this tracer's own probes (`plan`'s sites, which the kernel re-armed at
-    /// load) patch. Then nothing needs doing.
+    /// load) patch and what the module loader relocates. Then nothing needs doing.
     pub fn same_code(&self, symbols: &Symbols, module: &str, plan: &Plan) -> anyhow::Result<bool> {
         let Some(old) = self.texts.get(module) else { return Ok(false) };
         let now = ModuleRescan::read_module(symbols, module)?;
@@ -382,7 +390,7 @@ impl ModuleRescan {
             return Ok(false);
         }
         for ((function, code), (name, before)) in now.functions.iter().zip(old) {
-            if function.name != *name || code.len() != before.len() {
+            if function.name != *name {
                 return Ok(false);
             }
             let probes: Vec<u64> = plan
@@ -392,7 +400,7 @@ impl ModuleRescan {
                 .filter(|(i, s)| !plan.retired.contains(i) && s.module.as_deref() == Some(module) && s.function == *name)
                 .map(|(_, s)| s.offset)
                 .collect();
-            if code.iter().zip(before).enumerate().any(|(at, (a, b))| a != b && !patched(at, &probes)) {
+            if !callsites::same_code(before, code, &probes) {
                 return Ok(false);
             }
         }

@@ -217,6 +217,79 @@ pub fn find(symbols: &Symbols, text: &CxlText, callees: &[Callee]) -> Vec<CallSi
     sites
 }
 
+/// The value `rsi` (a call's second argument) is set to before the call at `offset` in
+/// `code` (a function at `addr`), when the last instruction before it that writes `rsi` in
+/// straight-line order is `lea X(%rip),%rsi` or `mov $X,%esi/%rsi`; `None` when it is
+/// anything else (not known statically).
+pub fn rsi_before_call(addr: u64, code: &[u8], offset: u64) -> Option<u64> {
+    let mut value = None;
+    let mut info = iced_x86::InstructionInfoFactory::new();
+    for insn in Decoder::with_ip(64, code, addr, DecoderOptions::NONE) {
+        if insn.ip() >= addr + offset {
+            break;
+        }
+        let writes_rsi = info.info(&insn).used_registers().iter().any(|r| {
+            r.register().full_register() == iced_x86::Register::RSI
+                && matches!(r.access(), iced_x86::OpAccess::Write | iced_x86::OpAccess::ReadWrite | iced_x86::OpAccess::CondWrite)
+        });
+        if !writes_rsi {
+            continue;
+        }
+        value = match insn.mnemonic() {
+            Mnemonic::Lea if insn.is_ip_rel_memory_operand() => Some(insn.ip_rel_memory_address()),
+            Mnemonic::Mov if insn.op1_kind() == OpKind::Immediate32 || insn.op1_kind() == OpKind::Immediate32to64 => {
+                Some(insn.immediate(1))
+            }
+            _ => None,
+        };
+    }
+    value
+}
+
+/// Whether a function's code `now` (its probes re-armed by the kernel, its module maybe at
+/// another address) is the code it had `before`, when its sites were found. The bytes a
+/// probe of this tracer patches (each probed instruction's first five: an int3, or an
+/// optimized kprobe's jump; and the first 16, where an entry probe patches the ftrace call)
+/// are taken from `before`; then both decode to the same instructions, compared without
+/// their displacement and immediate fields (what the module loader relocates: calls into
+/// vmlinux, addresses of the module's data).
+pub fn same_code(before: &[u8], now: &[u8], probes: &[u64]) -> bool {
+    if before.len() != now.len() {
+        return false;
+    }
+    let mut now = now.to_vec();
+    for at in 0..now.len() {
+        if at < 16 || probes.iter().any(|&p| (p as usize..p as usize + 5).contains(&at)) {
+            now[at] = before[at];
+        }
+    }
+    let mut a = Decoder::with_ip(64, before, 0, DecoderOptions::NONE);
+    let mut b = Decoder::with_ip(64, &now, 0, DecoderOptions::NONE);
+    let (mut x, mut y) = (iced_x86::Instruction::default(), iced_x86::Instruction::default());
+    while a.can_decode() {
+        if !b.can_decode() {
+            return false;
+        }
+        a.decode_out(&mut x);
+        b.decode_out(&mut y);
+        if x.len() != y.len() || x.code() != y.code() {
+            return false;
+        }
+        let (start, len) = (x.ip() as usize, x.len());
+        let offsets = a.get_constant_offsets(&x);
+        let relocatable = |i: usize| {
+            let within = |off: usize, size: usize| size > 0 && (off..off + size).contains(&i);
+            within(offsets.displacement_offset(), offsets.displacement_size())
+                || within(offsets.immediate_offset(), offsets.immediate_size())
+                || within(offsets.immediate_offset2(), offsets.immediate_size2())
+        };
+        if (0..len).any(|i| !relocatable(i) && before[start + i] != now[start + i]) {
+            return false;
+        }
+    }
+    !b.can_decode()
+}
+
 /// Whether `code` (of a function at `addr`) calls or tail-calls one of `targets`.
 pub fn calls_any(addr: u64, code: &[u8], targets: &FxHashSet<u64>) -> bool {
     let decoder = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
@@ -263,6 +336,58 @@ mod tests {
         assert_eq!(sites.len(), 2);
         assert_eq!((sites[0].callee.name, sites[0].offset, sites[0].len, sites[0].tail), ("xa_load", 7, 5, false));
         assert_eq!((sites[1].callee.name, sites[1].tail), ("mutex_unlock", true));
+    }
+
+    #[test]
+    fn the_same_code_at_another_address_with_probes_re_armed_is_the_same() {
+        // endbr64 (4 bytes of ftrace room after it); call rel32 (a call into vmlinux);
+        // mov 0x98(%rax),%r15; mov $imm32,%rdi (a string of the module's); ret
+        let before: Vec<u8> = [
+            &[0xf3, 0x0f, 0x1e, 0xfa][..],
+            &[0x0f, 0x1f, 0x44, 0x00, 0x00],
+            &[0x0f, 0x1f, 0x44, 0x00, 0x00, 0x90, 0x90],
+            &[0xe8, 0x10, 0x20, 0x30, 0x40],
+            &[0x4c, 0x8b, 0xb8, 0x98, 0x00, 0x00, 0x00],
+            &[0x48, 0xc7, 0xc7, 0x00, 0x10, 0x00, 0xc0],
+            &[0xc3],
+        ]
+        .concat();
+        // Loaded elsewhere: the call's displacement and the string's address differ; the
+        // probe at 21 (the mov) is armed (int3), the ftrace call at 4 patched.
+        let mut now = before.clone();
+        now[17..21].copy_from_slice(&[0x50, 0x60, 0x70, 0x01]);
+        now[31..35].copy_from_slice(&[0x00, 0x90, 0x01, 0xc0]);
+        now[21] = 0xcc;
+        now[4..9].copy_from_slice(&[0xe8, 1, 2, 3, 4]);
+        assert!(same_code(&before, &now, &[21]));
+        // Without knowing the probe there, the int3 is a difference.
+        assert!(!same_code(&before, &now, &[]));
+        // Another register for the string's address: another build.
+        let mut other = now.clone();
+        other[30] = 0xc6;
+        assert!(!same_code(&before, &other, &[21]));
+        // Another length: another build.
+        assert!(!same_code(&before, &before[..before.len() - 1], &[]));
+    }
+
+    #[test]
+    fn the_action_argument_of_a_call_is_read_back_when_it_is_a_constant() {
+        let addr = 0xffffffff81002000u64;
+        // lea 0x100(%rip),%rsi; mov %rbx,%rdx; call ...; mov %r12,%rsi; call ...;
+        // mov $0xffffffff81003000,%rsi (sign-extended imm32); call ...
+        let code: Vec<u8> = [
+            &[0x48, 0x8d, 0x35, 0x00, 0x01, 0x00, 0x00][..],
+            &[0x48, 0x89, 0xda],
+            &[0xe8, 0, 0, 0, 0],
+            &[0x4c, 0x89, 0xe6],
+            &[0xe8, 0, 0, 0, 0],
+            &[0x48, 0xc7, 0xc6, 0x00, 0x30, 0x00, 0x81],
+            &[0xe8, 0, 0, 0, 0],
+        ]
+        .concat();
+        assert_eq!(rsi_before_call(addr, &code, 10), Some(addr + 7 + 0x100));
+        assert_eq!(rsi_before_call(addr, &code, 18), None, "rsi copied from a register: not known");
+        assert_eq!(rsi_before_call(addr, &code, 30), Some(0xffffffff81003000));
     }
 
     #[test]
