@@ -98,10 +98,6 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds `fixture` for the harness's default kernel; see `build_for_kernel`.
-pub fn build(fixture: Fixture) -> anyhow::Result<PathBuf> {
-    build_for_kernel(fixture, debian::stock_kernel(debian::DEFAULT_KERNEL)?)
-}
 
 /// Builds `fixture` for `kernel` unless the cached build is current and returns the module's
 /// path, `target/fixtures/KERNEL/NAME/cxl_mem.ko`.

@@ -24,12 +24,13 @@ enum Command {
     Setup,
     /// Set up, then run the unit, golden and property tests, then the guest suite.
     Test(test::Options),
-    /// Build an out-of-tree cxl_mem.ko for the guest kernel from Debian's 6.12 source
-    /// (cached) and print its path: cxl-mem-fixed has the dport read-side fix, cxl-mem-stock
-    /// is the unmodified control.
+    /// Build an out-of-tree cxl_mem.ko for a kernel of the matrix from its Debian source
+    /// (cached) and print its path: cxl-mem-fixed has the seed's dport read-side fix,
+    /// cxl-mem-stock is the unmodified control (docs/fixtures.md).
     Fixture(fixture::Options),
     /// The main job: set up, then run the hotplug workloads under the tracer in the QEMU CXL
-    /// guest on the stock kernel and with the fixed cxl_mem, and compare (docs/vm.md).
+    /// guest on a stock kernel (7.2, the seed's, by default) and with the seed-fixed cxl_mem,
+    /// and compare (docs/vm.md, docs/kernels.md).
     Demo(demo::Options),
     /// Measure the tracer's cost and capacity in the QEMU guest against bpftrace, its memory
     /// on a long churn, and the engine's replay speed; print one table (README, Performance).

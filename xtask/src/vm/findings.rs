@@ -23,6 +23,12 @@ pub struct Finding {
     pub load_ts: Option<u64>,
     pub lock_ts: Option<u64>,
     pub load_free_lock_held: Option<bool>,
+    /// For an inline access: the member touched.
+    pub member: Option<String>,
+    /// The sites of the uses folded into this root cause.
+    pub also: Vec<String>,
+    /// Where the dport was freed, for a use-after-free.
+    pub free_stack: Option<Vec<String>>,
     /// The line as printed, for exact comparisons (live against replay).
     pub line: String,
 }
@@ -281,6 +287,13 @@ fn finding(v: &Value, line: &str) -> anyhow::Result<Finding> {
         load_ts: v.get("load_ts").and_then(Value::as_u64),
         lock_ts: v.get("lock_ts").and_then(Value::as_u64),
         load_free_lock_held: v.get("load_free_lock_held").and_then(Value::as_bool),
+        member: v.pointer("/access/member").and_then(Value::as_str).map(str::to_owned),
+        also: v
+            .get("also_at")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|x| x.get("site").and_then(Value::as_str).map(str::to_owned)).collect())
+            .unwrap_or_default(),
+        free_stack: stack("free_stack"),
         line: line.to_owned(),
     })
 }
@@ -328,16 +341,12 @@ pub fn events(tracer: &Path, trace: &Path) -> anyhow::Result<Vec<Value>> {
         .collect()
 }
 
-/// Whether an event's stack has `function` as a frame.
-pub fn event_in(event: &Value, function: &str) -> bool {
+/// Whether one of an event's `depth` innermost frames is in `function`.
+pub fn event_near(event: &Value, function: &str, depth: usize) -> bool {
     event
         .get("stack")
         .and_then(Value::as_array)
-        .is_some_and(|s| {
-            s.iter()
-                .filter_map(Value::as_str)
-                .any(|f| frame_function(f) == function)
-        })
+        .is_some_and(|s| s.iter().take(depth).filter_map(Value::as_str).any(|f| frame_function(f) == function))
 }
 
 /// Whether an event's innermost frame is in `function`.

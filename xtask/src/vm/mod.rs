@@ -10,6 +10,7 @@ mod calls;
 mod cpio;
 pub mod findings;
 mod initramfs;
+pub mod expect;
 mod kernel;
 mod kernel_arg;
 mod qemu;
@@ -42,6 +43,7 @@ const RESULT_FILES: &[&str] = &[
     "dmesg.txt",
     "workload.log",
     "findings.jsonl",
+    "results.ktap",
     "tracer.log",
     "trace.bin",
     "calls.txt",
@@ -580,6 +582,9 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
     )?;
 
     copy_results(&share.join("out"), &out)?;
+    if let Some(tracer) = &tracer {
+        write_ktap(tracer, &out);
+    }
     let failure = judge(&session, timeout, &out);
     let tracer_exit = last_value(&session.lines, "tracer-vm: tracer exit=");
     let failure = failure.or_else(|| {
@@ -600,6 +605,29 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
         failure,
         console: session.lines,
     })
+}
+
+/// `results.ktap` next to `findings.jsonl`, for CI systems that read KTAP: the recorded trace
+/// analyzed by the same (static) tracer build on the host. A run without a trace has none;
+/// a failure to write it is said, not fatal (findings.jsonl is the run's verdict).
+fn write_ktap(tracer: &Path, out: &Path) {
+    let trace = out.join("trace.bin");
+    if !trace.exists() {
+        return;
+    }
+    match std::process::Command::new(tracer).args(["analyze", "--format", "ktap", "--strict"]).arg(&trace).output() {
+        Ok(result) if matches!(result.status.code(), Some(0..=2)) && !result.stdout.is_empty() => {
+            if let Err(err) = fs::write(out.join("results.ktap"), &result.stdout) {
+                println!("vm: warning: writing results.ktap: {err}");
+            }
+        }
+        Ok(result) => println!(
+            "vm: warning: no results.ktap: tracer analyze --format ktap exited {}: {}",
+            result.status,
+            String::from_utf8_lossy(&result.stderr).trim()
+        ),
+        Err(err) => println!("vm: warning: no results.ktap: cannot run {}: {err}", tracer.display()),
+    }
 }
 
 /// The verdict on a finished boot, in order of what explains it best.

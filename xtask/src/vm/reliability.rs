@@ -12,10 +12,11 @@ use std::{collections::HashMap, fs, path::Path};
 use anyhow::{Context as _, bail, ensure};
 
 use super::{
-    RunOptions, Topology,
+    KernelArg, RunOptions, Topology, expect,
     findings::{self, Report},
     suite::passing,
 };
+use crate::debian::StockKernel;
 
 /// Runs `tracer` in the ways users stop it, checking what it leaves behind each time.
 const LIFECYCLE: &str = r#"#!/bin/sh
@@ -169,8 +170,9 @@ fn script(out: &Path, text: &str) -> anyhow::Result<Vec<String>> {
 /// event except, after SIGKILL, the dead instance's (reported as gone and removed by the
 /// next start); `leftovers` sees a running instance's objects (so its "nothing" means
 /// something).
-pub fn lifecycle(out: &Path, tracer: &Path) -> anyhow::Result<()> {
+pub fn lifecycle(out: &Path, tracer: &Path, kernel: &'static StockKernel) -> anyhow::Result<()> {
     let mut o = RunOptions::new(Topology::Rp);
+    o.kernel = Some(KernelArg::Stock(kernel));
     o.tracer_binary = Some(tracer.to_owned());
     o.manual_tracer = true;
     o.quiet = true;
@@ -256,8 +258,9 @@ pub fn lifecycle(out: &Path, tracer: &Path) -> anyhow::Result<()> {
 /// traces; no BTF fails naming it; a `--use-site` the kernel lacks or refuses to probe fails
 /// naming it and what it costs; a full disk under `--record` fails clearly and leaves a
 /// trace that reads up to its last complete record.
-pub fn environment(out: &Path, tracer: &Path) -> anyhow::Result<()> {
+pub fn environment(out: &Path, tracer: &Path, kernel: &'static StockKernel) -> anyhow::Result<()> {
     let mut o = RunOptions::new(Topology::Rp);
+    o.kernel = Some(KernelArg::Stock(kernel));
     o.tracer_binary = Some(tracer.to_owned());
     o.manual_tracer = true;
     o.no_cxl_at_boot = true;
@@ -290,11 +293,12 @@ pub fn environment(out: &Path, tracer: &Path) -> anyhow::Result<()> {
     expect(&r, "wait still-waiting", "yes", "tracer run --wait-for-cxl must not exit before the modules are loaded")?;
     expect(&r, "wait exit", "1", "it traced the memdev-bind cycles after the modules came: findings")?;
     let wait = Report::read(&out.join("wait.jsonl"))?;
-    let ras = wait.occurrences("unlocked-use", "cxl_dport_init_ras_reporting");
-    ensure!(
-        ras == 3,
-        "after waiting, the tracer saw {ras} unlocked uses at cxl_dport_init_ras_reporting, not 3 (one per memdev-bind cycle)"
-    );
+    // Every finding of cxl_mem_probe's own, once per memdev-bind cycle.
+    let per_probe = expect::stock(kernel.name).with_context(|| format!("no expectations for kernel {}", kernel.name))?;
+    for e in per_probe.iter().filter(|e| e.fixed_by_cxl_mem) {
+        let n = wait.occurrences(e.class, e.site);
+        ensure!(n == 3, "after waiting, the tracer saw {n} {} at {}, not 3 (one per memdev-bind cycle)", e.class, e.site);
+    }
     // The traced command's output goes to the tracer's stderr.
     ensure!(
         read(out, "wait.log")?.contains("workload memdev-bind passed cycles=3"),
@@ -349,8 +353,8 @@ pub fn environment(out: &Path, tracer: &Path) -> anyhow::Result<()> {
             .map(|l| format!("; {}", l.trim_start_matches("tracer: warning: ")))
             .unwrap_or_default()
     );
-    if report.occurrences("unlocked-use", "cxl_dport_init_ras_reporting") == 0 {
-        bail!("the partial trace holds no finding, though memdev-bind ran until the disk was full");
+    if !report.findings.iter().any(|f| f.is_read_side()) {
+        bail!("the partial trace holds no read-side finding, though memdev-bind ran until the disk was full");
     }
     Ok(())
 }

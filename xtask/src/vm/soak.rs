@@ -244,6 +244,12 @@ pub fn run(options: &SoakOptions) -> anyhow::Result<Soak> {
         if mismatch > 0 {
             failures.push(format!("{mismatch} rule-mismatch occurrence(s): see findings.jsonl"));
         }
+        // A real race carries the free that it raced with.
+        for f in report.findings.iter().filter(|f| f.class == "use-after-free") {
+            if f.free_stack.as_ref().is_none_or(Vec::is_empty) {
+                failures.push(format!("{}: no stack of the free it raced with", f.title()));
+            }
+        }
     }
     let counters = checkpoints(&tracer, &out.join("trace.bin"), &samples).unwrap_or_else(|err| {
         failures.push(format!("reading the drop counters from trace.bin: {err:#}"));

@@ -1,0 +1,148 @@
+//! What the tracer must report on each stock kernel of the matrix, and why, from that
+//! kernel's own source (docs/kernels.md tells the story with the code). The suite's traced
+//! cases and the demo check runs against these: the exact root-cause findings, each counted
+//! against an independent count of what causes it.
+//!
+//! Sites are those of the root cause after folding (the outermost use of one loaded pointer
+//! in one call of the function holding it); `also` lists uses that must be folded into it.
+
+/// How often a finding must occur in a run.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Per {
+    /// Once per successful memdev probe (the kretprobe count of `cxl_mem_probe`).
+    MemdevProbe,
+    /// Once per `cxl_acpi` unbind per dport of the CXL root (the root's teardown erases each
+    /// root dport without the root port's lock).
+    RootDportTeardown,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Expected {
+    pub class: &'static str,
+    pub site: &'static str,
+    /// For an inline access: the member it reads.
+    pub member: Option<&'static str>,
+    /// Other uses that must be folded into it (sites of `also_at`).
+    pub also: &'static [&'static str],
+    /// Whether the fixed `cxl_mem` removes it (it comes from `cxl_mem_probe`).
+    pub fixed_by_cxl_mem: bool,
+    pub per: Per,
+    /// One line on where it comes from.
+    pub why: &'static str,
+}
+
+/// The kernel's core (cxl_core, built in) on every kernel: `devm_cxl_enumerate_ports()` gets
+/// the dport of the port above the endpoint with a lockless lookup and passes it to
+/// `cxl_add_ep()` with no lock held.
+const CORE_ADD_EP: Expected = Expected {
+    class: "unlocked-use",
+    site: "cxl_add_ep",
+    member: None,
+    also: &[],
+    fixed_by_cxl_mem: false,
+    per: Per::MemdevProbe,
+    why: "devm_cxl_enumerate_ports() passes a lockless dport to cxl_add_ep() (core, not fixed by the cxl_mem patch)",
+};
+
+/// `cxl_acpi` unbind: the root's devres runs `cxl_dport_remove()`, which erases the root
+/// dport from `port->dports` without the root port's lock (the thread's first hunk).
+const ROOT_ERASE: Expected = Expected {
+    class: "unlocked-erase",
+    site: "cxl_dport_remove",
+    member: None,
+    also: &[],
+    fixed_by_cxl_mem: false,
+    per: Per::RootDportTeardown,
+    why: "cxl_dport_remove() erases a root dport without the root port's lock (the patch's write-side hunk, in cxl_core)",
+};
+
+pub const KERNEL_6_1: &[Expected] = &[
+    CORE_ADD_EP,
+    Expected {
+        class: "stale-use",
+        site: "cxl_mem_probe",
+        member: Some("port"),
+        also: &["devm_cxl_add_port"],
+        fixed_by_cxl_mem: true,
+        per: Per::MemdevProbe,
+        why: "cxl_mem_probe() loads the dport before device_lock(&parent_port->dev); the inlined devm_cxl_add_endpoint() reads parent_dport->port and passes it to devm_cxl_add_port() under that lock",
+    },
+    ROOT_ERASE,
+];
+
+pub const KERNEL_6_12: &[Expected] = &[
+    CORE_ADD_EP,
+    Expected {
+        class: "unlocked-use",
+        site: "cxl_mem_probe",
+        member: Some("rch"),
+        also: &["cxl_dport_init_ras_reporting"],
+        fixed_by_cxl_mem: true,
+        per: Per::MemdevProbe,
+        why: "cxl_mem_probe() reads dport->rch and calls cxl_dport_init_ras_reporting(dport) before taking any lock",
+    },
+    Expected {
+        class: "stale-use",
+        site: "cxl_mem_probe",
+        member: Some("port"),
+        also: &["devm_cxl_add_port"],
+        fixed_by_cxl_mem: true,
+        per: Per::MemdevProbe,
+        why: "under the endpoint parent's lock, the inlined devm_cxl_add_endpoint() reads parent_dport->port and passes the pointer loaded before the lock to devm_cxl_add_port()",
+    },
+    ROOT_ERASE,
+];
+
+pub const KERNEL_7_2: &[Expected] = &[
+    CORE_ADD_EP,
+    Expected {
+        class: "unlocked-use",
+        site: "cxl_mem_probe",
+        member: Some("rch"),
+        also: &[],
+        fixed_by_cxl_mem: true,
+        per: Per::MemdevProbe,
+        why: "cxl_mem_probe() reads dport->rch (cmpb $0x0,0x90(%rax) at +0x19a) before taking any lock: the seed's first unlocked dereference",
+    },
+    Expected {
+        class: "stale-use",
+        site: "devm_cxl_add_endpoint",
+        member: None,
+        also: &["devm_cxl_add_port"],
+        fixed_by_cxl_mem: true,
+        per: Per::MemdevProbe,
+        why: "cxl_mem_probe() passes the pointer loaded before scoped_guard(device, endpoint_parent) to devm_cxl_add_endpoint(), which hands it to devm_cxl_add_port()",
+    },
+    ROOT_ERASE,
+];
+
+/// The expectations of a stock kernel of the matrix.
+pub fn stock(kernel: &str) -> Option<&'static [Expected]> {
+    match kernel {
+        "6.1" => Some(KERNEL_6_1),
+        "6.12" => Some(KERNEL_6_12),
+        "7.2" => Some(KERNEL_7_2),
+        _ => None,
+    }
+}
+
+/// What remains with the seed-fixed `cxl_mem`: the core's findings.
+pub fn fixed(kernel: &str) -> Option<Vec<Expected>> {
+    stock(kernel).map(|all| all.iter().filter(|e| !e.fixed_by_cxl_mem).copied().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_of_the_matrix_has_expectations_and_the_fix_removes_cxl_mem_probes_own() {
+        for k in crate::debian::STOCK_KERNELS {
+            let stock = stock(k.name).unwrap_or_else(|| panic!("no expectations for {}", k.name));
+            let fixed = fixed(k.name).unwrap();
+            assert!(stock.iter().any(|e| e.fixed_by_cxl_mem), "{}: the fix must remove something", k.name);
+            assert!(fixed.iter().all(|e| !e.fixed_by_cxl_mem));
+            assert!(fixed.contains(&ROOT_ERASE) && fixed.contains(&CORE_ADD_EP));
+        }
+    }
+}
