@@ -124,6 +124,11 @@ pub fn check_common(report: &Report) -> anyhow::Result<()> {
         mismatch == 0,
         "{mismatch} dport registration(s) used a devres host other than the model's free lock"
     );
+    // Every traced case tears ports down and brings them back (acpi-unbind, port-unbind,
+    // upstream-rescan): their dports are registered again, each cross-checked.
+    let checked = report.summary_u64(&["kernel_counters", "host_checked"])?;
+    ensure!(checked > 0, "no dport registration had its devres host cross-checked (host_checked 0)");
+    println!("test: guest:   devres host cross-checked at {checked} registration(s), none mismatched");
     report.check_stacks()
 }
 
