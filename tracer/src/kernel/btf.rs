@@ -165,17 +165,29 @@ fn is_dport_out_param(btf: &Btf, ty: &Type) -> bool {
     btf.resolve_chained_type(ptr).is_ok_and(|inner| is_struct_pointer(btf, &inner, "cxl_dport"))
 }
 
-/// Functions among `types` returning a `struct cxl_dport *` or taking a `struct cxl_dport **`
-/// (`arg` is that parameter's index, or `derefs::RETURNS` for the return value).
-fn collect_loaders(
+/// Calls `f` with every function among `types` and its prototype.
+fn each_function(
     btf: &Btf,
     mut types: impl FallibleIterator<Item = Type, Error = btf_rs::Error>,
-    module: Option<&str>,
-    found: &mut Vec<DportFunction>,
+    mut f: impl FnMut(&btf_rs::Func, &btf_rs::FuncProto) -> Result<(), BtfError>,
 ) -> Result<(), BtfError> {
     while let Some(ty) = types.next()? {
         let Type::Func(func) = &ty else { continue };
         let Ok(Type::FuncProto(proto)) = btf.resolve_chained_type(func) else { continue };
+        f(func, &proto)?;
+    }
+    Ok(())
+}
+
+/// Functions among `types` returning a `struct cxl_dport *` or taking a `struct cxl_dport **`
+/// (`arg` is that parameter's index, or `derefs::RETURNS` for the return value).
+fn collect_loaders(
+    btf: &Btf,
+    types: impl FallibleIterator<Item = Type, Error = btf_rs::Error>,
+    module: Option<&str>,
+    found: &mut Vec<DportFunction>,
+) -> Result<(), BtfError> {
+    each_function(btf, types, |func, proto| {
         let returns = btf
             .resolve_type_by_id(proto.return_type_id())
             .is_ok_and(|r| is_struct_pointer(btf, &r, "cxl_dport"));
@@ -186,36 +198,30 @@ fn collect_loaders(
         let arg = match (out_param, returns) {
             (Some(i), _) => i as u32,
             (None, true) => super::derefs::RETURNS,
-            (None, false) => continue,
+            (None, false) => return Ok(()),
         };
         found.push(DportFunction { name: btf.resolve_name(func)?, module: module.map(str::to_owned), arg });
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Functions among `types` with a parameter pointing to `struct strukt`.
 fn collect_pointer_params(
     btf: &Btf,
-    mut types: impl FallibleIterator<Item = Type, Error = btf_rs::Error>,
+    types: impl FallibleIterator<Item = Type, Error = btf_rs::Error>,
     strukt: &str,
     module: Option<&str>,
     found: &mut Vec<DportFunction>,
 ) -> Result<(), BtfError> {
-    while let Some(ty) = types.next()? {
-        let Type::Func(func) = &ty else { continue };
-        let Ok(Type::FuncProto(proto)) = btf.resolve_chained_type(func) else { continue };
+    each_function(btf, types, |func, proto| {
         for (i, param) in proto.parameters.iter().enumerate() {
             let Ok(param_type) = btf.resolve_chained_type(param) else { continue };
             if is_struct_pointer(btf, &param_type, strukt) {
-                found.push(DportFunction {
-                    name: btf.resolve_name(func)?,
-                    module: module.map(str::to_owned),
-                    arg: i as u32,
-                });
+                found.push(DportFunction { name: btf.resolve_name(func)?, module: module.map(str::to_owned), arg: i as u32 });
             }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 #[cfg(test)]
