@@ -616,10 +616,14 @@ cycle_port_unbind() {
 	[ -z "$left" ] || fail "endpoints left after unbinding $ports from cxl_port: $left"
 	# The memdevs lose their driver asynchronously (cxl_core's detach work).
 	wait_until "releasing the memdevs from cxl_mem after unbinding $ports" no_memdev_bound
-	# A switch port with no endpoint left is unregistered (cxl_detach_ep): memdev probe
-	# enumerates it again. A host-bridge port stays and is bound back here.
+	# A switch port with no endpoint left is unregistered (cxl_detach_ep), asynchronously:
+	# memdev probe enumerates it again. A host-bridge port stays and is bound back here. A
+	# bind that fails because the port went away meanwhile is that unregistering.
 	for p in $ports; do
-		[ -e "$CXL/devices/$p" ] && sysw $CXL/drivers/cxl_port/bind "$p"
+		[ -e "$CXL/devices/$p" ] || continue
+		echo "$p" 2> /tmp/sysw.err > $CXL/drivers/cxl_port/bind && continue
+		usleep 500000
+		[ ! -e "$CXL/devices/$p" ] || fail "binding $p back to cxl_port failed: $(sed 's/^.*: //' /tmp/sysw.err)"
 	done
 	bind_unbound_memdevs
 }
