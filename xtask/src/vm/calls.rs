@@ -88,6 +88,23 @@ impl Calls {
         Ok(Calls { returns })
     }
 
+    /// For each return of `outer`, the last return of `inner` in the same task since that
+    /// task's previous return of `outer` (none when `outer` called no `inner`): the inner
+    /// call `outer` made last. Found by task and order alone, never by the symbolized
+    /// caller, which 6.1 can misname for a module (`_note_9`).
+    pub fn last_inner<'a>(&'a self, outer: &str, inner: &str) -> Vec<Option<&'a Return>> {
+        let mut last: std::collections::HashMap<u32, &'a Return> = std::collections::HashMap::new();
+        let mut found = Vec::new();
+        for r in &self.returns {
+            if r.function == inner {
+                last.insert(r.pid, r);
+            } else if r.function == outer {
+                found.push(last.remove(&r.pid));
+            }
+        }
+        found
+    }
+
     /// Returns of `function` to `caller` (any caller when `None`).
     pub fn of<'a>(
         &'a self,
@@ -174,6 +191,36 @@ mod tests {
         .unwrap();
         assert_eq!((r.function.as_str(), r.caller.as_str()), ("cxl_mem_probe", "cxl_bus_probe"));
         assert!(parse_return("# tracer: nop").is_err());
+    }
+
+    #[test]
+    fn the_last_inner_call_is_found_by_task_and_order() {
+        let line = |pid: u32, f: &str, caller: &str, ret: &str| {
+            format!("  sh-{pid}  [000] d..2.  1.0: {f}: ({caller}+0x1/0x2 [m] <- {f}) ret={ret}")
+        };
+        let text = [
+            // Task 7: a switch port, then its endpoint (misnamed caller), then the probe.
+            line(7, "add", "enumerate", "0xffff888000001000"),
+            line(9, "add", "other", "0xffff888000002000"),
+            line(7, "add", "_note_9", "0xffff888000003000"),
+            line(7, "probe", "bus", "0x0"),
+            // Task 9's probe returns after its own add; task 7 probes again, adding nothing.
+            line(9, "probe", "bus", "0x0"),
+            line(7, "probe", "bus", "0x0"),
+        ]
+        .join("\n");
+        let calls = Calls {
+            returns: text.lines().map(|l| parse_return(l).unwrap()).collect(),
+        };
+        let values: Vec<Option<u64>> = calls
+            .last_inner("probe", "add")
+            .into_iter()
+            .map(|r| r.map(|r| r.value))
+            .collect();
+        assert_eq!(
+            values,
+            [Some(0xffff888000003000), Some(0xffff888000002000), None]
+        );
     }
 
     #[test]

@@ -74,7 +74,7 @@ pub fn completed(options: &RunOptions) -> anyhow::Result<Run> {
 pub struct Ground {
     /// `cxl_mem_probe` calls (all of them succeeded).
     pub probes: u64,
-    /// `devm_cxl_add_port` calls from `cxl_mem_probe`: endpoint ports added.
+    /// Endpoint ports added: the last `devm_cxl_add_port` of each probe, if it succeeded.
     pub endpoint_adds: u64,
     /// `devm_cxl_add_port` calls from `add_port_attach_ep`: switch ports added.
     pub switch_port_adds: u64,
@@ -92,6 +92,14 @@ pub fn ground(out: &Path) -> anyhow::Result<Ground> {
         "memdev probes failed during the workloads: {}",
         failed.join(", ")
     );
+    // A probe's endpoint is the last port it adds (create_endpoint() comes after the
+    // ports enumeration adds above it).
+    let endpoint_adds = calls
+        .last_inner("cxl_mem_probe", ADD_PORT)
+        .into_iter()
+        .flatten()
+        .filter(|r| !is_err_ptr(r.value))
+        .count() as u64;
     let adds = |caller| {
         calls
             .of(ADD_PORT, Some(caller))
@@ -100,9 +108,7 @@ pub fn ground(out: &Path) -> anyhow::Result<Ground> {
     };
     Ok(Ground {
         probes: calls.of("cxl_mem_probe", None).count() as u64,
-        // cxl_mem_probe calls devm_cxl_add_port itself where devm_cxl_add_endpoint() is
-        // inlined (6.1, 6.12), through it where it is not (7.2).
-        endpoint_adds: adds("cxl_mem_probe") + adds("devm_cxl_add_endpoint"),
+        endpoint_adds,
         switch_port_adds: adds("add_port_attach_ep"),
     })
 }
@@ -264,7 +270,13 @@ pub fn rp_stock(out: &Path, tracer: &Path, kernel: &'static StockKernel, cycles:
         "{} memdev probes counted, fewer than one per cycle of each workload",
         g.probes
     );
-    ensure!(g.endpoint_adds == g.probes, "{} endpoint ports added by {} probes", g.endpoint_adds, g.probes);
+    ensure!(
+        g.endpoint_adds == g.probes,
+        "{} endpoint ports added by {} probes (every return in {})",
+        g.endpoint_adds,
+        g.probes,
+        out.join("calls.txt").display()
+    );
     let report = Report::read(&out.join("findings.jsonl"))?;
     check_common(&report)?;
     check_expected(&report, expected, &g, u64::from(cycles), out)?;
