@@ -32,8 +32,9 @@ enum Command {
     /// guest on a stock kernel (7.2, the seed's, by default) and with the seed-fixed cxl_mem,
     /// and compare (docs/vm.md, docs/kernels.md).
     Demo(demo::Options),
-    /// Measure the tracer's cost and capacity in the QEMU guest against bpftrace, its memory
-    /// on a long churn, and the engine's replay speed; print one table (README, Performance).
+    /// Measure the tracer's cost and capacity in the QEMU guest on 6.12 and 7.2 against no
+    /// tracer (an A/A pair: the noise floor) and bpftrace, its memory on a long churn, and the
+    /// engine's replay speed; print a table per kernel (README, Performance; docs/bench.md).
     Bench(Box<bench::Options>),
     /// The QEMU CXL guest: boot it, run hotplug workloads, collect results (docs/vm.md).
     Vm {

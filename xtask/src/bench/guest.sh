@@ -1,16 +1,23 @@
 #!/bin/sh
-# /vm/script of `cargo xtask bench`: every guest measurement in one boot.
-#   REPS LOOP_MS LOOPS CYCLES LOAD_MS "MODES"
+# /vm/script of `cargo xtask bench`: every guest measurement on one kernel, in one boot.
+#   REPS MAX_REPS EXTRA_SECS LOOP_MS LOOPS CYCLES LOAD_MS SETTLE_SECS "MODES"
+# REPS repetitions run every mode (the first with the hotplug workloads); then, while the
+# targets are not resolved at the noise seen (bench-guest decide), more repetitions of the
+# loops run the modes that would resolve them, up to MAX_REPS in all and EXTRA_SECS of
+# extra time.
 # Results go to /share/out/bench-results.txt, one `key=value` line per measurement.
 . /vm/config
 . /vm/lib.sh
 . /vm/workloads.sh
 reps=$1
-loop_ms=$2
-loops=$3
-cycles=$4
-load_ms=$5
-modes=$6
+max_reps=$2
+extra_budget=$3
+loop_ms=$4
+loops=$5
+cycles=$6
+load_ms=$7
+settle=$8
+modes=$9
 out=/share/out
 res=$out/bench-results.txt
 T=/sys/kernel/tracing
@@ -18,20 +25,22 @@ B=/sys/kernel/debug/cxl_dport_bench
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
 : > $res
 
-put() { echo "$*" >> $res; say "bench: $*"; }
+# Each line carries the guest's uptime, so the host can tell where the time went.
+put() { echo "$* t_ms=$(now_ms)" >> $res; say "bench: $*"; }
 
-# A hit count of a hist trigger keyed by common_pid, for one pid.
-hits() { awk -v p="$2" '$2 == "common_pid:" && $3 == p { print $6 }' "$T/events/$1/hist"; }
+# A hit count of a hist trigger keyed by common_pid, for one pid (0 when it has none).
+hits() { awk -v p="$2" '$2 == "common_pid:" && $3 == p { n = $6 } END { print n + 0 }' "$T/events/$1/hist"; }
 
-# Calls of mutex_lock, mutex_unlock and kfree per operation of each loop, counted by the
-# kernel itself (kprobe events and the kmem:kfree tracepoint, with hist triggers).
+# Calls of mutex_lock, mutex_unlock and kfree per operation of each loop and of the control
+# (which must make none), counted by the kernel itself (kprobe events and the kmem:kfree
+# tracepoint, with hist triggers).
 calls_per_op() {
 	echo "p:benchcount/mutex_lock mutex_lock" >> $T/kprobe_events || fail "cannot add a kprobe event on mutex_lock"
 	echo "p:benchcount/mutex_unlock mutex_unlock" >> $T/kprobe_events || fail "cannot add a kprobe event on mutex_unlock"
 	for e in benchcount/mutex_lock benchcount/mutex_unlock kmem/kfree; do
 		echo 'hist:keys=common_pid' > $T/events/$e/trigger || fail "cannot add a hist trigger to $e"
 	done
-	for loop in pipe select; do
+	for loop in pipe select control; do
 		/bin/bench-guest $loop "$loop_ms" > /tmp/calls.out &
 		pid=$!
 		wait $pid || fail "bench-guest $loop failed"
@@ -55,12 +64,13 @@ mem_kb() {
 	echo "rss_kb=$(awk '/^VmRSS:/ { print $2 }' /proc/$1/status) hwm_kb=$(awk '/^VmHWM:/ { print $2 }' /proc/$1/status)"
 }
 
-# BPF programs of a process with their run counts and times (kernel.bpf_stats_enabled).
+# BPF programs of a process with their run counts and times (kernel.bpf_stats_enabled,
+# cumulative). prog_stats PID MODE PHASE
 prog_stats() {
 	for f in /proc/$1/fdinfo/*; do
 		t=$(awk '/^prog_type:/ { print $2 }' "$f" 2> /dev/null)
 		[ -n "$t" ] || continue
-		put "progstats mode=$2 prog_type=$t run_cnt=$(awk '/^run_cnt:/ { print $2 }' "$f") run_time_ns=$(awk '/^run_time_ns:/ { print $2 }' "$f") prog_id=$(awk '/^prog_id:/ { print $2 }' "$f")"
+		put "progstats mode=$2 phase=$3 prog_type=$t run_cnt=$(awk '/^run_cnt:/ { print $2 }' "$f") run_time_ns=$(awk '/^run_time_ns:/ { print $2 }' "$f") prog_id=$(awk '/^prog_id:/ { print $2 }' "$f")"
 	done
 }
 
@@ -76,13 +86,17 @@ attached() {
 	done
 }
 
-# start_mode MODE TAG: attaches what MODE measures and waits until it is attached.
+# start_mode MODE TAG [record]: attaches what MODE measures and waits until it is attached.
+# With `record`, the tracer also records its events (the host checks every dport free in
+# them).
 start_mode() {
 	case $1 in
-	none) ;;
-	tracer | global)
+	none | none-b) ;;
+	tracer | global | noderefs)
 		extra=
+		[ "$3" = record ] && extra="--record $out/$2.bin"
 		[ "$1" = global ] && extra="--lock-events global"
+		[ "$1" = noderefs ] && extra="$extra --no-derefs"
 		/bin/tracer run --format json $extra > $out/$2.jsonl 2> $out/$2.log &
 		mpid=$!
 		attached $out/$2.log "kprobes attached"
@@ -101,17 +115,10 @@ start_mode() {
 # stop_mode MODE TAG: detaches, after noting the tracer's memory.
 stop_mode() {
 	case $1 in
-	none) ;;
-	tracer | global)
-		put "memory mode=$1 tag=$2 rss_kb=$(awk '/^VmRSS:/ { print $2 }' /proc/$mpid/status) hwm_kb=$(awk '/^VmHWM:/ { print $2 }' /proc/$mpid/status) $(cpu_ticks $mpid)"
-		kill -TERM $mpid
-		wait $mpid
-		rc=$?
-		put "stopped mode=$1 tag=$2 exit=$rc"
-		;;
-	bpftrace)
-		put "memory mode=$1 tag=$2 rss_kb=$(awk '/^VmRSS:/ { print $2 }' /proc/$mpid/status) hwm_kb=$(awk '/^VmHWM:/ { print $2 }' /proc/$mpid/status) $(cpu_ticks $mpid)"
-		kill -INT $mpid
+	none | none-b) ;;
+	*)
+		put "memory mode=$1 tag=$2 $(mem_kb $mpid) $(cpu_ticks $mpid)"
+		if [ "$1" = bpftrace ]; then kill -INT $mpid; else kill -TERM $mpid; fi
 		wait $mpid
 		rc=$?
 		put "stopped mode=$1 tag=$2 exit=$rc"
@@ -128,92 +135,227 @@ timed_workload() {
 	put "workload mode=$2 rep=$3 name=$1 cycles=$cycles total_ms=$ms"
 }
 
-say "bench: kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) CPUs"
-calls_per_op
-
-# 1 and 3: every mode in turn, the order rotated each repetition so drift cancels.
-rep=1
-while [ $rep -le "$reps" ]; do
-	order=$modes
-	k=1
-	while [ $k -lt $rep ]; do
-		set -- $order
+# rotated N WORDS...: the words rotated left N times.
+rotated() {
+	n=$1
+	shift
+	while [ "$n" -gt 0 ]; do
 		first=$1
 		shift
-		order="$* $first"
-		k=$((k + 1))
+		set -- "$@" "$first"
+		n=$((n - 1))
 	done
-	for mode in $order; do
-		tag=$mode-$rep
-		start_mode $mode $tag
-		i=1
-		while [ $i -le "$loops" ]; do
-			for loop in pipe select; do
-				l=$(/bin/bench-guest $loop "$loop_ms") || fail "bench-guest $loop failed in mode $mode"
-				put "loop mode=$mode rep=$rep loop=$loop $l"
-			done
-			i=$((i + 1))
-		done
-		for w in memdev-bind acpi-unbind; do
-			timed_workload $w $mode $rep
-		done
-		stop_mode $mode $tag
-	done
-	rep=$((rep + 1))
-done
-
-# 2: tracked-event capacity, driven by cxl_dport_bench.
-# capacity TAG RING_KIB THREADS RATE [NICE]: NICE runs the tracer at that nice value.
-capacity() {
-	e0=$(cat $B/events)
-	/bin/bench-guest nice "${5:-0}" /bin/tracer run --format json --ring-kib "$2" > $out/$1.jsonl 2> $out/$1.log &
-	mpid=$!
-	attached $out/$1.log "kprobes attached"
-	# One warm-up write, from one thread: the tracer discovers the dport there (one
-	# dport_add event of its own), so the load below only makes events the module counts.
-	echo 1 > $B/run || fail "the warm-up write to $B/run failed"
-	e1=$(cat $B/events)
-	t1=$(cpu_ticks $mpid)
-	l=$(/bin/bench-guest load "$load_ms" "$3" "$4") || fail "bench-guest load failed"
-	e2=$(cat $B/events)
-	# Let the tracer drain what is left in the ring before it stops.
-	sleep 2
-	t2=$(cpu_ticks $mpid)
-	hwm=$(awk '/^VmHWM:/ { print $2 }' /proc/$mpid/status)
-	kill -TERM $mpid
-	wait $mpid
-	rc=$?
-	put "capacity tag=$1 ring_kib=$2 nice=${5:-0} warmup=$((e1 - e0)) generated=$((e2 - e1)) hwm_kb=$hwm exit=$rc $(echo "$t1" | sed 's/\([a-z]*\)=/\1_before=/g') $(echo "$t2" | sed 's/\([a-z]*\)=/\1_after=/g') $l"
-	CAP_RATE=$(echo "$l" | sed -n 's/.* rate=\([0-9]*\).*/\1/p')
+	echo "$*"
 }
 
-# What each BPF program costs per run, from the kernel's own accounting (not timed: the
-# accounting itself adds two clock reads per run). stats MODE
+# What the kernel says is attached to the hot functions themselves while the tracer runs:
+# kprobes on them, ftrace users (fentry trampolines) of them, the kfree tracepoint; and
+# how often each BPF program of MODE ran during one run of each loop (bpf_stats_enabled:
+# it adds two clock reads per program run, so it stays off for the timed runs).
+# stats MODE
 stats() {
-	start_mode $1 stats-$1
-	[ "$1" = tracer ] && put "kprobes mode=$1 total=$(grep -c . /sys/kernel/debug/kprobes/list) optimized=$(grep -c OPTIMIZED /sys/kernel/debug/kprobes/list) ftrace=$(grep -c FTRACE /sys/kernel/debug/kprobes/list)"
+	if [ "$1" = tracer ]; then
+		put "kprobes mode=$1 total=$(grep -c . /sys/kernel/debug/kprobes/list) optimized=$(grep -c OPTIMIZED /sys/kernel/debug/kprobes/list) ftrace=$(grep -c FTRACE /sys/kernel/debug/kprobes/list)"
+		for fn in mutex_lock mutex_unlock kfree; do
+			put "hot mode=$1 function=$fn kprobes=$(awk -v f="$fn+0x0" '$3 == f' /sys/kernel/debug/kprobes/list | wc -l) ftrace_users=$(awk -v f="$fn" '$1 == f' $T/enabled_functions | wc -l) tracepoint_enabled=$(cat $T/events/kmem/kfree/enable)"
+		done
+	fi
 	echo 1 > /proc/sys/kernel/bpf_stats_enabled || fail "cannot enable kernel.bpf_stats_enabled"
 	for loop in pipe select; do
 		l=$(/bin/bench-guest $loop "$loop_ms") || fail "bench-guest $loop failed"
 		put "statsloop mode=$1 loop=$loop $l"
 	done
-	if [ "$1" = tracer ]; then
-		e0=$(cat $B/events)
-		l=$(/bin/bench-guest load "$loop_ms" 1 0) || fail "bench-guest load failed"
-		put "statsload mode=$1 generated=$(( $(cat $B/events) - e0 )) $l"
-	fi
 	echo 0 > /proc/sys/kernel/bpf_stats_enabled
-	prog_stats $mpid $1
-	stop_mode $1 stats-$1
+	prog_stats $mpid $1 loops
 }
+
+# quiet MODE REP: after attaching or detaching, the kernel optimizes (or frees) kprobes in
+# the background and QEMU retranslates the code around what was patched. Wait SETTLE_SECS,
+# then run the pipe loop in short untimed bursts until two in a row agree within 3 % (at
+# most 12), and the select loop once: every mode's timed runs start from the same state.
+quiet() {
+	sleep "$settle"
+	prev=0
+	n=0
+	while [ $n -lt 12 ]; do
+		rel=$(/bin/bench-guest pipe 250 | sed -n 's/.* rel=\([0-9.]*\).*/\1/p')
+		[ -n "$rel" ] || fail "bench-guest pipe failed while settling in mode $1"
+		n=$((n + 1))
+		awk -v a="$prev" -v b="$rel" 'BEGIN { exit !(a > 0 && b <= a * 1.03 && b * 1.03 >= a) }' && break
+		prev=$rel
+	done
+	/bin/bench-guest select 250 > /dev/null || fail "bench-guest select failed while settling in mode $1"
+	put "settled mode=$1 rep=$2 bursts=$n"
+}
+
+# overflow TAG: the tracer stopped (SIGSTOP) while two threads generate tracked events for
+# two seconds: its ring fills and the kernel side drops; the tracer's report must account
+# for every event (generated + warm-up + 1 discovery = received + dropped).
+overflow() {
+	e0=$(cat $B/events)
+	# One warm-up write, from one thread: two threads' first lookups could both discover
+	# the dport.
+	echo 1 > $B/run || fail "the warm-up write to $B/run failed"
+	e1=$(cat $B/events)
+	kill -STOP $mpid
+	l=$(/bin/bench-guest load 2000 2 0) || { kill -CONT $mpid; fail "bench-guest load failed"; }
+	e2=$(cat $B/events)
+	kill -CONT $mpid
+	# Let the tracer drain the ring before it stops.
+	sleep 3
+	put "overflow tag=$1 warmup=$((e1 - e0)) generated=$((e2 - e1)) $l"
+}
+
+# capacity TAG LOADS...: the tracer of period TAG under the loads NAME:THREADS:RATE in turn
+# (RATE 0: as fast as it goes; half: half the rate the first load reached). Its report
+# counts what it received and dropped over all of them.
+capacity() {
+	tag=$1
+	shift
+	e0=$(cat $B/events)
+	# One warm-up write, from one thread: the tracer discovers the dport there (one
+	# dport_add event of its own), so the loads below only make events the module counts.
+	echo 1 > $B/run || fail "the warm-up write to $B/run failed"
+	e1=$(cat $B/events)
+	# What the tracer's programs cost per run on tracked events.
+	echo 1 > /proc/sys/kernel/bpf_stats_enabled || fail "cannot enable kernel.bpf_stats_enabled"
+	l=$(/bin/bench-guest load "$loop_ms" 1 0) || fail "bench-guest load failed"
+	echo 0 > /proc/sys/kernel/bpf_stats_enabled
+	put "statsload mode=tracer $l"
+	prog_stats $mpid tracer load
+	first_rate=
+	for spec in "$@"; do
+		name=${spec%%:*}
+		rest=${spec#*:}
+		threads=${rest%%:*}
+		rate=${rest#*:}
+		[ "$rate" = half ] && rate=$((first_rate / 2))
+		a=$(cat $B/events)
+		t1=$(cpu_ticks $mpid)
+		l=$(/bin/bench-guest load "$load_ms" "$threads" "$rate") || fail "bench-guest load failed"
+		b=$(cat $B/events)
+		t2=$(cpu_ticks $mpid)
+		put "capload tag=$name tracer=$tag generated=$((b - a)) $(echo "$t1" | sed 's/\([a-z]*\)=/\1_before=/g') $(echo "$t2" | sed 's/\([a-z]*\)=/\1_after=/g') $l"
+		[ -n "$first_rate" ] || first_rate=$(echo "$l" | sed -n 's/.* rate=\([0-9]*\).*/\1/p')
+	done
+	e2=$(cat $B/events)
+	# Let the tracer drain what is left in the ring before it stops.
+	sleep 2
+	put "capacity tag=$tag ring_kib=8192 warmup=$((e1 - e0)) generated=$((e2 - e1)) hwm_kb=$(awk '/^VmHWM:/ { print $2 }' /proc/$mpid/status)"
+}
+
+# period MODE REP EXTRAS: one mode's turn in a repetition: the timed loops, then what EXTRAS
+# lists: `workloads` (the hotplug workloads, timed, under a recording tracer, and the dports
+# alive after them), `stats`, and for the tracer `overflow` or `capacity`. Mode `noderefs`
+# (the tracer without its deref sites) runs the workloads alone: what the deref sites add.
+period() {
+	tag=$1-$2
+	case " $3 " in *" workloads "*) start_mode $1 $tag record ;; *) start_mode $1 $tag ;; esac
+	if [ "$1" = noderefs ]; then quiet $1 $2; else loops_period $1 $2 $tag; fi
+	case " $3 " in *" workloads "*)
+		for w in memdev-bind acpi-unbind; do
+			timed_workload $w $1 $2
+		done
+		[ "$1" = tracer ] && put "frees tag=$tag cycles=$cycles dports_end=$(count dports)"
+		;;
+	esac
+	case " $3 " in *" stats "*)
+		case $1 in tracer | bpftrace) stats $1 ;; esac
+		;;
+	esac
+	if [ "$1" = tracer ]; then
+		case " $3 " in *" overflow "*) overflow $tag ;; esac
+		# One thread, two, and two at half the rate one reached (the vCPUs no longer
+		# saturated).
+		case " $3 " in *" capacity "*) capacity $tag cap-1:1:0 cap-2:2:0 cap-2-half:2:half ;; esac
+	fi
+	stop_mode $1 $tag
+}
+
+# loops_period MODE REP TAG: settles, then the timed hot-path loops of one mode period.
+loops_period() {
+	quiet $1 $2
+	case $1 in tracer | global) c0=$(cpu_ticks $mpid) ;; esac
+	# A process per run: how fast a loop runs under TCG depends on where its kernel stack
+	# and buffers landed (QEMU's software TLB is indexed by address), which stays for a
+	# process's life; the median over many processes averages that out. The lines are
+	# written out after the last run: the console is slow to emulate.
+	: > /tmp/loops.out
+	i=1
+	while [ $i -le "$loops" ]; do
+		for loop in pipe select; do
+			/bin/bench-guest $loop "$loop_ms" >> /tmp/loops.out || fail "bench-guest $loop failed in mode $1"
+		done
+		i=$((i + 1))
+	done
+	while read -r loop rest; do
+		put "loop mode=$1 rep=$2 loop=$loop $loop $rest"
+	done < /tmp/loops.out
+	# The tracer's own CPU time while the loops ran (it should have had nothing to do).
+	case $1 in tracer | global) put "loopcpu mode=$1 rep=$2 tag=$3 $(echo "$c0" | sed 's/\([a-z]*\)=/\1_before=/g') $(cpu_ticks $mpid)" ;; esac
+}
+
+say "bench: kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) CPUs"
+calls_per_op
+
+# 1 and 3: every mode in turn, the order rotated each repetition so drift cancels; the
+# A/A pair (none, none-b) is in every repetition.
+# After their timed loops, the first also runs the hotplug workloads and the stats, the
+# one before the last the overflow and the last the capacity loads (under the tracer of
+# that repetition: one tracer start less each).
+rep=1
+while [ $rep -le "$reps" ]; do
+	extras=
+	[ $rep = 1 ] && extras="workloads stats"
+	[ $rep = $((reps - 1)) ] && extras="$extras overflow"
+	[ $rep = "$reps" ] && extras="$extras capacity"
+	t0=$(now_ms)
+	for mode in $(rotated $((rep - 1)) $modes); do
+		period $mode $rep "$extras"
+	done
+	# What the deref sites add to the hotplug workloads: the tracer without them.
+	[ $rep = 1 ] && period noderefs $rep workloads
+	last_secs=$(( ($(now_ms) - t0) / 1000 ))
+	last_modes=$(echo $modes | wc -w)
+	put "repetition rep=$rep kind=full secs=$last_secs modes=$(echo $modes | tr ' ' ,)"
+	rep=$((rep + 1))
+done
+
+# More repetitions of the loops alone, while the noise leaves a target unresolved.
+extra_ms=0
+while :; do
+	/bin/bench-guest decide $res $((rep - 1)) "$max_reps" $((extra_ms / 1000)) "$extra_budget" "$last_secs" "$last_modes" > /tmp/decide.out 2>&1 \
+		|| fail "bench-guest decide failed: $(cat /tmp/decide.out)"
+	decision=$(head -n 1 /tmp/decide.out)
+	say "bench: after $((rep - 1)) repetition(s): $decision"
+	say "bench: $(sed -n 2p /tmp/decide.out)"
+	set -- $decision
+	[ "$1" = more ] || break
+	shift
+	# The modes asked for, in the order of the full list (so the A/A pair keeps its place
+	# around the tracer), rotated like the full repetitions.
+	wanted=" $* "
+	these=
+	for m in $modes; do
+		case $wanted in *" $m "*) these="$these $m" ;; esac
+	done
+	t0=$(now_ms)
+	for mode in $(rotated $(( (rep - 1) % $(echo $these | wc -w) )) $these); do
+		period $mode $rep ""
+	done
+	elapsed=$(( $(now_ms) - t0 ))
+	extra_ms=$((extra_ms + elapsed))
+	last_secs=$((elapsed / 1000))
+	last_modes=$(echo $these | wc -w)
+	put "repetition rep=$rep kind=extra secs=$last_secs modes=$(echo $these | tr ' ' ,)"
+	rep=$((rep + 1))
+done
+cp /tmp/decide.out $out/decision.txt
 
 l=$(/bin/bench-guest load "$load_ms" 1 0) || fail "bench-guest load failed"
 put "generator mode=none $l"
 l=$(/bin/bench-guest load "$load_ms" 2 0) || fail "bench-guest load failed"
 put "generator mode=none $l"
-for mode in $modes; do
-	case $mode in tracer | bpftrace) stats $mode ;; esac
-done
 
 # What one kernel stack capture costs here: the generator's rate with a bpftrace kprobe on
 # its use function that only counts, and one that also takes the kernel stack.
@@ -237,13 +379,4 @@ stack_cost() {
 	put "stackcost probe=none $l"
 }
 stack_cost
-capacity cap-1 8192 1 0
-half=$((CAP_RATE / 2))
-capacity cap-2 8192 2 0
-# Two threads at half the rate one thread reached: the vCPUs are no longer saturated.
-capacity cap-2-half 8192 2 "$half"
-# Two load threads keep both vCPUs busy in the kernel: the tracer's reader then competes
-# with them for CPU. The same at a higher priority shows whether that is what drops events.
-capacity cap-2-nice 8192 2 0 -10
-capacity cap-tiny 4 2 0
 say "bench: done"
