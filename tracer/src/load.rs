@@ -370,10 +370,10 @@ fn module_texts(text: &CxlText) -> FxHashMap<String, ModuleText> {
 
 impl ModuleRescan {
     fn read_module(symbols: &Symbols, module: &str) -> anyhow::Result<CxlText> {
-        let functions: Vec<&tracer::symbolize::Symbol> = callsites::cxl_functions(symbols)
-            .into_iter()
-            .filter(|s| s.module.as_deref() == Some(module))
-            .collect();
+        let modules = std::fs::read_to_string("/proc/modules").context("reading /proc/modules")?;
+        let core = callsites::module_core(&modules, module)
+            .with_context(|| format!("{module} is not in /proc/modules with an address (unloaded again?)"))?;
+        let functions = callsites::module_functions(symbols, module, &core);
         if functions.is_empty() {
             bail!("no function of {module} in the kernel's symbols (is it still loading?)");
         }
@@ -422,6 +422,9 @@ impl ModuleRescan {
             plan.add_derefs(symbols, &derefs::find(symbols, &text, &loaders, &all_uses, &self.layout));
         }
         plan.sites.retain(|s| s.module.as_deref() == Some(module));
+        // One probe per place and role: a site found twice would double its events.
+        let mut seen = FxHashSet::default();
+        plan.sites.retain(|s| seen.insert((s.addr, s.role as u32, s.arg)));
         Ok(plan.sites)
     }
 }
