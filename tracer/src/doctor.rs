@@ -166,12 +166,17 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
     } else {
         println!("  mutex lock/unlock: {locks} lock and {unlocks} unlock call sites in CXL code (events only for tracked mutexes)");
     }
-    println!("plan: {} kprobes (discovery took {:.1?})", d.plan.sites.len(), d.took);
+    println!("plan: {} sites (discovery took {:.1?})", d.plan.sites.len(), d.took);
 
     if !options.no_attach {
         match attach(&d, options.probe.ring_bytes) {
             Ok(attached) => {
-                println!("attach check: {} kprobes, fexit and tracepoint attached in {:.1?}", attached.kprobe_count(), attached.took);
+                println!(
+                    "attach check: {} kprobes ({} sites), fexit and tracepoint attached in {:.1?}",
+                    attached.kprobe_count(),
+                    attached.sites_attached,
+                    attached.took
+                );
                 if d.derefs.sites > 0 {
                     println!("  of which the {} deref sites took {:.1?}", d.derefs.sites, attached.deref_took);
                 }

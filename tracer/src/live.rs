@@ -160,7 +160,12 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     if options.strict && !attached.warnings.is_empty() {
         bail!("{} probe(s) not attached, see the warnings above (--strict)", attached.warnings.len());
     }
-    eprintln!("tracer: {} kprobes attached in {:.1?}", attached.kprobe_count(), attached.took);
+    eprintln!(
+        "tracer: {} kprobes attached in {:.1?} ({} sites)",
+        attached.kprobe_count(),
+        attached.took,
+        attached.sites_attached
+    );
     let ring = attached.take_ring_buffer()?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until the
     // AsyncFd (and the RingBuf inside it) is dropped.
@@ -367,7 +372,7 @@ fn rescan_module(pipeline: &mut Pipeline, attached: &mut Attached, plan: &mut tr
 
 fn report_discovery(d: &Discovery) {
     eprintln!(
-        "tracer: {} call sites in CXL code ({} modules: {}), {} use sites, {} deref sites in {} functions, {} devres kfree sites; planned {} kprobes in {:.1?}",
+        "tracer: {} call sites in CXL code ({} modules: {}), {} use sites, {} deref sites in {} functions, {} devres kfree sites; planned {} sites in {:.1?}",
         d.calls.len(),
         d.cxl_modules.len(),
         d.cxl_modules.join(" "),

@@ -23,7 +23,7 @@ use tracer::{
     },
     probe::{
         attach::{self, Kprobes, ProbePoint},
-        plan::{Plan, PlannedSite},
+        plan::{Plan, PlannedSite, chained, probe_groups},
     },
     resolve::SiteName,
     symbolize::Symbols,
@@ -477,6 +477,8 @@ pub struct Attached {
     pub took: Duration,
     /// Of which attaching the deref sites.
     pub deref_took: Duration,
+    /// Planned sites on the kprobes attached at start (sites at one instruction share one).
+    pub sites_attached: usize,
 }
 
 impl Attached {
@@ -505,6 +507,7 @@ impl Attached {
             .filter(|&i| plan.sites[i].module.as_deref() == Some(module) && !plan.retired.contains(&i))
             .collect();
         for &i in &old {
+            // Only a group's head holds a kprobe; the others return false.
             self.kprobes.detach(i as u64);
         }
         let found = rescan();
@@ -513,8 +516,8 @@ impl Attached {
             Ok(new) => new,
             Err(err) => {
                 // Put the old probes back: a stale site is better than none.
-                for &i in &old {
-                    let _ = self.kprobes.attach(self.site_program.as_fd(), &plan.sites[i].point, i as u64);
+                for group in probe_groups(&plan.sites, old.iter().copied()) {
+                    let _ = self.kprobes.attach(self.site_program.as_fd(), &plan.sites[group[0]].point, group[0] as u64);
                 }
                 return Err(err);
             }
@@ -525,10 +528,12 @@ impl Attached {
         new_keys.sort();
         if old_keys == new_keys {
             replaced.same = true;
-            for &i in &old {
-                match self.kprobes.attach(self.site_program.as_fd(), &plan.sites[i].point, i as u64) {
-                    Ok(()) => replaced.added += 1,
-                    Err(err) => replaced.failed.push(format!("{} {}: {err}", plan.sites[i].what, plan.sites[i].point.spec())),
+            for group in probe_groups(&plan.sites, old.iter().copied()) {
+                match self.kprobes.attach(self.site_program.as_fd(), &plan.sites[group[0]].point, group[0] as u64) {
+                    Ok(()) => replaced.added += group.len(),
+                    Err(err) => replaced.failed.extend(
+                        group.iter().map(|&i| format!("{} {}: {err}", plan.sites[i].what, plan.sites[i].point.spec())),
+                    ),
                 }
             }
             return Ok(replaced);
@@ -544,14 +549,18 @@ impl Attached {
             plan.retired.insert(i);
             replaced.removed += 1;
         }
-        for site in new {
-            let index = plan.sites.len();
-            sites.set(index as u32, SiteInfo { addr: site.addr, role: site.role as u32, arg: site.arg }, 0)?;
-            match self.kprobes.attach(self.site_program.as_fd(), &site.point, index as u64) {
-                Ok(()) => replaced.added += 1,
-                Err(err) => replaced.failed.push(format!("{} {}: {err}", site.what, site.point.spec())),
+        let first = plan.sites.len();
+        plan.sites.extend(new);
+        for group in probe_groups(&plan.sites, first..plan.sites.len()) {
+            for (i, info) in chained(&plan.sites, &group) {
+                sites.set(i as u32, info, 0)?;
             }
-            plan.sites.push(site);
+            match self.kprobes.attach(self.site_program.as_fd(), &plan.sites[group[0]].point, group[0] as u64) {
+                Ok(()) => replaced.added += group.len(),
+                Err(err) => replaced.failed.extend(
+                    group.iter().map(|&i| format!("{} {}: {err}", plan.sites[i].what, plan.sites[i].point.spec())),
+                ),
+            }
         }
         Ok(replaced)
     }
@@ -604,11 +613,14 @@ pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached
         .map_max_entries("EVENTS", ring_bytes)
         .load(EBPF_OBJECT)
         .context("loading the eBPF programs (run `tracer doctor` for what this kernel supports)")?;
+    let groups = probe_groups(&plan.sites, 0..plan.sites.len());
     {
         let mut sites: Array<_, SiteInfo> =
             Array::try_from(ebpf.map_mut("SITES").context("the eBPF object has no SITES map")?)?;
-        for (i, site) in plan.sites.iter().enumerate() {
-            sites.set(i as u32, SiteInfo { addr: site.addr, role: site.role as u32, arg: site.arg }, 0)?;
+        for group in &groups {
+            for (i, info) in chained(&plan.sites, group) {
+                sites.set(i as u32, info, 0)?;
+            }
         }
     }
     let mut warnings = Vec::new();
@@ -620,25 +632,29 @@ pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached
     let mut kprobes = Kprobes::new()?;
     let mut attached_roles = Vec::new();
     let mut deref_took = Duration::ZERO;
-    for (i, site) in plan.sites.iter().enumerate() {
+    // One kprobe per instruction: sites there share it (`probe_groups`).
+    for group in &groups {
         let started = Instant::now();
-        let result = kprobes.attach(fd.as_fd(), &site.point, i as u64);
-        if site.role == SiteRole::Deref {
+        let result = kprobes.attach(fd.as_fd(), &plan.sites[group[0]].point, group[0] as u64);
+        if group.iter().all(|&i| plan.sites[i].role == SiteRole::Deref) {
             deref_took += started.elapsed();
         }
-        match result {
-            Ok(()) => attached_roles.push(site.role),
-            Err(err) if discovery.asked_sites.contains(&i) => bail!(
-                "--use-site {}: not probed ({err}): uses there could not be seen, so unlocked-use, stale-use and use-after-free at it would go unreported",
-                site.function
-            ),
-            Err(err) => warnings.push(format!(
-                "{} {} in {}: not attached ({err}): {}",
-                site.what,
-                role_word(site),
-                site.function,
-                what_is_lost(site.role)
-            )),
+        for &i in group {
+            let site = &plan.sites[i];
+            match &result {
+                Ok(()) => attached_roles.push(site.role),
+                Err(err) if discovery.asked_sites.contains(&i) => bail!(
+                    "--use-site {}: not probed ({err}): uses there could not be seen, so unlocked-use, stale-use and use-after-free at it would go unreported",
+                    site.function
+                ),
+                Err(err) => warnings.push(format!(
+                    "{} {} in {}: not attached ({err}): {}",
+                    site.what,
+                    role_word(site),
+                    site.function,
+                    what_is_lost(site.role)
+                )),
+            }
         }
     }
     let has = |roles: &[SiteRole]| attached_roles.iter().any(|r| roles.contains(r));
@@ -673,7 +689,8 @@ pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached
         ),
     }
     attach_free_path(&mut ebpf, &btf, discovery, &mut kprobes, fd.as_fd(), &mut warnings)?;
-    Ok(Attached { kprobes, site_program: fd, ebpf, warnings, took: start.elapsed(), deref_took })
+    let sites_attached = attached_roles.len();
+    Ok(Attached { kprobes, site_program: fd, ebpf, warnings, took: start.elapsed(), deref_took, sites_attached })
 }
 
 /// Attaches where the profile says frees are seen. `free_dport` falls back from fentry to a
@@ -698,7 +715,7 @@ fn attach_free_path(
                     let index = FREE_FALLBACK_SITE as usize;
                     let mut sites: Array<_, SiteInfo> =
                         Array::try_from(ebpf.map_mut("SITES").context("the eBPF object has no SITES map")?)?;
-                    sites.set(index as u32, SiteInfo { addr: 0, role: SiteRole::FreeEntry as u32, arg: 0 }, 0)?;
+                    sites.set(index as u32, SiteInfo { role: SiteRole::FreeEntry as u32, ..SiteInfo::default() }, 0)?;
                     let point = ProbePoint::Symbol { module: None, symbol: function.to_string(), offset: 0 };
                     match kprobes.attach(kprobe, &point, index as u64) {
                         Ok(()) => {

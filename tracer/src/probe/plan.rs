@@ -1,8 +1,8 @@
 //! The probe plan: every site the kernel side will watch on this kernel, from the call
 //! sites found in CXL code and the use sites BTF lists, resolved against the symbols.
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
-use tracer_common::{SITE_DIRECT, SITE_UNPAIRED_OK, SiteRole};
+use tracer_common::{SITE_DIRECT, SITE_UNPAIRED_OK, SITES_PER_PROBE, SiteInfo, SiteRole};
 
 use super::attach::ProbePoint;
 use crate::{
@@ -37,6 +37,11 @@ pub struct PlannedSite {
 }
 
 impl PlannedSite {
+    /// The kernel side's view of the site; `next` is the site after it on the same kprobe.
+    pub fn info(&self, next: Option<usize>) -> SiteInfo {
+        SiteInfo { addr: self.addr, role: self.role as u32, arg: self.arg, next: next.map_or(0, |n| n as u32 + 1), _pad: 0 }
+    }
+
     /// What the site's index stands for in events.
     pub fn name(&self) -> SiteName {
         SiteName { function: self.function.clone(), access: self.access.clone() }
@@ -242,10 +247,66 @@ impl Plan {
     }
 }
 
+/// The sites of `indexes` that share a kprobe, grouped by the point they probe, in plan
+/// order, at most `SITES_PER_PROBE` to a group. One kprobe per group: its head's index is
+/// the cookie, and the kernel side runs the others after it (`SiteInfo::next`), so an
+/// `xa_load` return is seen before an inline read of its result at the same instruction.
+pub fn probe_groups(sites: &[PlannedSite], indexes: impl IntoIterator<Item = usize>) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut open: HashMap<&ProbePoint, usize> = HashMap::new();
+    for i in indexes {
+        let point = &sites[i].point;
+        match open.get(point) {
+            Some(&g) if groups[g].len() < SITES_PER_PROBE => groups[g].push(i),
+            _ => {
+                open.insert(point, groups.len());
+                groups.push(vec![i]);
+            }
+        }
+    }
+    groups
+}
+
+/// A group's `SiteInfo`s, each chained to the one after it.
+pub fn chained(sites: &[PlannedSite], group: &[usize]) -> Vec<(usize, SiteInfo)> {
+    group.iter().enumerate().map(|(k, &i)| (i, sites[i].info(group.get(k + 1).copied()))).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kernel::callsites::CALLEES;
+
+    #[test]
+    fn sites_at_one_instruction_share_a_kprobe_in_plan_order() {
+        let site = |role, offset: u64| PlannedSite {
+            role,
+            arg: 0,
+            point: ProbePoint::Symbol { module: Some("cxl_mem".into()), symbol: "cxl_mem_probe".into(), offset },
+            addr: 0xffffffffc0001000 + offset,
+            offset,
+            function: "cxl_mem_probe".into(),
+            module: Some("cxl_mem".into()),
+            what: "xa_load",
+            access: None,
+        };
+        let sites = vec![
+            site(SiteRole::LoadCall, 0x1a8),
+            site(SiteRole::LoadReturn, 0x1ad),
+            site(SiteRole::LockCall, 0x1c0),
+            site(SiteRole::Deref, 0x1ad),
+            site(SiteRole::Deref, 0x1ad),
+            site(SiteRole::Deref, 0x1ad),
+            site(SiteRole::Deref, 0x1ad),
+        ];
+        let groups = probe_groups(&sites, 0..sites.len());
+        assert_eq!(groups, vec![vec![0], vec![1, 3, 4, 5], vec![2], vec![6]]);
+        let chain = chained(&sites, &groups[1]);
+        assert_eq!(chain.iter().map(|(i, info)| (*i, info.next)).collect::<Vec<_>>(), vec![(1, 4), (3, 5), (4, 6), (5, 0)]);
+        assert_eq!(chain[0].1.role, SiteRole::LoadReturn as u32);
+        // A subset (one module's sites) groups the same way.
+        assert_eq!(probe_groups(&sites, [1, 2, 3]), vec![vec![1, 3], vec![2]]);
+    }
 
     #[test]
     fn call_sites_get_call_and_return_probes_and_uses_resolve() {

@@ -95,6 +95,8 @@ if ! wait_for_text $out/tracer.log "kprobes attached" 300; then
 	exit 1
 fi
 t0=$(now_ms)
+# Where its kprobes are, before any module reload re-arms them.
+cat /sys/kernel/debug/kprobes/list > $out/kprobes-attached.txt
 say "soak: tracer (pid $tpid) attached; $workload for $secs s, sampling every $interval s"
 : > $out/soak-samples.txt
 last=0
@@ -121,6 +123,25 @@ case $t in
 *) say "soak: the tracer failed (exit $t); the end of its log follows"; tail -n 20 $out/tracer.log; exit 1 ;;
 esac
 "#;
+
+/// Addresses with more than one kprobe in `/sys/kernel/debug/kprobes/list`
+/// (`ADDR  k  SYMBOL+OFF  [MODULE] [FLAGS]`, one line per probe). The tracer puts the sites
+/// at one instruction on one kprobe: the kernel stacks two under an aggregate kprobe, and
+/// 6.12 warns in `reuse_unused_kprobe()` when a module reload re-arms such a pair.
+fn stacked_kprobes(list: &str) -> Option<String> {
+    let mut seen = std::collections::BTreeMap::<&str, Vec<&str>>::new();
+    for line in list.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(addr), Some(_kind), Some(place)) = (fields.next(), fields.next(), fields.next()) else { continue };
+        seen.entry(addr).or_default().push(place);
+    }
+    let stacked: Vec<String> = seen
+        .iter()
+        .filter(|(_, places)| places.len() > 1)
+        .map(|(addr, places)| format!("{addr} ({} x {})", places.len(), places[0]))
+        .collect();
+    (!stacked.is_empty()).then(|| format!("kprobes stacked at one address: {}", stacked.join(", ")))
+}
 
 /// One sample of the tracer process in the guest.
 #[derive(Clone, Copy, Debug)]
@@ -221,6 +242,10 @@ pub fn run(options: &SoakOptions) -> anyhow::Result<Soak> {
     });
     if let Some(problem) = growth(&samples) {
         failures.push(problem);
+    }
+    match fs::read_to_string(out.join("kprobes-attached.txt")) {
+        Ok(list) => failures.extend(stacked_kprobes(&list)),
+        Err(err) => failures.push(format!("the guest saved no kprobes-attached.txt: {err}")),
     }
     // A guest that died (an oops) leaves no final report: the failure above says why.
     let report = match Report::read(&out.join("findings.jsonl")) {
@@ -481,6 +506,19 @@ impl Soak {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_kprobes_at_one_address_are_named() {
+        let list = "ffffffffaa1a9b14  k  cxl_region_attach_position+0x164    [OPTIMIZED]\n\
+            ffffffffc07ee3bd  k  cxl_mem_probe+0x1ad  cxl_mem [OPTIMIZED]\n\
+            ffffffffaa195cb6  r  delete_endpoint+0x0    \n\
+            ffffffffc07ee3bd  k  cxl_mem_probe+0x1ad  cxl_mem [OPTIMIZED]\n";
+        assert_eq!(
+            stacked_kprobes(list).as_deref(),
+            Some("kprobes stacked at one address: ffffffffc07ee3bd (2 x cxl_mem_probe+0x1ad)")
+        );
+        assert_eq!(stacked_kprobes(&list.lines().take(3).collect::<Vec<_>>().join("\n")), None);
+    }
 
     fn samples(rss: &[u64]) -> Vec<Sample> {
         rss.iter()
