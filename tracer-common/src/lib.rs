@@ -399,16 +399,7 @@ pub struct SiteInfo {
     pub role: u32,
     /// For `Use`: which argument (0-5) is the dport. For other roles, `SITE_*` flags.
     pub arg: u32,
-    /// The next site on the same kprobe, as its index + 1; 0 ends the chain. Sites at one
-    /// instruction (an `xa_load` return and an inline read of its result) share one
-    /// kprobe: the kernel would stack two under an aggregate kprobe, which 6.12 warns
-    /// about when a reloaded module re-arms them.
-    pub next: u32,
-    pub _pad: u32,
 }
-
-/// The longest chain of sites on one kprobe the kernel side walks.
-pub const SITES_PER_PROBE: usize = 4;
 
 /// A general-purpose register, as `SiteInfo::arg` of a `Deref` site names the base register.
 #[repr(u32)]
@@ -489,7 +480,7 @@ pub const SITE_UNPAIRED_OK: u32 = 1;
 /// `SiteInfo::arg` of a call role: the callee itself is probed (every caller in the system
 /// comes by), so calls on xarrays known not to hold dports are skipped at once.
 pub const SITE_DIRECT: u32 = 2;
-const _: () = assert!(size_of::<SiteInfo>() == 24);
+const _: () = assert!(size_of::<SiteInfo>() == 16);
 
 /// Most sites the kernel side can tell apart (size of `SITES`).
 pub const MAX_SITES: u32 = 8192;

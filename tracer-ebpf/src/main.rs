@@ -115,6 +115,19 @@ pub fn site(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// A deref site at the instruction of another site: it shares that site's kprobe, linked
+/// after `site` (the kernel runs an event's programs in link order, so an `xa_load`
+/// return is seen before an inline read of its result). A kprobe of its own there would
+/// be stacked with the other under an aggregate kprobe, which 6.12 warns about when a
+/// reloaded module re-arms it. A program of its own: the same program cannot be linked
+/// twice to one event, and `site` walking a second site doubles its verification, past
+/// 6.1's million-instruction limit.
+#[kprobe]
+pub fn shared_deref(ctx: ProbeContext) -> u32 {
+    sites::on_shared_deref(&ctx);
+    0
+}
+
 /// A dport registered: the kernel profile's registration function (`__devm_cxl_add_dport`,
 /// or `devm_cxl_add_dport` on 6.1), whose argument 0 is the port, returned it.
 #[fexit(function = "__devm_cxl_add_dport")]

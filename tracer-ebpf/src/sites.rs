@@ -1,5 +1,5 @@
 //! The one kprobe program behind every call site and use site: its attach cookie indexes
-//! `SITES`, which says what the probed instruction is, and chains the other sites at it.
+//! `SITES`, which says what the probed instruction is.
 use aya_ebpf::{
     EbpfContext,
     bindings::pt_regs,
@@ -7,8 +7,7 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use tracer_common::{
-    Counter, DportUse, EventKind, LoadedKey, Payload, SITE_DIRECT, SITE_UNPAIRED_OK, SITES_PER_PROBE, SiteInfo,
-    SiteRole,
+    Counter, DportUse, EventKind, LoadedKey, Payload, SITE_DIRECT, SITE_UNPAIRED_OK, SiteInfo, SiteRole,
 };
 
 use crate::{
@@ -76,25 +75,11 @@ fn reg(ctx: &ProbeContext, reg: u32) -> u64 {
 
 pub fn on_site(ctx: &ProbeContext) {
     // SAFETY: the context of a kprobe attached through a perf link.
-    let mut index = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
-    // Every site on this kprobe, in plan order (an xa_load return before a read of its
-    // result at the same instruction).
-    for _ in 0..SITES_PER_PROBE {
-        let Some(site) = SITES.get(index).copied() else {
-            return;
-        };
-        on_one_site(ctx, &site, index as u64);
-        if site.next == 0 {
-            return;
-        }
-        index = site.next - 1;
-    }
-}
-
-fn on_one_site(ctx: &ProbeContext, site: &SiteInfo, cookie: u64) {
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let Some(site) = SITES.get(cookie as u32).copied() else { return };
     site_hit(cookie);
     match SiteRole::from_u32(site.role) {
-        Some(SiteRole::Use) => on_use(ctx, site, cookie),
+        Some(SiteRole::Use) => on_use(ctx, &site, cookie),
         Some(SiteRole::LoadCall | SiteRole::EraseCall) => xarray::on_call(ctx, site.arg == SITE_DIRECT),
         Some(SiteRole::LoadReturn) => xarray::on_load_return(ctx, site.arg == SITE_UNPAIRED_OK, cookie),
         Some(SiteRole::EraseReturn) => xarray::on_erase_return(ctx, site.arg == SITE_UNPAIRED_OK),
@@ -107,10 +92,22 @@ fn on_one_site(ctx: &ProbeContext, site: &SiteInfo, cookie: u64) {
         Some(SiteRole::HostAllocCall) => on_host_alloc_call(ctx),
         Some(SiteRole::HostAllocReturn) => on_host_alloc_return(ctx, site.arg == SITE_UNPAIRED_OK),
         Some(SiteRole::HostActionCall) => on_host_action_call(ctx),
-        Some(SiteRole::Deref) => on_deref(ctx, site, cookie),
+        Some(SiteRole::Deref) => on_deref(ctx, &site, cookie),
         Some(SiteRole::FreeCall) => cxl::on_free(ctx, regs(ctx).rdi),
         Some(SiteRole::FreeEntry) => cxl::on_free(ctx, arg(&regs(ctx), site.arg)),
         None => {}
+    }
+}
+
+pub fn on_shared_deref(ctx: &ProbeContext) {
+    // SAFETY: the context of a kprobe attached through a perf link.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let Some(site) = SITES.get(cookie as u32).copied() else {
+        return;
+    };
+    if SiteRole::from_u32(site.role) == Some(SiteRole::Deref) {
+        site_hit(cookie);
+        on_deref(ctx, &site, cookie);
     }
 }
 
@@ -129,9 +126,7 @@ fn arg(r: &Regs, n: u32) -> u64 {
 /// Entry of a function taking `struct cxl_dport *`: a use, if the dport is tracked.
 fn on_use(ctx: &ProbeContext, site: &SiteInfo, index: u64) {
     let dport = arg(&regs(ctx), site.arg);
-    let Some(info) = (unsafe { DPORTS.get(&dport) }).copied() else {
-        return;
-    };
+    let Some(info) = (unsafe { DPORTS.get(&dport) }).copied() else { return };
     let flags = free_lock_stamp(&info);
     site_report(index);
     emit(ctx, EventKind::Use, flags, Stack::With, Payload { dport_use: DportUse { dport, site: index } });
@@ -145,9 +140,7 @@ fn on_deref(ctx: &ProbeContext, site: &SiteInfo, index: u64) {
     if unsafe { LOADED.get(&LoadedKey { tid: tid(), pad: 0, dport }) }.is_none() {
         return;
     }
-    let Some(info) = (unsafe { DPORTS.get(&dport) }).copied() else {
-        return;
-    };
+    let Some(info) = (unsafe { DPORTS.get(&dport) }).copied() else { return };
     let flags = free_lock_stamp(&info);
     site_report(index);
     emit(ctx, EventKind::Deref, flags, Stack::With, Payload { dport_use: DportUse { dport, site: index } });
@@ -171,9 +164,7 @@ fn on_lock_call(ctx: &ProbeContext) {
 /// return value says so).
 fn on_lock_return(ctx: &ProbeContext, role: SiteRole) {
     let tid = tid();
-    let Some(lock) = (unsafe { PENDING_LOCK.get(&tid) }).copied() else {
-        return;
-    };
+    let Some(lock) = (unsafe { PENDING_LOCK.get(&tid) }).copied() else { return };
     let _ = PENDING_LOCK.remove(&tid);
     let ret = regs(ctx).rax;
     let acquired = match role {

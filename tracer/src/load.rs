@@ -22,8 +22,8 @@ use tracer::{
         profile::{FreePath, KFREE, Profile},
     },
     probe::{
-        attach::{self, Kprobes, ProbePoint},
-        plan::{Plan, PlannedSite, chained, probe_groups},
+        attach::{self, AttachError, Kprobes, ProbePoint},
+        plan::{Plan, PlannedSite, probe_groups},
     },
     resolve::SiteName,
     symbolize::Symbols,
@@ -470,7 +470,7 @@ pub struct Replaced {
 pub struct Attached {
     kprobes: Kprobes,
     /// The program behind every kprobe, for sites attached later.
-    site_program: aya::programs::ProgramFd,
+    programs: SitePrograms,
     pub ebpf: Ebpf,
     /// What could not be attached, and what that disables.
     pub warnings: Vec<String>,
@@ -483,7 +483,7 @@ pub struct Attached {
 
 impl Attached {
     pub fn kprobe_count(&self) -> usize {
-        self.kprobes.len()
+        self.kprobes.probes()
     }
 
     pub fn take_ring_buffer(&mut self) -> anyhow::Result<RingBuf<aya::maps::MapData>> {
@@ -517,7 +517,7 @@ impl Attached {
             Err(err) => {
                 // Put the old probes back: a stale site is better than none.
                 for group in probe_groups(&plan.sites, old.iter().copied()) {
-                    let _ = self.kprobes.attach(self.site_program.as_fd(), &plan.sites[group[0]].point, group[0] as u64);
+                    self.programs.attach(&mut self.kprobes, &plan.sites, &group);
                 }
                 return Err(err);
             }
@@ -529,11 +529,13 @@ impl Attached {
         if old_keys == new_keys {
             replaced.same = true;
             for group in probe_groups(&plan.sites, old.iter().copied()) {
-                match self.kprobes.attach(self.site_program.as_fd(), &plan.sites[group[0]].point, group[0] as u64) {
-                    Ok(()) => replaced.added += group.len(),
-                    Err(err) => replaced.failed.extend(
-                        group.iter().map(|&i| format!("{} {}: {err}", plan.sites[i].what, plan.sites[i].point.spec())),
-                    ),
+                for (i, result) in self.programs.attach(&mut self.kprobes, &plan.sites, &group) {
+                    match result {
+                        Ok(()) => replaced.added += 1,
+                        Err(err) => {
+                            replaced.failed.push(format!("{} {}: {err}", plan.sites[i].what, plan.sites[i].point.spec()))
+                        }
+                    }
                 }
             }
             return Ok(replaced);
@@ -551,15 +553,17 @@ impl Attached {
         }
         let first = plan.sites.len();
         plan.sites.extend(new);
+        for i in first..plan.sites.len() {
+            sites.set(i as u32, plan.sites[i].info(), 0)?;
+        }
         for group in probe_groups(&plan.sites, first..plan.sites.len()) {
-            for (i, info) in chained(&plan.sites, &group) {
-                sites.set(i as u32, info, 0)?;
-            }
-            match self.kprobes.attach(self.site_program.as_fd(), &plan.sites[group[0]].point, group[0] as u64) {
-                Ok(()) => replaced.added += group.len(),
-                Err(err) => replaced.failed.extend(
-                    group.iter().map(|&i| format!("{} {}: {err}", plan.sites[i].what, plan.sites[i].point.spec())),
-                ),
+            for (i, result) in self.programs.attach(&mut self.kprobes, &plan.sites, &group) {
+                match result {
+                    Ok(()) => replaced.added += 1,
+                    Err(err) => {
+                        replaced.failed.push(format!("{} {}: {err}", plan.sites[i].what, plan.sites[i].point.spec()))
+                    }
+                }
             }
         }
         Ok(replaced)
@@ -597,6 +601,55 @@ impl Attached {
     }
 }
 
+/// The kprobe programs of the sites: `site` for every site, `shared_deref` for a deref site
+/// at the instruction of another (`probe_groups`), linked after it on the same kprobe.
+struct SitePrograms {
+    site: aya::programs::ProgramFd,
+    shared_deref: aya::programs::ProgramFd,
+}
+
+impl SitePrograms {
+    fn load(ebpf: &mut Ebpf) -> anyhow::Result<SitePrograms> {
+        let mut load = |name: &str| -> anyhow::Result<aya::programs::ProgramFd> {
+            let program: &mut KProbe =
+                ebpf.program_mut(name).with_context(|| format!("no {name} program"))?.try_into()?;
+            program
+                .load()
+                .with_context(|| format!("the kernel refused the {name} kprobe program (see the verifier log above)"))?;
+            Ok(program.fd()?.try_clone()?)
+        };
+        Ok(SitePrograms { site: load("site")?, shared_deref: load("shared_deref")? })
+    }
+
+    /// Attaches a group of `probe_groups` on one kprobe, its head first; each site's result.
+    fn attach(
+        &self,
+        kprobes: &mut Kprobes,
+        sites: &[PlannedSite],
+        group: &[usize],
+    ) -> Vec<(usize, Result<(), AttachError>)> {
+        self.attach_timed(kprobes, sites, group).into_iter().map(|(i, result, _)| (i, result)).collect()
+    }
+
+    fn attach_timed(
+        &self,
+        kprobes: &mut Kprobes,
+        sites: &[PlannedSite],
+        group: &[usize],
+    ) -> Vec<(usize, Result<(), AttachError>, Duration)> {
+        group
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                let program = if k == 0 { self.site.as_fd() } else { self.shared_deref.as_fd() };
+                let started = Instant::now();
+                let result = kprobes.attach(program, &sites[i].point, i as u64);
+                (i, result, started.elapsed())
+            })
+            .collect()
+    }
+}
+
 /// Loads the eBPF object with this kernel's offsets and attaches every planned probe.
 pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached> {
     let start = Instant::now();
@@ -613,35 +666,27 @@ pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached
         .map_max_entries("EVENTS", ring_bytes)
         .load(EBPF_OBJECT)
         .context("loading the eBPF programs (run `tracer doctor` for what this kernel supports)")?;
-    let groups = probe_groups(&plan.sites, 0..plan.sites.len());
     {
         let mut sites: Array<_, SiteInfo> =
             Array::try_from(ebpf.map_mut("SITES").context("the eBPF object has no SITES map")?)?;
-        for group in &groups {
-            for (i, info) in chained(&plan.sites, group) {
-                sites.set(i as u32, info, 0)?;
-            }
+        for (i, site) in plan.sites.iter().enumerate() {
+            sites.set(i as u32, site.info(), 0)?;
         }
     }
     let mut warnings = Vec::new();
     let btf = aya::Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?;
 
-    let program: &mut KProbe = ebpf.program_mut("site").context("no site program")?.try_into()?;
-    program.load().context("the kernel refused the kprobe program (see the verifier log above)")?;
-    let fd = program.fd()?.try_clone()?;
+    let programs = SitePrograms::load(&mut ebpf)?;
     let mut kprobes = Kprobes::new()?;
     let mut attached_roles = Vec::new();
     let mut deref_took = Duration::ZERO;
-    // One kprobe per instruction: sites there share it (`probe_groups`).
-    for group in &groups {
-        let started = Instant::now();
-        let result = kprobes.attach(fd.as_fd(), &plan.sites[group[0]].point, group[0] as u64);
-        if group.iter().all(|&i| plan.sites[i].role == SiteRole::Deref) {
-            deref_took += started.elapsed();
-        }
-        for &i in group {
+    for group in probe_groups(&plan.sites, 0..plan.sites.len()) {
+        for (i, result, took) in programs.attach_timed(&mut kprobes, &plan.sites, &group) {
             let site = &plan.sites[i];
-            match &result {
+            if site.role == SiteRole::Deref {
+                deref_took += took;
+            }
+            match result {
                 Ok(()) => attached_roles.push(site.role),
                 Err(err) if discovery.asked_sites.contains(&i) => bail!(
                     "--use-site {}: not probed ({err}): uses there could not be seen, so unlocked-use, stale-use and use-after-free at it would go unreported",
@@ -688,9 +733,9 @@ pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached
             "no dport registration function to attach to (kernel profile): dports are only discovered at their first lookup, and the devres host cross-check is off".into(),
         ),
     }
-    attach_free_path(&mut ebpf, &btf, discovery, &mut kprobes, fd.as_fd(), &mut warnings)?;
+    attach_free_path(&mut ebpf, &btf, discovery, &mut kprobes, programs.site.as_fd(), &mut warnings)?;
     let sites_attached = attached_roles.len();
-    Ok(Attached { kprobes, site_program: fd, ebpf, warnings, took: start.elapsed(), deref_took, sites_attached })
+    Ok(Attached { kprobes, programs, ebpf, warnings, took: start.elapsed(), deref_took, sites_attached })
 }
 
 /// Attaches where the profile says frees are seen. `free_dport` falls back from fentry to a

@@ -1,10 +1,11 @@
-//! Kprobes defined through tracefs (`kprobe_events`) and attached to the one `site` program
+//! Kprobes defined through tracefs (`kprobe_events`) and attached to the site programs
 //! through perf links that carry a cookie (the site's index in `SITES`).
 //!
 //! Why tracefs and not the kprobe PMU: a tracefs probe on `MODULE:function+offset` survives
 //! the module being unloaded and is re-armed when it is loaded again, before the module's
 //! init runs, so `rmmod cxl_mem; modprobe cxl_mem` keeps being traced from its first probe.
 use std::{
+    collections::HashMap,
     fs::{self, OpenOptions},
     io::Write,
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
@@ -78,19 +79,29 @@ pub fn traceable(tracefs: &Path, function: &str) -> bool {
 }
 
 /// Kprobe events of this process (group `tracer_<pid>`), removed on drop.
+///
+/// Sites at the same point share its event: each opens its own perf event on it and links
+/// its program with its own cookie, and the kernel runs every program linked to the event,
+/// in link order, on one hit of one kprobe.
 pub struct Kprobes {
     tracefs: PathBuf,
     group: String,
-    /// Every event defined and not yet removed.
-    events: Vec<String>,
-    /// The attached ones: the perf event and the link holding the program on it, by cookie.
+    /// Every event defined and not yet removed, by the point it probes.
+    events: HashMap<(char, String), Event>,
+    /// The attached sites: the perf event and the link holding the program on it, by cookie.
     attached: Vec<Attachment>,
     next: usize,
 }
 
+struct Event {
+    name: String,
+    /// Sites attached to it.
+    users: usize,
+}
+
 struct Attachment {
     cookie: u64,
-    event: String,
+    point: (char, String),
     // Dropped link first, then the perf event (field order).
     _link: OwnedFd,
     _perf: OwnedFd,
@@ -108,7 +119,7 @@ impl Kprobes {
         Ok(Kprobes {
             tracefs,
             group: format!("tracer_{}", std::process::id()),
-            events: Vec::new(),
+            events: HashMap::new(),
             attached: Vec::new(),
             next: 0,
         })
@@ -119,35 +130,77 @@ impl Kprobes {
         file.write_all(line.as_bytes())
     }
 
-    /// Defines a kprobe at `point` and attaches `prog` to it with `cookie`.
-    pub fn attach(&mut self, prog: impl AsFd, point: &ProbePoint, cookie: u64) -> Result<(), AttachError> {
-        let spec = point.spec();
-        let event = format!("s{}", self.next);
+    /// The event probing `key`'s point, defined unless it already is.
+    fn event(&mut self, key: &(char, String)) -> Result<String, AttachError> {
+        if let Some(event) = self.events.get(key) {
+            return Ok(event.name.clone());
+        }
+        let name = format!("s{}", self.next);
         self.next += 1;
-        self.write_events(&format!("{}:{}/{event} {spec}\n", point.kind(), self.group))
-            .map_err(|source| AttachError::Define { spec: spec.clone(), source })?;
-        self.events.push(event.clone());
-        let id_path = self.tracefs.join("events").join(&self.group).join(&event).join("id");
+        self.write_events(&format!("{}:{}/{name} {}\n", key.0, self.group, key.1))
+            .map_err(|source| AttachError::Define { spec: key.1.clone(), source })?;
+        self.events.insert(key.clone(), Event { name: name.clone(), users: 0 });
+        Ok(name)
+    }
+
+    /// Removes the event of `key` once no site is attached to it.
+    fn release(&mut self, key: &(char, String)) {
+        let Some(event) = self.events.get(key) else { return };
+        if event.users > 0 {
+            return;
+        }
+        let line = format!("-:{}/{}\n", self.group, event.name);
+        let _ = self.write_events(&line);
+        self.events.remove(key);
+    }
+
+    /// Links `prog` with `cookie` to the kprobe at `point`, defining it unless another
+    /// site already did.
+    pub fn attach(&mut self, prog: impl AsFd, point: &ProbePoint, cookie: u64) -> Result<(), AttachError> {
+        let key = (point.kind(), point.spec());
+        let event = self.event(&key)?;
+        match self.link(prog, &key, &event, cookie) {
+            Ok(attachment) => {
+                self.attached.push(attachment);
+                if let Some(event) = self.events.get_mut(&key) {
+                    event.users += 1;
+                }
+                Ok(())
+            }
+            Err(err) => {
+                self.release(&key);
+                Err(err)
+            }
+        }
+    }
+
+    fn link(&self, prog: impl AsFd, key: &(char, String), event: &str, cookie: u64) -> Result<Attachment, AttachError> {
+        let spec = &key.1;
+        let id_path = self.tracefs.join("events").join(&self.group).join(event).join("id");
         let id: u64 = fs::read_to_string(&id_path)
             .and_then(|s| s.trim().parse().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
             .map_err(|source| AttachError::Id { path: id_path, source })?;
         let perf = perf_event_open_tracepoint(id).map_err(|source| AttachError::PerfOpen { spec: spec.clone(), source })?;
-        let link = link_create(prog.as_fd(), perf.as_fd(), cookie).map_err(|source| AttachError::Link { spec, source })?;
-        self.attached.push(Attachment { cookie, event, _link: link, _perf: perf });
-        Ok(())
+        let link = link_create(prog.as_fd(), perf.as_fd(), cookie)
+            .map_err(|source| AttachError::Link { spec: spec.clone(), source })?;
+        Ok(Attachment { cookie, point: key.clone(), _link: link, _perf: perf })
     }
 
-    /// Detaches the kprobe with `cookie` and removes its event. Returns whether it was there.
+    /// Detaches the site with `cookie`, and removes its event if no other site is on it.
+    /// Returns whether it was attached.
     pub fn detach(&mut self, cookie: u64) -> bool {
         let Some(i) = self.attached.iter().position(|a| a.cookie == cookie) else { return false };
         let attachment = self.attached.swap_remove(i);
-        let event = attachment.event.clone();
+        let key = attachment.point.clone();
         drop(attachment);
-        let _ = self.write_events(&format!("-:{}/{event}\n", self.group));
-        self.events.retain(|e| *e != event);
+        if let Some(event) = self.events.get_mut(&key) {
+            event.users -= 1;
+        }
+        self.release(&key);
         true
     }
 
+    /// Attached sites.
     pub fn len(&self) -> usize {
         self.attached.len()
     }
@@ -155,14 +208,19 @@ impl Kprobes {
     pub fn is_empty(&self) -> bool {
         self.attached.is_empty()
     }
+
+    /// Kprobes defined: one per point, however many sites are on it.
+    pub fn probes(&self) -> usize {
+        self.events.len()
+    }
 }
 
 impl Drop for Kprobes {
     fn drop(&mut self) {
         // Links and perf events first: an event in use cannot be removed.
         self.attached.clear();
-        for event in &self.events {
-            let _ = self.write_events(&format!("-:{}/{event}\n", self.group));
+        for event in self.events.values() {
+            let _ = self.write_events(&format!("-:{}/{}\n", self.group, event.name));
         }
     }
 }

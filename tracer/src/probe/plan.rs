@@ -2,7 +2,7 @@
 //! sites found in CXL code and the use sites BTF lists, resolved against the symbols.
 use std::{collections::HashMap, sync::Arc};
 
-use tracer_common::{SITE_DIRECT, SITE_UNPAIRED_OK, SITES_PER_PROBE, SiteInfo, SiteRole};
+use tracer_common::{SITE_DIRECT, SITE_UNPAIRED_OK, SiteInfo, SiteRole};
 
 use super::attach::ProbePoint;
 use crate::{
@@ -37,9 +37,9 @@ pub struct PlannedSite {
 }
 
 impl PlannedSite {
-    /// The kernel side's view of the site; `next` is the site after it on the same kprobe.
-    pub fn info(&self, next: Option<usize>) -> SiteInfo {
-        SiteInfo { addr: self.addr, role: self.role as u32, arg: self.arg, next: next.map_or(0, |n| n as u32 + 1), _pad: 0 }
+    /// The kernel side's view of the site.
+    pub fn info(&self) -> SiteInfo {
+        SiteInfo { addr: self.addr, role: self.role as u32, arg: self.arg }
     }
 
     /// What the site's index stands for in events.
@@ -247,17 +247,17 @@ impl Plan {
     }
 }
 
-/// The sites of `indexes` that share a kprobe, grouped by the point they probe, in plan
-/// order, at most `SITES_PER_PROBE` to a group. One kprobe per group: its head's index is
-/// the cookie, and the kernel side runs the others after it (`SiteInfo::next`), so an
-/// `xa_load` return is seen before an inline read of its result at the same instruction.
+/// The sites of `indexes` by kprobe, in plan order: a deref site at the instruction of
+/// the site before it shares that site's kprobe (the `shared_deref` program, linked after
+/// `site`), so an `xa_load` return is seen before an inline read of its result there;
+/// every other site has its own.
 pub fn probe_groups(sites: &[PlannedSite], indexes: impl IntoIterator<Item = usize>) -> Vec<Vec<usize>> {
     let mut groups: Vec<Vec<usize>> = Vec::new();
     let mut open: HashMap<&ProbePoint, usize> = HashMap::new();
     for i in indexes {
         let point = &sites[i].point;
         match open.get(point) {
-            Some(&g) if groups[g].len() < SITES_PER_PROBE => groups[g].push(i),
+            Some(&g) if groups[g].len() == 1 && sites[i].role == SiteRole::Deref => groups[g].push(i),
             _ => {
                 open.insert(point, groups.len());
                 groups.push(vec![i]);
@@ -267,18 +267,13 @@ pub fn probe_groups(sites: &[PlannedSite], indexes: impl IntoIterator<Item = usi
     groups
 }
 
-/// A group's `SiteInfo`s, each chained to the one after it.
-pub fn chained(sites: &[PlannedSite], group: &[usize]) -> Vec<(usize, SiteInfo)> {
-    group.iter().enumerate().map(|(k, &i)| (i, sites[i].info(group.get(k + 1).copied()))).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kernel::callsites::CALLEES;
 
     #[test]
-    fn sites_at_one_instruction_share_a_kprobe_in_plan_order() {
+    fn a_deref_at_a_call_sites_instruction_shares_its_kprobe() {
         let site = |role, offset: u64| PlannedSite {
             role,
             arg: 0,
@@ -295,15 +290,13 @@ mod tests {
             site(SiteRole::LoadReturn, 0x1ad),
             site(SiteRole::LockCall, 0x1c0),
             site(SiteRole::Deref, 0x1ad),
-            site(SiteRole::Deref, 0x1ad),
-            site(SiteRole::Deref, 0x1ad),
+            site(SiteRole::Deref, 0x1c8),
+            site(SiteRole::LockReturn, 0x1c8),
             site(SiteRole::Deref, 0x1ad),
         ];
         let groups = probe_groups(&sites, 0..sites.len());
-        assert_eq!(groups, vec![vec![0], vec![1, 3, 4, 5], vec![2], vec![6]]);
-        let chain = chained(&sites, &groups[1]);
-        assert_eq!(chain.iter().map(|(i, info)| (*i, info.next)).collect::<Vec<_>>(), vec![(1, 4), (3, 5), (4, 6), (5, 0)]);
-        assert_eq!(chain[0].1.role, SiteRole::LoadReturn as u32);
+        // A deref rides on the site before it; nothing else does, and only one.
+        assert_eq!(groups, vec![vec![0], vec![1, 3], vec![2], vec![4], vec![5], vec![6]]);
         // A subset (one module's sites) groups the same way.
         assert_eq!(probe_groups(&sites, [1, 2, 3]), vec![vec![1, 3], vec![2]]);
     }
