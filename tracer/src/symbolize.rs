@@ -32,7 +32,14 @@ pub enum KallsymsError {
 pub struct Symbols {
     vmlinux: Arc<Table>,
     modules: Table,
+    /// Functions of module loads kallsyms no longer lists: a stack recorded while a module
+    /// was loaded can be read after a hotplug loop unloaded it again. Only for reading
+    /// stacks: `lookup` and `iter` (what gets probed) never see them.
+    unloaded: Arc<Table>,
 }
+
+/// Symbols of unloaded modules kept, at most (the newest unloads win).
+const MAX_UNLOADED: usize = 16_384;
 
 /// One sorted run of symbols, with its names indexed.
 #[derive(Default)]
@@ -130,7 +137,7 @@ impl Symbols {
     /// Parses kallsyms lines: `ADDR TYPE NAME [\t[MODULE]]`.
     pub fn parse(input: impl BufRead) -> Result<Symbols, KallsymsError> {
         let (vmlinux, modules) = parse_lines(input, false)?;
-        Ok(Symbols { vmlinux: Arc::new(Table::new(vmlinux)), modules: Table::new(modules) })
+        Ok(Symbols { vmlinux: Arc::new(Table::new(vmlinux)), modules: Table::new(modules), unloaded: Arc::default() })
     }
 
     pub fn load() -> Result<Symbols, KallsymsError> {
@@ -147,7 +154,38 @@ impl Symbols {
     /// `reload_modules` from the given kallsyms text.
     pub fn with_modules_from(&self, input: impl BufRead) -> Result<Symbols, KallsymsError> {
         let (_, modules) = parse_lines(input, true)?;
-        Ok(Symbols { vmlinux: self.vmlinux.clone(), modules: Table::new(modules) })
+        let modules = Table::new(modules);
+        let unloaded = self.unloaded_now(&modules);
+        Ok(Symbols { vmlinux: self.vmlinux.clone(), modules, unloaded })
+    }
+
+    /// `unloaded` once `modules` is what kallsyms lists: the functions of this table's
+    /// modules that are gone from it, then the older unloaded ones, leaving out whatever
+    /// lies in a module's address range now and, at one address, all but the newest.
+    fn unloaded_now(&self, modules: &Table) -> Arc<Table> {
+        let listed: rustc_hash::FxHashSet<(u64, &str)> = modules.symbols.iter().map(|s| (s.addr, &*s.name)).collect();
+        let gone: Vec<&Symbol> =
+            self.modules.symbols.iter().filter(|s| !listed.contains(&(s.addr, &*s.name))).collect();
+        if gone.is_empty() {
+            return self.unloaded.clone();
+        }
+        let mut ranges: FxHashMap<&str, (u64, u64)> = FxHashMap::default();
+        for sym in &modules.symbols {
+            let module = sym.module.as_deref().unwrap_or_default();
+            let range = ranges.entry(module).or_insert((sym.addr, sym.addr));
+            range.0 = range.0.min(sym.addr);
+            range.1 = range.1.max(sym.addr);
+        }
+        let in_a_live_module = |addr: u64| ranges.values().any(|&(first, last)| (first..=last).contains(&addr));
+        let mut seen = rustc_hash::FxHashSet::default();
+        let kept: Vec<Symbol> = gone
+            .into_iter()
+            .chain(self.unloaded.symbols.iter())
+            .filter(|s| !in_a_live_module(s.addr) && seen.insert(s.addr))
+            .take(MAX_UNLOADED)
+            .cloned()
+            .collect();
+        Arc::new(Table::new(kept))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Symbol> {
@@ -170,7 +208,7 @@ impl Symbols {
 
     /// The symbol containing `addr` and the offset into it.
     pub fn resolve(&self, addr: u64) -> Option<(&Symbol, u64, u64)> {
-        self.vmlinux.resolve(addr).or_else(|| self.modules.resolve(addr))
+        self.vmlinux.resolve(addr).or_else(|| self.modules.resolve(addr)).or_else(|| self.unloaded.resolve(addr))
     }
 
     /// "function+0xoff/0xsize [module]", or the raw address when it is in no known symbol.
@@ -262,9 +300,30 @@ ffffffffc0732500 t cxl_mem_exit\t[cxl_mem]
         assert!(Arc::ptr_eq(&symbols.vmlinux, &again.vmlinux));
         assert_eq!(again.format(0xffffffffb2395a30 + 0x47), "match_port_by_dport+0x47/0x80");
         assert_eq!(again.format(0xffffffffc0900010), "cxl_mem_probe+0x10/0x400 [cxl_mem]");
-        assert_eq!(again.format(0xffffffffc0732010), "0xffffffffc0732010");
         assert_eq!(again.lookup("cxl_mem_probe").count(), 1);
         assert_eq!(again.iter().count(), 4 + 2);
+    }
+
+    #[test]
+    fn a_stack_of_an_unloaded_module_still_reads() {
+        let symbols = Symbols::parse(SAMPLE.as_bytes()).unwrap();
+        // cxl_mem unloaded, then loaded elsewhere: a stack from its first load still reads,
+        // but nothing of it is found by name (it is not probed).
+        let moved = "ffffffffc0900000 t cxl_mem_probe\t[cxl_mem]\nffffffffc0900400 t cxl_mem_remove\t[cxl_mem]\n";
+        let again = symbols.with_modules_from(moved.as_bytes()).unwrap();
+        assert_eq!(again.format(0xffffffffc0732010), "cxl_mem_probe+0x10/0x3f0 [cxl_mem]");
+        assert_eq!(again.format(0xffffffffc0900010), "cxl_mem_probe+0x10/0x400 [cxl_mem]");
+        assert_eq!(again.lookup("cxl_mem_probe").map(|s| s.addr).collect::<Vec<_>>(), [0xffffffffc0900000]);
+        // Unloaded again: both loads read.
+        let none = again.with_modules_from("".as_bytes()).unwrap();
+        assert_eq!(none.format(0xffffffffc0732010), "cxl_mem_probe+0x10/0x3f0 [cxl_mem]");
+        assert_eq!(none.format(0xffffffffc0900010), "cxl_mem_probe+0x10/0x400 [cxl_mem]");
+        assert_eq!(none.iter().count(), 4);
+        // Another module loaded over the old range: its symbols win there.
+        let over = "ffffffffc0732000 t cxl_pci_probe\t[cxl_pci]\nffffffffc0732800 t cxl_pci_remove\t[cxl_pci]\n";
+        let later = none.with_modules_from(over.as_bytes()).unwrap();
+        assert_eq!(later.format(0xffffffffc0732010), "cxl_pci_probe+0x10/0x800 [cxl_pci]");
+        assert_eq!(later.format(0xffffffffc0900010), "cxl_mem_probe+0x10/0x400 [cxl_mem]");
     }
 
     #[test]
