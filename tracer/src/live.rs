@@ -49,6 +49,8 @@ pub struct LiveOptions {
 
 /// How often the trace file is flushed and the kernel counters are read.
 const TICK: Duration = Duration::from_millis(500);
+/// Ticks a module loaded again may stay unreadable before its sites are searched anyway.
+const UNSETTLED_TRIES: u32 = 20;
 
 pub fn run(options: LiveOptions) -> anyhow::Result<Outcome> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -201,6 +203,8 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     let mut tick = tokio::time::interval(TICK);
     // A module reloaded between two ticks shows as a new load address.
     let mut layout = cxl_module_layout();
+    // Modules loaded again whose code could not be read yet, with the ticks tried.
+    let mut unsettled = std::collections::BTreeMap::<String, u32>::new();
     let started = Instant::now();
     let mut child_status = None;
     // Exited threads' state is forgotten (every short-lived modprobe of a hotplug loop would
@@ -224,17 +228,25 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
                     recorder.counters(counters_named(&attached.counters()?));
                 }
                 let now = cxl_module_layout();
-                if now != layout {
+                if now != layout || !unsettled.is_empty() {
                     match pipeline.resolver.symbols().reload_modules() {
                         Ok(symbols) => pipeline.resolver.set_symbols(symbols),
                         Err(err) => eprintln!("tracer: warning: re-reading symbols after a module change: {err}"),
                     }
                     // A module loaded since the last tick (again, or for the first time):
-                    // find its sites where its code has them now.
-                    let loaded: Vec<String> =
-                        now.iter().filter(|entry| !layout.contains(entry)).map(|(name, _)| name.clone()).collect();
-                    for module in loaded {
-                        rescan_module(&mut pipeline, &mut attached, &mut plan, &mut rescan, &module);
+                    // find its sites where its code has them now. One that could not be
+                    // read (unloaded again, or still loading) is tried again while loaded.
+                    for (name, _) in now.iter().filter(|entry| !layout.contains(entry)) {
+                        unsettled.insert(name.clone(), 0);
+                    }
+                    unsettled.retain(|module, _| now.iter().any(|(name, _)| name == module));
+                    for (module, tries) in unsettled.clone() {
+                        let last_try = tries + 1 >= UNSETTLED_TRIES;
+                        if rescan_module(&mut pipeline, &mut attached, &mut plan, &mut rescan, &module, last_try) {
+                            unsettled.remove(&module);
+                        } else {
+                            unsettled.insert(module, tries + 1);
+                        }
                     }
                     layout = now;
                 }
@@ -327,16 +339,29 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
 }
 
 /// Finds `module`'s sites again after it was loaded (again) and attaches them where its
-/// code has them now; says what it did.
-fn rescan_module(pipeline: &mut Pipeline, attached: &mut Attached, plan: &mut tracer::probe::plan::Plan, rescan: &mut ModuleRescan, module: &str) {
+/// code has them now; says what it did. False when its code could not be read (unloaded
+/// again, or still loading) and this is not the `last_try`: then nothing is touched, since the probes the kernel re-arms
+/// at each load stay, and detaching and defining them again while a hotplug loop reloads
+/// the module both loses sites and, on 6.12, makes `register_kprobe()` warn at the next
+/// load (a kprobe unregistered just before its module went away is left behind
+/// half-freed, and `reuse_unused_kprobe()` finds it).
+fn rescan_module(
+    pipeline: &mut Pipeline,
+    attached: &mut Attached,
+    plan: &mut tracer::probe::plan::Plan,
+    rescan: &mut ModuleRescan,
+    module: &str,
+    last_try: bool,
+) -> bool {
     let symbols = pipeline.resolver.symbols();
     // The common case: the same build again, whose probes the kernel re-armed at load.
     match rescan.same_code(symbols, module, plan) {
         Ok(true) => {
             eprintln!("tracer: {module} loaded again: same code, its probes re-armed by the kernel");
-            return;
+            return true;
         }
         Ok(false) => {}
+        Err(_) if !last_try => return false,
         Err(err) => eprintln!("tracer: warning: {module}: reading its code again: {err:#}"),
     }
     match attached.rediscover_module(plan, module, || rescan.module_sites(symbols, module)) {
@@ -368,6 +393,7 @@ fn rescan_module(pipeline: &mut Pipeline, attached: &mut Attached, plan: &mut tr
             "tracer: warning: {module} was loaded again but its sites could not be found again ({err:#}): its previous probes were put back and may no longer fit its code"
         ),
     }
+    true
 }
 
 fn report_discovery(d: &Discovery) {
