@@ -340,10 +340,10 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
 
 /// Finds `module`'s sites again after it was loaded (again) and attaches them where its
 /// code has them now; says what it did. False when its code could not be read (unloaded
-/// again, or still loading) and this is not the `last_try`: then nothing is touched, since the probes the kernel re-arms
-/// at each load stay, and detaching and defining them again while a hotplug loop reloads
-/// the module both loses sites and, on 6.12, makes `register_kprobe()` warn at the next
-/// load (a kprobe unregistered just before its module went away is left behind
+/// again, or still loading) and this is not the `last_try`: then nothing is touched. The
+/// probes the kernel re-arms at each load stay; detaching and defining them again while a
+/// hotplug loop reloads the module loses sites and, on 6.12, makes `register_kprobe()`
+/// warn at the next load (a kprobe unregistered just before its module went away is left
 /// half-freed, and `reuse_unused_kprobe()` finds it).
 fn rescan_module(
     pipeline: &mut Pipeline,

@@ -466,10 +466,22 @@ pub struct Replaced {
     pub failed: Vec<String>,
 }
 
+impl Replaced {
+    /// Counts what attaching sites gave.
+    fn attached(&mut self, sites: &[PlannedSite], results: Vec<(usize, Result<(), AttachError>)>) {
+        for (i, result) in results {
+            match result {
+                Ok(()) => self.added += 1,
+                Err(err) => self.failed.push(format!("{} {}: {err}", sites[i].what, sites[i].point.spec())),
+            }
+        }
+    }
+}
+
 /// The kernel side, loaded and attached. Dropping it detaches everything (kprobes first).
 pub struct Attached {
     kprobes: Kprobes,
-    /// The program behind every kprobe, for sites attached later.
+    /// The programs behind the kprobes, for sites attached later.
     programs: SitePrograms,
     pub ebpf: Ebpf,
     /// What could not be attached, and what that disables.
@@ -507,7 +519,6 @@ impl Attached {
             .filter(|&i| plan.sites[i].module.as_deref() == Some(module) && !plan.retired.contains(&i))
             .collect();
         for &i in &old {
-            // Only a group's head holds a kprobe; the others return false.
             self.kprobes.detach(i as u64);
         }
         let found = rescan();
@@ -529,14 +540,7 @@ impl Attached {
         if old_keys == new_keys {
             replaced.same = true;
             for group in probe_groups(&plan.sites, old.iter().copied()) {
-                for (i, result) in self.programs.attach(&mut self.kprobes, &plan.sites, &group) {
-                    match result {
-                        Ok(()) => replaced.added += 1,
-                        Err(err) => {
-                            replaced.failed.push(format!("{} {}: {err}", plan.sites[i].what, plan.sites[i].point.spec()))
-                        }
-                    }
-                }
+                replaced.attached(&plan.sites, self.programs.attach(&mut self.kprobes, &plan.sites, &group));
             }
             return Ok(replaced);
         }
@@ -557,14 +561,7 @@ impl Attached {
             sites.set(i as u32, plan.sites[i].info(), 0)?;
         }
         for group in probe_groups(&plan.sites, first..plan.sites.len()) {
-            for (i, result) in self.programs.attach(&mut self.kprobes, &plan.sites, &group) {
-                match result {
-                    Ok(()) => replaced.added += 1,
-                    Err(err) => {
-                        replaced.failed.push(format!("{} {}: {err}", plan.sites[i].what, plan.sites[i].point.spec()))
-                    }
-                }
-            }
+            replaced.attached(&plan.sites, self.programs.attach(&mut self.kprobes, &plan.sites, &group));
         }
         Ok(replaced)
     }
