@@ -241,8 +241,7 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
                     }
                     unsettled.retain(|module, _| now.iter().any(|(name, _)| name == module));
                     for (module, tries) in unsettled.clone() {
-                        let last_try = tries + 1 >= UNSETTLED_TRIES;
-                        if rescan_module(&mut pipeline, &mut attached, &mut plan, &mut rescan, &module, last_try) {
+                        if rescan_module(&mut pipeline, &mut attached, &mut plan, &mut rescan, &module, tries) {
                             unsettled.remove(&module);
                         } else {
                             unsettled.insert(module, tries + 1);
@@ -340,10 +339,12 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
 
 /// Finds `module`'s sites again after it was loaded (again) and attaches them where its
 /// code has them now; says what it did. False when its code could not be read (unloaded
-/// again, or still loading) and this is not the `last_try`: then nothing is touched. The
-/// probes the kernel re-arms at each load stay; detaching and defining them again while a
-/// hotplug loop reloads the module loses sites and, on 6.12, makes `register_kprobe()`
-/// warn at the next load (a kprobe unregistered just before its module went away is left
+/// again, or still loading) before `UNSETTLED_TRIES`, or when a module traced before reads
+/// as other code at the first try (one read while a hotplug loop unloads it again can
+/// look so): then nothing is touched, and the next tick looks again. The probes the
+/// kernel re-arms at each load stay; detaching and defining them again while a hotplug
+/// loop reloads the module loses sites and, on 6.12, makes `register_kprobe()` warn at
+/// the next load (a kprobe unregistered just before its module went away is left
 /// half-freed, and `reuse_unused_kprobe()` finds it).
 fn rescan_module(
     pipeline: &mut Pipeline,
@@ -351,7 +352,7 @@ fn rescan_module(
     plan: &mut tracer::probe::plan::Plan,
     rescan: &mut ModuleRescan,
     module: &str,
-    last_try: bool,
+    tries: u32,
 ) -> bool {
     let symbols = pipeline.resolver.symbols();
     // The common case: the same build again, whose probes the kernel re-armed at load.
@@ -360,8 +361,9 @@ fn rescan_module(
             eprintln!("tracer: {module} loaded again: same code, its probes re-armed by the kernel");
             return true;
         }
+        Ok(false) if tries == 0 && rescan.knows(module) => return false,
         Ok(false) => {}
-        Err(_) if !last_try => return false,
+        Err(_) if tries + 1 < UNSETTLED_TRIES => return false,
         Err(err) => eprintln!("tracer: warning: {module}: reading its code again: {err:#}"),
     }
     match attached.rediscover_module(plan, module, || rescan.module_sites(symbols, module)) {

@@ -380,6 +380,11 @@ impl ModuleRescan {
         Ok(CxlText::read_functions(symbols, &Kcore::open()?, functions)?)
     }
 
+    /// Whether `module`'s code was read before (its sites were found in it).
+    pub fn knows(&self, module: &str) -> bool {
+        self.texts.contains_key(module)
+    }
+
     /// Whether `module`, loaded again, has the code it had when its sites were found, but
     /// for the bytes this tracer's own probes (`plan`'s sites, which the kernel re-armed at
     /// load) patch and what the module loader relocates. Then nothing needs doing.
