@@ -18,10 +18,10 @@ use tracer::{
     decode,
     engine::{Group, Limits},
     format::tracefile::TraceHeader,
-    resolve::Resolver,
+    resolve::{Resolver, SymbolSource},
     sink::{self, Format},
     summary::Summary,
-    symbolize::Symbols,
+    symbolize::{self, Symbols},
 };
 use tracer_common::{COUNTERS, Counter};
 
@@ -67,6 +67,23 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
     // SAFETY: a valid timespec.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The running kernel's symbols, for the resolver to read again.
+struct ProcSymbols;
+
+impl SymbolSource for ProcSymbols {
+    fn reread(&mut self, old: &Symbols) -> Option<Symbols> {
+        old.reload_modules().inspect_err(|err| eprintln!("tracer: warning: re-reading kernel symbols: {err}")).ok()
+    }
+
+    fn module_ranges(&mut self) -> Vec<std::ops::Range<u64>> {
+        symbolize::module_ranges()
+    }
+
+    fn now_ns(&self) -> u64 {
+        clock_ns(libc::CLOCK_MONOTONIC)
+    }
 }
 
 fn clock_base_ns() -> u64 {
@@ -176,13 +193,7 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
 
     let Discovery { symbols, mut plan, mut rescan, .. } = discovery;
     let mut pipeline = Pipeline {
-        resolver: Resolver::new(symbols, load::site_names(&plan)).with_reload(Box::new(|old: &Symbols| match old.reload_modules() {
-            Ok(symbols) => Some(symbols),
-            Err(err) => {
-                eprintln!("tracer: warning: re-reading kernel symbols: {err}");
-                None
-            }
-        })),
+        resolver: Resolver::new(symbols, load::site_names(&plan)).with_reload(Box::new(ProcSymbols)),
         analysis: Analysis::with_folding(options.limits, options.fold),
         recorder,
         live_text: options.format == Some(Format::Text),

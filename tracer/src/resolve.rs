@@ -2,7 +2,7 @@
 //! sites named. After this an event means the same on any machine.
 use std::sync::Arc;
 
-use rustc_hash::FxHashSet;
+use rustc_hash::FxHashMap;
 
 use crate::{
     decode::{RawEvent, RawPayload},
@@ -11,8 +11,16 @@ use crate::{
     symbolize::{StackCache, Symbols},
 };
 
-/// Reads the kernel's symbols afresh (in `tracer run`: /proc/kallsyms).
-pub type SymbolSource = Box<dyn FnMut(&Symbols) -> Option<Symbols>>;
+/// Where a live run reads the kernel's symbols afresh (in `tracer run`: /proc/kallsyms and
+/// /proc/modules).
+pub trait SymbolSource {
+    /// `old` with the modules' symbols read again; `None` when they could not be read.
+    fn reread(&mut self, old: &Symbols) -> Option<Symbols>;
+    /// The address ranges of the modules loaded now: cheap to read, unlike the symbols.
+    fn module_ranges(&mut self) -> Vec<std::ops::Range<u64>>;
+    /// Now, on the events' clock (CLOCK_MONOTONIC).
+    fn now_ns(&self) -> u64;
+}
 
 /// What a site index stands for: its function, and for a deref site what it accesses.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,10 +44,11 @@ pub struct Resolver {
     interner: Interner,
     /// Each site index (`SITES` order).
     sites: Vec<SiteName>,
-    reload: Option<SymbolSource>,
-    /// Addresses still unknown after a re-read (the BPF programs' own code, mostly): not
-    /// worth another one.
-    unresolvable: FxHashSet<u64>,
+    reload: Option<Box<dyn SymbolSource>>,
+    /// Addresses still unknown after a re-read (BPF trampolines, a module gone before its
+    /// events were read), with when that was found: not worth another re-read for events
+    /// older than that. A newer event can be of a module loaded there since.
+    unresolvable: FxHashMap<u64, u64>,
 }
 
 impl Resolver {
@@ -50,13 +59,13 @@ impl Resolver {
             interner: Interner::default(),
             sites,
             reload: None,
-            unresolvable: FxHashSet::default(),
+            unresolvable: FxHashMap::default(),
         }
     }
 
     /// Re-reads the symbols when a stack has an address they do not know: a module loaded
     /// since (its first events can come before the periodic check notices it).
-    pub fn with_reload(mut self, reload: SymbolSource) -> Resolver {
+    pub fn with_reload(mut self, reload: Box<dyn SymbolSource>) -> Resolver {
         self.reload = Some(reload);
         self
     }
@@ -77,26 +86,45 @@ impl Resolver {
         self.unresolvable.clear();
     }
 
-    fn know(&mut self, addrs: &[u64]) {
-        let Some(reload) = &mut self.reload else { return };
-        let unknown: Vec<u64> = addrs
-            .iter()
-            .copied()
-            .filter(|&a| self.symbols.resolve(a).is_none() && !self.unresolvable.contains(&a))
-            .collect();
-        if unknown.is_empty() {
+    /// Reads the symbols again when the stack of an event at `ts` has an address they do not
+    /// know, unless that address was found unknown after `ts` and no module covers it now.
+    /// A hotplug loop can reload a module at the address its previous load had: an address
+    /// written off while the module was away is then the new load's.
+    fn know(&mut self, addrs: &[u64], ts: u64) {
+        let Some(source) = &mut self.reload else { return };
+        let mut modules: Option<(u64, Vec<std::ops::Range<u64>>)> = None;
+        let mut reread = false;
+        for &addr in addrs {
+            if self.symbols.resolve(addr).is_some() {
+                continue;
+            }
+            let Some(found) = self.unresolvable.get_mut(&addr) else {
+                reread = true;
+                break;
+            };
+            if ts <= *found {
+                continue;
+            }
+            let (checked, ranges) = modules.get_or_insert_with(|| (source.now_ns(), source.module_ranges()));
+            if ranges.iter().any(|m| m.contains(&addr)) {
+                reread = true;
+                break;
+            }
+            *found = *checked;
+        }
+        if !reread {
             return;
         }
-        if let Some(symbols) = reload(&self.symbols) {
+        let now = source.now_ns();
+        if let Some(symbols) = source.reread(&self.symbols) {
             self.set_symbols(symbols);
         }
+        let unknown: Vec<u64> = addrs.iter().copied().filter(|&a| self.symbols.resolve(a).is_none()).collect();
         if self.unresolvable.len() + unknown.len() > MAX_UNRESOLVABLE {
             self.unresolvable.clear();
         }
         for addr in unknown {
-            if self.symbols.resolve(addr).is_none() {
-                self.unresolvable.insert(addr);
-            }
+            self.unresolvable.insert(addr, now);
         }
     }
 
@@ -140,7 +168,7 @@ impl Resolver {
                 Kind::Deref { dport: u.dport, access }
             }
         };
-        self.know(&raw.stack);
+        self.know(&raw.stack, raw.ts);
         let stack = (!raw.stack.is_empty()).then(|| self.stacks.symbolize(&self.symbols, &raw.stack));
         Event {
             ts: raw.ts,
@@ -206,33 +234,104 @@ mod tests {
         assert_eq!(resolver.resolve(&deref).kind, Kind::Deref { dport: 1, access: rch });
     }
 
-    #[test]
-    fn a_module_loaded_since_is_symbolized_after_a_reread() {
-        let before = "ffffffff81001000 t cxl_dport_init_ras_reporting\nffffffff81001090 t other\n";
-        let after = "ffffffff81001000 t cxl_dport_init_ras_reporting\nffffffff81001090 t other\nffffffffc0661000 t cxl_mem_probe\t[cxl_mem]\nffffffffc0661400 t x\t[cxl_mem]\n";
-        let rereads = std::rc::Rc::new(std::cell::Cell::new(0));
-        let count = rereads.clone();
-        let mut resolver = Resolver::new(Symbols::parse(before.as_bytes()).unwrap(), vec![SiteName::from(Arc::<str>::from("f"))])
-            .with_reload(Box::new(move |old: &Symbols| {
-                count.set(count.get() + 1);
-                old.with_modules_from(after.as_bytes()).ok()
-            }));
-        let raw = RawEvent {
-            ts: 1,
+    /// Kallsyms text swapped by the test, /proc/modules ranges, a clock, and a count of reads.
+    #[derive(Clone, Default)]
+    struct Fake(std::rc::Rc<std::cell::RefCell<FakeKernel>>);
+
+    #[derive(Default)]
+    struct FakeKernel {
+        kallsyms: String,
+        modules: Vec<std::ops::Range<u64>>,
+        now: u64,
+        rereads: usize,
+    }
+
+    impl SymbolSource for Fake {
+        fn reread(&mut self, old: &Symbols) -> Option<Symbols> {
+            let mut k = self.0.borrow_mut();
+            k.rereads += 1;
+            old.with_modules_from(k.kallsyms.as_bytes()).ok()
+        }
+
+        fn module_ranges(&mut self) -> Vec<std::ops::Range<u64>> {
+            self.0.borrow().modules.clone()
+        }
+
+        fn now_ns(&self) -> u64 {
+            self.0.borrow().now
+        }
+    }
+
+    const VMLINUX: &str = "ffffffff81001000 t cxl_dport_init_ras_reporting\nffffffff81001090 t other\n";
+    const CXL_MEM: &str = "ffffffffc0661000 t cxl_mem_probe\t[cxl_mem]\nffffffffc0661400 t x\t[cxl_mem]\n";
+
+    fn use_event(ts: u64, stack: Vec<u64>) -> RawEvent {
+        RawEvent {
+            ts,
             cpu: 0,
             tid: 7,
             tgid: 7,
             comm: [0; 16],
             flags: 0,
             payload: RawPayload::Use(DportUse { dport: 1, site: 0 }),
-            stack: vec![0xffffffff81001005, 0xffffffffc0661318],
-        };
-        let frames: Vec<String> = resolver.resolve(&raw).stack.unwrap().iter().map(|f| f.to_string()).collect();
-        assert_eq!(frames, ["cxl_dport_init_ras_reporting+0x5/0x90", "cxl_mem_probe+0x318/0x400 [cxl_mem]"]);
-        // An address unknown even after a re-read is not re-read for again.
-        let odd = RawEvent { stack: vec![0xffffffff81001005, 0xffffffffd0000000], ..raw };
+            stack,
+        }
+    }
+
+    fn frames(event: Event) -> Vec<String> {
+        event.stack.unwrap().iter().map(|f| f.to_string()).collect()
+    }
+
+    fn resolver(kernel: &Fake) -> Resolver {
+        Resolver::new(Symbols::parse(VMLINUX.as_bytes()).unwrap(), vec![SiteName::from(Arc::<str>::from("f"))])
+            .with_reload(Box::new(kernel.clone()))
+    }
+
+    #[test]
+    fn a_module_loaded_since_is_symbolized_after_a_reread() {
+        let kernel = Fake::default();
+        kernel.0.borrow_mut().kallsyms = format!("{VMLINUX}{CXL_MEM}");
+        let mut resolver = resolver(&kernel);
+        let raw = use_event(1, vec![0xffffffff81001005, 0xffffffffc0661318]);
+        assert_eq!(
+            frames(resolver.resolve(&raw)),
+            ["cxl_dport_init_ras_reporting+0x5/0x90", "cxl_mem_probe+0x318/0x400 [cxl_mem]"]
+        );
+        // An address unknown even after a re-read (a BPF trampoline) is not re-read for
+        // again while no module covers it.
+        let odd = use_event(2, vec![0xffffffff81001005, 0xffffffffd0000000]);
         resolver.resolve(&odd);
-        resolver.resolve(&odd);
-        assert_eq!(rereads.get(), 2);
+        kernel.0.borrow_mut().now = 10;
+        resolver.resolve(&use_event(20, odd.stack.clone()));
+        resolver.resolve(&use_event(30, odd.stack.clone()));
+        assert_eq!(kernel.0.borrow().rereads, 2);
+    }
+
+    #[test]
+    fn a_module_back_at_an_address_written_off_is_read_again() {
+        let kernel = Fake::default();
+        let mut resolver = resolver(&kernel);
+        let stack = vec![0xffffffff81001005, 0xffffffffc0661318];
+        // Its first load's event is read after the module was unloaded again: unknown.
+        kernel.0.borrow_mut().now = 100;
+        assert_eq!(
+            frames(resolver.resolve(&use_event(50, stack.clone()))),
+            ["cxl_dport_init_ras_reporting+0x5/0x90", "0xffffffffc0661318"]
+        );
+        // Events older than that finding are not worth another read.
+        resolver.resolve(&use_event(60, stack.clone()));
+        assert_eq!(kernel.0.borrow().rereads, 1);
+        // Loaded again at the same place: a newer event there reads the symbols again.
+        {
+            let mut k = kernel.0.borrow_mut();
+            k.kallsyms = format!("{VMLINUX}{CXL_MEM}");
+            k.modules = std::iter::once(0xffffffffc0661000..0xffffffffc0668000).collect();
+            k.now = 300;
+        }
+        assert_eq!(
+            frames(resolver.resolve(&use_event(200, stack))),
+            ["cxl_dport_init_ras_reporting+0x5/0x90", "cxl_mem_probe+0x318/0x400 [cxl_mem]"]
+        );
+        assert_eq!(kernel.0.borrow().rereads, 2);
     }
 }

@@ -96,30 +96,40 @@ impl Table {
 }
 
 /// Parses kallsyms lines (`ADDR TYPE NAME [\t[MODULE]]`) into vmlinux's text symbols and the
-/// modules'; with `modules_only`, vmlinux's lines are skipped before anything is allocated.
-fn parse_lines(input: impl BufRead, modules_only: bool) -> Result<(Vec<Symbol>, Vec<Symbol>), KallsymsError> {
+/// modules'; with `modules_only`, vmlinux's lines are skipped unparsed.
+fn parse_lines(mut input: impl BufRead, modules_only: bool) -> Result<(Vec<Symbol>, Vec<Symbol>), KallsymsError> {
+    let mut text = String::new();
+    input.read_to_string(&mut text)?;
+    // Only module lines have a tab, and kallsyms lists vmlinux first: a re-read starts at
+    // the first tab's line. Splitting and parsing vmlinux's ~96,000 lines too, a re-read
+    // took 430 ms under TCG during a reload loop (the kernel's listing alone 150 ms): longer
+    // than a module's life there, so its events were read after it was gone.
+    let start = match modules_only {
+        true => text.find('\t').map_or(text.len(), |tab| text[..tab].rfind('\n').map_or(0, |nl| nl + 1)),
+        false => 0,
+    };
+    let line_no = |i: usize| text[..start].matches('\n').count() + i + 1;
     let (mut vmlinux, mut in_modules) = (Vec::new(), Vec::new());
-    let mut modules: FxHashMap<String, Arc<str>> = FxHashMap::default();
+    let mut modules: FxHashMap<&str, Arc<str>> = FxHashMap::default();
     let mut nonzero = false;
-    for (i, line) in input.lines().enumerate() {
-        let line = line?;
+    for (i, line) in text[start..].lines().enumerate() {
+        let malformed = || KallsymsError::Malformed { line: line_no(i), text: line.to_owned() };
         let mut fields = line.split_ascii_whitespace();
         let (Some(addr), Some(kind), Some(name)) = (fields.next(), fields.next(), fields.next()) else {
             if line.trim().is_empty() {
                 continue;
             }
-            return Err(KallsymsError::Malformed { line: i + 1, text: line });
+            return Err(malformed());
         };
-        let addr =
-            u64::from_str_radix(addr, 16).map_err(|_| KallsymsError::Malformed { line: i + 1, text: line.clone() })?;
+        let addr = u64::from_str_radix(addr, 16).map_err(|_| malformed())?;
         nonzero |= addr != 0;
-        let text = matches!(kind.as_bytes()[0], b't' | b'T');
+        let is_text = matches!(kind.as_bytes()[0], b't' | b'T');
         let module = fields.next().and_then(|m| m.strip_prefix('[')).and_then(|m| m.strip_suffix(']'));
-        if !text || modules_only && module.is_none() {
+        if !is_text || modules_only && module.is_none() {
             continue;
         }
-        let module = module.map(|m| modules.entry(m.to_owned()).or_insert_with(|| Arc::from(m)).clone());
-        let symbol = Symbol { addr, name: Arc::from(name), module, text };
+        let module = module.map(|m| modules.entry(m).or_insert_with(|| Arc::from(m)).clone());
+        let symbol = Symbol { addr, name: Arc::from(name), module, text: is_text };
         if symbol.module.is_some() { in_modules.push(symbol) } else { vmlinux.push(symbol) }
     }
     if !nonzero && (!vmlinux.is_empty() || !in_modules.is_empty()) {
@@ -131,6 +141,26 @@ fn parse_lines(input: impl BufRead, modules_only: bool) -> Result<(Vec<Symbol>, 
 fn open_kallsyms() -> Result<impl BufRead, KallsymsError> {
     let file = std::fs::File::open("/proc/kallsyms")?;
     Ok(std::io::BufReader::with_capacity(1 << 16, file))
+}
+
+/// The address ranges of the loaded modules in /proc/modules text (`NAME SIZE REFS DEPS
+/// STATE ADDR`): from the module's text to its size past it (its whole size: a range that
+/// covers more than its text only costs a needless re-read). Lines hiding their address
+/// (0x0, without CAP_SYSLOG) are left out.
+pub fn parse_module_ranges(text: &str) -> Vec<std::ops::Range<u64>> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_ascii_whitespace().collect();
+            let size: u64 = fields.get(1)?.parse().ok()?;
+            let base = u64::from_str_radix(fields.get(5)?.strip_prefix("0x")?, 16).ok()?;
+            (base != 0).then(|| base..base.saturating_add(size))
+        })
+        .collect()
+}
+
+/// `parse_module_ranges` of /proc/modules now (empty when it cannot be read).
+pub fn module_ranges() -> Vec<std::ops::Range<u64>> {
+    parse_module_ranges(&std::fs::read_to_string("/proc/modules").unwrap_or_default())
 }
 
 impl Symbols {
@@ -331,6 +361,28 @@ ffffffffc0732500 t cxl_mem_exit\t[cxl_mem]
         let hidden = "0000000000000000 t match_port_by_dport\n0000000000000000 T xa_load\n";
         assert!(matches!(Symbols::parse(hidden.as_bytes()), Err(KallsymsError::Hidden)));
         assert!(matches!(Symbols::parse("zz t x\n".as_bytes()), Err(KallsymsError::Malformed { line: 1, .. })));
+    }
+
+    #[test]
+    fn module_ranges_come_from_proc_modules() {
+        let text = "cxl_mem 16384 0 - Live 0xffffffffc0900000\ncxl_pci 32768 0 - Loading 0xffffffffc0a00000 (E)\nhidden 4096 0 - Live 0x0000000000000000\n";
+        assert_eq!(
+            parse_module_ranges(text),
+            [0xffffffffc0900000..0xffffffffc0904000, 0xffffffffc0a00000..0xffffffffc0a08000]
+        );
+    }
+
+    #[test]
+    fn a_module_reread_skips_vmlinux_lines_but_counts_them() {
+        let symbols = Symbols::parse("ffffffff81000000 t a\nffffffff81000100 t b\n".as_bytes()).unwrap();
+        // vmlinux lines (no tab) before the modules' are not parsed, so not checked.
+        let text = "ffffffff81000000 t a\nnot a line\nffffffffc0900000 t cxl_mem_probe\t[cxl_mem]\nffffffffc0900400 t x\t[cxl_mem]\n";
+        let reread = symbols.with_modules_from(text.as_bytes()).unwrap();
+        assert_eq!(reread.format(0xffffffffc0900010), "cxl_mem_probe+0x10/0x400 [cxl_mem]");
+        assert_eq!(reread.format(0xffffffff81000010), "a+0x10/0x100");
+        let bad = "ffffffff81000000 t a\nffffffffc0900000 t cxl_mem_probe\t[cxl_mem]\nzz t x\t[cxl_mem]\n";
+        assert!(matches!(symbols.with_modules_from(bad.as_bytes()), Err(KallsymsError::Malformed { line: 3, .. })));
+        assert!(symbols.with_modules_from("ffffffff81000000 t a\n".as_bytes()).unwrap().modules.symbols.is_empty());
     }
 
     #[test]
