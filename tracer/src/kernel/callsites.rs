@@ -282,7 +282,8 @@ pub fn rsi_before_call(addr: u64, code: &[u8], offset: u64) -> Option<u64> {
 /// optimized kprobe's jump; and the first 16, where an entry probe patches the ftrace call)
 /// are taken from `before`; then both decode to the same instructions, compared without
 /// their displacement and immediate fields (what the module loader relocates: calls into
-/// vmlinux, addresses of the module's data).
+/// vmlinux, addresses of the module's data), but for the slots the kernel patches at run
+/// time (`patch_slot`).
 pub fn same_code(before: &[u8], now: &[u8], probes: &[u64]) -> bool {
     if before.len() != now.len() {
         return false;
@@ -302,10 +303,14 @@ pub fn same_code(before: &[u8], now: &[u8], probes: &[u64]) -> bool {
         }
         a.decode_out(&mut x);
         b.decode_out(&mut y);
+        let (start, len) = (x.ip() as usize, x.len());
+        let slot = |insn, code: &[u8]| patch_slot(insn, &code[start..start + len]);
+        if x.len() == y.len() && slot(&x, before) && slot(&y, &now) {
+            continue;
+        }
         if x.len() != y.len() || x.code() != y.code() {
             return false;
         }
-        let (start, len) = (x.ip() as usize, x.len());
         let offsets = a.get_constant_offsets(&x);
         let relocatable = |i: usize| {
             let within = |off: usize, size: usize| size > 0 && (off..off + size).contains(&i);
@@ -318,6 +323,24 @@ pub fn same_code(before: &[u8], now: &[u8], probes: &[u64]) -> bool {
         }
     }
     !b.can_decode()
+}
+
+/// Whether `insn` (its `bytes`) fills a slot the kernel rewrites in loaded code: a static
+/// call (`call`/`jmp rel32`, a 5-byte NOP, or `xor %eax,%eax` with three CS prefixes for a
+/// call returning 0) or a static key (`jmp` or a NOP, of 2 or 5 bytes). A module read just
+/// after its load can show such a slot before the kernel set it (seen on 7.2: a static call
+/// in `cxl_pci`'s `cxl_event_thread` read as `call` once, as the return-0 form the next time).
+fn patch_slot(insn: &iced_x86::Instruction, bytes: &[u8]) -> bool {
+    use iced_x86::Code;
+    match insn.len() {
+        5 => {
+            matches!(insn.code(), Code::Call_rel32_64 | Code::Jmp_rel32_64)
+                || insn.mnemonic() == Mnemonic::Nop
+                || bytes == [0x2e, 0x2e, 0x2e, 0x31, 0xc0]
+        }
+        2 => insn.code() == Code::Jmp_rel8_64 || insn.mnemonic() == Mnemonic::Nop,
+        _ => false,
+    }
 }
 
 /// Whether `code` (of a function at `addr`) calls or tail-calls one of `targets`.
@@ -426,6 +449,34 @@ ffffffffc04c9277 t cxl_mem_probe.cold\t[cxl_mem]
         assert!(!same_code(&before, &other, &[21]));
         // Another length: another build.
         assert!(!same_code(&before, &before[..before.len() - 1], &[]));
+    }
+
+    #[test]
+    fn slots_the_kernel_patches_at_run_time_are_the_same_code() {
+        // The entry (endbr64, ftrace's room); call rel32 (a static call); jmp rel8 (a static
+        // key); mov %rdi,%rax; ret
+        let entry: &[u8] =
+            &[0xf3, 0x0f, 0x1e, 0xfa, 0x0f, 0x1f, 0x44, 0x00, 0x00, 0x0f, 0x1f, 0x44, 0x00, 0x00, 0x90, 0x90];
+        let before: Vec<u8> =
+            [entry, &[0xe8, 0x10, 0x20, 0x30, 0x40], &[0xeb, 0x02], &[0x48, 0x89, 0xf8], &[0xc3]].concat();
+        // The static call set to return 0, the key's jump a NOP.
+        let now: Vec<u8> =
+            [entry, &[0x2e, 0x2e, 0x2e, 0x31, 0xc0], &[0x66, 0x90], &[0x48, 0x89, 0xf8], &[0xc3]].concat();
+        assert!(same_code(&before, &now, &[]));
+        // A 5-byte NOP there, or a jmp rel32: the same slot.
+        let mut nop = now.clone();
+        nop[16..21].copy_from_slice(&[0x0f, 0x1f, 0x44, 0x00, 0x00]);
+        assert!(same_code(&before, &nop, &[]));
+        nop[16..21].copy_from_slice(&[0xe9, 1, 2, 3, 4]);
+        assert!(same_code(&before, &nop, &[]));
+        // Any other 5-byte instruction there is other code: mov $imm32,%eax.
+        let mut other = now.clone();
+        other[16..21].copy_from_slice(&[0xb8, 0, 0, 0, 0]);
+        assert!(!same_code(&before, &other, &[]));
+        // So is another register in the mov after the slots.
+        let mut other = now;
+        other[25] = 0xf0;
+        assert!(!same_code(&before, &other, &[]));
     }
 
     #[test]
