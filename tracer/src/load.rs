@@ -233,20 +233,7 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
     let text = CxlText::read(&symbols, &kcore)?;
     let callees: Vec<_> = callsites::CALLEES.iter().copied().chain(profile.host_check_callee()).collect();
     let mut calls = callsites::find(&symbols, &text, &callees);
-    // `__devm_add_action` is called for every devres action in CXL code; only the calls
-    // that add the free action say where a dport lives. Keep those, and those whose action
-    // argument is not known statically.
-    let action = profile.free_action_addr();
-    if action != 0 {
-        let code: FxHashMap<u64, &[u8]> = text.functions.iter().map(|(f, c)| (f.addr, c.as_slice())).collect();
-        calls.retain(|c| {
-            c.callee.call != SiteRole::HostActionCall
-                || code
-                    .get(&c.function_addr)
-                    .and_then(|code| callsites::rsi_before_call(c.function_addr, code, c.offset))
-                    .is_none_or(|rsi| rsi == action)
-        });
-    }
+    keep_free_action_calls(&mut calls, &text, profile.free_action_addr());
     let mut profile = profile;
     let frees = match profile.free {
         FreePath::DevresKfree => {
@@ -312,6 +299,7 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
         extra_uses: config.extra_uses.clone(),
         layout: profile.dport.clone(),
         derefs: config.derefs,
+        free_action: profile.free_action_addr(),
         texts: module_texts(&text),
         btf,
     };
@@ -350,6 +338,8 @@ pub struct ModuleRescan {
     extra_uses: Vec<DportFunction>,
     layout: tracer::kernel::derefs::Layout,
     derefs: bool,
+    /// The devres action that frees a dport (in vmlinux), as discovery filtered its calls.
+    free_action: u64,
     /// Each module's code as it was when its sites were found, by function.
     texts: FxHashMap<String, ModuleText>,
 }
@@ -419,7 +409,8 @@ impl ModuleRescan {
         uses.extend(self.extra_uses.iter().filter(|u| u.module.as_deref() == Some(module)).cloned());
         let text = ModuleRescan::read_module(symbols, module)?;
         self.texts.extend(module_texts(&text));
-        let calls = callsites::find(symbols, &text, &self.callees);
+        let mut calls = callsites::find(symbols, &text, &self.callees);
+        keep_free_action_calls(&mut calls, &text, self.free_action);
         let mut plan = Plan::build(symbols, &calls, &uses);
         if self.derefs {
             loaders.extend(self.vmlinux_loaders.iter().cloned());
@@ -432,6 +423,23 @@ impl ModuleRescan {
         plan.sites.retain(|s| seen.insert((s.addr, s.role as u32, s.arg)));
         Ok(plan.sites)
     }
+}
+
+/// `__devm_add_action` is called for every devres action in CXL code; only the calls that
+/// add the free action (at `action`; 0 when the kernel has none) say where a dport lives.
+/// Keeps those, those whose action argument is not known statically, and the other calls.
+fn keep_free_action_calls(calls: &mut Vec<CallSite>, text: &CxlText, action: u64) {
+    if action == 0 {
+        return;
+    }
+    let code: FxHashMap<u64, &[u8]> = text.functions.iter().map(|(f, c)| (f.addr, c.as_slice())).collect();
+    calls.retain(|c| {
+        c.callee.call != SiteRole::HostActionCall
+            || code
+                .get(&c.function_addr)
+                .and_then(|code| callsites::rsi_before_call(c.function_addr, code, c.offset))
+                .is_none_or(|rsi| rsi == action)
+    });
 }
 
 /// Every attach point outside CXL and devres code, with what it costs: a probe there runs
