@@ -49,6 +49,9 @@ pub struct Resolver {
     /// events were read), with when that was found: not worth another re-read for events
     /// older than that. A newer event can be of a module loaded there since.
     unresolvable: FxHashMap<u64, u64>,
+    /// The module ranges when the symbols were last read again: a covered address still
+    /// unknown is only worth another read once they changed.
+    reread_ranges: Vec<std::ops::Range<u64>>,
 }
 
 impl Resolver {
@@ -60,6 +63,7 @@ impl Resolver {
             sites,
             reload: None,
             unresolvable: FxHashMap::default(),
+            reread_ranges: Vec::new(),
         }
     }
 
@@ -87,9 +91,10 @@ impl Resolver {
     }
 
     /// Reads the symbols again when the stack of an event at `ts` has an address they do not
-    /// know, unless that address was found unknown after `ts` and no module covers it now.
-    /// A hotplug loop can reload a module at the address its previous load had: an address
-    /// written off while the module was away is then the new load's.
+    /// know, unless that address was found unknown after `ts`, or no module covers it now,
+    /// or the modules are where they were at the last read. A hotplug loop can reload a
+    /// module at the address its previous load had: an address written off while the
+    /// module was away is then the new load's.
     fn know(&mut self, addrs: &[u64], ts: u64) {
         let Some(source) = &mut self.reload else { return };
         let mut modules: Option<(u64, Vec<std::ops::Range<u64>>)> = None;
@@ -106,7 +111,7 @@ impl Resolver {
                 continue;
             }
             let (checked, ranges) = modules.get_or_insert_with(|| (source.now_ns(), source.module_ranges()));
-            if ranges.iter().any(|m| m.contains(&addr)) {
+            if *ranges != self.reread_ranges && ranges.iter().any(|m| m.contains(&addr)) {
                 reread = true;
                 break;
             }
@@ -116,6 +121,7 @@ impl Resolver {
             return;
         }
         let now = source.now_ns();
+        self.reread_ranges = modules.map_or_else(|| source.module_ranges(), |(_, ranges)| ranges);
         if let Some(symbols) = source.reread(&self.symbols) {
             self.set_symbols(symbols);
         }
@@ -333,5 +339,14 @@ mod tests {
             ["cxl_dport_init_ras_reporting+0x5/0x90", "cxl_mem_probe+0x318/0x400 [cxl_mem]"]
         );
         assert_eq!(kernel.0.borrow().rereads, 2);
+        // An address a module's range covers but kallsyms does not list (past its text):
+        // read again once, then not while the modules stay where they are.
+        let past = vec![0xffffffffc0667000];
+        kernel.0.borrow_mut().now = 400;
+        resolver.resolve(&use_event(350, past.clone()));
+        kernel.0.borrow_mut().now = 500;
+        resolver.resolve(&use_event(450, past.clone()));
+        resolver.resolve(&use_event(550, past));
+        assert_eq!(kernel.0.borrow().rereads, 3);
     }
 }
