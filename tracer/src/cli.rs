@@ -106,7 +106,9 @@ pub enum Command {
         no_attach: bool,
     },
     /// List what tracer instances left in the kernel: BPF programs, maps and links, and
-    /// kprobe events. Exit status 0 when nothing is left, 2 otherwise.
+    /// kprobe events. Programs and maps are given up to 3 s to go (the kernel frees an
+    /// exited instance's maps a grace period after its programs). Exit status 0 when
+    /// nothing is left, 2 otherwise.
     Leftovers,
 }
 

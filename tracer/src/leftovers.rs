@@ -10,7 +10,9 @@ use crate::Outcome;
 /// Our programs' and maps' names as the kernel keeps them (truncated to 15 bytes).
 const PROGRAMS: &[&str] = &[
     "site",
+    "shared_deref",
     "dport_add_exit",
+    "free_dport_entry",
     "kfree",
     "mutex_lock_exit",
     "mutex_lock_intr_exit",
@@ -18,14 +20,35 @@ const PROGRAMS: &[&str] = &[
     "mutex_trylock_exit",
     "mutex_unlock_entry",
 ];
-const MAPS: &[&str] =
-    &["EVENTS", "COUNTS", "DPORTS", "CONTAINERS", "NOT_CONTAINERS", "LOCKS", "BLOCKS", "SITES", "PENDING_XA", "PENDING_LOCK", "PENDING_HOST", "ALLOC_HOST"];
+const MAPS: &[&str] = &[
+    "EVENTS",
+    "COUNTS",
+    "DPORTS",
+    "LOADED",
+    "CONTAINERS",
+    "NOT_CONTAINERS",
+    "LOCKS",
+    "BLOCKS",
+    "SITE_HITS",
+    "SITE_REPORTS",
+    "SITES",
+    "PENDING_XA",
+    "PENDING_LOCK",
+    "PENDING_HOST",
+    "ALLOC_HOST",
+];
+
+/// How long programs and maps of an instance that just exited may take to go: the kernel
+/// frees a program's maps a grace period after the program (measured under TCG on 7.2:
+/// `leftovers` right after `doctor` exited still listed 7 maps).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn truncated(name: &str) -> &str {
     &name[..name.len().min(15)]
 }
 
-pub fn run() -> anyhow::Result<Outcome> {
+/// Our BPF programs and maps loaded now.
+fn bpf_objects() -> anyhow::Result<Vec<String>> {
     let mut left = Vec::new();
     for program in aya::programs::loaded_programs() {
         let program = program?;
@@ -43,6 +66,16 @@ pub fn run() -> anyhow::Result<Outcome> {
             left.push(format!("bpf map {name} (id {})", map.id()));
         }
     }
+    Ok(left)
+}
+
+pub fn run() -> anyhow::Result<Outcome> {
+    let since = std::time::Instant::now();
+    let mut left = bpf_objects()?;
+    while !left.is_empty() && since.elapsed() < SETTLE {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        left = bpf_objects()?;
+    }
     if let Ok(tracefs) = attach::tracefs() {
         for (pid, event) in attach::tracer_events(&tracefs) {
             left.push(format!("kprobe event {event} (tracer pid {pid}, {})", if attach::alive(pid) { "running" } else { "gone" }));
@@ -56,4 +89,32 @@ pub fn run() -> anyhow::Result<Outcome> {
         println!("{item}");
     }
     bail!("{} tracer object(s) still in the kernel", left.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every program and map the kernel side defines is looked for.
+    #[test]
+    fn every_program_and_map_of_the_kernel_side_is_known() {
+        let source = include_str!("../../tracer-ebpf/src/main.rs");
+        let lines: Vec<&str> = source.lines().map(str::trim).collect();
+        let mut programs = 0;
+        let mut maps = 0;
+        for (i, line) in lines.iter().enumerate() {
+            let next = lines[i + 1..].iter().find(|l| !l.starts_with("#[") && !l.starts_with("//"));
+            if ["#[kprobe", "#[fentry", "#[fexit", "#[raw_tracepoint"].iter().any(|m| line.starts_with(m)) {
+                let name = next.and_then(|l| l.split("fn ").nth(1)).and_then(|r| r.split('(').next()).unwrap();
+                assert!(PROGRAMS.contains(&name), "program {name} is not in PROGRAMS");
+                programs += 1;
+            }
+            if *line == "#[map]" {
+                let name = next.and_then(|l| l.split("static ").nth(1)).and_then(|r| r.split(':').next()).unwrap();
+                assert!(MAPS.contains(&name), "map {name} is not in MAPS");
+                maps += 1;
+            }
+        }
+        assert_eq!((programs, maps), (PROGRAMS.len(), MAPS.len()), "names listed that the kernel side no longer has");
+    }
 }
