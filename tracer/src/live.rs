@@ -240,10 +240,7 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
                 }
                 let now = cxl_module_layout();
                 if now != layout || !unsettled.is_empty() {
-                    match pipeline.resolver.symbols().reload_modules() {
-                        Ok(symbols) => pipeline.resolver.set_symbols(symbols),
-                        Err(err) => eprintln!("tracer: warning: re-reading symbols after a module change: {err}"),
-                    }
+                    pipeline.resolver.reread_symbols();
                     // A module loaded since the last tick (again, or for the first time):
                     // find its sites where its code has them now. One that could not be
                     // read (unloaded again, or still loading) is tried again while loaded.

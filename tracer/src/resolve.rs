@@ -83,8 +83,18 @@ impl Resolver {
         self.sites = sites;
     }
 
+    /// Reads the modules' symbols again through the source (a module was loaded or
+    /// unloaded); without one, nothing changes.
+    pub fn reread_symbols(&mut self) {
+        let Some(source) = &mut self.reload else { return };
+        self.reread_ranges = source.module_ranges();
+        if let Some(symbols) = source.reread(&self.symbols) {
+            self.set_symbols(symbols);
+        }
+    }
+
     /// New symbols (a module was loaded or unloaded).
-    pub fn set_symbols(&mut self, symbols: Symbols) {
+    fn set_symbols(&mut self, symbols: Symbols) {
         self.symbols = symbols;
         self.stacks.clear();
         self.unresolvable.clear();
@@ -121,10 +131,7 @@ impl Resolver {
             return;
         }
         let now = source.now_ns();
-        self.reread_ranges = modules.map_or_else(|| source.module_ranges(), |(_, ranges)| ranges);
-        if let Some(symbols) = source.reread(&self.symbols) {
-            self.set_symbols(symbols);
-        }
+        self.reread_symbols();
         let unknown: Vec<u64> = addrs.iter().copied().filter(|&a| self.symbols.resolve(a).is_none()).collect();
         if self.unresolvable.len() + unknown.len() > MAX_UNRESOLVABLE {
             self.unresolvable.clear();

@@ -143,19 +143,23 @@ fn open_kallsyms() -> Result<impl BufRead, KallsymsError> {
     Ok(std::io::BufReader::with_capacity(1 << 16, file))
 }
 
-/// The address ranges of the loaded modules in /proc/modules text (`NAME SIZE REFS DEPS
-/// STATE ADDR`): from the module's text to its size past it (its whole size: a range that
-/// covers more than its text only costs a needless re-read). Lines hiding their address
-/// (0x0, without CAP_SYSLOG) are left out.
+/// Each module line of /proc/modules text (`NAME SIZE REFS DEPS STATE ADDRESS [TAINTS]`):
+/// its name and where it lies, from its base to its size past it. Lines hiding their
+/// address (0x0, without CAP_SYSLOG) are left out.
+pub fn proc_modules(text: &str) -> impl Iterator<Item = (&str, std::ops::Range<u64>)> {
+    text.lines().filter_map(|line| {
+        let fields: Vec<&str> = line.split_ascii_whitespace().collect();
+        let size: u64 = fields.get(1)?.parse().ok()?;
+        let base = u64::from_str_radix(fields.get(5)?.strip_prefix("0x")?, 16).ok()?;
+        (base != 0).then(|| (fields[0], base..base.saturating_add(size)))
+    })
+}
+
+/// The address ranges of the loaded modules in /proc/modules text: each module's whole
+/// size from its text (a range that covers more than its text only costs a needless
+/// re-read).
 pub fn parse_module_ranges(text: &str) -> Vec<std::ops::Range<u64>> {
-    text.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_ascii_whitespace().collect();
-            let size: u64 = fields.get(1)?.parse().ok()?;
-            let base = u64::from_str_radix(fields.get(5)?.strip_prefix("0x")?, 16).ok()?;
-            (base != 0).then(|| base..base.saturating_add(size))
-        })
-        .collect()
+    proc_modules(text).map(|(_, range)| range).collect()
 }
 
 /// `parse_module_ranges` of /proc/modules now (empty when it cannot be read).

@@ -111,15 +111,7 @@ pub fn cxl_functions(symbols: &Symbols) -> Vec<&Symbol> {
 /// Where `module`'s core (its code and data once its init is done) lies, from the text of
 /// `/proc/modules` (`NAME SIZE REFS DEPS STATE ADDRESS [TAINTS]`).
 pub fn module_core(proc_modules: &str, module: &str) -> Option<std::ops::Range<u64>> {
-    proc_modules.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split_ascii_whitespace().collect();
-        if fields.first() != Some(&module) {
-            return None;
-        }
-        let size: u64 = fields.get(1)?.parse().ok()?;
-        let base = u64::from_str_radix(fields.get(5)?.strip_prefix("0x")?, 16).ok()?;
-        (base != 0).then(|| base..base + size)
-    })
+    crate::symbolize::proc_modules(proc_modules).find(|(name, _)| *name == module).map(|(_, core)| core)
 }
 
 /// The functions of `module` that lie in its `core`, each once. Right after a module's
