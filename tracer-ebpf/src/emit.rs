@@ -2,8 +2,10 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_RING_SIZE},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_get_stack, bpf_ktime_get_ns,
+    },
     maps::ring_buf::RingBufEntry,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_get_stack, bpf_ktime_get_ns},
 };
 use tracer_common::{Counter, EventHeader, EventKind, FLAG_STACK_LOST, MAX_STACK_FRAMES, Payload, Record, ShortRecord};
 
@@ -99,9 +101,8 @@ pub fn emit<C: EbpfContext>(ctx: &C, kind: EventKind, flags: u32, stack: Stack, 
     let record = entry.as_mut_ptr();
     let mut header = header(kind, flags);
     // SAFETY: `record` points to reserved ring-buffer memory of a whole Record.
-    let written = unsafe {
-        bpf_get_stack(ctx.as_ptr(), (&raw mut (*record).stack).cast(), (MAX_STACK_FRAMES * 8) as u32, 0)
-    };
+    let written =
+        unsafe { bpf_get_stack(ctx.as_ptr(), (&raw mut (*record).stack).cast(), (MAX_STACK_FRAMES * 8) as u32, 0) };
     if written >= 0 {
         header.stack_bytes = written as u32 & !7;
     } else {

@@ -58,7 +58,13 @@ pub fn on_load_return(ctx: &ProbeContext, tail: bool, index: u64) {
     }
     let flags = free_lock_stamp(&info);
     site_report(index);
-    emit(ctx, EventKind::XaLoad, flags, Stack::With, Payload { xa: XaAccess { xa: call.xa, index: call.index, entry } });
+    emit(
+        ctx,
+        EventKind::XaLoad,
+        flags,
+        Stack::With,
+        Payload { xa: XaAccess { xa: call.xa, index: call.index, entry } },
+    );
 }
 
 fn port_lock_stamp(xa: u64) -> Option<u32> {
@@ -74,7 +80,13 @@ pub fn on_erase_return(ctx: &ProbeContext, tail: bool) {
         let _ = lookup_or_discover(ctx, call.xa, call.index, entry);
     }
     let Some(flags) = port_lock_stamp(call.xa) else { return };
-    emit(ctx, EventKind::XaErase, flags, Stack::With, Payload { xa: XaAccess { xa: call.xa, index: call.index, entry } });
+    emit(
+        ctx,
+        EventKind::XaErase,
+        flags,
+        Stack::With,
+        Payload { xa: XaAccess { xa: call.xa, index: call.index, entry } },
+    );
 }
 
 /// At a `call __xa_insert`/`xa_store`/`__xa_store`: an entry written to a dports xarray.

@@ -27,7 +27,15 @@ fn records(churn: &Churn) -> Vec<Vec<u8>> {
         .map(|e| {
             let (payload, with_stack) = match e.kind {
                 Kind::DportAdd { dport, port, xa, port_lock, free_lock, root } => (
-                    RawPayload::DportAdd(DportAdd { dport, port, xa, port_lock, free_lock, root: root.into(), origin: 0 }),
+                    RawPayload::DportAdd(DportAdd {
+                        dport,
+                        port,
+                        xa,
+                        port_lock,
+                        free_lock,
+                        root: root.into(),
+                        origin: 0,
+                    }),
                     false,
                 ),
                 Kind::XaLoad { xa, index, ret } => (RawPayload::XaLoad(XaAccess { xa, index, entry: ret }), true),

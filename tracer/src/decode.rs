@@ -5,8 +5,8 @@ use std::mem::{offset_of, size_of};
 
 use tracer_common::{
     DportAdd, DportFree, DportUse, EventHeader, EventKind, FLAG_FREE_LOCK_HELD, FLAG_FREE_LOCK_KNOWN,
-    FLAG_PORT_LOCK_HELD, FLAG_PORT_LOCK_KNOWN, FLAG_STACK_LOST, LockOp, MAX_STACK_FRAMES, PAYLOAD_OFFSET,
-    STACK_OFFSET, XaAccess,
+    FLAG_PORT_LOCK_HELD, FLAG_PORT_LOCK_KNOWN, FLAG_STACK_LOST, LockOp, MAX_STACK_FRAMES, PAYLOAD_OFFSET, STACK_OFFSET,
+    XaAccess,
 };
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -108,9 +108,9 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent, DecodeError> {
     }
     let p = PAYLOAD_OFFSET;
     let payload = match kind {
-        EventKind::DportAdd => {
-            RawPayload::DportAdd(read_fields!(bytes, p, DportAdd { dport, port, xa, port_lock, free_lock; root, origin }))
-        }
+        EventKind::DportAdd => RawPayload::DportAdd(
+            read_fields!(bytes, p, DportAdd { dport, port, xa, port_lock, free_lock; root, origin }),
+        ),
         EventKind::XaLoad => RawPayload::XaLoad(read_fields!(bytes, p, XaAccess { xa, index, entry })),
         EventKind::XaErase => RawPayload::XaErase(read_fields!(bytes, p, XaAccess { xa, index, entry })),
         EventKind::XaInsert => RawPayload::XaInsert(read_fields!(bytes, p, XaAccess { xa, index, entry })),
@@ -182,16 +182,7 @@ mod tests {
     fn sample(payload: RawPayload, stack: Vec<u64>) -> RawEvent {
         let mut comm = [0u8; 16];
         comm[..8].copy_from_slice(b"modprobe");
-        RawEvent {
-            ts: 123_456_789,
-            cpu: 1,
-            tid: 211,
-            tgid: 211,
-            comm,
-            flags: FLAG_FREE_LOCK_KNOWN,
-            payload,
-            stack,
-        }
+        RawEvent { ts: 123_456_789, cpu: 1, tid: 211, tgid: 211, comm, flags: FLAG_FREE_LOCK_KNOWN, payload, stack }
     }
 
     #[test]

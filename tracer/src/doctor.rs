@@ -2,8 +2,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::bail;
-use tracer::probe::attach;
-use tracer::kernel::profile::FreePath;
+use tracer::{kernel::profile::FreePath, probe::attach};
 use tracer_common::SiteRole;
 
 use crate::{
@@ -50,8 +49,7 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
         "offsets: {}",
         d.profile.named_offsets().iter().map(|(n, v)| format!("{n}={v}")).collect::<Vec<_>>().join(" ")
     );
-    let module_btf: Vec<&str> =
-        d.cxl_modules.iter().filter(|m| btf_dir.join(m).exists()).map(String::as_str).collect();
+    let module_btf: Vec<&str> = d.cxl_modules.iter().filter(|m| btf_dir.join(m).exists()).map(String::as_str).collect();
     println!(
         "cxl code: core {}; modules loaded: {}; module btf: {}",
         if d.cxl_core { "built into vmlinux" } else { "not in vmlinux" },
@@ -78,7 +76,9 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
         };
         let unprobed = d.plan.unprobed_tail_calls.contains(call);
         by_callee.entry(call.callee.name).or_default().push(match (call.tail, unprobed) {
-            (true, true) => format!("{place} (tail call; its result is not observable: the function name is not unique)"),
+            (true, true) => {
+                format!("{place} (tail call; its result is not observable: the function name is not unique)")
+            }
             (true, false) => format!("{place} (tail call; result seen at the function's return)"),
             (false, _) => place,
         });
@@ -99,7 +99,9 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
     if d.direct_xa_load {
         println!("  xa_load: probed directly (entry and return), in place of its call sites");
     } else if !by_callee.contains_key("xa_load") {
-        problems.push("no xa_load call site found in CXL code: lookups (and so read-side findings) are not observable".into());
+        problems.push(
+            "no xa_load call site found in CXL code: lookups (and so read-side findings) are not observable".into(),
+        );
     }
     let host_callee = d.profile.host_check_callee();
     let host_checks = d.calls.iter().filter(|c| Some(c.callee) == host_callee).count();
@@ -114,7 +116,10 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
         (None, _) => println!("  registration: not probed (dports are discovered at first lookup)"),
     }
     if host_callee.is_some() && host_checks == 0 {
-        problems.push("the devres host cross-check has no call site in CXL code: a wrong free-lock model would go unnoticed".into());
+        problems.push(
+            "the devres host cross-check has no call site in CXL code: a wrong free-lock model would go unnoticed"
+                .into(),
+        );
     }
     match &d.profile.free {
         FreePath::DevresKfree => {
@@ -162,9 +167,13 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
     let locks = d.plan.count(SiteRole::LockCall);
     let unlocks = d.plan.count(SiteRole::UnlockCall);
     if d.global_lock_hook {
-        println!("  mutex lock/unlock: fexit/fentry on the mutex API (--lock-events global; events only for tracked mutexes)");
+        println!(
+            "  mutex lock/unlock: fexit/fentry on the mutex API (--lock-events global; events only for tracked mutexes)"
+        );
     } else {
-        println!("  mutex lock/unlock: {locks} lock and {unlocks} unlock call sites in CXL code (events only for tracked mutexes)");
+        println!(
+            "  mutex lock/unlock: {locks} lock and {unlocks} unlock call sites in CXL code (events only for tracked mutexes)"
+        );
     }
     println!("plan: {} sites (discovery took {:.1?})", d.plan.sites.len(), d.took);
 

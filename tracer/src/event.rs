@@ -26,16 +26,47 @@ pub struct Event {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Kind {
-    DportAdd { dport: u64, port: u64, xa: u64, port_lock: u64, free_lock: u64, root: bool },
-    XaLoad { xa: u64, index: u64, ret: u64 },
-    XaErase { xa: u64, index: u64, ret: u64 },
-    XaInsert { xa: u64, index: u64, entry: u64 },
-    Lock { lock: u64 },
-    Unlock { lock: u64 },
-    Use { dport: u64, site: Arc<str> },
-    Free { dport: u64 },
+    DportAdd {
+        dport: u64,
+        port: u64,
+        xa: u64,
+        port_lock: u64,
+        free_lock: u64,
+        root: bool,
+    },
+    XaLoad {
+        xa: u64,
+        index: u64,
+        ret: u64,
+    },
+    XaErase {
+        xa: u64,
+        index: u64,
+        ret: u64,
+    },
+    XaInsert {
+        xa: u64,
+        index: u64,
+        entry: u64,
+    },
+    Lock {
+        lock: u64,
+    },
+    Unlock {
+        lock: u64,
+    },
+    Use {
+        dport: u64,
+        site: Arc<str>,
+    },
+    Free {
+        dport: u64,
+    },
     /// An inline field access (`if (dport->rch)`) through a dport pointer.
-    Deref { dport: u64, access: Arc<Access> },
+    Deref {
+        dport: u64,
+        access: Arc<Access>,
+    },
 }
 
 /// What a deref site's instruction touches, from the kernel's code and BTF.

@@ -78,7 +78,10 @@ pub fn run() -> anyhow::Result<Outcome> {
     }
     if let Ok(tracefs) = attach::tracefs() {
         for (pid, event) in attach::tracer_events(&tracefs) {
-            left.push(format!("kprobe event {event} (tracer pid {pid}, {})", if attach::alive(pid) { "running" } else { "gone" }));
+            left.push(format!(
+                "kprobe event {event} (tracer pid {pid}, {})",
+                if attach::alive(pid) { "running" } else { "gone" }
+            ));
         }
     }
     if left.is_empty() {

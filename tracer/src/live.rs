@@ -27,11 +27,10 @@ use tracer_common::{COUNTERS, Counter};
 
 use crate::{
     Outcome,
-    recorder::Recorder,
     load::{
-        self, Attached, Discovery, ModuleRescan, ProbeConfig, attach, cxl_module_layout, discover,
-        privilege_problem,
+        self, Attached, Discovery, ModuleRescan, ProbeConfig, attach, cxl_module_layout, discover, privilege_problem,
     },
+    recorder::Recorder,
 };
 
 pub struct LiveOptions {
@@ -93,10 +92,7 @@ fn clock_base_ns() -> u64 {
 /// Whether `/proc/TID` names the kernel's thread TID: not so in a nested pid namespace.
 fn proc_shows_kernel_tids() -> bool {
     std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("NSpid:"))
-            .is_some_and(|ids| ids.split_whitespace().count() == 1)
+        status.lines().find_map(|l| l.strip_prefix("NSpid:")).is_some_and(|ids| ids.split_whitespace().count() == 1)
     })
 }
 
@@ -144,7 +140,10 @@ impl Pipeline {
                 let _ = sink::text::write_group(&mut out, group);
                 let _ = out.flush();
             } else {
-                eprintln!("tracer: {} in {} (tid {} {})", group.finding.class, group.finding.site, group.finding.tid, group.finding.comm);
+                eprintln!(
+                    "tracer: {} in {} (tid {} {})",
+                    group.finding.class, group.finding.site, group.finding.tid, group.finding.comm
+                );
             }
         });
     }
@@ -315,7 +314,11 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
         }
         Some(Format::Text) => {
             for group in pipeline.analysis.groups().iter() {
-                writeln!(out, "tracer: {} in {}: {} occurrence(s)", group.finding.class, group.finding.site, group.count)?;
+                writeln!(
+                    out,
+                    "tracer: {} in {}: {} occurrence(s)",
+                    group.finding.class, group.finding.site, group.count
+                )?;
             }
             sink::text::write_summary(&mut out, &summary)?;
         }
@@ -334,7 +337,9 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
         return Err(err.context("the trace file is complete up to its last whole chunk; `tracer analyze` reads it"));
     }
     if let Some(why) = pipeline.analysis.silence() {
-        eprintln!("tracer: warning: this run saw {why}: a clean result proves nothing (did the workload reach CXL code?)");
+        eprintln!(
+            "tracer: warning: this run saw {why}: a clean result proves nothing (did the workload reach CXL code?)"
+        );
         if options.strict {
             bail!("the run saw no CXL activity (--strict)");
         }
@@ -342,7 +347,11 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     if options.strict && lost > 0 {
         bail!("{lost} events lost (--strict)");
     }
-    Ok(if pipeline.analysis.groups().is_empty() || options.format.is_none() { Outcome::Clean } else { Outcome::Findings })
+    Ok(if pipeline.analysis.groups().is_empty() || options.format.is_none() {
+        Outcome::Clean
+    } else {
+        Outcome::Findings
+    })
 }
 
 /// Finds `module`'s sites again after it was loaded (again) and attaches them where its
@@ -424,6 +433,8 @@ fn report_discovery(d: &Discovery) {
         eprintln!("tracer: attach point outside CXL and devres code: {point}");
     }
     if !d.cxl_core && d.cxl_modules.is_empty() {
-        eprintln!("tracer: warning: no CXL code in this kernel (no cxl_core symbols, no cxl_* module): nothing to trace");
+        eprintln!(
+            "tracer: warning: no CXL code in this kernel (no cxl_core symbols, no cxl_* module): nothing to trace"
+        );
     }
 }

@@ -6,12 +6,12 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use rustc_hash::{FxHashMap, FxHashSet};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{FEntry, FExit, KProbe, RawTracePoint},
 };
+use rustc_hash::{FxHashMap, FxHashSet};
 use tracer::{
     coverage::{Coverage, SiteRun},
     kernel::{
@@ -44,9 +44,7 @@ pub fn effective_caps() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            s.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         })
         .unwrap_or(0)
 }
@@ -82,7 +80,11 @@ pub fn cxl_module_layout() -> Vec<(String, String)> {
             let fields: Vec<&str> = l.split_whitespace().collect();
             let name = *fields.first()?;
             let live = fields.get(4).is_none_or(|state| *state == "Live");
-            let place = format!("{} {}", fields.get(1).copied().unwrap_or_default(), fields.last().copied().unwrap_or_default());
+            let place = format!(
+                "{} {}",
+                fields.get(1).copied().unwrap_or_default(),
+                fields.last().copied().unwrap_or_default()
+            );
             (is_cxl_module(name) && live).then(|| (name.to_owned(), place))
         })
         .collect()
@@ -190,9 +192,11 @@ pub fn parse_use_site(spec: &str) -> anyhow::Result<DportFunction> {
         [module, name, arg] => (Some(module.to_owned()), name, arg),
         _ => bail!("--use-site {spec:?}: expected FUNCTION:ARG or MODULE:FUNCTION:ARG (ARG = 0-5, the dport argument)"),
     };
-    let arg: u32 = arg.parse().ok().filter(|a| *a < 6).with_context(|| {
-        format!("--use-site {spec:?}: the argument index must be 0-5 (registers rdi..r9)")
-    })?;
+    let arg: u32 = arg
+        .parse()
+        .ok()
+        .filter(|a| *a < 6)
+        .with_context(|| format!("--use-site {spec:?}: the argument index must be 0-5 (registers rdi..r9)"))?;
     Ok(DportFunction { name: name.to_owned(), module, arg })
 }
 
@@ -241,7 +245,8 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
             let frees = callsites::find(&symbols, &devres, &[KFREE]);
             if frees.is_empty() {
                 profile.free = FreePath::Tracepoint;
-                profile.free_why = "no kfree call found in the devres core (devres_release_all and its neighbours)".into();
+                profile.free_why =
+                    "no kfree call found in the devres core (devres_release_all and its neighbours)".into();
             }
             frees
         }
@@ -254,8 +259,8 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
             "--xa-load direct: xa_load is notrace on this kernel (lib/ is built without ftrace), so it cannot be probed itself; the default, --xa-load callsites, probes its calls in CXL code"
         );
     }
-    let direct_xa_load = config.direct_xa_load
-        || xa_load_traceable && !calls.iter().any(|c| c.callee.name == "xa_load" && !c.tail);
+    let direct_xa_load =
+        config.direct_xa_load || xa_load_traceable && !calls.iter().any(|c| c.callee.name == "xa_load" && !c.tail);
     let probed: Vec<CallSite> = calls
         .iter()
         .filter(|c| !(config.global_lock_hook && c.callee.name.starts_with("mutex_")))
@@ -267,7 +272,8 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
     // A use site the user named must exist: a silent miss would hide every finding there.
     let mut asked_sites = Vec::new();
     for asked in &config.extra_uses {
-        let found = plan.uses.iter().find(|u| u.function == asked.name && u.module == asked.module).and_then(|u| u.probed);
+        let found =
+            plan.uses.iter().find(|u| u.function == asked.name && u.module == asked.module).and_then(|u| u.probed);
         let Some(site) = found else {
             let module = asked.module.as_deref().map_or(String::new(), |m| format!(" in module {m}"));
             bail!(
@@ -357,7 +363,6 @@ fn module_texts(text: &CxlText) -> FxHashMap<String, ModuleText> {
     texts
 }
 
-
 impl ModuleRescan {
     fn read_module(symbols: &Symbols, module: &str) -> anyhow::Result<CxlText> {
         let modules = std::fs::read_to_string("/proc/modules").context("reading /proc/modules")?;
@@ -392,7 +397,9 @@ impl ModuleRescan {
                 .sites
                 .iter()
                 .enumerate()
-                .filter(|(i, s)| !plan.retired.contains(i) && s.module.as_deref() == Some(module) && s.function == *name)
+                .filter(|(i, s)| {
+                    !plan.retired.contains(i) && s.module.as_deref() == Some(module) && s.function == *name
+                })
                 .map(|(_, s)| s.offset)
                 .collect();
             if !callsites::same_code(before, code, &probes) {
@@ -583,14 +590,17 @@ impl Attached {
     /// kernel's per-site counters (summed over CPUs). `judged` is left for the engine.
     pub fn coverage(&self, plan: &Plan) -> anyhow::Result<Coverage> {
         let per_cpu = |name: &str| -> anyhow::Result<PerCpuArray<&MapData, u64>> {
-            Ok(PerCpuArray::try_from(self.ebpf.map(name).with_context(|| format!("the eBPF object has no {name} map"))?)?)
+            Ok(PerCpuArray::try_from(
+                self.ebpf.map(name).with_context(|| format!("the eBPF object has no {name} map"))?,
+            )?)
         };
         let (hits, reports) = (per_cpu("SITE_HITS")?, per_cpu("SITE_REPORTS")?);
         let mut sites = Vec::new();
         for (i, site) in plan.sites.iter().enumerate() {
             let Some((kind, mut place)) = site.coverage() else { continue };
             if plan.retired.contains(&i) {
-                place = format!("{place} (before {} was reloaded)", site.module.as_deref().unwrap_or("its module")).into();
+                place =
+                    format!("{place} (before {} was reloaded)", site.module.as_deref().unwrap_or("its module")).into();
             }
             let ran = hits.get(&(i as u32), 0)?.iter().sum();
             let reported = reports.get(&(i as u32), 0)?.iter().sum();
@@ -623,9 +633,9 @@ impl SitePrograms {
         let mut load = |name: &str| -> anyhow::Result<aya::programs::ProgramFd> {
             let program: &mut KProbe =
                 ebpf.program_mut(name).with_context(|| format!("no {name} program"))?.try_into()?;
-            program
-                .load()
-                .with_context(|| format!("the kernel refused the {name} kprobe program (see the verifier log above)"))?;
+            program.load().with_context(|| {
+                format!("the kernel refused the {name} kprobe program (see the verifier log above)")
+            })?;
             Ok(program.fd()?.try_clone()?)
         };
         Ok(SitePrograms { site: load("site")?, shared_deref: load("shared_deref")? })
@@ -728,8 +738,9 @@ pub fn attach(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached
     }
 
     if discovery.global_lock_hook {
-        attach_global_lock_hook(&mut ebpf, &btf)
-            .context("--lock-events global: attaching fexit/fentry on the mutex API failed (use the default, callsites)")?;
+        attach_global_lock_hook(&mut ebpf, &btf).context(
+            "--lock-events global: attaching fexit/fentry on the mutex API failed (use the default, callsites)",
+        )?;
     }
     match discovery.profile.registration {
         Some(function) => {
@@ -761,7 +772,8 @@ fn attach_free_path(
 ) -> anyhow::Result<()> {
     let fallback = match &discovery.profile.free {
         FreePath::Action { function } => {
-            let program: &mut FEntry = ebpf.program_mut("free_dport_entry").context("no free_dport_entry program")?.try_into()?;
+            let program: &mut FEntry =
+                ebpf.program_mut("free_dport_entry").context("no free_dport_entry program")?.try_into()?;
             let fentry = program.load(function, btf).map_err(anyhow::Error::from).and_then(|()| Ok(program.attach()?));
             match fentry {
                 Ok(_) => None,
@@ -774,10 +786,14 @@ fn attach_free_path(
                     let point = ProbePoint::Symbol { module: None, symbol: function.to_string(), offset: 0 };
                     match kprobes.attach(kprobe, &point, index as u64) {
                         Ok(()) => {
-                            warnings.push(format!("{function}: fentry refused ({fentry_err:#}), frees are seen by a kprobe instead"));
+                            warnings.push(format!(
+                                "{function}: fentry refused ({fentry_err:#}), frees are seen by a kprobe instead"
+                            ));
                             None
                         }
-                        Err(kprobe_err) => Some(format!("{function}: neither fentry ({fentry_err:#}) nor a kprobe ({kprobe_err}) attached")),
+                        Err(kprobe_err) => Some(format!(
+                            "{function}: neither fentry ({fentry_err:#}) nor a kprobe ({kprobe_err}) attached"
+                        )),
                     }
                 }
             }
@@ -838,7 +854,9 @@ fn what_is_lost(role: SiteRole) -> &'static str {
     match role {
         Use => "uses at this site are not seen (unlocked-use, stale-use, use-after-free there)",
         Deref => "inline accesses at this instruction are not seen (unlocked-use, stale-use, use-after-free there)",
-        LoadCall | LoadReturn => "lookups here are not seen (unlocked-use, stale-use, use-after-free of dports loaded here)",
+        LoadCall | LoadReturn => {
+            "lookups here are not seen (unlocked-use, stale-use, use-after-free of dports loaded here)"
+        }
         EraseCall | EraseReturn | StoreCall => "writes here are not seen (unlocked-erase)",
         LockCall | LockReturn | LockReturnIfZero | LockReturnIfOne | UnlockCall => {
             "lock events here are not seen (stale-use across an unlock/relock here; held state still comes from mutex->owner)"

@@ -47,18 +47,16 @@ impl Recorder {
         let flag = failed.clone();
         let thread = std::thread::Builder::new().name("trace-writer".into()).spawn(move || {
             let mut written = 0u64;
-            let result = rx.iter().try_for_each(|message| {
-                match message {
-                    Message::Event(event) => {
-                        written += 1;
-                        writer.write_event(&event)
-                    }
-                    Message::Counters(counters) => {
-                        let refs: Vec<(&str, u64)> = counters.iter().map(|(n, v)| (n.as_str(), *v)).collect();
-                        writer.write_counters(&refs)
-                    }
-                    Message::Coverage(coverage) => writer.write_coverage(&coverage),
+            let result = rx.iter().try_for_each(|message| match message {
+                Message::Event(event) => {
+                    written += 1;
+                    writer.write_event(&event)
                 }
+                Message::Counters(counters) => {
+                    let refs: Vec<(&str, u64)> = counters.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+                    writer.write_counters(&refs)
+                }
+                Message::Coverage(coverage) => writer.write_coverage(&coverage),
             });
             let result = result.and_then(|()| writer.into_inner()?.flush());
             if result.is_err() {

@@ -238,7 +238,10 @@ mod tests {
         let event = resolver.resolve(&raw);
         assert_eq!(&*event.comm, "kworker/u8:3");
         assert_eq!(event.free_lock_held, Some(true));
-        assert_eq!(event.kind, Kind::Use { dport: 0xffff888104a2d000, site: Arc::from("cxl_dport_init_ras_reporting") });
+        assert_eq!(
+            event.kind,
+            Kind::Use { dport: 0xffff888104a2d000, site: Arc::from("cxl_dport_init_ras_reporting") }
+        );
         let frames: Vec<&str> = event.stack.as_ref().unwrap().iter().map(|f| &**f).collect();
         assert_eq!(frames, ["cxl_dport_init_ras_reporting+0x0/0x90", "cxl_mem_probe+0x13a/0x400 [cxl_mem]"]);
         let unknown = RawEvent { payload: RawPayload::Use(DportUse { dport: 1, site: 9 }), ..raw.clone() };

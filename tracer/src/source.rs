@@ -45,7 +45,8 @@ impl FileSource {
         let prefix = input.fill_buf().map_err(open_err)?;
         let first = prefix.iter().copied().find(|b| !b.is_ascii_whitespace());
         let reader = if tracefile::is_trace(prefix) {
-            let reader = TraceReader::new(input).map_err(|source| SourceError::Trace { path: path.to_owned(), source })?;
+            let reader =
+                TraceReader::new(input).map_err(|source| SourceError::Trace { path: path.to_owned(), source })?;
             Reader::Trace(reader)
         } else if first == Some(b'{') || first.is_none() {
             Reader::Jsonl(JsonlReader::new(input))

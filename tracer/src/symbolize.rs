@@ -393,7 +393,8 @@ ffffffffc0732500 t cxl_mem_exit\t[cxl_mem]
     fn the_tracers_own_frames_are_dropped() {
         let text = "ffffffff81000000 t bpf_trace_run2\nffffffff81000100 T kfree\nffffffff81000400 t release_nodes\nffffffff81000500 t x\n";
         let symbols = Symbols::parse(text.as_bytes()).unwrap();
-        let stack = StackCache::default().symbolize(&symbols, &[0xffffffffc0367414, 0xffffffff81000089, 0xffffffff810001e8, 0xffffffff8100044b]);
+        let stack = StackCache::default()
+            .symbolize(&symbols, &[0xffffffffc0367414, 0xffffffff81000089, 0xffffffff810001e8, 0xffffffff8100044b]);
         let frames: Vec<&str> = stack.iter().map(|f| &**f).collect();
         assert_eq!(frames, ["kfree+0xe8/0x300", "release_nodes+0x4b/0x100"]);
     }

@@ -43,13 +43,22 @@ impl Churn {
     pub fn events(&self) -> impl Iterator<Item = Event> + '_ {
         let mut interner = Interner::default();
         let stacks = Stacks {
-            load: interner.stack(&["match_port_by_dport+0x47/0x80", "bus_find_device+0x8b/0xd0", "cxl_mem_probe+0xe6/0x3f0"]),
-            use_: interner.stack(&["devm_cxl_add_port+0x0/0x5a0", "cxl_mem_probe+0x1f4/0x3f0", "really_probe+0xd9/0x380"]),
+            load: interner.stack(&[
+                "match_port_by_dport+0x47/0x80",
+                "bus_find_device+0x8b/0xd0",
+                "cxl_mem_probe+0xe6/0x3f0",
+            ]),
+            use_: interner.stack(&[
+                "devm_cxl_add_port+0x0/0x5a0",
+                "cxl_mem_probe+0x1f4/0x3f0",
+                "really_probe+0xd9/0x380",
+            ]),
             erase: interner.stack(&["cxl_dport_remove+0x2d/0x60", "release_nodes+0x3e/0xb0"]),
             free: interner.stack(&["kfree+0x2a9/0x380", "release_nodes+0x5c/0xb0"]),
             site: interner.string("devm_cxl_add_port"),
         };
-        let comms: Vec<Arc<str>> = (0..self.threads.max(1)).map(|t| interner.string(&format!("kworker/u8:{t}"))).collect();
+        let comms: Vec<Arc<str>> =
+            (0..self.threads.max(1)).map(|t| interner.string(&format!("kworker/u8:{t}"))).collect();
         let writer_comm = interner.string("sh");
         let mut ts = 1_000_000_000u64;
         (0..self.dports).flat_map(move |i| {
@@ -74,14 +83,21 @@ impl Churn {
                 });
             };
             let writer = 1;
-            push(writer, &writer_comm, Kind::DportAdd { dport, port, xa, port_lock: lock, free_lock: lock, root: false }, None, None);
+            push(
+                writer,
+                &writer_comm,
+                Kind::DportAdd { dport, port, xa, port_lock: lock, free_lock: lock, root: false },
+                None,
+                None,
+            );
             push(writer, &writer_comm, Kind::Lock { lock }, None, None);
             push(writer, &writer_comm, Kind::XaInsert { xa, index, entry: dport }, None, None);
             push(writer, &writer_comm, Kind::Unlock { lock }, None, None);
             for r in 0..self.reads_per_dport {
                 let t = ((i + r) % u64::from(self.threads.max(1))) as u32;
                 let (tid, comm) = (100 + t, &comms[t as usize]);
-                let unlocked = self.unlocked_every != 0 && (i * self.reads_per_dport + r).is_multiple_of(self.unlocked_every);
+                let unlocked =
+                    self.unlocked_every != 0 && (i * self.reads_per_dport + r).is_multiple_of(self.unlocked_every);
                 if unlocked {
                     push(tid, comm, Kind::XaLoad { xa, index, ret: dport }, Some(&stacks.load), Some(false));
                     push(tid, comm, Kind::Use { dport, site: stacks.site.clone() }, Some(&stacks.use_), Some(false));

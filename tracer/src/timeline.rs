@@ -178,7 +178,14 @@ impl Timeline {
                 Kind::Use { dport, site } => ("use", format!("dport {} passed to {site}", Hex(*dport))),
                 Kind::Deref { dport, access } => (
                     "deref",
-                    format!("{} of dport->{} ({} bytes) at {}, dport {}", access.verb(), access.member, access.size, access.place(), Hex(*dport)),
+                    format!(
+                        "{} of dport->{} ({} bytes) at {}, dport {}",
+                        access.verb(),
+                        access.member,
+                        access.size,
+                        access.place(),
+                        Hex(*dport)
+                    ),
                 ),
                 Kind::XaErase { ret, .. } => ("erase", format!("xa_erase of dport {}", Hex(*ret))),
                 Kind::XaInsert { entry, .. } => ("insert", format!("dport {} inserted", Hex(*entry))),

@@ -74,6 +74,7 @@ fn json_to_binary_to_json_is_identity() {
 #[test]
 fn coverage_recorded_in_a_trace_is_reported_by_analyze() {
     use std::sync::Arc;
+
     use tracer::coverage::{Coverage, SiteKind, SiteRun};
     let site = |kind, place: &str, function: &str, ran, reported| SiteRun {
         kind,
@@ -109,12 +110,20 @@ fn coverage_recorded_in_a_trace_is_reported_by_analyze() {
     assert!(text.contains("coverage: 1 of 2 load sites ran (1 reports, 1 judged); 2 of 2 use sites ran (2 reports, 2 judged); 1 of 2 deref sites ran (1 reports, 0 judged)"), "{text}");
     assert!(text.contains("load sites that never ran, by function: cxl_pci_find_port"), "{text}");
     assert!(text.contains("deref sites that never ran, by function: rcd_pcie_cap_emit"), "{text}");
-    assert!(text.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["use", "4", "1", "1", "devm_cxl_add_port"]), "{text}");
-    let json = Command::new(env!("CARGO_BIN_EXE_tracer")).args(["analyze", "--format", "json"]).arg(&file).output().unwrap();
+    assert!(
+        text.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["use", "4", "1", "1", "devm_cxl_add_port"]),
+        "{text}"
+    );
+    let json =
+        Command::new(env!("CARGO_BIN_EXE_tracer")).args(["analyze", "--format", "json"]).arg(&file).output().unwrap();
     let summary = String::from_utf8(json.stdout).unwrap().lines().last().unwrap().to_owned();
     assert!(summary.contains(r#""never_ran":["cxl_pci_find_port+0x3a"]"#), "{summary}");
     // Events alone (JSON lines) carry no coverage: --coverage says so.
-    let out = Command::new(env!("CARGO_BIN_EXE_tracer")).args(["analyze", "--coverage"]).arg(data("stock-cxl-mem-probe.jsonl")).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tracer"))
+        .args(["analyze", "--coverage"])
+        .arg(data("stock-cxl-mem-probe.jsonl"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no site coverage"));
     let _ = std::fs::remove_file(&file);
@@ -128,7 +137,8 @@ fn print_converts_a_binary_trace_to_the_interchange() {
     std::fs::create_dir_all(&dir).unwrap();
     let trace = dir.join("t.trace");
     std::fs::write(&trace, bytes).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tracer")).args(["print", "--format", "json"]).arg(&trace).output().unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_tracer")).args(["print", "--format", "json"]).arg(&trace).output().unwrap();
     assert!(out.status.success());
     assert_eq!(String::from_utf8(out.stdout).unwrap(), std::fs::read_to_string(&path).unwrap());
     // And analyzing the binary gives the same report as the JSON lines.
@@ -137,7 +147,14 @@ fn print_converts_a_binary_trace_to_the_interchange() {
     };
     let (from_binary, from_json) = (analyze(&trace), analyze(&path));
     assert_eq!(from_binary.status.code(), Some(1));
-    let strip_summary = |out: &[u8]| String::from_utf8(out.to_vec()).unwrap().lines().filter(|l| !l.starts_with("{\"summary\"")).collect::<Vec<_>>().join("\n");
+    let strip_summary = |out: &[u8]| {
+        String::from_utf8(out.to_vec())
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("{\"summary\""))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     assert_eq!(strip_summary(&from_binary.stdout), strip_summary(&from_json.stdout));
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -190,7 +207,10 @@ fn corrupt_and_foreign_files_name_the_problem() {
     older[8 + 8 + 4 + 1] = 1;
     let crc = crc32fast::hash(&older[16..16 + u32::from_le_bytes(older[8..12].try_into().unwrap()) as usize]);
     older[12..16].copy_from_slice(&crc.to_le_bytes());
-    assert_eq!(TraceReader::new(older.as_slice()).unwrap().count(), read_jsonl(&data("stock-cxl-mem-probe.jsonl")).len());
+    assert_eq!(
+        TraceReader::new(older.as_slice()).unwrap().count(),
+        read_jsonl(&data("stock-cxl-mem-probe.jsonl")).len()
+    );
     // A flipped byte in the middle: a checksum error at that record's offset.
     let mut flipped = bytes.clone();
     let at = bytes.len() / 2;
@@ -204,7 +224,11 @@ fn cli_errors_name_the_file_and_the_place() {
     let dir = std::env::temp_dir().join(format!("tracer-errors-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cases: [(&str, Vec<u8>, &str); 3] = [
-        ("bad.jsonl", b"{\"ts\":1,\"cpu\":0,\"tid\":1,\"comm\":\"a\",\"kind\":\"lock\",\"lock\":\"0x1\"}\nnot json\n".to_vec(), "bad.jsonl: line 2: not a JSON event"),
+        (
+            "bad.jsonl",
+            b"{\"ts\":1,\"cpu\":0,\"tid\":1,\"comm\":\"a\",\"kind\":\"lock\",\"lock\":\"0x1\"}\nnot json\n".to_vec(),
+            "bad.jsonl: line 2: not a JSON event",
+        ),
         ("elf.bin", b"\x7fELF\x02\x01\x01".to_vec(), "elf.bin: neither a tracer trace file"),
         ("missing.trace", Vec::new(), "missing.trace: cannot open"),
     ];

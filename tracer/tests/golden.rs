@@ -114,7 +114,11 @@ fn without_folding_every_use_is_its_own_finding() {
     assert_eq!(folded.iter().map(|(_, _, also)| 1 + also).sum::<usize>(), unfolded.len());
     // The stale pointer in cxl_mem_probe: one root at devm_cxl_add_endpoint, with the five
     // places it reached below it.
-    assert!(folded.iter().any(|(class, site, also)| class.name() == "stale-use" && &**site == "devm_cxl_add_endpoint" && *also == 5));
+    assert!(
+        folded
+            .iter()
+            .any(|(class, site, also)| class.name() == "stale-use" && &**site == "devm_cxl_add_endpoint" && *also == 5)
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_tracer"))
         .args(["analyze", "--no-fold"])
         .arg(data("stock-7.2.13-memdev-acpi.jsonl"))
@@ -141,7 +145,12 @@ fn analyze_prints_the_committed_reports() {
                 std::fs::write(&report, &out.stdout).unwrap();
             }
             let committed = std::fs::read_to_string(&report).unwrap_or_else(|e| panic!("{}: {e}", report.display()));
-            assert_eq!(String::from_utf8(out.stdout).unwrap(), committed, "{name} {format} differs from {}", report.display());
+            assert_eq!(
+                String::from_utf8(out.stdout).unwrap(),
+                committed,
+                "{name} {format} differs from {}",
+                report.display()
+            );
         }
     }
 }

@@ -41,7 +41,12 @@ fn extract_kunit() -> PathBuf {
         let status = Command::new("tar")
             .args(["-xJf", SOURCE, "-C"])
             .arg(&dir)
-            .args(["--strip-components=4", "--wildcards", "*/tools/testing/kunit/kunit_parser.py", "*/tools/testing/kunit/kunit_printer.py"])
+            .args([
+                "--strip-components=4",
+                "--wildcards",
+                "*/tools/testing/kunit/kunit_parser.py",
+                "*/tools/testing/kunit/kunit_printer.py",
+            ])
             .status()
             .unwrap();
         assert!(status.success() && parser.exists(), "extracting kunit_parser.py from {SOURCE} failed");
@@ -119,7 +124,8 @@ fn lost_events_fail_their_test_only_under_strict() {
     let jsonl = scratch("cut.jsonl");
     std::fs::write(&jsonl, text).unwrap();
     let trace = jsonl.with_extension("trace");
-    let out = Command::new(env!("CARGO_BIN_EXE_tracer")).arg("convert").arg(&jsonl).arg("-o").arg(&trace).output().unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_tracer")).arg("convert").arg(&jsonl).arg("-o").arg(&trace).output().unwrap();
     assert!(out.status.success());
     let bytes = std::fs::read(&trace).unwrap();
     std::fs::write(&trace, &bytes[..bytes.len() - 3]).unwrap();

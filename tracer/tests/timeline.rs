@@ -21,7 +21,10 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 /// Headless Chromium as this machine allows it (root: no sandbox; no network: none of the
 /// background connections), with a profile of its own.
 fn chromium(profile: &Path) -> Command {
-    assert!(Path::new(CHROMIUM).exists(), "{CHROMIUM} is missing: run `cargo xtask setup` (it installs Debian's chromium)");
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "{CHROMIUM} is missing: run `cargo xtask setup` (it installs Debian's chromium)"
+    );
     let mut cmd = Command::new(CHROMIUM);
     cmd.args([
         "--headless",

@@ -111,11 +111,7 @@ pub fn stock_kernel(name: &str) -> anyhow::Result<&'static StockKernel> {
 
 /// `--help` text listing the matrix.
 pub fn matrix_help() -> String {
-    STOCK_KERNELS
-        .iter()
-        .map(|k| format!("{} = {} ({})", k.name, k.release, k.what))
-        .collect::<Vec<_>>()
-        .join("; ")
+    STOCK_KERNELS.iter().map(|k| format!("{} = {} ({})", k.name, k.release, k.what)).collect::<Vec<_>>().join("; ")
 }
 
 /// The private apt configuration for sid.
@@ -304,14 +300,21 @@ mod tests {
     #[test]
     fn a_pinned_version_finds_only_its_own_deb() {
         let dir = tempfile::tempdir().unwrap();
-        for name in ["linux-source-6.12_6.12.117-1~deb12u1_all.deb", "linux-source-6.12_6.12.118-1~deb12u1_all.deb", "x_1%3a2.0-1_all.deb"] {
+        for name in [
+            "linux-source-6.12_6.12.117-1~deb12u1_all.deb",
+            "linux-source-6.12_6.12.118-1~deb12u1_all.deb",
+            "x_1%3a2.0-1_all.deb",
+        ] {
             fs::write(dir.path().join(name), b"").unwrap();
         }
         let found = |package: &str| {
             find_deb(dir.path(), package).unwrap().map(|p| p.file_name().unwrap().to_str().unwrap().to_owned())
         };
         assert_eq!(found("linux-source-6.12").as_deref(), Some("linux-source-6.12_6.12.118-1~deb12u1_all.deb"));
-        assert_eq!(found("linux-source-6.12=6.12.117-1~deb12u1").as_deref(), Some("linux-source-6.12_6.12.117-1~deb12u1_all.deb"));
+        assert_eq!(
+            found("linux-source-6.12=6.12.117-1~deb12u1").as_deref(),
+            Some("linux-source-6.12_6.12.117-1~deb12u1_all.deb")
+        );
         assert_eq!(found("linux-source-6.12=6.12.116-1"), None);
         assert_eq!(found("x=1:2.0-1").as_deref(), Some("x_1%3a2.0-1_all.deb"));
     }

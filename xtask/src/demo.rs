@@ -26,7 +26,8 @@ use crate::{
 };
 
 /// The workloads of the demo: a memdev bind, a driver reload, the root's teardown.
-const DEMO_WORKLOADS: [vm::Workload; 3] = [vm::Workload::MemdevBind, vm::Workload::CxlMemReload, vm::Workload::AcpiUnbind];
+const DEMO_WORKLOADS: [vm::Workload; 3] =
+    [vm::Workload::MemdevBind, vm::Workload::CxlMemReload, vm::Workload::AcpiUnbind];
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -60,14 +61,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     setup::ensure()?;
     let fixed = fixture::build_for_kernel(Fixture::CxlMemFixed, kernel)?;
     let tracer = vm::tracer_binary()?;
-    let root = options
-        .out
-        .clone()
-        .unwrap_or_else(|| util::workspace_root().join("target/demo"));
-    println!(
-        "demo: set-up and builds done in {:.0} s",
-        start.elapsed().as_secs_f64()
-    );
+    let root = options.out.clone().unwrap_or_else(|| util::workspace_root().join("target/demo"));
+    println!("demo: set-up and builds done in {:.0} s", start.elapsed().as_secs_f64());
 
     let root = root.join(kernel.name);
     let stock = traced_run("stock", &root.join("stock"), &tracer, kernel, None, options.cycles)?;
@@ -79,11 +74,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     }
     println!(
         "demo: {} in {:.0} s (stock run {:.0} s, fixed run {:.0} s); results in {}",
-        if stock.expected && fixed.expected {
-            "done"
-        } else {
-            "FAILED"
-        },
+        if stock.expected && fixed.expected { "done" } else { "FAILED" },
         start.elapsed().as_secs_f64(),
         stock.seconds,
         fixed.seconds,
@@ -108,9 +99,7 @@ fn traced_run(
         None => format!("the stock Debian {} kernel", kernel.release),
         Some(m) => format!("the same kernel with the seed-fixed cxl_mem ({})", m.display()),
     };
-    println!(
-        "\ndemo: {name}: {what}: memdev-bind, cxl-mem-reload, acpi-unbind x {cycles} under `tracer run`"
-    );
+    println!("\ndemo: {name}: {what}: memdev-bind, cxl-mem-reload, acpi-unbind x {cycles} under `tracer run`");
     let mut o = traced::options(Topology::Rp, out, tracer);
     o.kernel = Some(KernelArg::Stock(kernel));
     o.workloads = DEMO_WORKLOADS.to_vec();
@@ -129,17 +118,11 @@ fn traced_run(
     print!("{}", String::from_utf8_lossy(&text.stdout));
 
     let lost = report.check_nothing_lost().err();
-    let wrong = ["use-after-free", "rule-mismatch"]
-        .iter()
-        .find(|c| report.check_none(c).is_err());
+    let wrong = ["use-after-free", "rule-mismatch"].iter().find(|c| report.check_none(c).is_err());
     // cxl_mem_probe's own findings (docs/kernels.md says why each is expected on this
     // kernel), each once per memdev probe; the fix must remove them all.
-    let own: Vec<Expected> = expect::stock(kernel.name)
-        .unwrap_or_default()
-        .iter()
-        .filter(|e| e.fixed_by_cxl_mem)
-        .copied()
-        .collect();
+    let own: Vec<Expected> =
+        expect::stock(kernel.name).unwrap_or_default().iter().filter(|e| e.fixed_by_cxl_mem).copied().collect();
     let probes = ground.probes;
     let counts: Vec<(Expected, u64)> = own.iter().map(|e| (*e, report.occurrences(e.class, e.site))).collect();
     let list = |counts: &[(Expected, u64)]| {
@@ -155,14 +138,18 @@ fn traced_run(
                 list(&counts)
             ),
         ),
-        (None, None, None) => {
-            (false, format!("stock: expected each of {} once per memdev probe ({probes}), got {}", own.len(), list(&counts)))
-        }
+        (None, None, None) => (
+            false,
+            format!("stock: expected each of {} once per memdev probe ({probes}), got {}", own.len(), list(&counts)),
+        ),
         (Some(_), None, None) => {
             let read_side: u64 = report
                 .findings
                 .iter()
-                .filter(|f| f.is_read_side() && f.stack.iter().take(2).any(|fr| vm::findings::frame_function(fr) == "cxl_mem_probe"))
+                .filter(|f| {
+                    f.is_read_side()
+                        && f.stack.iter().take(2).any(|fr| vm::findings::frame_function(fr) == "cxl_mem_probe")
+                })
                 .map(|f| f.count)
                 .sum();
             let events = report.summary_u64(&["events"]).unwrap_or(0);
@@ -176,30 +163,23 @@ fn traced_run(
                     ),
                 )
             } else {
-                (false, format!("fixed: {read_side} read-side finding(s) in cxl_mem_probe over {probes} probes, expected none"))
+                (
+                    false,
+                    format!(
+                        "fixed: {read_side} read-side finding(s) in cxl_mem_probe over {probes} probes, expected none"
+                    ),
+                )
             }
         }
     };
-    Ok(Outcome {
-        name,
-        report,
-        ground,
-        verdict,
-        expected,
-        seconds: t.elapsed().as_secs_f64(),
-    })
+    Ok(Outcome { name, report, ground, verdict, expected, seconds: t.elapsed().as_secs_f64() })
 }
 
 /// Occurrences by class and site, stock next to fixed.
 fn table(stock: &Outcome, fixed: &Outcome) {
     let (a, b) = (stock.report.by_site(), fixed.report.by_site());
     let keys: BTreeSet<&(String, String)> = a.keys().chain(b.keys()).collect();
-    let width = keys
-        .iter()
-        .map(|(c, s)| c.len() + s.len() + 4)
-        .max()
-        .unwrap_or(20)
-        .max(32);
+    let width = keys.iter().map(|(c, s)| c.len() + s.len() + 4).max().unwrap_or(20).max(32);
     println!("\ndemo: side by side (occurrences)");
     println!("  {:<width$} {:>8} {:>8}", "class at site", stock.name, fixed.name);
     for k in keys {
@@ -211,21 +191,8 @@ fn table(stock: &Outcome, fixed: &Outcome) {
         );
     }
     let n = |o: &Outcome, key: &str| o.report.summary_u64(&[key]).unwrap_or(0);
-    println!(
-        "  {:<width$} {:>8} {:>8}",
-        "memdev probes (kretprobe count)", stock.ground.probes, fixed.ground.probes
-    );
-    println!(
-        "  {:<width$} {:>8} {:>8}",
-        "events traced",
-        n(stock, "events"),
-        n(fixed, "events")
-    );
-    println!(
-        "  {:<width$} {:>8} {:>8}",
-        "events dropped",
-        n(stock, "dropped"),
-        n(fixed, "dropped")
-    );
+    println!("  {:<width$} {:>8} {:>8}", "memdev probes (kretprobe count)", stock.ground.probes, fixed.ground.probes);
+    println!("  {:<width$} {:>8} {:>8}", "events traced", n(stock, "events"), n(fixed, "events"));
+    println!("  {:<width$} {:>8} {:>8}", "events dropped", n(stock, "dropped"), n(fixed, "dropped"));
     println!();
 }

@@ -21,12 +21,12 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use toolchain::Toolchain;
 
 use crate::{
     debian::{self, StockKernel},
     util::{cache_dir, workspace_root},
 };
-use toolchain::Toolchain;
 
 /// The read-side fix for `cxl_mem_probe()` of each kernel: a header that explains it, then a
 /// `-p1` diff of `drivers/cxl/mem.c`.
@@ -97,7 +97,6 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     println!("{}", module.display());
     Ok(())
 }
-
 
 /// Builds `fixture` for `kernel` unless the cached build is current and returns the module's
 /// path, `target/fixtures/KERNEL/NAME/cxl_mem.ko`.
@@ -378,7 +377,8 @@ mod tests {
                     }
                 }
             } else if code.starts_with("device_lock(") {
-                let end = body[start..].iter().position(|l| l.trim_start().starts_with("device_unlock(")).expect("unlock");
+                let end =
+                    body[start..].iter().position(|l| l.trim_start().starts_with("device_unlock(")).expect("unlock");
                 sections.push((start, start + end));
             }
         }
@@ -423,11 +423,7 @@ mod tests {
             }
         };
         let out = util::output(&mut cmd).expect("the headers package's version (run `cargo xtask setup`)");
-        out.lines()
-            .find_map(|l| l.strip_prefix("Version: "))
-            .unwrap_or(&out)
-            .trim()
-            .to_owned()
+        out.lines().find_map(|l| l.strip_prefix("Version: ")).unwrap_or(&out).trim().to_owned()
     }
 
     /// Applies the fix to the real source of `kernel` and checks what it does to the probe:
@@ -479,6 +475,9 @@ mod tests {
     /// 7.2.13: the seed thread's own hunk against the source it was written for.
     #[test]
     fn fix_7_2_applies_and_moves_every_dport_use_under_the_lock() {
-        fix_moves_every_dport_use_under_the_lock("7.2", &["dport->rch", "devm_cxl_add_endpoint(endpoint_parent, cxlmd, dport)"]);
+        fix_moves_every_dport_use_under_the_lock(
+            "7.2",
+            &["dport->rch", "devm_cxl_add_endpoint(endpoint_parent, cxlmd, dport)"],
+        );
     }
 }

@@ -126,7 +126,8 @@ fn ensure_rust() -> anyhow::Result<()> {
         step("rust: installing the nightly toolchain");
         util::run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
     }
-    let components = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
+    let components =
+        output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         step("rust: adding rust-src to nightly (the eBPF build compiles core)");
         util::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;

@@ -8,10 +8,7 @@ use anyhow::{Context as _, bail};
 
 /// The workspace root (xtask lives one level below it).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask is inside the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is inside the workspace").to_path_buf()
 }
 
 /// Runs `cmd`, failing with its command line when it does not exit 0.
@@ -27,11 +24,7 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("cannot start {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim_end()
-        );
+        bail!("{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr).trim_end());
     }
     String::from_utf8(out.stdout).with_context(|| format!("{cmd:?} printed non-UTF-8"))
 }
@@ -47,20 +40,10 @@ pub fn cargo() -> Command {
 /// Builds one binary of `package` for the static musl target, in release, and returns its
 /// path: what goes into the guest.
 pub fn build_static(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
-    run(cargo().args([
-        "build",
-        "--release",
-        "--target",
-        "x86_64-unknown-linux-musl",
-        "-p",
-        package,
-        "--bin",
-        bin,
-    ]))
-    .with_context(|| format!("building the static (musl) {bin} failed"))?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
+    run(cargo().args(["build", "--release", "--target", "x86_64-unknown-linux-musl", "-p", package, "--bin", bin]))
+        .with_context(|| format!("building the static (musl) {bin} failed"))?;
+    let target_dir =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
     Ok(target_dir.join("x86_64-unknown-linux-musl/release").join(bin))
 }
 
@@ -74,9 +57,7 @@ pub fn path_with_cargo_bin() -> std::ffi::OsString {
 }
 
 pub fn cargo_home() -> PathBuf {
-    std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home().join(".cargo"))
+    std::env::var_os("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|| home().join(".cargo"))
 }
 
 pub fn home() -> PathBuf {
@@ -85,8 +66,5 @@ pub fn home() -> PathBuf {
 
 /// Permanent per-user cache for what setup and the guest harness download or build.
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home().join(".cache"))
-        .join("tracer")
+    std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| home().join(".cache")).join("tracer")
 }

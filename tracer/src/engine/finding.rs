@@ -16,13 +16,8 @@ pub enum Class {
 }
 
 impl Class {
-    pub const ALL: [Class; 5] = [
-        Class::UnlockedUse,
-        Class::StaleUse,
-        Class::UnlockedErase,
-        Class::UseAfterFree,
-        Class::RuleMismatch,
-    ];
+    pub const ALL: [Class; 5] =
+        [Class::UnlockedUse, Class::StaleUse, Class::UnlockedErase, Class::UseAfterFree, Class::RuleMismatch];
 
     pub const fn name(self) -> &'static str {
         match self {
@@ -50,10 +45,7 @@ impl FromStr for Class {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Class::ALL
-            .into_iter()
-            .find(|class| class.name() == s)
-            .ok_or_else(|| format!("unknown finding class {s:?}"))
+        Class::ALL.into_iter().find(|class| class.name() == s).ok_or_else(|| format!("unknown finding class {s:?}"))
     }
 }
 

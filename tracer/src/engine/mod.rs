@@ -13,11 +13,11 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
+use self::state::{Container, Dport, Dports, Held, Ref, Thread};
 pub use self::{
     finding::{Added, AlsoAt, Class, ExpectedLock, Finding, FreeInfo, Group, Groups, LoadInfo, LockInfo, LockRole},
     state::{EngineStats, Limits},
 };
-use self::state::{Container, Dport, Dports, Held, Ref, Thread};
 use crate::event::{Access, Event, Kind, Stack, frame_function};
 
 #[derive(Default)]
@@ -78,9 +78,7 @@ impl Engine {
             Kind::Lock { lock } => self.acquire(event.tid, *lock, event.ts, event.stack.clone()),
             Kind::Unlock { lock } => self.release(event.tid, *lock),
             Kind::Use { dport, site } => self.on_use(event, *dport, site, None, &mut findings),
-            Kind::Deref { dport, access } => {
-                self.on_use(event, *dport, &access.function, Some(access), &mut findings)
-            }
+            Kind::Deref { dport, access } => self.on_use(event, *dport, &access.function, Some(access), &mut findings),
             Kind::Free { dport } => self.on_free(event, *dport, &mut findings),
         }
         findings
@@ -136,11 +134,7 @@ impl Engine {
 
     fn evict_thread(&mut self) {
         // Past the cap only: forget idle threads first, else the least recently seen.
-        let victim = self
-            .threads
-            .iter()
-            .min_by_key(|(_, t)| (!t.is_idle(), t.last_ts))
-            .map(|(&tid, _)| tid);
+        let victim = self.threads.iter().min_by_key(|(_, t)| (!t.is_idle(), t.last_ts)).map(|(&tid, _)| tid);
         if let Some(tid) = victim {
             if let Some(thread) = self.threads.remove(&tid) {
                 for held in thread.held {
@@ -240,7 +234,12 @@ impl Engine {
         };
         if let Some(free) = &dport.freed {
             let (free, lock) = ((**free).clone(), Self::free_lock(dport));
-            let mut f = self.finding(event, Class::UseAfterFree, ret, "xa_load returned a dport whose memory was already freed");
+            let mut f = self.finding(
+                event,
+                Class::UseAfterFree,
+                ret,
+                "xa_load returned a dport whose memory was already freed",
+            );
             f.free = Some(free);
             f.expected_lock = Some(lock);
             findings.push(f);
@@ -278,11 +277,8 @@ impl Engine {
         };
         let (free_lock, generation, freed) = (dport.free_lock, dport.generation, dport.freed.is_some());
         // Only pointers this thread was seen loading are judged.
-        let Some((load_generation, load_period)) = self
-            .threads
-            .get(&event.tid)
-            .and_then(|t| t.find_ref(addr))
-            .map(|r| (r.generation, r.free_lock_period))
+        let Some((load_generation, load_period)) =
+            self.threads.get(&event.tid).and_then(|t| t.find_ref(addr)).map(|r| (r.generation, r.free_lock_period))
         else {
             self.stats.unjudged_uses += 1;
             return;
@@ -343,7 +339,8 @@ impl Engine {
         self.reconcile(event, container.port_lock, event.port_lock_held);
         let held = self.threads.get(&event.tid).and_then(|t| t.period_of(container.port_lock)).is_some();
         if !held {
-            let mut f = self.finding(event, Class::UnlockedErase, entry, "port->dports written without holding the port lock");
+            let mut f =
+                self.finding(event, Class::UnlockedErase, entry, "port->dports written without holding the port lock");
             f.port = container.port;
             f.port_lock = container.port_lock;
             f.expected_lock =
@@ -376,7 +373,8 @@ impl Engine {
             f.expected_lock = Some(lock);
             findings.push(f);
         }
-        let free = Arc::new(FreeInfo { ts: event.ts, tid: event.tid, comm: event.comm.clone(), stack: event.stack.clone() });
+        let free =
+            Arc::new(FreeInfo { ts: event.ts, tid: event.tid, comm: event.comm.clone(), stack: event.stack.clone() });
         self.dports.mark_freed(addr, free, &self.limits, &mut self.stats);
     }
 

@@ -122,10 +122,16 @@ impl<R: BufRead> JsonlReader<R> {
                 free_lock: hex("free_lock", &wire.free_lock)?,
                 root: wire.root.ok_or(JsonlError::MissingField { line, kind, field: "root" })?,
             },
-            "xa_load" => Kind::XaLoad { xa: hex("xa", &wire.xa)?, index: hex("index", &wire.index)?, ret: hex("ret", &wire.ret)? },
-            "xa_erase" => {
-                Kind::XaErase { xa: hex("xa", &wire.xa)?, index: hex("index", &wire.index)?, ret: hex("ret", &wire.ret)? }
-            }
+            "xa_load" => Kind::XaLoad {
+                xa: hex("xa", &wire.xa)?,
+                index: hex("index", &wire.index)?,
+                ret: hex("ret", &wire.ret)?,
+            },
+            "xa_erase" => Kind::XaErase {
+                xa: hex("xa", &wire.xa)?,
+                index: hex("index", &wire.index)?,
+                ret: hex("ret", &wire.ret)?,
+            },
             "xa_insert" => Kind::XaInsert {
                 xa: hex("xa", &wire.xa)?,
                 index: hex("index", &wire.index)?,
@@ -135,12 +141,17 @@ impl<R: BufRead> JsonlReader<R> {
             "unlock" => Kind::Unlock { lock: hex("lock", &wire.lock)? },
             "use" => Kind::Use {
                 dport: hex("dport", &wire.dport)?,
-                site: self.interner.string(wire.site.as_deref().ok_or(JsonlError::MissingField { line, kind, field: "site" })?),
+                site: self.interner.string(wire.site.as_deref().ok_or(JsonlError::MissingField {
+                    line,
+                    kind,
+                    field: "site",
+                })?),
             },
             "deref" => {
                 let missing = |field| JsonlError::MissingField { line, kind, field };
                 let site = wire.site.as_deref().ok_or(missing("site"))?;
-                let (function, insn) = Access::parse_place(site).ok_or(JsonlError::BadPlace { line, value: site.to_owned() })?;
+                let (function, insn) =
+                    Access::parse_place(site).ok_or(JsonlError::BadPlace { line, value: site.to_owned() })?;
                 let access = Access {
                     function: self.interner.string(function),
                     insn,

@@ -71,7 +71,9 @@ pub struct TraceHeader {
 pub enum TraceError {
     #[error("not a tracer trace file (starts with {found:02x?}, expected {MAGIC:02x?} \"CXLTRACE\")")]
     BadMagic { found: Vec<u8> },
-    #[error("trace format version {found} is not supported: this tracer reads versions {OLDEST_READABLE} to {FORMAT_VERSION}")]
+    #[error(
+        "trace format version {found} is not supported: this tracer reads versions {OLDEST_READABLE} to {FORMAT_VERSION}"
+    )]
     Version { found: u16 },
     #[error("byte offset {offset}: the first record is not a header (type {kind})")]
     MissingHeader { offset: u64, kind: u8 },
@@ -364,7 +366,9 @@ impl<R: Read> TraceReader<R> {
                     let mut frames = Vec::with_capacity(n.min(256));
                     for _ in 0..n {
                         let string = b.u32()?;
-                        frames.push(string_at(&self.strings, string).ok_or_else(|| b.err("frame names an undefined string"))?);
+                        frames.push(
+                            string_at(&self.strings, string).ok_or_else(|| b.err("frame names an undefined string"))?,
+                        );
                     }
                     b.end()?;
                     if id as usize != self.stacks.len() + 1 {

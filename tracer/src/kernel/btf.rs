@@ -53,7 +53,11 @@ impl KernelBtf {
 
     /// The use sites and loaders of one module, from its BTF in `dir` (after it was loaded
     /// again): (functions taking a dport, functions handing one back).
-    pub fn module_functions(&self, dir: &Path, module: &str) -> Result<(Vec<DportFunction>, Vec<DportFunction>), BtfError> {
+    pub fn module_functions(
+        &self,
+        dir: &Path,
+        module: &str,
+    ) -> Result<(Vec<DportFunction>, Vec<DportFunction>), BtfError> {
         let path = dir.join(module);
         let (mut uses, mut loaders) = (Vec::new(), Vec::new());
         if !path.exists() {
@@ -188,9 +192,8 @@ fn collect_loaders(
     found: &mut Vec<DportFunction>,
 ) -> Result<(), BtfError> {
     each_function(btf, types, |func, proto| {
-        let returns = btf
-            .resolve_type_by_id(proto.return_type_id())
-            .is_ok_and(|r| is_struct_pointer(btf, &r, "cxl_dport"));
+        let returns =
+            btf.resolve_type_by_id(proto.return_type_id()).is_ok_and(|r| is_struct_pointer(btf, &r, "cxl_dport"));
         let out_param = proto
             .parameters
             .iter()
@@ -217,7 +220,11 @@ fn collect_pointer_params(
         for (i, param) in proto.parameters.iter().enumerate() {
             let Ok(param_type) = btf.resolve_chained_type(param) else { continue };
             if is_struct_pointer(btf, &param_type, strukt) {
-                found.push(DportFunction { name: btf.resolve_name(func)?, module: module.map(str::to_owned), arg: i as u32 });
+                found.push(DportFunction {
+                    name: btf.resolve_name(func)?,
+                    module: module.map(str::to_owned),
+                    arg: i as u32,
+                });
             }
         }
         Ok(())

@@ -34,15 +34,30 @@ pub const CALLEES: &[Callee] = &[
     Callee { name: "mutex_lock", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturn), caller: None },
     Callee { name: "mutex_lock_nested", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturn), caller: None },
     Callee { name: "mutex_lock_io", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturn), caller: None },
-    Callee { name: "mutex_lock_interruptible", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturnIfZero), caller: None },
+    Callee {
+        name: "mutex_lock_interruptible",
+        call: SiteRole::LockCall,
+        ret: Some(SiteRole::LockReturnIfZero),
+        caller: None,
+    },
     Callee {
         name: "mutex_lock_interruptible_nested",
         call: SiteRole::LockCall,
         ret: Some(SiteRole::LockReturnIfZero),
         caller: None,
     },
-    Callee { name: "mutex_lock_killable", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturnIfZero), caller: None },
-    Callee { name: "mutex_lock_killable_nested", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturnIfZero), caller: None },
+    Callee {
+        name: "mutex_lock_killable",
+        call: SiteRole::LockCall,
+        ret: Some(SiteRole::LockReturnIfZero),
+        caller: None,
+    },
+    Callee {
+        name: "mutex_lock_killable_nested",
+        call: SiteRole::LockCall,
+        ret: Some(SiteRole::LockReturnIfZero),
+        caller: None,
+    },
     Callee { name: "mutex_trylock", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturnIfOne), caller: None },
     Callee { name: "mutex_unlock", call: SiteRole::UnlockCall, ret: None, caller: None },
 ];
@@ -83,8 +98,12 @@ fn is_function(s: &Symbol) -> bool {
 /// order; a stretch is found as a dense run of symbols named after CXL).
 pub fn cxl_functions(symbols: &Symbols) -> Vec<&Symbol> {
     let vmlinux: Vec<&Symbol> = symbols.iter().filter(|s| s.module.is_none() && is_function(s)).collect();
-    let named: Vec<usize> =
-        vmlinux.iter().enumerate().filter(|(_, s)| s.name.to_ascii_lowercase().contains("cxl")).map(|(i, _)| i).collect();
+    let named: Vec<usize> = vmlinux
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.name.to_ascii_lowercase().contains("cxl"))
+        .map(|(i, _)| i)
+        .collect();
     let mut runs: Vec<(usize, usize, usize)> = Vec::new(); // (first, last, named count)
     for &i in &named {
         match runs.last_mut() {
@@ -132,7 +151,8 @@ pub fn module_functions<'a>(symbols: &'a Symbols, module: &str, core: &std::ops:
 pub fn devres_functions(symbols: &Symbols) -> Vec<&Symbol> {
     let vmlinux: Vec<&Symbol> = symbols.iter().filter(|s| s.module.is_none() && is_function(s)).collect();
     let Some(anchor) = vmlinux.iter().position(|s| &*s.name == "devres_release_all") else { return Vec::new() };
-    let named = |s: &Symbol| s.name.starts_with("devres") || s.name.starts_with("devm_") || s.name.contains("release_nodes");
+    let named =
+        |s: &Symbol| s.name.starts_with("devres") || s.name.starts_with("devm_") || s.name.contains("release_nodes");
     // Walk out from the anchor while devres-named symbols keep coming (a few helpers with
     // other names, like group_open_release, sit between them).
     let reach = |step: isize| {
@@ -168,12 +188,7 @@ fn callee_targets(symbols: &Symbols, callees: &[Callee]) -> FxHashMap<u64, Calle
 }
 
 /// Finds calls to `CALLEES` in `code` (the bytes of `function`, which starts at `addr`).
-pub fn scan(
-    function: &Symbol,
-    code: &[u8],
-    targets: &FxHashMap<u64, Callee>,
-    out: &mut Vec<CallSite>,
-) {
+pub fn scan(function: &Symbol, code: &[u8], targets: &FxHashMap<u64, Callee>, out: &mut Vec<CallSite>) {
     let end = function.addr + code.len() as u64;
     let mut decoder = Decoder::with_ip(64, code, function.addr, DecoderOptions::NONE);
     for insn in &mut decoder {
@@ -252,7 +267,10 @@ pub fn rsi_before_call(addr: u64, code: &[u8], offset: u64) -> Option<u64> {
         }
         let writes_rsi = info.info(&insn).used_registers().iter().any(|r| {
             r.register().full_register() == iced_x86::Register::RSI
-                && matches!(r.access(), iced_x86::OpAccess::Write | iced_x86::OpAccess::ReadWrite | iced_x86::OpAccess::CondWrite)
+                && matches!(
+                    r.access(),
+                    iced_x86::OpAccess::Write | iced_x86::OpAccess::ReadWrite | iced_x86::OpAccess::CondWrite
+                )
         });
         if !writes_rsi {
             continue;
@@ -368,7 +386,9 @@ ffffffffc04c926b t cleanup_module\t[cxl_mem]
 ffffffffc04c9277 t cxl_mem_probe.cold\t[cxl_mem]
 ";
         // Init text just past the core, still listed just after init returned.
-        let during = format!("{after}ffffffffc04ce000 t cxl_mem_driver_init\t[cxl_mem]\nffffffffc04ce000 t init_module\t[cxl_mem]\n");
+        let during = format!(
+            "{after}ffffffffc04ce000 t cxl_mem_driver_init\t[cxl_mem]\nffffffffc04ce000 t init_module\t[cxl_mem]\n"
+        );
         let names = |text: &str| -> Vec<(u64, String)> {
             let symbols = Symbols::parse(text.as_bytes()).unwrap();
             module_functions(&symbols, "cxl_mem", &core).iter().map(|s| (s.addr, s.name.to_string())).collect()

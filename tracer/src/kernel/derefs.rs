@@ -17,9 +17,8 @@ use std::sync::Arc;
 
 use btf_rs::{Btf, Type};
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, OpAccess, OpKind, Register};
-use tracer_common::Reg;
-
 use rustc_hash::FxHashMap;
+use tracer_common::Reg;
 
 use super::{
     btf::{BtfError, DportFunction, find_struct},
@@ -62,13 +61,13 @@ impl Layout {
     pub fn member_at(&self, offset: u64, size: u64) -> Option<&Member> {
         let end = offset.checked_add(size.max(1))?;
         let depth = |m: &Member| m.path.matches('.').count();
-        self.members
-            .iter()
-            .filter(|m| m.offset <= offset && end <= m.offset + m.size)
-            .fold(None, |best: Option<&Member>, m| match best {
+        self.members.iter().filter(|m| m.offset <= offset && end <= m.offset + m.size).fold(
+            None,
+            |best: Option<&Member>, m| match best {
                 Some(b) if depth(b) >= depth(m) => Some(b),
                 _ => Some(m),
-            })
+            },
+        )
     }
 
     /// Reads the text form `tests/data/code/*.layout` holds: `size N`, then `path offset size`
@@ -79,7 +78,11 @@ impl Layout {
         let members = lines
             .map(|l| {
                 let mut f = l.split_whitespace();
-                Some(Member { path: Arc::from(f.next()?), offset: f.next()?.parse().ok()?, size: f.next()?.parse().ok()? })
+                Some(Member {
+                    path: Arc::from(f.next()?),
+                    offset: f.next()?.parse().ok()?,
+                    size: f.next()?.parse().ok()?,
+                })
             })
             .collect::<Option<Vec<_>>>()?;
         Some(Layout { size, members })
@@ -300,7 +303,8 @@ fn transfer(insn: &Instruction, state: &mut State, info: &mut InstructionInfoFac
     let mem_slot = || state.frame_slot(insn.memory_base(), insn.memory_index(), insn.memory_displacement64() as i64);
     match insn.mnemonic() {
         Call => {
-            let loader = (insn.op0_kind() == OpKind::NearBranch64).then(|| loader_at(insn.near_branch_target())).flatten();
+            let loader =
+                (insn.op0_kind() == OpKind::NearBranch64).then(|| loader_at(insn.near_branch_target())).flatten();
             if let Some(Loader { out_param: Some(i), .. }) = loader
                 && let Some(slot) = ARGS.get(usize::from(i)).and_then(|&r| state.frame_addr[r])
                 && !state.slots.contains(&slot)
@@ -326,8 +330,9 @@ fn transfer(insn: &Instruction, state: &mut State, info: &mut InstructionInfoFac
             }
             return;
         }
-        Sub | Add if reg0.and_then(gpr_index) == Some(RSP) && insn.op1_kind() == OpKind::Immediate8to64
-            || reg0.and_then(gpr_index) == Some(RSP) && insn.op1_kind() == OpKind::Immediate32to64 =>
+        Sub | Add
+            if reg0.and_then(gpr_index) == Some(RSP) && insn.op1_kind() == OpKind::Immediate8to64
+                || reg0.and_then(gpr_index) == Some(RSP) && insn.op1_kind() == OpKind::Immediate32to64 =>
         {
             let imm = insn.immediate(1) as i64;
             state.sp = state.sp.map(|sp| if insn.mnemonic() == Sub { sp - imm } else { sp + imm });
@@ -375,7 +380,8 @@ fn transfer(insn: &Instruction, state: &mut State, info: &mut InstructionInfoFac
             return;
         }
         Xchg if reg0.is_some_and(|r| r.is_gpr64()) && reg1.is_some_and(|r| r.is_gpr64()) => {
-            let (a, b) = (gpr_index(reg0.expect("checked")).expect("gpr"), gpr_index(reg1.expect("checked")).expect("gpr"));
+            let (a, b) =
+                (gpr_index(reg0.expect("checked")).expect("gpr"), gpr_index(reg1.expect("checked")).expect("gpr"));
             let (da, fa, db, fb) = (state.holds(a), state.frame_addr[a], state.holds(b), state.frame_addr[b]);
             state.set(a, db, fb);
             state.set(b, da, fa);
@@ -387,12 +393,29 @@ fn transfer(insn: &Instruction, state: &mut State, info: &mut InstructionInfoFac
     // which may leave either value.
     let cmov = matches!(
         insn.mnemonic(),
-        Cmova | Cmovae | Cmovb | Cmovbe | Cmove | Cmovg | Cmovge | Cmovl | Cmovle | Cmovne | Cmovno | Cmovnp | Cmovns
-            | Cmovo | Cmovp | Cmovs
+        Cmova
+            | Cmovae
+            | Cmovb
+            | Cmovbe
+            | Cmove
+            | Cmovg
+            | Cmovge
+            | Cmovl
+            | Cmovle
+            | Cmovne
+            | Cmovno
+            | Cmovnp
+            | Cmovns
+            | Cmovo
+            | Cmovp
+            | Cmovs
     );
     let source = reg1.and_then(gpr_index).map(|s| state.holds(s)).unwrap_or(false);
     for used in info.info(insn).used_registers() {
-        if !matches!(used.access(), OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite) {
+        if !matches!(
+            used.access(),
+            OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
+        ) {
             continue;
         }
         let Some(r) = gpr_index(used.register()) else { continue };
@@ -632,7 +655,12 @@ mod tests {
     /// the kernel's module loader would, scanned with that kernel's `struct cxl_dport`.
     fn real_sites(code: &[u8], calls: &str, layout: &str) -> Vec<DerefSite> {
         let layout = Layout::parse(layout).expect("a well-formed layout file");
-        let f = Symbol { addr: LOADED_FROM, name: Arc::from("cxl_mem_probe"), module: Some(Arc::from("cxl_mem")), text: true };
+        let f = Symbol {
+            addr: LOADED_FROM,
+            name: Arc::from("cxl_mem_probe"),
+            module: Some(Arc::from("cxl_mem")),
+            text: true,
+        };
         let mut code = code.to_vec();
         let mut callees: Vec<&str> = Vec::new();
         for line in calls.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {

@@ -67,11 +67,7 @@ impl Kcore {
     /// `len` bytes of kernel memory at `addr`.
     pub fn read(&self, addr: u64, len: usize) -> Result<Vec<u8>, KcoreError> {
         let unmapped = || KcoreError::Unmapped { path: self.path.clone(), addr, len };
-        let seg = self
-            .segments
-            .iter()
-            .find(|s| addr >= s.vaddr && addr - s.vaddr < s.size)
-            .ok_or_else(unmapped)?;
+        let seg = self.segments.iter().find(|s| addr >= s.vaddr && addr - s.vaddr < s.size).ok_or_else(unmapped)?;
         if addr - seg.vaddr + len as u64 > seg.size {
             return Err(unmapped());
         }

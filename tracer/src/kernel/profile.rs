@@ -165,7 +165,9 @@ impl Profile {
         let (lifetime, lifetime_why, host_check) = match free_action {
             Some(action_addr) if in_vmlinux(ADD_ACTION) => (
                 Lifetime::FreeAction,
-                format!("the kernel has {FREE_ACTION}(): dports are kzalloc'd and freed by that devres action on their host"),
+                format!(
+                    "the kernel has {FREE_ACTION}(): dports are kzalloc'd and freed by that devres action on their host"
+                ),
                 Some(HostCheck::FreeAction { action_addr }),
             ),
             Some(_) => (
@@ -175,7 +177,9 @@ impl Profile {
             ),
             None => (
                 Lifetime::Devm,
-                format!("no {FREE_ACTION}() in the kernel: dports are devm_kzalloc'd on their host and freed with its devres"),
+                format!(
+                    "no {FREE_ACTION}() in the kernel: dports are devm_kzalloc'd on their host and freed with its devres"
+                ),
                 registration.filter(|_| in_vmlinux(DEVM_ALLOC)).map(|caller| HostCheck::DevmAlloc { caller }),
             ),
         };
@@ -258,9 +262,17 @@ impl fmt::Display for Profile {
             })
             .collect();
         writeln!(f, "  members: {}", renamed.join(", "))?;
-        writeln!(f, "  struct cxl_dport: {} bytes, {} members at any depth (for inline accesses)", self.dport.size, self.dport.members.len())?;
+        writeln!(
+            f,
+            "  struct cxl_dport: {} bytes, {} members at any depth (for inline accesses)",
+            self.dport.size,
+            self.dport.members.len()
+        )?;
         match self.registration {
-            Some(name) => writeln!(f, "  registration: {name}() (returns the new struct cxl_dport *, the port is its argument 0)")?,
+            Some(name) => writeln!(
+                f,
+                "  registration: {name}() (returns the new struct cxl_dport *, the port is its argument 0)"
+            )?,
             None => writeln!(
                 f,
                 "  registration: none of {} is out of line in vmlinux: dports are only discovered at their first lookup",
@@ -268,14 +280,17 @@ impl fmt::Display for Profile {
             )?,
         }
         match &self.host_check {
-            Some(HostCheck::DevmAlloc { caller }) => {
-                writeln!(f, "  devres host: seen at {DEVM_ALLOC}(host, ...) called by {caller}(), which returns the dport")?
-            }
+            Some(HostCheck::DevmAlloc { caller }) => writeln!(
+                f,
+                "  devres host: seen at {DEVM_ALLOC}(host, ...) called by {caller}(), which returns the dport"
+            )?,
             Some(HostCheck::FreeAction { action_addr }) => writeln!(
                 f,
                 "  devres host: seen at {ADD_ACTION}(host, {FREE_ACTION} = {action_addr:#x}, dport) in CXL code"
             )?,
-            None => writeln!(f, "  devres host: not observable on this kernel: the model's free lock is not cross-checked")?,
+            None => {
+                writeln!(f, "  devres host: not observable on this kernel: the model's free lock is not cross-checked")?
+            }
         }
         writeln!(f, "  frees: {}, because {}", self.free.describe(), self.free_why)
     }
@@ -337,7 +352,10 @@ mod tests {
         let btf = host();
         let spec = MemberSpec { strukt: "device", names: &["uport_dev", "uport"] };
         let err = resolve_member(&btf, &spec, "6.1.0-57-amd64").unwrap_err().to_string();
-        assert!(err.contains("6.1.0-57-amd64") && err.contains("struct device") && err.contains("uport_dev, uport"), "{err}");
+        assert!(
+            err.contains("6.1.0-57-amd64") && err.contains("struct device") && err.contains("uport_dev, uport"),
+            "{err}"
+        );
         let spec = MemberSpec { strukt: "no_such_struct_xyz", names: &["x"] };
         let err = resolve_member(&btf, &spec, "7.2.13+deb14-amd64").unwrap_err().to_string();
         assert!(err.contains("7.2.13+deb14-amd64") && err.contains("no struct no_such_struct_xyz"), "{err}");

@@ -14,9 +14,13 @@ use std::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
-    #[error("tracefs is not mounted (looked for /sys/kernel/tracing and /sys/kernel/debug/tracing): mount -t tracefs nodev /sys/kernel/tracing")]
+    #[error(
+        "tracefs is not mounted (looked for /sys/kernel/tracing and /sys/kernel/debug/tracing): mount -t tracefs nodev /sys/kernel/tracing"
+    )]
     NoTracefs,
-    #[error("this kernel has no kprobe events ({0}/kprobe_events is missing: CONFIG_KPROBE_EVENTS is off), so its CXL call sites cannot be probed")]
+    #[error(
+        "this kernel has no kprobe events ({0}/kprobe_events is missing: CONFIG_KPROBE_EVENTS is off), so its CXL call sites cannot be probed"
+    )]
     NoKprobes(String),
     #[error("the kernel refused kprobe {spec:?}: {source}")]
     Define { spec: String, source: std::io::Error },
@@ -180,7 +184,8 @@ impl Kprobes {
         let id: u64 = fs::read_to_string(&id_path)
             .and_then(|s| s.trim().parse().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
             .map_err(|source| AttachError::Id { path: id_path, source })?;
-        let perf = perf_event_open_tracepoint(id).map_err(|source| AttachError::PerfOpen { spec: spec.clone(), source })?;
+        let perf =
+            perf_event_open_tracepoint(id).map_err(|source| AttachError::PerfOpen { spec: spec.clone(), source })?;
         let link = link_create(prog.as_fd(), perf.as_fd(), cookie)
             .map_err(|source| AttachError::Link { spec: spec.clone(), source })?;
         Ok(Attachment { cookie, point: key.clone(), _link: link, _perf: perf })
@@ -245,8 +250,11 @@ pub fn alive(pid: u32) -> bool {
 
 /// Removes kprobe events left by a tracer that was killed (its process is gone).
 pub fn remove_stale_groups(tracefs: &Path) {
-    let stale: Vec<String> =
-        tracer_events(tracefs).into_iter().filter(|(pid, _)| !alive(*pid)).map(|(_, name)| format!("-:{name}\n")).collect();
+    let stale: Vec<String> = tracer_events(tracefs)
+        .into_iter()
+        .filter(|(pid, _)| !alive(*pid))
+        .map(|(_, name)| format!("-:{name}\n"))
+        .collect();
     if stale.is_empty() {
         return;
     }
@@ -281,7 +289,14 @@ fn perf_event_open_tracepoint(id: u64) -> std::io::Result<OwnedFd> {
     attr[48..52].copy_from_slice(&1u32.to_ne_bytes());
     // SAFETY: attr is a valid perf_event_attr of the size it declares.
     let fd = unsafe {
-        libc::syscall(libc::SYS_perf_event_open, attr.as_ptr(), -1 as libc::pid_t, 0 as libc::c_int, -1 as libc::c_int, PERF_FLAG_FD_CLOEXEC)
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            attr.as_ptr(),
+            -1 as libc::pid_t,
+            0 as libc::c_int,
+            -1 as libc::c_int,
+            PERF_FLAG_FD_CLOEXEC,
+        )
     };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
@@ -290,7 +305,11 @@ fn perf_event_open_tracepoint(id: u64) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-fn link_create(prog: std::os::fd::BorrowedFd<'_>, perf: std::os::fd::BorrowedFd<'_>, cookie: u64) -> std::io::Result<OwnedFd> {
+fn link_create(
+    prog: std::os::fd::BorrowedFd<'_>,
+    perf: std::os::fd::BorrowedFd<'_>,
+    cookie: u64,
+) -> std::io::Result<OwnedFd> {
     // union bpf_attr, link_create: prog_fd, target_fd, attach_type, flags, perf_event.bpf_cookie.
     let mut attr = [0u8; 64];
     attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());

@@ -111,8 +111,12 @@ impl Plan {
     pub fn build(symbols: &Symbols, calls: &[CallSite], uses: &[DportFunction]) -> Plan {
         let mut plan = Plan::default();
         for call in calls {
-            let function =
-                Symbol { addr: call.function_addr, name: call.function.clone(), module: call.module.clone(), text: true };
+            let function = Symbol {
+                addr: call.function_addr,
+                name: call.function.clone(),
+                module: call.module.clone(),
+                text: true,
+            };
             let mut add = |role, offset| {
                 plan.sites.push(PlannedSite {
                     role,
@@ -163,9 +167,9 @@ impl Plan {
             }
         }
         for use_fn in uses {
-            let symbol = symbols
-                .lookup(&use_fn.name)
-                .find(|s| s.module.as_deref() == use_fn.module.as_deref() || use_fn.module.is_none() && s.module.is_none());
+            let symbol = symbols.lookup(&use_fn.name).find(|s| {
+                s.module.as_deref() == use_fn.module.as_deref() || use_fn.module.is_none() && s.module.is_none()
+            });
             let probed = symbol.map(|sym| {
                 plan.sites.push(PlannedSite {
                     role: SiteRole::Use,
@@ -180,7 +184,12 @@ impl Plan {
                 });
                 plan.sites.len() - 1
             });
-            plan.uses.push(UseSite { function: use_fn.name.clone(), module: use_fn.module.clone(), arg: use_fn.arg, probed });
+            plan.uses.push(UseSite {
+                function: use_fn.name.clone(),
+                module: use_fn.module.clone(),
+                arg: use_fn.arg,
+                probed,
+            });
         }
         plan
     }
@@ -213,7 +222,8 @@ impl Plan {
     /// A kprobe on each deref site's instruction; its argument names the base register.
     pub fn add_derefs(&mut self, symbols: &Symbols, derefs: &[DerefSite]) {
         for d in derefs {
-            let function = Symbol { addr: d.function_addr, name: d.function.clone(), module: d.module.clone(), text: true };
+            let function =
+                Symbol { addr: d.function_addr, name: d.function.clone(), module: d.module.clone(), text: true };
             let access = Access {
                 function: d.function.clone(),
                 insn: d.insn,
@@ -351,7 +361,10 @@ mod tests {
                 (SiteRole::Use, "cxl_dport_init_ras_reporting+0x0".to_string()),
             ]
         );
-        assert_eq!(plan.sites[6].point, ProbePoint::Return { module: Some("cxl_mem".into()), symbol: "cxl_mem_probe".into() });
+        assert_eq!(
+            plan.sites[6].point,
+            ProbePoint::Return { module: Some("cxl_mem".into()), symbol: "cxl_mem_probe".into() }
+        );
         assert_eq!(plan.sites[6].arg, SITE_UNPAIRED_OK);
         // A tail call in a function whose name is not unique: no kretprobe, so no call probe.
         assert_eq!(plan.unprobed_tail_calls.len(), 1);

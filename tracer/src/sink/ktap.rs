@@ -15,7 +15,13 @@ pub const LOST_EVENTS_TEST: &str = "lost-events";
 /// Writes the whole KTAP document. `strict`: lost events fail their test (`--strict`).
 pub fn write(out: &mut impl Write, groups: &[&Group], summary: &Summary, strict: bool) -> io::Result<()> {
     writeln!(out, "KTAP version 1")?;
-    writeln!(out, "# tracer: {} events seen, {} dropped in the kernel, {} undecodable", summary.events, summary.dropped(), summary.undecodable)?;
+    writeln!(
+        out,
+        "# tracer: {} events seen, {} dropped in the kernel, {} undecodable",
+        summary.events,
+        summary.dropped(),
+        summary.undecodable
+    )?;
     if let Some(coverage) = &summary.coverage {
         let mut lines = Vec::new();
         super::text::write_coverage(&mut lines, coverage, "# ")?;

@@ -2,8 +2,8 @@
 use std::io::{self, Write};
 
 use crate::{
-    engine::{Class, Group},
     coverage::{Coverage, SiteKind},
+    engine::{Class, Group},
     event::{Access, Hex, Stack},
     summary::Summary,
 };
@@ -99,7 +99,9 @@ pub fn write_group(out: &mut impl Write, group: &Group) -> io::Result<()> {
     }
     if let Some(lock) = &f.lock {
         match &lock.stack {
-            Some(_) => write_stack(out, &format!("{} taken at {}s:", lock_name(f), secs(lock.ts)), lock.stack.as_ref())?,
+            Some(_) => {
+                write_stack(out, &format!("{} taken at {}s:", lock_name(f), secs(lock.ts)), lock.stack.as_ref())?
+            }
             None => writeln!(
                 out,
                 "{} taken at {}s or earlier (before tracing started, or outside probed code: no stack)",

@@ -44,9 +44,19 @@ fn dport_events(i: u64, ts: &mut u64, out: &mut impl std::io::Write) -> std::io:
         n += 1;
         writeln!(out, r#"{{"ts":{},"cpu":{},"tid":{tid},"comm":"{comm}","kind":{body}}}"#, *ts, tid % 2)
     };
-    ev(1, "sh", format!(r#""dport_add","dport":"{dport:#x}","port":"{port:#x}","xa":"{xa:#x}","port_lock":"{lock:#x}","free_lock":"{lock:#x}","root":false"#))?;
+    ev(
+        1,
+        "sh",
+        format!(
+            r#""dport_add","dport":"{dport:#x}","port":"{port:#x}","xa":"{xa:#x}","port_lock":"{lock:#x}","free_lock":"{lock:#x}","root":false"#
+        ),
+    )?;
     ev(1, "sh", format!(r#""lock","lock":"{lock:#x}""#))?;
-    ev(1, "sh", format!(r#""xa_insert","xa":"{xa:#x}","index":"{index:#x}","entry":"{dport:#x}","port_lock_held":true"#))?;
+    ev(
+        1,
+        "sh",
+        format!(r#""xa_insert","xa":"{xa:#x}","index":"{index:#x}","entry":"{dport:#x}","port_lock_held":true"#),
+    )?;
     ev(1, "sh", format!(r#""unlock","lock":"{lock:#x}""#))?;
     for r in 0..READS_PER_DPORT {
         let tid = 100 + (i + r) % READERS;
@@ -55,14 +65,32 @@ fn dport_events(i: u64, ts: &mut u64, out: &mut impl std::io::Write) -> std::io:
         if held {
             ev(tid, &comm, format!(r#""lock","lock":"{lock:#x}""#))?;
         }
-        ev(tid, &comm, format!(r#""xa_load","xa":"{xa:#x}","index":"{index:#x}","ret":"{dport:#x}","stack":{LOAD_STACK},"free_lock_held":{held}"#))?;
-        ev(tid, &comm, format!(r#""use","dport":"{dport:#x}","site":"devm_cxl_add_port","stack":{USE_STACK},"free_lock_held":{held}"#))?;
+        ev(
+            tid,
+            &comm,
+            format!(
+                r#""xa_load","xa":"{xa:#x}","index":"{index:#x}","ret":"{dport:#x}","stack":{LOAD_STACK},"free_lock_held":{held}"#
+            ),
+        )?;
+        ev(
+            tid,
+            &comm,
+            format!(
+                r#""use","dport":"{dport:#x}","site":"devm_cxl_add_port","stack":{USE_STACK},"free_lock_held":{held}"#
+            ),
+        )?;
         if held {
             ev(tid, &comm, format!(r#""unlock","lock":"{lock:#x}""#))?;
         }
     }
     ev(1, "sh", format!(r#""lock","lock":"{lock:#x}""#))?;
-    ev(1, "sh", format!(r#""xa_erase","xa":"{xa:#x}","index":"{index:#x}","ret":"{dport:#x}","stack":{ERASE_STACK},"port_lock_held":true"#))?;
+    ev(
+        1,
+        "sh",
+        format!(
+            r#""xa_erase","xa":"{xa:#x}","index":"{index:#x}","ret":"{dport:#x}","stack":{ERASE_STACK},"port_lock_held":true"#
+        ),
+    )?;
     ev(1, "sh", format!(r#""free","dport":"{dport:#x}","stack":{FREE_STACK},"free_lock_held":true"#))?;
     ev(1, "sh", format!(r#""unlock","lock":"{lock:#x}""#))?;
     Ok(n)
@@ -70,9 +98,7 @@ fn dport_events(i: u64, ts: &mut u64, out: &mut impl std::io::Write) -> std::io:
 
 fn status_kb(pid: u32, key: &str) -> Option<u64> {
     let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Feeds the churn to `tracer analyze` and returns its figures as result lines:

@@ -6,7 +6,8 @@
 //! Deciding after looking at the data makes a "met" slightly more likely than the nominal
 //! 95 % bound says; the bench reports how many repetitions it took and why it stopped.
 use super::stats::{
-    BPFTRACE, CHEAPER_FACTOR, Cost, LoopStats, NONE, NONE_B, SLOWDOWN_TARGET, TRACER, Verdict, at_floor, at_most, cheaper, t95,
+    BPFTRACE, CHEAPER_FACTOR, Cost, LoopStats, NONE, NONE_B, SLOWDOWN_TARGET, TRACER, Verdict, at_floor, at_most,
+    cheaper, t95,
 };
 
 /// The same cost and spread as if measured in `n` repetitions: what more repetitions would
@@ -43,7 +44,12 @@ pub fn unresolved(stats: &[(&str, LoopStats)], max_reps: usize) -> Open {
         // and spreads to stay what they are.
         let reachable = |resolved: &dyn Fn(usize) -> bool| (tracer.n..=max_reps).any(resolved);
         if at_most(tracer, SLOWDOWN_TARGET) == Verdict::Unresolved {
-            let figures = format!("{lp}: tracer {:+.2} % ({:+.2}…{:+.2})", tracer.cost * 100.0, tracer.lo * 100.0, tracer.hi * 100.0);
+            let figures = format!(
+                "{lp}: tracer {:+.2} % ({:+.2}…{:+.2})",
+                tracer.cost * 100.0,
+                tracer.lo * 100.0,
+                tracer.hi * 100.0
+            );
             if !reachable(&|n| at_most(&projected(tracer, n), SLOWDOWN_TARGET) != Verdict::Unresolved) {
                 open.beyond.push(figures.clone());
             }
@@ -193,7 +199,9 @@ mod tests {
         all.extend(s.iter().map(|x| Sample { lp: "select".into(), ..x.clone() }));
         let open = unresolved(&all_loops(&all), 8);
         assert_eq!(open.beyond.len(), 2, "{open:?}");
-        assert!(matches!(decide(&all_loops(&all), progress(3)), Decision::Enough(why) if why.contains("at this noise")));
+        assert!(
+            matches!(decide(&all_loops(&all), progress(3)), Decision::Enough(why) if why.contains("at this noise"))
+        );
     }
 
     #[test]

@@ -48,11 +48,9 @@ fn main() -> ExitCode {
         (Some("load"), Some(ms)) => load(ms, num(2).unwrap_or(1), num(3).unwrap_or(0)),
         (Some("nice"), _) if args.len() >= 3 => nice(&args[1], &args[2..]),
         (Some("decide"), _) if args.len() == 8 => decide(&args[1..]),
-        _ => Err(
-            "usage: bench-guest pipe MS | select MS | control MS | load MS [THREADS [RATE]] | nice N CMD [ARGS] \
+        _ => Err("usage: bench-guest pipe MS | select MS | control MS | load MS [THREADS [RATE]] | nice N CMD [ARGS] \
              | decide RESULTS REPS MAX_REPS EXTRA_SECS BUDGET_SECS LAST_SECS LAST_MODES"
-                .to_owned(),
-        ),
+            .to_owned()),
     };
     match result {
         Ok(line) => {
@@ -210,7 +208,8 @@ fn timed(name: &str, ms: u64, op: &mut impl Op) -> Result<String, String> {
         }
         let t2 = Instant::now();
         let (block, control) = ((t1 - t0).as_nanos(), (t2 - t1).as_nanos());
-        (ops, ns, control_ops, control_ns) = (ops + BATCH, ns + block, control_ops + control_batch, control_ns + control);
+        (ops, ns, control_ops, control_ns) =
+            (ops + BATCH, ns + block, control_ops + control_batch, control_ns + control);
         // Size the next control block to last about as long as the loop's block.
         control_batch = ((control_batch as u128 * block / control.max(1)) as u64).clamp(16, 1 << 20);
     }
@@ -263,8 +262,7 @@ fn load(ms: u64, threads: u64, rate: u64) -> Result<String, String> {
                 let chunk = CHUNK.to_string();
                 let mut done = 0;
                 while start.elapsed() < limit {
-                    file.write_all(chunk.as_bytes())
-                        .map_err(|e| format!("writing {chunk} to {RUN_FILE}: {e}"))?;
+                    file.write_all(chunk.as_bytes()).map_err(|e| format!("writing {chunk} to {RUN_FILE}: {e}"))?;
                     done += CHUNK;
                     if per_thread_rate > 0.0 {
                         let due = Duration::from_secs_f64(done as f64 / per_thread_rate);

@@ -63,15 +63,15 @@ fn empty_program() -> Vec<Insn> {
 /// `key = ctx->args[1]` (kfree's pointer); `bpf_map_lookup_elem(map, &key)`; `return 0`.
 fn lookup_program(map_fd: i32) -> Vec<Insn> {
     vec![
-        Insn::new(0x79, 2, 1, 8, 0),                 // r2 = *(u64 *)(r1 + 8)
-        Insn::new(0x7b, 10, 2, -8, 0),               // *(u64 *)(r10 - 8) = r2
-        Insn::new(0x18, 1, BPF_PSEUDO_MAP_FD, 0, map_fd), // r1 = map (ld_imm64, first half)
-        Insn::new(0x00, 0, 0, 0, 0),                 //      (second half)
-        Insn::new(0xbf, 2, 10, 0, 0),                // r2 = r10
-        Insn::new(0x07, 2, 0, 0, -8),                // r2 += -8
+        Insn::new(0x79, 2, 1, 8, 0),                        // r2 = *(u64 *)(r1 + 8)
+        Insn::new(0x7b, 10, 2, -8, 0),                      // *(u64 *)(r10 - 8) = r2
+        Insn::new(0x18, 1, BPF_PSEUDO_MAP_FD, 0, map_fd),   // r1 = map (ld_imm64, first half)
+        Insn::new(0x00, 0, 0, 0, 0),                        //      (second half)
+        Insn::new(0xbf, 2, 10, 0, 0),                       // r2 = r10
+        Insn::new(0x07, 2, 0, 0, -8),                       // r2 += -8
         Insn::new(0x85, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM), // call bpf_map_lookup_elem
-        Insn::new(0xb7, 0, 0, 0, 0),                 // r0 = 0
-        Insn::new(0x95, 0, 0, 0, 0),                 // exit
+        Insn::new(0xb7, 0, 0, 0, 0),                        // r0 = 0
+        Insn::new(0x95, 0, 0, 0, 0),                        // exit
     ]
 }
 

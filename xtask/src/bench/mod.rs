@@ -195,12 +195,18 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     host.push_str(&host_loops(&helper, options)?);
     fs::write(out.join(HOST_RESULTS), host)?;
 
-    println!("bench: replaying a synthetic churn of {} dports through `tracer analyze` for its memory", options.churn_dports);
+    println!(
+        "bench: replaying a synthetic churn of {} dports through `tracer analyze` for its memory",
+        options.churn_dports
+    );
     let churn = churn::measure(&tracer, options.churn_dports, &out)?;
     fs::write(out.join(CHURN_RESULTS), churn)?;
 
     if options.minutes > 0 {
-        println!("bench: {} minute(s) of hotplug under the tracer for its memory (cargo xtask vm soak)", options.minutes);
+        println!(
+            "bench: {} minute(s) of hotplug under the tracer for its memory (cargo xtask vm soak)",
+            options.minutes
+        );
         let soak = vm::soak::run(&soak_options(options.minutes, &tracer, &out.join("soak")))?;
         soak.print();
     }
@@ -215,7 +221,11 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     fs::write(out.join(META), meta)?;
     report(&out)?;
     if !failed.is_empty() {
-        bail!("the guest bench failed on {} (see above); the other figures are in {}", failed.join(", "), out.display());
+        bail!(
+            "the guest bench failed on {} (see above); the other figures are in {}",
+            failed.join(", "),
+            out.display()
+        );
     }
     Ok(())
 }
@@ -287,10 +297,7 @@ impl Line {
     pub fn parse(text: &str) -> Option<Line> {
         let mut words = text.split_whitespace();
         let kind = words.next()?.to_owned();
-        let fields = words
-            .filter_map(|w| w.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
+        let fields = words.filter_map(|w| w.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
         Some(Line { kind, fields })
     }
 
@@ -301,7 +308,6 @@ impl Line {
     pub fn num(&self, key: &str) -> Option<f64> {
         self.get(key)?.parse().ok()
     }
-
 }
 
 /// The static musl `bench-guest` (this package's second binary).

@@ -116,12 +116,10 @@ fn read_lines(path: &Path) -> anyhow::Result<Vec<Line>> {
 
 impl Report {
     pub fn load(out: &Path) -> anyhow::Result<Report> {
-        let meta_text = fs::read_to_string(out.join(META)).with_context(|| format!("reading {}", out.join(META).display()))?;
-        let meta: BTreeMap<String, String> = meta_text
-            .lines()
-            .filter_map(|l| l.split_once(' '))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
+        let meta_text =
+            fs::read_to_string(out.join(META)).with_context(|| format!("reading {}", out.join(META).display()))?;
+        let meta: BTreeMap<String, String> =
+            meta_text.lines().filter_map(|l| l.split_once(' ')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
         let modes = meta.get("modes").map(|m| m.split_whitespace().map(str::to_owned).collect()).unwrap_or_default();
         // Results from before the kernel matrix have one `guest/` directory, on 6.12.
         let kernels: Vec<(String, PathBuf)> = match meta.get("kernels") {
@@ -314,7 +312,14 @@ impl Guest {
             .into_iter()
             .filter_map(|(name, stats)| {
                 let (_, calls, what) = LOOPS.iter().find(|l| l.0 == name)?;
-                Some(LoopRow { name, calls, what, stats, calls_per_op: self.calls_per_op(name), host_ns: report.host_ns(name) })
+                Some(LoopRow {
+                    name,
+                    calls,
+                    what,
+                    stats,
+                    calls_per_op: self.calls_per_op(name),
+                    host_ns: report.host_ns(name),
+                })
             })
             .collect()
     }
@@ -336,11 +341,13 @@ impl Guest {
     }
 
     fn reps(&self) -> (usize, usize) {
-        let reps = |kind: &str| self.lines.iter().filter(|l| l.kind == "repetition" && l.get("kind") == Some(kind)).count();
+        let reps =
+            |kind: &str| self.lines.iter().filter(|l| l.kind == "repetition" && l.get("kind") == Some(kind)).count();
         let (full, extra) = (reps("full"), reps("extra"));
         if full == 0 {
             // Results from before adaptive repetitions: count the repetitions the loops ran.
-            let mut seen: Vec<&str> = self.lines.iter().filter(|l| l.kind == "loop").filter_map(|l| l.get("rep")).collect();
+            let mut seen: Vec<&str> =
+                self.lines.iter().filter(|l| l.kind == "loop").filter_map(|l| l.get("rep")).collect();
             seen.sort_unstable();
             seen.dedup();
             return (seen.len(), 0);
@@ -415,7 +422,11 @@ impl Guest {
             .filter(|l| l.kind == "progstats")
             .filter_map(|l| {
                 Some((
-                    (l.get("mode")?.to_owned(), l.get("phase").unwrap_or("load").to_owned(), l.get("prog_id")?.to_owned()),
+                    (
+                        l.get("mode")?.to_owned(),
+                        l.get("phase").unwrap_or("load").to_owned(),
+                        l.get("prog_id")?.to_owned(),
+                    ),
                     (l.get("prog_type")?.to_owned(), l.num("run_cnt")?, l.num("run_time_ns")?),
                 ))
             })
@@ -424,21 +435,31 @@ impl Guest {
 
     /// Runs of a mode's BPF programs in a phase, summed over its programs.
     fn prog_runs(&self, mode: &str, phase: &str) -> Option<u64> {
-        let runs: Vec<f64> =
-            self.prog_stats().into_iter().filter(|((m, p, _), _)| m == mode && p == phase).map(|(_, (_, n, _))| n).collect();
+        let runs: Vec<f64> = self
+            .prog_stats()
+            .into_iter()
+            .filter(|((m, p, _), _)| m == mode && p == phase)
+            .map(|(_, (_, n, _))| n)
+            .collect();
         (!runs.is_empty()).then(|| runs.iter().sum::<f64>() as u64)
     }
 
     /// Hooked calls the loops of the stats phase made (ops counted by the loop, calls per
     /// op by the kernel earlier).
     fn stats_calls(&self, mode: &str, lp: &str) -> Option<f64> {
-        let l = self.lines.iter().find(|l| l.kind == "statsloop" && l.get("mode") == Some(mode) && l.get("loop") == Some(lp))?;
+        let l = self
+            .lines
+            .iter()
+            .find(|l| l.kind == "statsloop" && l.get("mode") == Some(mode) && l.get("loop") == Some(lp))?;
         Some(l.num("ops")? * self.calls_per_op(lp)?)
     }
 
     /// The `freecount` line of the trace of tracer run `tag`.
     fn free_count(&self, tag: &str) -> Option<Line> {
-        read_lines(&self.dir.join(FREE_COUNT)).ok()?.into_iter().find(|l| l.kind == "freecount" && l.get("tag") == Some(tag))
+        read_lines(&self.dir.join(FREE_COUNT))
+            .ok()?
+            .into_iter()
+            .find(|l| l.kind == "freecount" && l.get("tag") == Some(tag))
     }
 }
 
@@ -524,7 +545,9 @@ impl Report {
         writeln!(s, "#### Untracked hot calls")?;
         writeln!(s)?;
         let others: Vec<&String> = self.modes.iter().filter(|m| *m != stats::NONE && *m != stats::NONE_B).collect();
-        let mut header = "| loop | hooked calls/op | no tracer: guest ns/op, host ns/op | A/A noise floor (B/A per repetition) |".to_owned();
+        let mut header =
+            "| loop | hooked calls/op | no tracer: guest ns/op, host ns/op | A/A noise floor (B/A per repetition) |"
+                .to_owned();
         for m in &others {
             write!(header, " {} |", mode_name(m))?;
         }
@@ -635,7 +658,10 @@ impl Report {
         if by.is_empty() {
             return Ok(());
         }
-        writeln!(s, "BPF programs' own run time (kernel.bpf_stats_enabled) during one run of each loop and, for the tracer, during a tracked-event load:")?;
+        writeln!(
+            s,
+            "BPF programs' own run time (kernel.bpf_stats_enabled) during one run of each loop and, for the tracer, during a tracked-event load:"
+        )?;
         writeln!(s)?;
         writeln!(s, "| mode | program type | runs during the loops | runs during the load | guest ns/run |")?;
         writeln!(s, "|---|---|---|---|---|")?;
@@ -657,9 +683,15 @@ impl Report {
     }
 
     fn render_capacity(&self, s: &mut String, g: &Guest, rows: &[LoopRow]) -> anyhow::Result<()> {
-        writeln!(s, "#### Tracked-event capacity (cxl_dport_bench: lock, lookup, use, unlock of a real dport per iteration)")?;
+        writeln!(
+            s,
+            "#### Tracked-event capacity (cxl_dport_bench: lock, lookup, use, unlock of a real dport per iteration)"
+        )?;
         writeln!(s)?;
-        writeln!(s, "The loads run under the tracer of the last full repetition after its timed loops, the overflow under the one before it.")?;
+        writeln!(
+            s,
+            "The loads run under the tracer of the last full repetition after its timed loops, the overflow under the one before it."
+        )?;
         writeln!(s)?;
         for l in g.lines.iter().filter(|l| l.kind == "generator") {
             let rate = l.num("rate").unwrap_or(0.0);
@@ -688,7 +720,9 @@ impl Report {
                 fmt_opt(factor.map(|f| (c - gn) / 4e3 / f), 2)
             )?;
         }
-        let stack = |probe: &str| g.lines.iter().find(|l| l.kind == "stackcost" && l.get("probe") == Some(probe)).and_then(per_iter);
+        let stack = |probe: &str| {
+            g.lines.iter().find(|l| l.kind == "stackcost" && l.get("probe") == Some(probe)).and_then(per_iter)
+        };
         if let (Some(none), Some(count), Some(kstack)) = (stack("none"), stack("count"), stack("kstack")) {
             writeln!(
                 s,
@@ -721,7 +755,10 @@ impl Report {
             )?;
         }
         writeln!(s)?;
-        writeln!(s, "| tracer | ring | generated (+ warm-up) | received | dropped | exact (generated + warm-up + 1 discovery = received + dropped) |")?;
+        writeln!(
+            s,
+            "| tracer | ring | generated (+ warm-up) | received | dropped | exact (generated + warm-up + 1 discovery = received + dropped) |"
+        )?;
         writeln!(s, "|---|---|---|---|---|---|")?;
         for c in g.lines.iter().filter(|l| matches!(l.kind.as_str(), "capacity" | "overflow")) {
             let tag = c.get("tag").unwrap_or("?");
@@ -747,7 +784,10 @@ impl Report {
     }
 
     fn render_workloads(&self, s: &mut String, g: &Guest) -> anyhow::Result<()> {
-        writeln!(s, "#### Hotplug workloads (guest ms per cycle, median; in brackets the ratio to no tracer in the same repetition, median)")?;
+        writeln!(
+            s,
+            "#### Hotplug workloads (guest ms per cycle, median; in brackets the ratio to no tracer in the same repetition, median)"
+        )?;
         writeln!(s)?;
         let mut others: Vec<&str> = self.modes.iter().map(String::as_str).filter(|m| *m != stats::NONE).collect();
         if g.lines.iter().any(|l| l.kind == "workload" && l.get("mode") == Some(NODEREFS)) {
@@ -782,7 +822,10 @@ impl Report {
             writeln!(s, "{row}")?;
         }
         writeln!(s)?;
-        writeln!(s, "The times exclude attaching (the tracer attaches once, before the workloads). No tracer B is the A/A pair's second half: its ratio is the workloads' own noise.")?;
+        writeln!(
+            s,
+            "The times exclude attaching (the tracer attaches once, before the workloads). No tracer B is the A/A pair's second half: its ratio is the workloads' own noise."
+        )?;
         writeln!(s)?;
         self.render_derefs(s, g)
     }
@@ -791,23 +834,39 @@ impl Report {
     /// attaching and to the hotplug workloads (the tracer against the tracer with
     /// `--no-derefs`, in the first repetition).
     fn render_derefs(&self, s: &mut String, g: &Guest) -> anyhow::Result<()> {
-        let (Some(with), Some(without)) = (g.attach_summary("tracer-1"), g.attach_summary(&format!("{NODEREFS}-1"))) else {
+        let (Some(with), Some(without)) = (g.attach_summary("tracer-1"), g.attach_summary(&format!("{NODEREFS}-1")))
+        else {
             return Ok(());
         };
         writeln!(
             s,
             "Deref sites: **{}** in {} functions; the tracer attaches {} kprobes in {:.1} s with them, {} in {:.1} s without (`--no-derefs`).",
-            with.deref_sites, with.deref_functions, with.kprobes, with.attach_secs, without.kprobes, without.attach_secs
+            with.deref_sites,
+            with.deref_functions,
+            with.kprobes,
+            with.attach_secs,
+            without.kprobes,
+            without.attach_secs
         )?;
         for name in ["memdev-bind", "acpi-unbind"] {
             let per_cycle = |mode: &str| {
                 g.lines
                     .iter()
-                    .find(|l| l.kind == "workload" && l.get("name") == Some(name) && l.get("mode") == Some(mode) && l.get("rep") == Some("1"))
+                    .find(|l| {
+                        l.kind == "workload"
+                            && l.get("name") == Some(name)
+                            && l.get("mode") == Some(mode)
+                            && l.get("rep") == Some("1")
+                    })
                     .and_then(|l| Some(l.num("total_ms")? / l.num("cycles")?))
             };
             if let (Some(a), Some(b)) = (per_cycle(stats::TRACER), per_cycle(NODEREFS)) {
-                writeln!(s, "- {name}: {a:.1} ms per cycle with the deref sites, {b:.1} without: {:+.1} ms ({:+.1} %)", a - b, 100.0 * (a / b - 1.0))?;
+                writeln!(
+                    s,
+                    "- {name}: {a:.1} ms per cycle with the deref sites, {b:.1} without: {:+.1} ms ({:+.1} %)",
+                    a - b,
+                    100.0 * (a / b - 1.0)
+                )?;
             }
         }
         writeln!(s)?;
@@ -823,9 +882,15 @@ impl Report {
         }
         writeln!(s, "#### Every dport free seen")?;
         writeln!(s)?;
-        writeln!(s, "Each tracer period records its events; per period, the host walks the trace (dports by address, in order) after its memdev-bind and acpi-unbind cycles:")?;
+        writeln!(
+            s,
+            "Each tracer period records its events; per period, the host walks the trace (dports by address, in order) after its memdev-bind and acpi-unbind cycles:"
+        )?;
         writeln!(s)?;
-        writeln!(s, "| tracer run | dports seen | frees seen | registered over a dport never seen freed | engine's frees_missed | stray frees | tracked alive at the end | dports in sysfs at the end |")?;
+        writeln!(
+            s,
+            "| tracer run | dports seen | frees seen | registered over a dport never seen freed | engine's frees_missed | stray frees | tracked alive at the end | dports in sysfs at the end |"
+        )?;
         writeln!(s, "|---|---|---|---|---|---|---|---|")?;
         let (mut ok, mut dports, mut frees, mut missed) = (true, 0, 0, 0);
         for run in runs {
@@ -835,16 +900,30 @@ impl Report {
                 ok = false;
                 continue;
             };
-            let engine = g.summary(tag).and_then(|r| r.summary_u64(&["frees_missed"])).with_context(|| format!("the tracer's report of {tag}"))?;
+            let engine = g
+                .summary(tag)
+                .and_then(|r| r.summary_u64(&["frees_missed"]))
+                .with_context(|| format!("the tracer's report of {tag}"))?;
             let n = |l: &Line, k: &str| l.num(k).unwrap_or(0.0) as u64;
-            let (d, f, m, stray, live, sysfs) =
-                (n(&count, "dports"), n(&count, "frees"), n(&count, "missed"), n(&count, "stray"), n(&count, "live_end"), n(run, "dports_end"));
+            let (d, f, m, stray, live, sysfs) = (
+                n(&count, "dports"),
+                n(&count, "frees"),
+                n(&count, "missed"),
+                n(&count, "stray"),
+                n(&count, "live_end"),
+                n(run, "dports_end"),
+            );
             writeln!(s, "| {tag} | {d} | {f} | {m} | {engine} | {stray} | {live} | {sysfs} |")?;
             ok &= f > 0 && m == 0 && engine == 0 && live == sysfs;
             (dports, frees, missed) = (dports + d, frees + f, missed + m + engine);
         }
         writeln!(s)?;
-        Ok(Some((ok, format!("{dports} dports and {frees} frees seen over the tracer periods, {missed} missed, every tracked dport alive at the end of a period listed in sysfs"))))
+        Ok(Some((
+            ok,
+            format!(
+                "{dports} dports and {frees} frees seen over the tracer periods, {missed} missed, every tracked dport alive at the end of a period listed in sysfs"
+            ),
+        )))
     }
 
     fn targets(&self, g: &Guest, rows: &[LoopRow], frees: Option<(bool, String)>) -> anyhow::Result<Vec<String>> {
@@ -859,10 +938,18 @@ impl Report {
                 out.push(format!("{}: the tracer's cost was not measured", r.what));
                 continue;
             };
-            let floor = r.stats.floor.as_ref().map_or("no A/A pair".to_owned(), |f| format!("A/A floor ±{:.2} %", f.resolution * 100.0));
+            let floor = r
+                .stats
+                .floor
+                .as_ref()
+                .map_or("no A/A pair".to_owned(), |f| format!("A/A floor ±{:.2} %", f.resolution * 100.0));
             // Attached to the hooked function itself, by the kernel's own account.
             let functions: &[&str] = if r.name == "pipe" { &["mutex_lock", "mutex_unlock"] } else { &["kfree"] };
-            let attached: u64 = functions.iter().filter_map(|f| g.hot(f)).map(|(k, t, tp)| k + t + if r.name == "select" { tp } else { 0 }).sum();
+            let attached: u64 = functions
+                .iter()
+                .filter_map(|f| g.hot(f))
+                .map(|(k, t, tp)| k + t + if r.name == "select" { tp } else { 0 })
+                .sum();
             let hot_known = functions.iter().all(|f| g.hot(f).is_some());
             let nothing = tracer_points.is_some_and(BTreeSet::is_empty) && (!hot_known || attached == 0);
             let verdict = if nothing { stats::at_floor(t) } else { Verdict::NotMet };
@@ -932,7 +1019,8 @@ impl Report {
                 })
             })
             .collect();
-        let calls = self.host.iter().find(|l| l.kind == "hostcalls").and_then(|l| Some(l.num("kfree")? / l.num("ops")?));
+        let calls =
+            self.host.iter().find(|l| l.kind == "hostcalls").and_then(|l| Some(l.num("kfree")? / l.num("ops")?));
         (LoopStats::compute(&samples, "select"), calls)
     }
 
@@ -988,18 +1076,36 @@ impl Report {
             c.hwm_kb as f64 / 1024.0,
             c.evicted
         )?;
-        let curve: Vec<String> = c.samples.iter().map(|(d, r)| format!("{}k:{:.1}", d / 1000, *r as f64 / 1024.0)).collect();
+        let curve: Vec<String> =
+            c.samples.iter().map(|(d, r)| format!("{}k:{:.1}", d / 1000, *r as f64 / 1024.0)).collect();
         writeln!(s, "  (dports:MiB) {}", curve.join(" "))?;
         for g in &self.guests {
             let mib = |kind: &str| -> Vec<String> {
                 g.lines
                     .iter()
                     .filter(|l| l.kind == kind && matches!(l.get("mode"), Some("tracer" | "global")))
-                    .filter_map(|l| Some(format!("{} {}/{}", l.get("tag")?, l.num("rss_kb")? as u64 / 1024, l.num("hwm_kb")? as u64 / 1024)))
+                    .filter_map(|l| {
+                        Some(format!(
+                            "{} {}/{}",
+                            l.get("tag")?,
+                            l.num("rss_kb")? as u64 / 1024,
+                            l.num("hwm_kb")? as u64 / 1024
+                        ))
+                    })
                     .collect()
             };
-            writeln!(s, "- `tracer run` on {}, VmRSS/VmHWM MiB just after attaching: {}", g.name, mib("attached").join(", "))?;
-            writeln!(s, "- `tracer run` on {}, VmRSS/VmHWM MiB at the end of each mode period: {}", g.name, mib("memory").join(", "))?;
+            writeln!(
+                s,
+                "- `tracer run` on {}, VmRSS/VmHWM MiB just after attaching: {}",
+                g.name,
+                mib("attached").join(", ")
+            )?;
+            writeln!(
+                s,
+                "- `tracer run` on {}, VmRSS/VmHWM MiB at the end of each mode period: {}",
+                g.name,
+                mib("memory").join(", ")
+            )?;
         }
         if let Some(soak) = &self.soak {
             for line in soak.lines() {

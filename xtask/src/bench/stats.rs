@@ -91,8 +91,8 @@ pub fn std_dev(v: &[f64]) -> f64 {
 /// The one-sided 95 % quantile of Student's t with `dof` degrees of freedom.
 pub fn t95(dof: usize) -> f64 {
     const TABLE: [f64; 30] = [
-        6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761, 1.753,
-        1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701, 1.699, 1.697,
+        6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761, 1.753, 1.746,
+        1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701, 1.699, 1.697,
     ];
     match dof {
         0 => f64::INFINITY,
@@ -220,9 +220,16 @@ impl Cost {
         let m = mean(&logs);
         let spread = std_dev(&logs).max(floor_sd);
         let half = t95(n - 1) * spread / (n as f64).sqrt();
-        Some(Cost { cost: m.exp_m1(), lo: (m - half).exp_m1(), hi: (m + half).exp_m1(), n, ratios, log_mean: m, spread })
+        Some(Cost {
+            cost: m.exp_m1(),
+            lo: (m - half).exp_m1(),
+            hi: (m + half).exp_m1(),
+            n,
+            ratios,
+            log_mean: m,
+            spread,
+        })
     }
-
 }
 
 /// A target's verdict.
@@ -304,8 +311,7 @@ pub mod samples {
 
 #[cfg(test)]
 mod tests {
-    use super::samples::*;
-    use super::*;
+    use super::{samples::*, *};
 
     #[test]
     fn parses_loop_lines_only() {

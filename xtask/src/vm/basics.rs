@@ -30,11 +30,7 @@ pub const NEEDS: &[Need] = &[
         config: "CONFIG_NET_9P_VIRTIO",
         what: "9p over virtio, the results share's transport",
     },
-    Need {
-        module: "9p",
-        config: "CONFIG_9P_FS",
-        what: "the 9p file system of the results share",
-    },
+    Need { module: "9p", config: "CONFIG_9P_FS", what: "the 9p file system of the results share" },
 ];
 
 /// The modules `/init` loads, in this order, before it mounts the share: each need that
@@ -129,13 +125,8 @@ kernel/drivers/virtio/virtio_pci_modern_dev.ko
     fn a_missing_need_names_its_config_option() {
         // No modules.builtin (a tree without it) and no virtio_pci module.
         let index = ModuleIndex::parse(DEP_6_12, "");
-        let err = modules(&index, "7.2.13+deb14-amd64")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("virtio_pci") && err.contains("CONFIG_VIRTIO_PCI"),
-            "{err}"
-        );
+        let err = modules(&index, "7.2.13+deb14-amd64").unwrap_err().to_string();
+        assert!(err.contains("virtio_pci") && err.contains("CONFIG_VIRTIO_PCI"), "{err}");
         assert!(err.contains("7.2.13+deb14-amd64"), "{err}");
     }
 }

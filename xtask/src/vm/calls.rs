@@ -37,20 +37,16 @@ impl Calls {
     /// counted function's hits were all recorded: no kretprobe miss, no buffer overrun.
     pub fn read(out: &Path, functions: &[&str]) -> anyhow::Result<Calls> {
         let path = out.join("calls.txt");
-        let text = fs::read_to_string(&path).with_context(|| {
-            format!(
-                "reading {} (the guest saves it when --count-calls is given)",
-                path.display()
-            )
-        })?;
+        let text = fs::read_to_string(&path)
+            .with_context(|| format!("reading {} (the guest saves it when --count-calls is given)", path.display()))?;
         let returns = text
             .lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| parse_return(l).with_context(|| format!("{}: bad line {l:?}", path.display())))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let profile_path = out.join("calls-profile.txt");
-        let profile = fs::read_to_string(&profile_path)
-            .with_context(|| format!("reading {}", profile_path.display()))?;
+        let profile =
+            fs::read_to_string(&profile_path).with_context(|| format!("reading {}", profile_path.display()))?;
         for function in functions {
             let (hits, missed) = profile
                 .lines()
@@ -60,14 +56,9 @@ impl Calls {
                         .then(|| Some((w.next()?.parse::<u64>().ok()?, w.next()?.parse::<u64>().ok()?)))
                         .flatten()
                 })
-                .with_context(|| {
-                    format!("{} has no kprobe_profile line for {function}", profile_path.display())
-                })?;
+                .with_context(|| format!("{} has no kprobe_profile line for {function}", profile_path.display()))?;
             let recorded = returns.iter().filter(|r| r.function == *function).count() as u64;
-            ensure!(
-                missed == 0,
-                "the kretprobe on {function} missed {missed} return(s): its count is not exact"
-            );
+            ensure!(missed == 0, "the kretprobe on {function} missed {missed} return(s): its count is not exact");
             ensure!(
                 hits == recorded,
                 "{function} was entered {hits} times but {recorded} returns were recorded \
@@ -80,10 +71,7 @@ impl Calls {
                 .next()
                 .and_then(|v| v.trim().parse().ok())
                 .with_context(|| format!("{}: bad line {l:?}", profile_path.display()))?;
-            ensure!(
-                lost == 0,
-                "the guest's trace buffer overran ({l}): call counts are not exact"
-            );
+            ensure!(lost == 0, "the guest's trace buffer overran ({l}): call counts are not exact");
         }
         Ok(Calls { returns })
     }
@@ -106,55 +94,31 @@ impl Calls {
     }
 
     /// Returns of `function` to `caller` (any caller when `None`).
-    pub fn of<'a>(
-        &'a self,
-        function: &'a str,
-        caller: Option<&'a str>,
-    ) -> impl Iterator<Item = &'a Return> + 'a {
-        self.returns
-            .iter()
-            .filter(move |r| r.function == function && caller.is_none_or(|c| r.caller == c))
+    pub fn of<'a>(&'a self, function: &'a str, caller: Option<&'a str>) -> impl Iterator<Item = &'a Return> + 'a {
+        self.returns.iter().filter(move |r| r.function == function && caller.is_none_or(|c| r.caller == c))
     }
 }
 
 /// Parses one tracefs line of a kretprobe event:
 /// `  run-workloads-190  [001] d..2.   18.281: cxl_mem_probe: (cxl_bus_probe+0x1b/0x50 <- cxl_mem_probe) ret=0x0`.
 fn parse_return(line: &str) -> anyhow::Result<Return> {
-    let (head, body) = line
-        .split_once(": (")
-        .context("no \": (\" before the return address")?;
-    let task = head
-        .find(" [")
-        .map(|at| head[..at].trim())
-        .context("no [cpu] field")?;
+    let (head, body) = line.split_once(": (").context("no \": (\" before the return address")?;
+    let task = head.find(" [").map(|at| head[..at].trim()).context("no [cpu] field")?;
     let (comm, pid) = task.rsplit_once('-').context("no COMM-PID")?;
     let pid = pid.parse().context("bad pid")?;
     let (caller, rest) = body.split_once(" <- ").context("no \" <- \"")?;
-    let caller = caller
-        .split(['+', ' '])
-        .next()
-        .filter(|c| !c.is_empty())
-        .context("no caller symbol")?;
+    let caller = caller.split(['+', ' ']).next().filter(|c| !c.is_empty()).context("no caller symbol")?;
     // The function is the event's own name (the probe was defined on it): the kernel's
     // `<- FUNCTION` symbolization is not always right (6.1 printed `_note_9` for a module's
     // function until the module was first reloaded).
     let function = head.rsplit(' ').next().unwrap_or_default();
     let (_, rest) = rest.split_once(')').context("no \")\" after the function")?;
-    let value = rest
-        .trim()
-        .strip_prefix("ret=")
-        .context("no ret=")?;
+    let value = rest.trim().strip_prefix("ret=").context("no ret=")?;
     let value = u64::from_str_radix(value.trim_start_matches("0x"), 16).context("bad ret value")?;
     if function.is_empty() {
         bail!("no function name");
     }
-    Ok(Return {
-        comm: comm.to_owned(),
-        pid,
-        function: function.to_owned(),
-        caller: caller.to_owned(),
-        value,
-    })
+    Ok(Return { comm: comm.to_owned(), pid, function: function.to_owned(), caller: caller.to_owned(), value })
 }
 
 #[cfg(test)]
@@ -209,33 +173,17 @@ mod tests {
             line(7, "probe", "bus", "0x0"),
         ]
         .join("\n");
-        let calls = Calls {
-            returns: text.lines().map(|l| parse_return(l).unwrap()).collect(),
-        };
-        let values: Vec<Option<u64>> = calls
-            .last_inner("probe", "add")
-            .into_iter()
-            .map(|r| r.map(|r| r.value))
-            .collect();
-        assert_eq!(
-            values,
-            [Some(0xffff888000003000), Some(0xffff888000002000), None]
-        );
+        let calls = Calls { returns: text.lines().map(|l| parse_return(l).unwrap()).collect() };
+        let values: Vec<Option<u64>> =
+            calls.last_inner("probe", "add").into_iter().map(|r| r.map(|r| r.value)).collect();
+        assert_eq!(values, [Some(0xffff888000003000), Some(0xffff888000002000), None]);
     }
 
     #[test]
     fn counts_must_be_complete() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(
-            dir.path().join("calls.txt"),
-            "  sh-1  [000] d..2.  1.0: f: (g+0x1/0x2 <- f) ret=0x0\n",
-        )
-        .unwrap();
-        fs::write(
-            dir.path().join("calls-profile.txt"),
-            "profile f 1 0\ncpu0 overrun: 0\n",
-        )
-        .unwrap();
+        fs::write(dir.path().join("calls.txt"), "  sh-1  [000] d..2.  1.0: f: (g+0x1/0x2 <- f) ret=0x0\n").unwrap();
+        fs::write(dir.path().join("calls-profile.txt"), "profile f 1 0\ncpu0 overrun: 0\n").unwrap();
         let calls = Calls::read(dir.path(), &["f"]).unwrap();
         assert_eq!(calls.of("f", Some("g")).count(), 1);
         assert_eq!(calls.of("f", Some("h")).count(), 0);

@@ -27,11 +27,7 @@ pub struct Writer<W: Write> {
 
 impl<W: Write> Writer<W> {
     pub fn new(out: W) -> Self {
-        Self {
-            out,
-            next_inode: 1,
-            dirs: HashSet::new(),
-        }
+        Self { out, next_inode: 1, dirs: HashSet::new() }
     }
 
     /// A directory (and its missing parents). `path` is relative to the root: `lib/modules`.
@@ -59,13 +55,7 @@ impl<W: Write> Writer<W> {
     }
 
     /// A character device node (`dev/console` is 5:1): init needs it before devtmpfs is up.
-    pub fn char_device(
-        &mut self,
-        path: &str,
-        mode: u32,
-        major: u32,
-        minor: u32,
-    ) -> anyhow::Result<()> {
+    pub fn char_device(&mut self, path: &str, mode: u32, major: u32, minor: u32) -> anyhow::Result<()> {
         let path = normalize(path)?;
         self.parents(&path)?;
         self.entry_with_rdev(&path, S_IFCHR | (mode & 0o7777), (major, minor), &[])
@@ -94,39 +84,20 @@ impl<W: Write> Writer<W> {
         self.entry_full(name, mode, nlink, (0, 0), data)
     }
 
-    fn entry_with_rdev(
-        &mut self,
-        name: &str,
-        mode: u32,
-        rdev: (u32, u32),
-        data: &[u8],
-    ) -> anyhow::Result<()> {
+    fn entry_with_rdev(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) -> anyhow::Result<()> {
         self.entry_full(name, mode, 1, rdev, data)
     }
 
-    fn entry_full(
-        &mut self,
-        name: &str,
-        mode: u32,
-        nlink: u32,
-        rdev: (u32, u32),
-        data: &[u8],
-    ) -> anyhow::Result<()> {
-        let size = u32::try_from(data.len()).with_context(|| {
-            format!(
-                "{name} is {} bytes: newc holds at most 4 GiB per file",
-                data.len()
-            )
-        })?;
+    fn entry_full(&mut self, name: &str, mode: u32, nlink: u32, rdev: (u32, u32), data: &[u8]) -> anyhow::Result<()> {
+        let size = u32::try_from(data.len())
+            .with_context(|| format!("{name} is {} bytes: newc holds at most 4 GiB per file", data.len()))?;
         let name_size = u32::try_from(name.len() + 1).context("cpio entry name too long")?;
         let inode = self.next_inode;
         self.next_inode += 1;
         // inode, mode, uid, gid, nlink, mtime, filesize, devmajor, devminor, rdevmajor,
         // rdevminor, namesize, check: all zero where the kernel does not care. A fixed mtime
         // keeps the archive reproducible.
-        let fields = [
-            inode, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1, name_size, 0,
-        ];
+        let fields = [inode, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1, name_size, 0];
         let mut header = Vec::with_capacity(HEADER_LEN + name.len() + 4);
         header.extend_from_slice(MAGIC);
         for field in fields {
@@ -135,30 +106,18 @@ impl<W: Write> Writer<W> {
         header.extend_from_slice(name.as_bytes());
         header.push(0);
         header.resize(header.len().next_multiple_of(4), 0);
-        self.out
-            .write_all(&header)
-            .with_context(|| format!("writing the cpio header of {name}"))?;
-        self.out
-            .write_all(data)
-            .with_context(|| format!("writing {name} into the cpio archive"))?;
+        self.out.write_all(&header).with_context(|| format!("writing the cpio header of {name}"))?;
+        self.out.write_all(data).with_context(|| format!("writing {name} into the cpio archive"))?;
         let pad = data.len().next_multiple_of(4) - data.len();
-        self.out
-            .write_all(&[0; 3][..pad])
-            .context("writing cpio padding")?;
+        self.out.write_all(&[0; 3][..pad]).context("writing cpio padding")?;
         Ok(())
     }
 }
 
 fn normalize(path: &str) -> anyhow::Result<String> {
     let trimmed = path.trim_matches('/');
-    if trimmed.is_empty()
-        || trimmed
-            .split('/')
-            .any(|c| c.is_empty() || c == "." || c == "..")
-    {
-        bail!(
-            "invalid initramfs path {path:?}: expected a relative path without . or .. components"
-        );
+    if trimmed.is_empty() || trimmed.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        bail!("invalid initramfs path {path:?}: expected a relative path without . or .. components");
     }
     Ok(trimmed.to_owned())
 }
@@ -188,11 +147,7 @@ mod tests {
             let name_size = field(entry, 11) as usize;
             let name = std::str::from_utf8(&entry[HEADER_LEN..HEADER_LEN + name_size - 1]).unwrap();
             let data_at = (HEADER_LEN + name_size).next_multiple_of(4);
-            names.push((
-                name.to_owned(),
-                field(entry, 1),
-                entry[data_at..data_at + size].to_vec(),
-            ));
+            names.push((name.to_owned(), field(entry, 1), entry[data_at..data_at + size].to_vec()));
             at += (data_at + size).next_multiple_of(4);
             if name == TRAILER {
                 break;

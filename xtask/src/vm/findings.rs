@@ -35,18 +35,12 @@ pub struct Finding {
 
 impl Finding {
     pub fn is_read_side(&self) -> bool {
-        matches!(
-            self.class.as_str(),
-            "unlocked-use" | "stale-use" | "use-after-free"
-        )
+        matches!(self.class.as_str(), "unlocked-use" | "stale-use" | "use-after-free")
     }
 
     /// `class at site (N, comm)`, for messages.
     pub fn title(&self) -> String {
-        format!(
-            "{} at {} ({} occurrence(s), {})",
-            self.class, self.site, self.count, self.comm
-        )
+        format!("{} at {} ({} occurrence(s), {})", self.class, self.site, self.count, self.comm)
     }
 }
 
@@ -62,8 +56,7 @@ pub struct Report {
 
 impl Report {
     pub fn read(path: &Path) -> anyhow::Result<Report> {
-        let text =
-            fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Report::parse(&text).with_context(|| format!("in {}", path.display()))
     }
 
@@ -71,34 +64,26 @@ impl Report {
         let mut findings = Vec::new();
         let mut summary = None;
         for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let v: Value = serde_json::from_str(line)
-                .with_context(|| format!("line {} is not JSON: {line:.120}", n + 1))?;
+            let v: Value =
+                serde_json::from_str(line).with_context(|| format!("line {} is not JSON: {line:.120}", n + 1))?;
             if let Some(s) = v.get("summary") {
                 ensure!(summary.is_none(), "two summary lines");
                 summary = Some(s.clone());
                 continue;
             }
-            ensure!(
-                summary.is_none(),
-                "a finding after the summary line (line {})",
-                n + 1
-            );
+            ensure!(summary.is_none(), "a finding after the summary line (line {})", n + 1);
             findings.push(finding(&v, line).with_context(|| format!("line {}", n + 1))?);
         }
-        let summary =
-            summary.context("no summary line: the tracer did not finish its report")?;
+        let summary = summary.context("no summary line: the tracer did not finish its report")?;
         Ok(Report { findings, summary })
     }
 
     pub fn summary_u64(&self, path: &[&str]) -> anyhow::Result<u64> {
         let mut v = &self.summary;
         for key in path {
-            v = v
-                .get(key)
-                .with_context(|| format!("the summary has no {}", path.join(".")))?;
+            v = v.get(key).with_context(|| format!("the summary has no {}", path.join(".")))?;
         }
-        v.as_u64()
-            .with_context(|| format!("summary.{} is not a number: {v}", path.join(".")))
+        v.as_u64().with_context(|| format!("summary.{} is not a number: {v}", path.join(".")))
     }
 
     /// Occurrences of `class` at `site`, summed over its groups (one per process context).
@@ -106,14 +91,8 @@ impl Report {
         self.matching(class, site).map(|f| f.count).sum()
     }
 
-    pub fn matching<'a>(
-        &'a self,
-        class: &'a str,
-        site: &'a str,
-    ) -> impl Iterator<Item = &'a Finding> + 'a {
-        self.findings
-            .iter()
-            .filter(move |f| f.class == class && f.site == site)
+    pub fn matching<'a>(&'a self, class: &'a str, site: &'a str) -> impl Iterator<Item = &'a Finding> + 'a {
+        self.findings.iter().filter(move |f| f.class == class && f.site == site)
     }
 
     /// Occurrences by (class, site), for tables.
@@ -142,10 +121,7 @@ impl Report {
         }
         if let Some(evicted) = self.summary.get("evicted").and_then(Value::as_object) {
             for (what, n) in evicted {
-                ensure!(
-                    n.as_u64() == Some(0),
-                    "the engine evicted {n} {what}: its state cap was reached"
-                );
+                ensure!(n.as_u64() == Some(0), "the engine evicted {n} {what}: its state cap was reached");
             }
         }
         Ok(())
@@ -153,17 +129,8 @@ impl Report {
 
     /// Fails when any finding of `class` is present.
     pub fn check_none(&self, class: &str) -> anyhow::Result<()> {
-        let found: Vec<String> = self
-            .findings
-            .iter()
-            .filter(|f| f.class == class)
-            .map(Finding::title)
-            .collect();
-        ensure!(
-            found.is_empty(),
-            "unexpected {class} finding(s): {}",
-            found.join("; ")
-        );
+        let found: Vec<String> = self.findings.iter().filter(|f| f.class == class).map(Finding::title).collect();
+        ensure!(found.is_empty(), "unexpected {class} finding(s): {}", found.join("; "));
         let n = self.summary_u64(&["occurrences", class])?;
         ensure!(n == 0, "the summary counts {n} {class} occurrence(s)");
         Ok(())
@@ -178,11 +145,9 @@ impl Report {
             // A raw address means the tracer had no symbol for it when it recorded the event
             // (e.g. a module reloaded at a new address, not yet re-read from kallsyms): the
             // finding then groups apart from its siblings and names no function.
-            for (which, stack) in [
-                ("use", Some(&f.stack)),
-                ("load", f.load_stack.as_ref()),
-                ("lock", f.lock_stack.as_ref()),
-            ] {
+            for (which, stack) in
+                [("use", Some(&f.stack)), ("load", f.load_stack.as_ref()), ("lock", f.lock_stack.as_ref())]
+            {
                 if let Some(raw) = stack.into_iter().flatten().find(|fr| fr.starts_with("0x")) {
                     bail!(
                         "{title}: its {which} stack has an unsymbolized frame {raw}: the tracer \
@@ -199,18 +164,12 @@ impl Report {
                 continue;
             }
             let load = f.load_stack.as_deref().unwrap_or_default();
-            ensure!(
-                !load.is_empty(),
-                "{title}: no load stack: it cites a dport the tracer did not see loaded"
-            );
+            ensure!(!load.is_empty(), "{title}: no load stack: it cites a dport the tracer did not see loaded");
             let (Some(load_ts), Some(ts)) = (f.load_ts, f.ts) else {
                 bail!("{title}: no load_ts or ts");
             };
             ensure!(load_ts <= ts, "{title}: loaded at {load_ts}, after its use at {ts}");
-            let expected = f
-                .expected_lock
-                .as_deref()
-                .with_context(|| format!("{title}: no expected lock"))?;
+            let expected = f.expected_lock.as_deref().with_context(|| format!("{title}: no expected lock"))?;
             ensure!(
                 f.expected_lock_role.as_deref() == Some("free lock"),
                 "{title}: the expected lock is not the free lock: {:?}",
@@ -226,13 +185,9 @@ impl Report {
                         f.held_locks.iter().any(|l| l == expected),
                         "{title}: the free lock {expected} is not listed as held"
                     );
-                    ensure!(
-                        f.load_free_lock_held == Some(false),
-                        "{title}: loaded with the free lock held, yet stale"
-                    );
-                    let lock_ts = f
-                        .lock_ts
-                        .with_context(|| format!("{title}: no lock_ts (when the lock was taken)"))?;
+                    ensure!(f.load_free_lock_held == Some(false), "{title}: loaded with the free lock held, yet stale");
+                    let lock_ts =
+                        f.lock_ts.with_context(|| format!("{title}: no lock_ts (when the lock was taken)"))?;
                     ensure!(
                         load_ts <= lock_ts && lock_ts <= ts,
                         "{title}: the lock was taken at {lock_ts}, not between the load at \
@@ -250,38 +205,22 @@ impl Report {
 
 fn finding(v: &Value, line: &str) -> anyhow::Result<Finding> {
     let s = |key: &str| -> anyhow::Result<String> {
-        v.get(key)
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .with_context(|| format!("no string field {key:?}"))
+        v.get(key).and_then(Value::as_str).map(str::to_owned).with_context(|| format!("no string field {key:?}"))
     };
     let stack = |key: &str| -> Option<Vec<String>> {
-        v.get(key)?.as_array().map(|a| {
-            a.iter()
-                .filter_map(|f| f.as_str().map(str::to_owned))
-                .collect()
-        })
+        v.get(key)?.as_array().map(|a| a.iter().filter_map(|f| f.as_str().map(str::to_owned)).collect())
     };
     Ok(Finding {
         class: s("class")?,
         site: s("site")?,
-        count: v
-            .get("count")
-            .and_then(Value::as_u64)
-            .context("no count")?,
+        count: v.get("count").and_then(Value::as_u64).context("no count")?,
         comm: s("comm")?,
         root: v.get("root").and_then(Value::as_bool).unwrap_or(false),
         stack: stack("stack").unwrap_or_default(),
         load_stack: stack("load_stack"),
         lock_stack: stack("lock_stack"),
-        expected_lock: v
-            .get("expected_lock")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
-        expected_lock_role: v
-            .get("expected_lock_role")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
+        expected_lock: v.get("expected_lock").and_then(Value::as_str).map(str::to_owned),
+        expected_lock_role: v.get("expected_lock_role").and_then(Value::as_str).map(str::to_owned),
         held_locks: stack("held_locks").unwrap_or_default(),
         ts: v.get("ts").and_then(Value::as_u64),
         load_ts: v.get("load_ts").and_then(Value::as_u64),
@@ -309,12 +248,7 @@ pub fn analyze(tracer: &Path, trace: &Path) -> anyhow::Result<(Report, String)> 
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     match out.status.code() {
         Some(0 | 1) => {}
-        _ => bail!(
-            "tracer analyze {} failed ({}): {}",
-            trace.display(),
-            out.status,
-            stderr.trim()
-        ),
+        _ => bail!("tracer analyze {} failed ({}): {}", trace.display(), out.status, stderr.trim()),
     }
     let text = String::from_utf8(out.stdout).context("tracer analyze printed non-UTF-8")?;
     Ok((Report::parse(&text)?, stderr))

@@ -35,9 +35,7 @@ fn busybox() -> anyhow::Result<PathBuf> {
         .iter()
         .map(PathBuf::from)
         .find(|p| p.is_file())
-        .context(
-            "busybox not found: install the busybox-static package (cargo xtask setup does)",
-        )?;
+        .context("busybox not found: install the busybox-static package (cargo xtask setup does)")?;
     let elf = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     if has_interpreter(&elf)? {
         bail!(
@@ -50,18 +48,9 @@ fn busybox() -> anyhow::Result<PathBuf> {
 
 /// Whether a 64-bit little-endian ELF file asks for a dynamic loader (PT_INTERP).
 pub fn has_interpreter(elf: &[u8]) -> anyhow::Result<bool> {
-    let u16_at = |at: usize| {
-        elf.get(at..at + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-    };
-    let u32_at = |at: usize| {
-        elf.get(at..at + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-    };
-    let u64_at = |at: usize| {
-        elf.get(at..at + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-    };
+    let u16_at = |at: usize| elf.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |at: usize| elf.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+    let u64_at = |at: usize| elf.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
     if elf.get(..5) != Some(b"\x7fELF\x02") {
         bail!("not a 64-bit ELF file");
     }
@@ -81,16 +70,12 @@ pub fn has_interpreter(elf: &[u8]) -> anyhow::Result<bool> {
 pub fn base(kernel: &Kernel, index: &ModuleIndex, modules: &[String]) -> anyhow::Result<PathBuf> {
     let busybox = busybox()?;
     let stamp = |p: &Path| {
-        fs::metadata(p)
-            .map(|m| format!("{}:{}:{:?}", p.display(), m.len(), m.modified().ok()))
-            .unwrap_or_default()
+        fs::metadata(p).map(|m| format!("{}:{}:{:?}", p.display(), m.len(), m.modified().ok())).unwrap_or_default()
     };
     // Keyed on each module file too: a user's tree may be rebuilt in place under the same
     // release, and two kernels may need different modules (basics.rs).
-    let module_stamps: Vec<String> = modules
-        .iter()
-        .map(|m| stamp(&kernel.modules.join(&index.modules[m].path)))
-        .collect();
+    let module_stamps: Vec<String> =
+        modules.iter().map(|m| stamp(&kernel.modules.join(&index.modules[m].path))).collect();
     let key = fnv1a(
         format!(
             "{BASE_FORMAT}\n{}\n{}\n{}\n{}\n{}",
@@ -108,24 +93,17 @@ pub fn base(kernel: &Kernel, index: &ModuleIndex, modules: &[String]) -> anyhow:
         return Ok(path);
     }
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    println!(
-        "vm: building the base initramfs (busybox, {} modules)",
-        modules.len()
-    );
+    println!("vm: building the base initramfs (busybox, {} modules)", modules.len());
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     let file = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut w = cpio::Writer::new(BufWriter::new(file));
-    for d in [
-        "dev", "proc", "sys", "tmp", "share", "vm", "bin", "sbin", "usr/bin", "usr/sbin", "etc",
-        "root",
-    ] {
+    for d in ["dev", "proc", "sys", "tmp", "share", "vm", "bin", "sbin", "usr/bin", "usr/sbin", "etc", "root"] {
         w.dir(d)?;
     }
     w.char_device("dev/console", 0o600, 5, 1)?;
     let data = fs::read(&busybox).with_context(|| format!("reading {}", busybox.display()))?;
     w.file("bin/busybox", 0o755, &data)?;
-    let applets = util::output(Command::new(&busybox).arg("--list-full"))
-        .context("listing busybox applets")?;
+    let applets = util::output(Command::new(&busybox).arg("--list-full")).context("listing busybox applets")?;
     for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty()) {
         if applet != "bin/busybox" {
             w.symlink(applet, "/bin/busybox")?;
@@ -138,8 +116,7 @@ pub fn base(kernel: &Kernel, index: &ModuleIndex, modules: &[String]) -> anyhow:
         w.file(&format!("{root}/{}", plain_ko(&module.path)), 0o644, &data)?;
     }
     w.finish()?;
-    fs::rename(&tmp, &path)
-        .with_context(|| format!("moving {} to {}", tmp.display(), path.display()))?;
+    fs::rename(&tmp, &path).with_context(|| format!("moving {} to {}", tmp.display(), path.display()))?;
     Ok(path)
 }
 
@@ -153,15 +130,9 @@ fn plain_ko(path: &str) -> String {
 
 /// The guest's modules.dep: every module of the base by its decompressed path, the user's
 /// modules under `updates/` in place of the stock ones of the same name.
-pub fn guest_modules_dep(
-    index: &ModuleIndex,
-    modules: &[String],
-    user: &[UserModule],
-) -> anyhow::Result<String> {
-    let mut paths: BTreeMap<&str, String> = modules
-        .iter()
-        .map(|m| (m.as_str(), plain_ko(&index.modules[m].path)))
-        .collect();
+pub fn guest_modules_dep(index: &ModuleIndex, modules: &[String], user: &[UserModule]) -> anyhow::Result<String> {
+    let mut paths: BTreeMap<&str, String> =
+        modules.iter().map(|m| (m.as_str(), plain_ko(&index.modules[m].path))).collect();
     for u in user {
         paths.insert(&u.name, user_module_path(u));
     }
@@ -176,14 +147,15 @@ pub fn guest_modules_dep(
             }
             None => index.modules[*name].deps.clone(),
         };
-        let dep_paths: Vec<&str> =
-            deps.iter()
-                .map(|d| {
-                    paths.get(d.as_str()).map(String::as_str).with_context(|| {
-                        format!("module {d} needed by {name} is not in the initramfs")
-                    })
-                })
-                .collect::<anyhow::Result<_>>()?;
+        let dep_paths: Vec<&str> = deps
+            .iter()
+            .map(|d| {
+                paths
+                    .get(d.as_str())
+                    .map(String::as_str)
+                    .with_context(|| format!("module {d} needed by {name} is not in the initramfs"))
+            })
+            .collect::<anyhow::Result<_>>()?;
         out.push_str(&format!("{path}: {}\n", dep_paths.join(" ")));
     }
     Ok(out)
@@ -222,38 +194,25 @@ pub fn write_initrd(base: &Path, run: &RunPart<'_>, target: &Path) -> anyhow::Re
     w.file("vm/lib.sh", 0o644, workload::LIB.as_bytes())?;
     w.file("vm/workloads.sh", 0o644, workload::WORKLOADS.as_bytes())?;
     w.file("vm/workload", 0o755, workload::WORKLOAD.as_bytes())?;
-    w.file(
-        "vm/run-workloads",
-        0o755,
-        workload::RUN_WORKLOADS.as_bytes(),
-    )?;
+    w.file("vm/run-workloads", 0o755, workload::RUN_WORKLOADS.as_bytes())?;
     w.file("vm/run-workload", 0o755, workload::RUN_WORKLOAD.as_bytes())?;
     let root = format!("lib/modules/{}", run.release);
-    w.file(
-        &format!("{root}/modules.dep"),
-        0o644,
-        run.modules_dep.as_bytes(),
-    )?;
+    w.file(&format!("{root}/modules.dep"), 0o644, run.modules_dep.as_bytes())?;
     for module in run.user_modules {
         let data = kernel::read_decompressed(&module.file)?;
-        w.file(
-            &format!("{root}/{}", user_module_path(module)),
-            0o644,
-            &data,
-        )?;
+        w.file(&format!("{root}/{}", user_module_path(module)), 0o644, &data)?;
     }
     if let Some(tracer) = run.tracer {
         let data = fs::read(tracer).with_context(|| format!("reading {}", tracer.display()))?;
         w.file("bin/tracer", 0o755, &data)?;
     }
     if let Some(script) = run.script {
-        let data =
-            fs::read(script).with_context(|| format!("reading the script {}", script.display()))?;
+        let data = fs::read(script).with_context(|| format!("reading the script {}", script.display()))?;
         w.file("vm/script", 0o755, &data)?;
     }
     for extra in run.extra_files {
-        let data = fs::read(&extra.source)
-            .with_context(|| format!("reading {} for the guest", extra.source.display()))?;
+        let data =
+            fs::read(&extra.source).with_context(|| format!("reading {} for the guest", extra.source.display()))?;
         w.file(&extra.path, extra.mode, &data)?;
     }
     bytes.extend(w.finish()?);
@@ -299,10 +258,7 @@ mod tests {
 
     #[test]
     fn compressed_module_paths_become_plain() {
-        assert_eq!(
-            plain_ko("kernel/drivers/cxl/cxl_mem.ko.xz"),
-            "kernel/drivers/cxl/cxl_mem.ko"
-        );
+        assert_eq!(plain_ko("kernel/drivers/cxl/cxl_mem.ko.xz"), "kernel/drivers/cxl/cxl_mem.ko");
         assert_eq!(plain_ko("extra/foo.ko"), "extra/foo.ko");
     }
 }

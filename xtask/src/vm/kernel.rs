@@ -52,8 +52,7 @@ impl Kernel {
                 Ok(kernel)
             }
             Source::Deb(deb) => {
-                let deb = fs::canonicalize(deb)
-                    .with_context(|| format!("kernel .deb {} not found", deb.display()))?;
+                let deb = fs::canonicalize(deb).with_context(|| format!("kernel .deb {} not found", deb.display()))?;
                 unpacked(&[deb])
             }
             Source::Tree { image, modules } => from_tree(image, modules),
@@ -99,29 +98,16 @@ fn deb_version(deb: &Path) -> Option<String> {
 /// together and indexed (depmod) on first use.
 fn unpacked(debs: &[PathBuf]) -> anyhow::Result<Kernel> {
     let first = debs.first().context("no kernel package to unpack")?;
-    let stem = first
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .context("the kernel .deb has no usable file name")?;
+    let stem = first.file_stem().and_then(|s| s.to_str()).context("the kernel .deb has no usable file name")?;
     // A user's .deb may be rebuilt under the same name: key its tree on size and mtime too.
     let mut stamps = Vec::new();
     for deb in debs {
         let meta = fs::metadata(deb).with_context(|| format!("reading {}", deb.display()))?;
-        stamps.push(format!(
-            "{}:{}:{:?}",
-            deb.display(),
-            meta.len(),
-            meta.modified().ok()
-        ));
+        stamps.push(format!("{}:{}:{:?}", deb.display(), meta.len(), meta.modified().ok()));
     }
     let key = fnv1a(stamps.join("\n").as_bytes());
     let tree = kernels_dir().join(format!("{stem}-{key:016x}"));
-    let names = || {
-        debs.iter()
-            .map(|d| d.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let names = || debs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ");
     if !tree.exists() {
         println!("vm: unpacking {}", names());
         let staging = kernels_dir().join(format!(".unpack-{}", std::process::id()));
@@ -132,25 +118,18 @@ fn unpacked(debs: &[PathBuf]) -> anyhow::Result<Kernel> {
                 util::run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&staging))
                     .with_context(|| format!("unpacking {} failed", deb.display()))?;
             }
-            let layout = Layout::find(&staging)
-                .with_context(|| format!("{} do not make a kernel", names()))?;
+            let layout = Layout::find(&staging).with_context(|| format!("{} do not make a kernel", names()))?;
             // Debian's packages carry no modules.dep: the postinst makes it on the target.
             depmod(&layout)?;
-            fs::rename(&staging, &tree)
-                .with_context(|| format!("moving {} to {}", staging.display(), tree.display()))
+            fs::rename(&staging, &tree).with_context(|| format!("moving {} to {}", staging.display(), tree.display()))
         })();
         if let Err(e) = result {
             let _ = fs::remove_dir_all(&staging);
             return Err(e);
         }
     }
-    let layout = Layout::find(&tree)
-        .with_context(|| format!("the cached tree {} (of {})", tree.display(), names()))?;
-    Ok(Kernel {
-        image: layout.image,
-        modules: layout.modules,
-        release: layout.release,
-    })
+    let layout = Layout::find(&tree).with_context(|| format!("the cached tree {} (of {})", tree.display(), names()))?;
+    Ok(Kernel { image: layout.image, modules: layout.modules, release: layout.release })
 }
 
 /// Where the modules of an unpacked kernel live: `lib/modules` in Debian 12's packages,
@@ -185,13 +164,9 @@ impl Layout {
         }
         found.sort();
         let (modules, release) = match found.as_slice() {
-            [(modules, release)] => (
-                modules.clone(),
-                release
-                    .to_str()
-                    .context("the kernel release is not UTF-8")?
-                    .to_owned(),
-            ),
+            [(modules, release)] => {
+                (modules.clone(), release.to_str().context("the kernel release is not UTF-8")?.to_owned())
+            }
             [] => bail!(
                 "{} has no kernel release under {}: is it a kernel image package?",
                 tree.display(),
@@ -200,10 +175,7 @@ impl Layout {
             many => bail!(
                 "{} holds several kernel releases ({}): expected one",
                 tree.display(),
-                many.iter()
-                    .map(|(m, _)| m.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                many.iter().map(|(m, _)| m.display().to_string()).collect::<Vec<_>>().join(", ")
             ),
         };
         let candidates = [
@@ -226,11 +198,7 @@ impl Layout {
                 )
             })?
             .clone();
-        Ok(Self {
-            image,
-            modules,
-            release,
-        })
+        Ok(Self { image, modules, release })
     }
 
     /// The `depmod -b` base of the modules directory: `BASE/lib/modules/RELEASE`.
@@ -245,13 +213,8 @@ impl Layout {
 
 /// Indexes the modules of an unpacked tree (`modules.dep` and friends).
 fn depmod(layout: &Layout) -> anyhow::Result<()> {
-    util::output(
-        Command::new("depmod")
-            .arg("-b")
-            .arg(layout.depmod_base())
-            .arg(&layout.release),
-    )
-    .context("depmod failed on the unpacked kernel (the kmod package provides it)")?;
+    util::output(Command::new("depmod").arg("-b").arg(layout.depmod_base()).arg(&layout.release))
+        .context("depmod failed on the unpacked kernel (the kmod package provides it)")?;
     if !layout.modules.join("modules.dep").is_file() {
         bail!(
             "depmod -b {} {} wrote no modules.dep in {}: this kmod looks for modules elsewhere",
@@ -267,20 +230,13 @@ fn from_tree(image: &Path, modules: &Path) -> anyhow::Result<Kernel> {
     if !image.is_file() {
         bail!("kernel image {} not found", image.display());
     }
-    let modules = fs::canonicalize(modules)
-        .with_context(|| format!("modules directory {} not found", modules.display()))?;
-    let release = modules
-        .file_name()
-        .and_then(|n| n.to_str())
-        .context("the modules directory has no name")?
-        .to_owned();
+    let modules =
+        fs::canonicalize(modules).with_context(|| format!("modules directory {} not found", modules.display()))?;
+    let release = modules.file_name().and_then(|n| n.to_str()).context("the modules directory has no name")?.to_owned();
     if !modules.join("modules.dep").is_file() {
         // An installed tree (`make modules_install INSTALL_MOD_PATH=BASE`) lies at
         // BASE/lib/modules/RELEASE: depmod can index it in place.
-        let base = modules
-            .parent()
-            .and_then(Path::parent)
-            .and_then(Path::parent);
+        let base = modules.parent().and_then(Path::parent).and_then(Path::parent);
         let installed = modules.parent().is_some_and(|p| p.ends_with("lib/modules"));
         match base {
             Some(base) if installed => {
@@ -294,11 +250,7 @@ fn from_tree(image: &Path, modules: &Path) -> anyhow::Result<Kernel> {
             ),
         }
     }
-    Ok(Kernel {
-        image: fs::canonicalize(image)?,
-        modules,
-        release,
-    })
+    Ok(Kernel { image: fs::canonicalize(image)?, modules, release })
 }
 
 /// One module of the kernel's tree.
@@ -319,8 +271,7 @@ pub struct ModuleIndex {
 impl ModuleIndex {
     fn read(dir: &Path) -> anyhow::Result<Self> {
         let dep_path = dir.join("modules.dep");
-        let dep = fs::read_to_string(&dep_path)
-            .with_context(|| format!("reading {}", dep_path.display()))?;
+        let dep = fs::read_to_string(&dep_path).with_context(|| format!("reading {}", dep_path.display()))?;
         let builtin = fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
         Ok(Self::parse(&dep, &builtin))
     }
@@ -332,13 +283,7 @@ impl ModuleIndex {
                 continue;
             };
             let deps = deps.split_whitespace().map(module_name).collect();
-            modules.insert(
-                module_name(path),
-                Module {
-                    path: path.trim().to_owned(),
-                    deps,
-                },
-            );
+            modules.insert(module_name(path), Module { path: path.trim().to_owned(), deps });
         }
         let builtin = builtin.lines().map(module_name).collect();
         Self { modules, builtin }
@@ -352,10 +297,7 @@ impl ModuleIndex {
 
     /// `names` and everything they need, each once, dependencies before their users.
     /// Built-in names are dropped; a name that is neither a module nor built in is an error.
-    pub fn closure<'a>(
-        &self,
-        names: impl IntoIterator<Item = &'a str>,
-    ) -> anyhow::Result<Vec<String>> {
+    pub fn closure<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> anyhow::Result<Vec<String>> {
         let mut order = Vec::new();
         for name in names {
             if self.is_builtin(name) {
@@ -369,9 +311,7 @@ impl ModuleIndex {
             for dep in module.deps.iter().rev().chain(std::iter::once(&name)) {
                 if !order.contains(dep) {
                     if !self.modules.contains_key(dep) {
-                        bail!(
-                            "modules.dep names {dep} as needed by {name} but has no entry for it"
-                        );
+                        bail!("modules.dep names {dep} as needed by {name} but has no entry for it");
                     }
                     order.push(dep.clone());
                 }
@@ -408,22 +348,11 @@ pub fn read_decompressed(path: &Path) -> anyhow::Result<Vec<u8>> {
     match tool {
         None => fs::read(path).with_context(|| format!("reading {}", path.display())),
         Some(tool) => {
-            let out = Command::new(tool)
-                .arg("-dc")
-                .arg(path)
-                .output()
-                .with_context(|| {
-                    format!(
-                        "cannot run {tool} to decompress {} (cargo xtask setup installs it)",
-                        path.display()
-                    )
-                })?;
+            let out = Command::new(tool).arg("-dc").arg(path).output().with_context(|| {
+                format!("cannot run {tool} to decompress {} (cargo xtask setup installs it)", path.display())
+            })?;
             if !out.status.success() {
-                bail!(
-                    "{tool} -dc {} failed: {}",
-                    path.display(),
-                    String::from_utf8_lossy(&out.stderr).trim_end()
-                );
+                bail!("{tool} -dc {} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim_end());
             }
             Ok(out.stdout)
         }
@@ -444,37 +373,19 @@ impl UserModule {
             bail!("module file {} not found", file.display());
         }
         let field = |f: &str| {
-            util::output(Command::new("modinfo").args(["-F", f]).arg(file)).with_context(|| {
-                format!(
-                    "modinfo cannot read {}: is it a kernel module?",
-                    file.display()
-                )
-            })
+            util::output(Command::new("modinfo").args(["-F", f]).arg(file))
+                .with_context(|| format!("modinfo cannot read {}: is it a kernel module?", file.display()))
         };
         let name = field("name")?.trim().to_owned();
-        let name = if name.is_empty() {
-            module_name(&file.to_string_lossy())
-        } else {
-            normalize(&name)
-        };
-        let depends = field("depends")?
-            .split(',')
-            .map(normalize)
-            .filter(|d| !d.is_empty())
-            .collect();
-        Ok(Self {
-            file: fs::canonicalize(file)?,
-            name,
-            depends,
-        })
+        let name = if name.is_empty() { module_name(&file.to_string_lossy()) } else { normalize(&name) };
+        let depends = field("depends")?.split(',').map(normalize).filter(|d| !d.is_empty()).collect();
+        Ok(Self { file: fs::canonicalize(file)?, name, depends })
     }
 }
 
 /// A stable 64-bit FNV-1a hash, for cache keys that must not change between Rust releases.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 #[cfg(test)]
@@ -501,21 +412,8 @@ kernel/drivers/cxl/cxl_mem.ko.xz:
     #[test]
     fn closure_puts_dependencies_first_once() {
         let index = ModuleIndex::parse(DEP, "kernel/drivers/cxl/core/cxl_core.ko\n");
-        let order = index
-            .closure(["9pnet_virtio", "9p", "cxl_pmem", "cxl_core", "cxl-mem"])
-            .unwrap();
-        assert_eq!(
-            order,
-            [
-                "9pnet",
-                "9pnet_virtio",
-                "netfs",
-                "9p",
-                "libnvdimm",
-                "cxl_pmem",
-                "cxl_mem"
-            ]
-        );
+        let order = index.closure(["9pnet_virtio", "9p", "cxl_pmem", "cxl_core", "cxl-mem"]).unwrap();
+        assert_eq!(order, ["9pnet", "9pnet_virtio", "netfs", "9p", "libnvdimm", "cxl_pmem", "cxl_mem"]);
     }
 
     /// An unpacked tree with `files` (relative paths) in a fresh directory.
@@ -560,15 +458,8 @@ kernel/drivers/cxl/cxl_mem.ko.xz:
         ]);
         let layout = Layout::find(t.path()).unwrap();
         assert_eq!(layout.release, rel);
-        assert_eq!(
-            layout.image,
-            t.path()
-                .join(format!("usr/lib/modules/{rel}/vmlinuz.unsigned"))
-        );
-        assert_eq!(
-            layout.modules,
-            t.path().join(format!("usr/lib/modules/{rel}"))
-        );
+        assert_eq!(layout.image, t.path().join(format!("usr/lib/modules/{rel}/vmlinuz.unsigned")));
+        assert_eq!(layout.modules, t.path().join(format!("usr/lib/modules/{rel}")));
         assert_eq!(layout.depmod_base(), t.path().join("usr"));
     }
 
@@ -578,19 +469,13 @@ kernel/drivers/cxl/cxl_mem.ko.xz:
         // The modules package alone: no image.
         let t = tree(&[&format!("usr/lib/modules/{rel}/kernel/fs/9p/9p.ko.xz")]);
         let err = format!("{:#}", Layout::find(t.path()).unwrap_err());
-        assert!(
-            err.contains("has no image") && err.contains("vmlinuz.unsigned"),
-            "{err}"
-        );
+        assert!(err.contains("has no image") && err.contains("vmlinuz.unsigned"), "{err}");
         // Not a kernel package at all.
         let t = tree(&["usr/share/doc/x/copyright"]);
         let err = format!("{:#}", Layout::find(t.path()).unwrap_err());
         assert!(err.contains("no kernel release"), "{err}");
         // Two releases.
-        let t = tree(&[
-            "lib/modules/6.1.0-57-amd64/modules.builtin",
-            "usr/lib/modules/7.2.13/modules.builtin",
-        ]);
+        let t = tree(&["lib/modules/6.1.0-57-amd64/modules.builtin", "usr/lib/modules/7.2.13/modules.builtin"]);
         let err = format!("{:#}", Layout::find(t.path()).unwrap_err());
         assert!(err.contains("several kernel releases"), "{err}");
     }
@@ -598,10 +483,7 @@ kernel/drivers/cxl/cxl_mem.ko.xz:
     #[test]
     fn versions_from_deb_file_names() {
         let v = |name: &str| deb_version(Path::new(name));
-        assert_eq!(
-            v("/c/linux-modules-7.2.13+deb14-amd64_7.2.13-1_amd64.deb").as_deref(),
-            Some("7.2.13-1")
-        );
+        assert_eq!(v("/c/linux-modules-7.2.13+deb14-amd64_7.2.13-1_amd64.deb").as_deref(), Some("7.2.13-1"));
         assert_eq!(
             v("linux-image-6.12.117+deb12-amd64-unsigned_6.12.117-1~deb12u1_amd64.deb").as_deref(),
             Some("6.12.117-1~deb12u1")

@@ -39,19 +39,12 @@ impl KernelArg {
         if arg.contains('/') || is_file(path) {
             return Ok(Self::Image(path.to_owned()));
         }
-        Err(format!(
-            "{arg:?} is neither a kernel of the matrix ({}) nor a kernel image file",
-            names()
-        ))
+        Err(format!("{arg:?} is neither a kernel of the matrix ({}) nor a kernel image file", names()))
     }
 }
 
 fn names() -> String {
-    debian::STOCK_KERNELS
-        .iter()
-        .map(|k| k.name)
-        .collect::<Vec<_>>()
-        .join(", ")
+    debian::STOCK_KERNELS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
 }
 
 /// `--kernel` help: the matrix and the default.
@@ -66,18 +59,14 @@ pub fn help() -> String {
 
 /// The kernel a run boots, from `--kernel`, `--kernel-deb` and `--modules` (the stock
 /// default when none is given).
-pub fn source(
-    kernel: Option<&KernelArg>,
-    deb: Option<&Path>,
-    modules: Option<&Path>,
-) -> anyhow::Result<Source> {
+pub fn source(kernel: Option<&KernelArg>, deb: Option<&Path>, modules: Option<&Path>) -> anyhow::Result<Source> {
     Ok(match (kernel, deb, modules) {
         (Some(_), Some(_), _) => {
             bail!("--kernel and --kernel-deb each name the kernel to boot: give one of them")
         }
-        (None, Some(_), Some(_)) => bail!(
-            "--modules goes with --kernel IMAGE: a --kernel-deb package brings its own modules"
-        ),
+        (None, Some(_), Some(_)) => {
+            bail!("--modules goes with --kernel IMAGE: a --kernel-deb package brings its own modules")
+        }
         (None, Some(deb), None) => Source::Deb(deb.to_owned()),
         (Some(KernelArg::Stock(stock)), None, Some(_)) => bail!(
             "--kernel {} is a stock kernel with its own modules: --modules goes only with \
@@ -85,10 +74,9 @@ pub fn source(
             stock.name
         ),
         (Some(KernelArg::Stock(stock)), None, None) => Source::Stock(stock),
-        (Some(KernelArg::Image(image)), None, Some(modules)) => Source::Tree {
-            image: image.clone(),
-            modules: modules.to_owned(),
-        },
+        (Some(KernelArg::Image(image)), None, Some(modules)) => {
+            Source::Tree { image: image.clone(), modules: modules.to_owned() }
+        }
         (Some(KernelArg::Image(image)), None, None) => bail!(
             "--kernel {} is a kernel image: it needs --modules DIR (its installed modules, \
              DIR/lib/modules/RELEASE); to boot a stock kernel name one of {}",
@@ -113,25 +101,13 @@ mod tests {
     #[test]
     fn names_are_stock_kernels_and_paths_are_images() {
         for name in ["6.1", "6.12", "7.2"] {
-            assert_eq!(
-                parse(name, &[]).unwrap(),
-                KernelArg::Stock(debian::stock_kernel(name).unwrap())
-            );
+            assert_eq!(parse(name, &[]).unwrap(), KernelArg::Stock(debian::stock_kernel(name).unwrap()));
         }
         // A name wins over a file of that name; ./NAME is the file.
         assert!(matches!(parse("6.1", &["6.1"]), Ok(KernelArg::Stock(_))));
-        assert_eq!(
-            parse("./6.1", &[]).unwrap(),
-            KernelArg::Image("./6.1".into())
-        );
-        assert_eq!(
-            parse("arch/x86/boot/bzImage", &[]).unwrap(),
-            KernelArg::Image("arch/x86/boot/bzImage".into())
-        );
-        assert_eq!(
-            parse("bzImage", &["bzImage"]).unwrap(),
-            KernelArg::Image("bzImage".into())
-        );
+        assert_eq!(parse("./6.1", &[]).unwrap(), KernelArg::Image("./6.1".into()));
+        assert_eq!(parse("arch/x86/boot/bzImage", &[]).unwrap(), KernelArg::Image("arch/x86/boot/bzImage".into()));
+        assert_eq!(parse("bzImage", &["bzImage"]).unwrap(), KernelArg::Image("bzImage".into()));
     }
 
     #[test]
@@ -156,18 +132,10 @@ mod tests {
         );
         assert_eq!(
             source(Some(&image), None, Some(dir)).unwrap(),
-            Source::Tree {
-                image: "/k/bzImage".into(),
-                modules: dir.to_owned()
-            }
+            Source::Tree { image: "/k/bzImage".into(), modules: dir.to_owned() }
         );
-        assert_eq!(
-            source(None, Some(deb), None).unwrap(),
-            Source::Deb(deb.to_owned())
-        );
-        let err = |k: Option<&KernelArg>, d: Option<&Path>, m: Option<&Path>| {
-            source(k, d, m).unwrap_err().to_string()
-        };
+        assert_eq!(source(None, Some(deb), None).unwrap(), Source::Deb(deb.to_owned()));
+        let err = |k: Option<&KernelArg>, d: Option<&Path>, m: Option<&Path>| source(k, d, m).unwrap_err().to_string();
         assert!(err(Some(&stock("6.1")), None, Some(dir)).contains("stock kernel"));
         assert!(err(Some(&image), None, None).contains("needs --modules"));
         assert!(err(None, None, Some(dir)).contains("needs --kernel IMAGE"));

@@ -8,9 +8,9 @@
 mod basics;
 mod calls;
 mod cpio;
+pub mod expect;
 pub mod findings;
 mod initramfs;
-pub mod expect;
 mod kernel;
 mod kernel_arg;
 mod qemu;
@@ -28,7 +28,6 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-
 pub use initramfs::GuestFile;
 pub use kernel_arg::KernelArg;
 pub use qemu::{Accel, Crash};
@@ -51,13 +50,7 @@ const RESULT_FILES: &[&str] = &[
 ];
 
 /// The packages a guest run needs on the host.
-const VM_PACKAGES: &[&str] = &[
-    "qemu-system-x86",
-    "busybox-static",
-    "kmod",
-    "xz-utils",
-    "zstd",
-];
+const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "kmod", "xz-utils", "zstd"];
 
 #[derive(clap::Subcommand)]
 pub enum VmCommand {
@@ -274,11 +267,7 @@ impl Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Failure::Crash {
-                crash,
-                line,
-                excerpt,
-            } => write!(
+            Failure::Crash { crash, line, excerpt } => write!(
                 f,
                 "guest {} detected: {line}\n--- console excerpt ---\n{excerpt}\n--- end of excerpt ---",
                 crash.describe()
@@ -287,10 +276,9 @@ impl fmt::Display for Failure {
                 f,
                 "the guest did not finish within {secs} s (--timeout): qemu killed; last console lines:\n{tail}"
             ),
-            Failure::NoResult { status, tail } => write!(
-                f,
-                "the guest stopped without its result line (qemu {status}); last console lines:\n{tail}"
-            ),
+            Failure::NoResult { status, tail } => {
+                write!(f, "the guest stopped without its result line (qemu {status}); last console lines:\n{tail}")
+            }
             Failure::Guest { exit, reason, tail } => {
                 write!(f, "the guest run failed with exit status {exit}")?;
                 if let Some(reason) = reason {
@@ -298,10 +286,9 @@ impl fmt::Display for Failure {
                 }
                 write!(f, "\nlast console lines:\n{tail}")
             }
-            Failure::Findings { count } => write!(
-                f,
-                "the tracer reported {count} finding(s): see findings.jsonl in the results"
-            ),
+            Failure::Findings { count } => {
+                write!(f, "the tracer reported {count} finding(s): see findings.jsonl in the results")
+            }
         }
     }
 }
@@ -327,8 +314,7 @@ pub struct Run {
 
 impl Run {
     pub fn print_summary(&self) {
-        let secs =
-            |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()));
+        let secs = |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()));
         let verdict = match self.failure {
             None => "passed",
             Some(Failure::Findings { .. }) => "finished with tracer findings",
@@ -344,22 +330,13 @@ impl Run {
             secs(self.to_ready)
         );
         for w in &self.workloads {
-            println!(
-                "vm: workload {}: {} cycles, {:.2} s per cycle",
-                w.name,
-                w.cycles,
-                w.per_cycle.as_secs_f64()
-            );
+            println!("vm: workload {}: {} cycles, {:.2} s per cycle", w.name, w.cycles, w.per_cycle.as_secs_f64());
         }
         if let Some(exit) = self.tracer_exit {
             println!("vm: tracer exit status {exit}");
         }
         let mut files: Vec<String> = fs::read_dir(&self.out)
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
+            .map(|d| d.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default();
         files.sort();
         println!("vm: results in {}: {}", self.out.display(), files.join(" "));
@@ -393,7 +370,9 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
     }
     workload::check(&workloads, options.topology)?;
     if options.script.is_empty() && (options.manual_tracer || options.no_cxl_at_boot) {
-        bail!("--manual-tracer and --no-cxl-at-boot need a script (-- SCRIPT ARGS) to run the tracer or load the modules");
+        bail!(
+            "--manual-tracer and --no-cxl-at-boot need a script (-- SCRIPT ARGS) to run the tracer or load the modules"
+        );
     }
     if options.no_cxl_at_boot && !workloads.is_empty() {
         bail!(
@@ -412,23 +391,15 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
     }
     setup::ensure_packages(VM_PACKAGES)?;
 
-    let source = kernel_arg::source(
-        options.kernel.as_ref(),
-        options.kernel_deb.as_deref(),
-        options.modules_dir.as_deref(),
-    )?;
+    let source =
+        kernel_arg::source(options.kernel.as_ref(), options.kernel_deb.as_deref(), options.modules_dir.as_deref())?;
     let kernel = kernel::Kernel::resolve(&source)?;
     let index = kernel.module_index()?;
-    let user_modules: Vec<kernel::UserModule> = options
-        .modules
-        .iter()
-        .map(|m| kernel::UserModule::inspect(m))
-        .collect::<anyhow::Result<_>>()?;
-    for (workload, module) in [
-        (Workload::CxlMemReload, "cxl_mem"),
-        (Workload::ReloadMix, "cxl_mem"),
-        (Workload::CxlPciReload, "cxl_pci"),
-    ] {
+    let user_modules: Vec<kernel::UserModule> =
+        options.modules.iter().map(|m| kernel::UserModule::inspect(m)).collect::<anyhow::Result<_>>()?;
+    for (workload, module) in
+        [(Workload::CxlMemReload, "cxl_mem"), (Workload::ReloadMix, "cxl_mem"), (Workload::CxlPciReload, "cxl_pci")]
+    {
         if workloads.contains(&workload) && !index.modules.contains_key(module) {
             bail!(
                 "workload {} needs {module} built as a module, but kernel {} has it built in",
@@ -445,11 +416,7 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
         .iter()
         .map(String::as_str)
         .chain(initramfs::CXL_MODULES.iter().copied())
-        .chain(
-            user_modules
-                .iter()
-                .flat_map(|u| u.depends.iter().map(String::as_str)),
-        );
+        .chain(user_modules.iter().flat_map(|u| u.depends.iter().map(String::as_str)));
     let modules = index.closure(wanted)?;
     let mut load: Vec<String> = initramfs::CXL_MODULES
         .iter()
@@ -468,9 +435,7 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
         // every cycle slower.
         let needers: Vec<&str> = load
             .iter()
-            .filter(|m| {
-                index.modules.get(*m).is_some_and(|m| m.deps.iter().any(|d| d == initramfs::PMEM_MODULE))
-            })
+            .filter(|m| index.modules.get(*m).is_some_and(|m| m.deps.iter().any(|d| d == initramfs::PMEM_MODULE)))
             .map(String::as_str)
             .collect();
         if !needers.is_empty() {
@@ -527,16 +492,13 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
         &initrd,
     )?;
 
-    let timeout = options
-        .timeout
-        .unwrap_or(180 + 15 * u64::from(options.cycles) * workloads.len() as u64);
+    let timeout = options.timeout.unwrap_or(180 + 15 * u64::from(options.cycles) * workloads.len() as u64);
     let (accel, accel_reason) = choose_accel(options.accel, &kernel.image, &tmp.0)?;
     let out = match &options.out {
         Some(out) => out.clone(),
         None => util::workspace_root().join("target/vm").join(utc_stamp()),
     };
-    fs::create_dir_all(&out)
-        .with_context(|| format!("creating the results directory {}", out.display()))?;
+    fs::create_dir_all(&out).with_context(|| format!("creating the results directory {}", out.display()))?;
     // A reused --out must not show an earlier run's results as this one's.
     for stale in RESULT_FILES {
         let _ = fs::remove_file(out.join(stale));
@@ -588,9 +550,7 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
     let failure = judge(&session, timeout, &out);
     let tracer_exit = last_value(&session.lines, "tracer-vm: tracer exit=");
     let failure = failure.or_else(|| {
-        (tracer_exit == Some(1)).then(|| Failure::Findings {
-            count: count_findings(&out.join("findings.jsonl")),
-        })
+        (tracer_exit == Some(1)).then(|| Failure::Findings { count: count_findings(&out.join("findings.jsonl")) })
     });
     Ok(Run {
         out,
@@ -633,48 +593,29 @@ fn write_ktap(tracer: &Path, out: &Path) {
 /// The verdict on a finished boot, in order of what explains it best.
 fn judge(session: &qemu::Session, timeout: u64, out: &Path) -> Option<Failure> {
     if let Some((crash, at)) = session.crash {
-        return Some(Failure::Crash {
-            crash,
-            line: session.lines[at].clone(),
-            excerpt: session.excerpt(at),
-        });
+        return Some(Failure::Crash { crash, line: session.lines[at].clone(), excerpt: session.excerpt(at) });
     }
     // Failures that stay off the console under `quiet` (warnings) are in the saved dmesg.
     if let Ok(dmesg) = fs::read_to_string(out.join("dmesg.txt")) {
         let lines: Vec<&str> = dmesg.lines().collect();
-        if let Some((at, crash)) = lines
-            .iter()
-            .enumerate()
-            .find_map(|(i, l)| Crash::detect(l).map(|c| (i, c)))
-        {
+        if let Some((at, crash)) = lines.iter().enumerate().find_map(|(i, l)| Crash::detect(l).map(|c| (i, c))) {
             let excerpt = lines[at.saturating_sub(8)..(at + 45).min(lines.len())].join("\n");
-            return Some(Failure::Crash {
-                crash,
-                line: lines[at].to_owned(),
-                excerpt,
-            });
+            return Some(Failure::Crash { crash, line: lines[at].to_owned(), excerpt });
         }
     }
     if session.timed_out {
-        return Some(Failure::Timeout {
-            secs: timeout,
-            tail: session.tail(30),
-        });
+        return Some(Failure::Timeout { secs: timeout, tail: session.tail(30) });
     }
     match session.result {
         None => Some(Failure::NoResult {
-            status: session
-                .status
-                .map_or("status unknown".to_owned(), |s| s.to_string()),
+            status: session.status.map_or("status unknown".to_owned(), |s| s.to_string()),
             tail: session.tail(30),
         }),
         Some(0) => None,
         Some(exit) => Some(Failure::Guest {
             exit,
             reason: session.lines.iter().find_map(|l| {
-                l.strip_prefix("tracer-vm: error: ")
-                    .or_else(|| l.strip_prefix("tracer-vm: FAIL: "))
-                    .map(str::to_owned)
+                l.strip_prefix("tracer-vm: error: ").or_else(|| l.strip_prefix("tracer-vm: FAIL: ")).map(str::to_owned)
             }),
             tail: session.tail(30),
         }),
@@ -694,10 +635,8 @@ fn user_command(script: &[String]) -> anyhow::Result<(Option<PathBuf>, String)> 
     } else {
         (None, first.clone())
     };
-    let words: Vec<String> = std::iter::once(command.as_str())
-        .chain(args.iter().map(String::as_str))
-        .map(workload::shell_quote)
-        .collect();
+    let words: Vec<String> =
+        std::iter::once(command.as_str()).chain(args.iter().map(String::as_str)).map(workload::shell_quote).collect();
     Ok((file, words.join(" ")))
 }
 
@@ -711,11 +650,7 @@ fn choose_accel(requested: Accel, kernel: &Path, tmp: &Path) -> anyhow::Result<(
                 initramfs::write_probe_initrd(&initrd)?;
                 Ok(initrd)
             })?;
-            if works {
-                Ok((Accel::Kvm, reason))
-            } else {
-                Ok((Accel::Tcg, format!("KVM unusable, {reason}")))
-            }
+            if works { Ok((Accel::Kvm, reason)) } else { Ok((Accel::Tcg, format!("KVM unusable, {reason}"))) }
         }
     }
 }
@@ -753,8 +688,7 @@ fn build_tracer() -> anyhow::Result<PathBuf> {
 
 /// Checks that `binary` has `tracer run` as the guest uses it, and runs without a loader.
 fn check_tracer(binary: &Path) -> anyhow::Result<PathBuf> {
-    let binary = fs::canonicalize(binary)
-        .with_context(|| format!("tracer binary {} not found", binary.display()))?;
+    let binary = fs::canonicalize(binary).with_context(|| format!("tracer binary {} not found", binary.display()))?;
     let elf = fs::read(&binary).with_context(|| format!("reading {}", binary.display()))?;
     if elf.starts_with(b"\x7fELF") && initramfs::has_interpreter(&elf)? {
         bail!(
@@ -769,11 +703,7 @@ fn check_tracer(binary: &Path) -> anyhow::Result<PathBuf> {
         .args(["run", "--help"])
         .output()
         .with_context(|| format!("cannot run {}", binary.display()))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&help.stdout),
-        String::from_utf8_lossy(&help.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&help.stdout), String::from_utf8_lossy(&help.stderr));
     if !help.status.success() || !text.contains("--record") || !text.contains("--format") {
         bail!(
             "{} does not implement `tracer run --format json --record FILE -- CMD` yet \
@@ -795,9 +725,8 @@ fn copy_results(from: &Path, to: &Path) -> anyhow::Result<()> {
             fs::create_dir_all(&target)?;
             copy_results(&entry.path(), &target)?;
         } else {
-            fs::copy(entry.path(), &target).with_context(|| {
-                format!("copying {} to {}", entry.path().display(), target.display())
-            })?;
+            fs::copy(entry.path(), &target)
+                .with_context(|| format!("copying {} to {}", entry.path().display(), target.display()))?;
         }
     }
     Ok(())
@@ -805,21 +734,13 @@ fn copy_results(from: &Path, to: &Path) -> anyhow::Result<()> {
 
 fn count_findings(path: &Path) -> usize {
     fs::read_to_string(path)
-        .map(|s| {
-            s.lines()
-                .filter(|l| l.starts_with('{') && !l.starts_with("{\"summary\""))
-                .count()
-        })
+        .map(|s| s.lines().filter(|l| l.starts_with('{') && !l.starts_with("{\"summary\"")).count())
         .unwrap_or(0)
 }
 
 /// The value after the last line starting with `prefix`.
 fn last_value(lines: &[String], prefix: &str) -> Option<i32> {
-    lines
-        .iter()
-        .rev()
-        .find_map(|l| l.strip_prefix(prefix))
-        .and_then(|v| v.trim().parse().ok())
+    lines.iter().rev().find_map(|l| l.strip_prefix(prefix)).and_then(|v| v.trim().parse().ok())
 }
 
 /// Parses `tracer-vm: workload NAME passed cycles=N total_ms=T per_cycle_ms=P` lines.
@@ -830,8 +751,7 @@ fn workload_timings(lines: &[String]) -> Vec<WorkloadTiming> {
         .filter_map(|rest| {
             let (name, rest) = rest.split_once(" passed ")?;
             let field = |key: &str| {
-                rest.split_whitespace()
-                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse::<u64>().ok())
+                rest.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse::<u64>().ok())
             };
             Some(WorkloadTiming {
                 name: name.to_owned(),
@@ -843,23 +763,13 @@ fn workload_timings(lines: &[String]) -> Vec<WorkloadTiming> {
 }
 
 fn nonce() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    format!(
-        "{:08x}{:06x}",
-        kernel::fnv1a(&nanos.to_le_bytes()) as u32,
-        std::process::id() & 0xff_ffff
-    )
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
+    format!("{:08x}{:06x}", kernel::fnv1a(&nanos.to_le_bytes()) as u32, std::process::id() & 0xff_ffff)
 }
 
 /// `20261123-210501` in UTC, for result directory names.
 pub fn utc_stamp() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default();
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (proleptic Gregorian), by 400-year eras.
     let z = days as i64 + 719_468;
@@ -871,12 +781,7 @@ pub fn utc_stamp() -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 #[cfg(test)]
@@ -887,8 +792,7 @@ mod tests {
     fn parses_workload_timings() {
         let lines = vec![
             "tracer-vm: cycle memdev-bind 1/2 ms=400".to_owned(),
-            "tracer-vm: workload memdev-bind passed cycles=2 total_ms=900 per_cycle_ms=450"
-                .to_owned(),
+            "tracer-vm: workload memdev-bind passed cycles=2 total_ms=900 per_cycle_ms=450".to_owned(),
         ];
         let t = workload_timings(&lines);
         assert_eq!(t.len(), 1);
@@ -909,8 +813,7 @@ mod tests {
 
     #[test]
     fn guest_commands_are_quoted() {
-        let (file, cmd) =
-            user_command(&["sh".to_owned(), "-c".to_owned(), "echo 'c' > /x".to_owned()]).unwrap();
+        let (file, cmd) = user_command(&["sh".to_owned(), "-c".to_owned(), "echo 'c' > /x".to_owned()]).unwrap();
         assert!(file.is_none());
         assert_eq!(cmd, r#"'sh' '-c' 'echo '\''c'\'' > /x'"#);
     }

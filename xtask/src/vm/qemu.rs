@@ -75,34 +75,11 @@ impl Machine<'_> {
             _ => cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"]),
         };
         let cpus = self.cpus.to_string();
-        let machine = if self.cxl.is_some() {
-            "q35,cxl=on"
-        } else {
-            "q35"
-        };
-        cmd.args([
-            "-machine",
-            machine,
-            "-smp",
-            cpus.as_str(),
-            "-m",
-            "2G,maxmem=4G,slots=4",
-        ]);
-        cmd.args([
-            "-nodefaults",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-monitor",
-            "none",
-            "-nic",
-            "none",
-        ]);
+        let machine = if self.cxl.is_some() { "q35,cxl=on" } else { "q35" };
+        cmd.args(["-machine", machine, "-smp", cpus.as_str(), "-m", "2G,maxmem=4G,slots=4"]);
+        cmd.args(["-nodefaults", "-nographic", "-serial", "stdio", "-monitor", "none", "-nic", "none"]);
         cmd.arg("-no-reboot");
-        cmd.arg("-kernel")
-            .arg(self.kernel)
-            .arg("-initrd")
-            .arg(self.initrd);
+        cmd.arg("-kernel").arg(self.kernel).arg("-initrd").arg(self.initrd);
         cmd.arg("-append").arg(self.cmdline);
         if let Some(share) = self.share {
             let mut fsdev = std::ffi::OsString::from("local,id=fs0,security_model=none,path=");
@@ -122,25 +99,17 @@ impl Machine<'_> {
 /// memory backend and a label storage area, both sparse files in `dir`.
 fn cxl_args(cmd: &mut Command, topology: Topology, dir: &Path) {
     let backend = |cmd: &mut Command, id: &str| {
-        let mut arg = std::ffi::OsString::from(format!(
-            "memory-backend-file,id={id},share=on,size=256M,mem-path="
-        ));
+        let mut arg = std::ffi::OsString::from(format!("memory-backend-file,id={id},share=on,size=256M,mem-path="));
         arg.push(dir.join(format!("{id}.raw")));
         cmd.arg("-object").arg(arg);
     };
     cmd.args(["-device", "pxb-cxl,bus_nr=12,bus=pcie.0,id=cxl.1"]);
-    cmd.args([
-        "-device",
-        "cxl-rp,port=0,bus=cxl.1,id=root_port13,chassis=0,slot=2",
-    ]);
+    cmd.args(["-device", "cxl-rp,port=0,bus=cxl.1,id=root_port13,chassis=0,slot=2"]);
     match topology {
         Topology::Rp => {
             backend(cmd, "cxl-mem0");
             backend(cmd, "cxl-lsa0");
-            cmd.args([
-                "-device",
-                "cxl-type3,bus=root_port13,memdev=cxl-mem0,lsa=cxl-lsa0,id=cxl-pmem0",
-            ]);
+            cmd.args(["-device", "cxl-type3,bus=root_port13,memdev=cxl-mem0,lsa=cxl-lsa0,id=cxl-pmem0"]);
         }
         Topology::Switch => {
             cmd.args(["-device", "cxl-upstream,bus=root_port13,id=us0"]);
@@ -149,16 +118,11 @@ fn cxl_args(cmd: &mut Command, topology: Topology, dir: &Path) {
                 backend(cmd, &format!("cxl-lsa{i}"));
                 cmd.args([
                     "-device".to_owned(),
-                    format!(
-                        "cxl-downstream,port={i},bus=us0,id=swport{i},chassis=0,slot={}",
-                        4 + i
-                    ),
+                    format!("cxl-downstream,port={i},bus=us0,id=swport{i},chassis=0,slot={}", 4 + i),
                 ]);
                 cmd.args([
                     "-device".to_owned(),
-                    format!(
-                        "cxl-type3,bus=swport{i},memdev=cxl-mem{i},lsa=cxl-lsa{i},id=cxl-pmem{i}"
-                    ),
+                    format!("cxl-type3,bus=swport{i},memdev=cxl-mem{i},lsa=cxl-lsa{i},id=cxl-pmem{i}"),
                 ]);
             }
         }
@@ -188,9 +152,7 @@ impl Crash {
     /// "BUG:".
     pub fn detect(line: &str) -> Option<Crash> {
         if let Some(qemu) = line.strip_prefix("qemu: ") {
-            return qemu
-                .contains("KVM internal error")
-                .then_some(Crash::AccelFailure);
+            return qemu.contains("KVM internal error").then_some(Crash::AccelFailure);
         }
         let text = kernel_part(line)?;
         const MARKERS: &[(&str, Crash)] = &[
@@ -206,10 +168,7 @@ impl Crash {
             ("BUG:", Crash::Bug),
             ("WARNING: CPU:", Crash::Warning),
         ];
-        MARKERS
-            .iter()
-            .find(|(marker, _)| text.contains(marker))
-            .map(|(_, crash)| *crash)
+        MARKERS.iter().find(|(marker, _)| text.contains(marker)).map(|(_, crash)| *crash)
     }
 
     pub fn describe(self) -> &'static str {
@@ -233,15 +192,12 @@ fn kernel_part(line: &str) -> Option<&str> {
     while let Some(open) = line[from..].find('[').map(|i| i + from) {
         let rest = &line[open + 1..];
         if let Some(close) = rest.find(']') {
-            let is_time = rest[..close]
-                .trim_start()
-                .split_once('.')
-                .is_some_and(|(secs, frac)| {
-                    !secs.is_empty()
-                        && !frac.is_empty()
-                        && secs.bytes().all(|b| b.is_ascii_digit())
-                        && frac.bytes().all(|b| b.is_ascii_digit())
-                });
+            let is_time = rest[..close].trim_start().split_once('.').is_some_and(|(secs, frac)| {
+                !secs.is_empty()
+                    && !frac.is_empty()
+                    && secs.bytes().all(|b| b.is_ascii_digit())
+                    && frac.bytes().all(|b| b.is_ascii_digit())
+            });
             if is_time {
                 return Some(&rest[close + 1..]);
             }
@@ -310,14 +266,10 @@ const MARKS: &[&str] = &["tracer-vm: init started", "tracer-vm: topology ready"]
 /// always gone when this returns.
 pub fn boot(mut cmd: Command, watch: &Watch<'_>) -> anyhow::Result<Session> {
     let mut log = match watch.log {
-        Some(path) => {
-            Some(File::create(path).with_context(|| format!("creating {}", path.display()))?)
-        }
+        Some(path) => Some(File::create(path).with_context(|| format!("creating {}", path.display()))?),
         None => None,
     };
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let start = Instant::now();
     let mut child = KillOnDrop(
         cmd.spawn()
@@ -456,24 +408,13 @@ pub fn kvm_works(
     kernel: &Path,
     probe_initrd: impl FnOnce() -> anyhow::Result<PathBuf>,
 ) -> anyhow::Result<(bool, String)> {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         return Ok((false, format!("/dev/kvm cannot be opened: {e}")));
     }
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    let qemu = crate::util::output(Command::new("qemu-system-x86_64").arg("--version"))
-        .unwrap_or_default();
+    let qemu = crate::util::output(Command::new("qemu-system-x86_64").arg("--version")).unwrap_or_default();
     let key = super::kernel::fnv1a(
-        format!(
-            "{}\n{}\n{}",
-            boot_id.trim(),
-            qemu.lines().next().unwrap_or(""),
-            kernel.display()
-        )
-        .as_bytes(),
+        format!("{}\n{}\n{}", boot_id.trim(), qemu.lines().next().unwrap_or(""), kernel.display()).as_bytes(),
     );
     let cache = crate::util::cache_dir().join(format!("kvm-probe-{key:016x}"));
     if let Ok(answer) = std::fs::read_to_string(&cache)
@@ -496,53 +437,21 @@ pub fn kvm_works(
     cmd.args(["-m", "512M"]);
     let session = boot(
         cmd,
-        &Watch {
-            result_prefix: "tracer-vm: kvm-probe",
-            timeout: Duration::from_secs(30),
-            log: None,
-            echo: false,
-        },
+        &Watch { result_prefix: "tracer-vm: kvm-probe", timeout: Duration::from_secs(30), log: None, echo: false },
     )?;
     let (works, reason) = if session.result == Some(0) {
-        (
-            true,
-            format!(
-                "a probe guest booted with KVM in {:.1} s",
-                session.elapsed.as_secs_f64()
-            ),
-        )
+        (true, format!("a probe guest booted with KVM in {:.1} s", session.elapsed.as_secs_f64()))
     } else if let Some((crash, at)) = session.crash {
-        (
-            false,
-            format!(
-                "the probe guest failed with KVM ({}): {}",
-                crash.describe(),
-                session.lines[at]
-            ),
-        )
+        (false, format!("the probe guest failed with KVM ({}): {}", crash.describe(), session.lines[at]))
     } else if session.timed_out {
-        (
-            false,
-            "the probe guest did not boot with KVM within 30 s".to_owned(),
-        )
+        (false, "the probe guest did not boot with KVM within 30 s".to_owned())
     } else {
-        let why = session
-            .lines
-            .iter()
-            .find(|l| l.starts_with("qemu: "))
-            .cloned()
-            .unwrap_or_else(|| session.tail(1));
-        (
-            false,
-            format!("the probe guest did not boot with KVM ({why})"),
-        )
+        let why = session.lines.iter().find(|l| l.starts_with("qemu: ")).cloned().unwrap_or_else(|| session.tail(1));
+        (false, format!("the probe guest did not boot with KVM ({why})"))
     };
     std::fs::create_dir_all(crate::util::cache_dir())?;
-    std::fs::write(
-        &cache,
-        format!("{}\n{reason}\n", if works { "yes" } else { "no" }),
-    )
-    .with_context(|| format!("writing {}", cache.display()))?;
+    std::fs::write(&cache, format!("{}\n{reason}\n", if works { "yes" } else { "no" }))
+        .with_context(|| format!("writing {}", cache.display()))?;
     Ok((works, reason))
 }
 
@@ -553,47 +462,20 @@ mod tests {
     #[test]
     fn classifies_kernel_failures() {
         let cases = [
-            (
-                "[   12.3] Kernel panic - not syncing: sysrq triggered crash",
-                Crash::Panic,
-            ),
-            (
-                "[ 1.0] watchdog: BUG: soft lockup - CPU#1 stuck for 22s!",
-                Crash::SoftLockup,
-            ),
-            (
-                "[ 1.0] BUG: kernel NULL pointer dereference, address: 0000000000000368",
-                Crash::Bug,
-            ),
-            (
-                "[ 1.0] Oops: Oops: 0000 [#1] PREEMPT SMP NOPTI",
-                Crash::Oops,
-            ),
-            (
-                "[ 1.0] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:",
-                Crash::RcuStall,
-            ),
-            (
-                "[ 1.0] INFO: task modprobe:123 blocked for more than 60 seconds.",
-                Crash::HungTask,
-            ),
-            (
-                "[ 1.0] WARNING: CPU: 1 PID: 31 at drivers/cxl/core/port.c:12",
-                Crash::Warning,
-            ),
+            ("[   12.3] Kernel panic - not syncing: sysrq triggered crash", Crash::Panic),
+            ("[ 1.0] watchdog: BUG: soft lockup - CPU#1 stuck for 22s!", Crash::SoftLockup),
+            ("[ 1.0] BUG: kernel NULL pointer dereference, address: 0000000000000368", Crash::Bug),
+            ("[ 1.0] Oops: Oops: 0000 [#1] PREEMPT SMP NOPTI", Crash::Oops),
+            ("[ 1.0] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:", Crash::RcuStall),
+            ("[ 1.0] INFO: task modprobe:123 blocked for more than 60 seconds.", Crash::HungTask),
+            ("[ 1.0] WARNING: CPU: 1 PID: 31 at drivers/cxl/core/port.c:12", Crash::Warning),
             ("qemu: KVM internal error. Suberror: 1", Crash::AccelFailure),
         ];
         for (line, crash) in cases {
             assert_eq!(Crash::detect(line), Some(crash), "{line}");
         }
-        assert_eq!(
-            Crash::detect("tracer-vm: cycle memdev-bind 1/3 ms=420"),
-            None
-        );
-        assert_eq!(
-            Crash::detect("[    1.57] ACPI BIOS Error (bug): Failure creating named object"),
-            None
-        );
+        assert_eq!(Crash::detect("tracer-vm: cycle memdev-bind 1/3 ms=420"), None);
+        assert_eq!(Crash::detect("[    1.57] ACPI BIOS Error (bug): Failure creating named object"), None);
     }
 
     #[test]
@@ -602,17 +484,11 @@ mod tests {
         assert_eq!(Crash::detect("BUG: this is my script talking"), None);
         assert_eq!(Crash::detect("grep found [x] Oops: in a file"), None);
         // ...but a kernel message that landed in the middle of a workload's line is.
-        assert_eq!(
-            Crash::detect("tracer-vm: cycle mix[  148.838075] Oops: 0000 [#1] PREEMPT SMP"),
-            Some(Crash::Oops)
-        );
+        assert_eq!(Crash::detect("tracer-vm: cycle mix[  148.838075] Oops: 0000 [#1] PREEMPT SMP"), Some(Crash::Oops));
     }
 
     #[test]
     fn strips_terminal_escapes() {
-        assert_eq!(
-            clean(b"\x1bc\x1b[?7l\x1b[2J\x1b[0mSeaBIOS (version 1.16)\r\n"),
-            "SeaBIOS (version 1.16)"
-        );
+        assert_eq!(clean(b"\x1bc\x1b[?7l\x1b[2J\x1b[0mSeaBIOS (version 1.16)\r\n"), "SeaBIOS (version 1.16)");
     }
 }

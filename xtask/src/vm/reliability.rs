@@ -184,18 +184,12 @@ pub fn lifecycle(out: &Path, tracer: &Path, kernel: &'static StockKernel) -> any
 
     expect(&r, "doctor exit", "0", "tracer doctor must find the guest ready: see doctor.txt")?;
     let doctor = read(out, "doctor.txt")?;
-    ensure!(
-        doctor.contains("verdict: ready"),
-        "doctor.txt has no `verdict: ready`:\n{doctor}"
-    );
+    ensure!(doctor.contains("verdict: ready"), "doctor.txt has no `verdict: ready`:\n{doctor}");
     ensure!(
         doctor.contains("attach check:") && !doctor.contains("attach check: FAILED"),
         "doctor did not attach everything as a check:\n{doctor}"
     );
-    println!(
-        "test: guest:   doctor: {}",
-        doctor.lines().find(|l| l.starts_with("attach check:")).unwrap_or_default()
-    );
+    println!("test: guest:   doctor: {}", doctor.lines().find(|l| l.starts_with("attach check:")).unwrap_or_default());
     expect(&r, "leftovers-before exit", "0", "nothing is left before any tracer ran")?;
 
     for sig in ["INT", "TERM", "KILL"] {
@@ -205,10 +199,7 @@ pub fn lifecycle(out: &Path, tracer: &Path, kernel: &'static StockKernel) -> any
         expect(&r, &format!("leftovers-during-{sig} exit"), "2", "a running tracer's objects must be listed")?;
         let during = read(out, &format!("leftovers-during-{sig}.txt"))?;
         for what in ["bpf program", "bpf map", "kprobe event", "running"] {
-            ensure!(
-                during.contains(what),
-                "tracer leftovers did not list the running tracer's {what}s:\n{during}"
-            );
+            ensure!(during.contains(what), "tracer leftovers did not list the running tracer's {what}s:\n{during}");
         }
         let after = read(out, &format!("leftovers-after-{sig}.txt"))?;
         ensure!(
@@ -231,26 +222,22 @@ pub fn lifecycle(out: &Path, tracer: &Path, kernel: &'static StockKernel) -> any
             expect(&r, &format!("child-{sig} alive"), "no", "the tracer stops its traced command")?;
             expect(&r, &format!("leftovers-after-{sig} exit"), "0", "nothing left after a clean stop")?;
             let log = read(out, &format!("run-{sig}.log"))?;
-            ensure!(
-                log.contains("traced for"),
-                "run-{sig}.log does not show the tracer finishing its report:\n{log}"
-            );
+            ensure!(log.contains("traced for"), "run-{sig}.log does not show the tracer finishing its report:\n{log}");
             println!("test: guest:   SIG{sig}: exit 0, traced command stopped, nothing left");
         }
     }
     expect(&r, "run-crash exit", "0", "a traced command that crashes is no tracer error")?;
     let crash = read(out, "run-crash.log")?;
-    ensure!(
-        crash.contains("SIGSEGV"),
-        "run-crash.log does not report the command's SIGSEGV:\n{crash}"
-    );
+    ensure!(crash.contains("SIGSEGV"), "run-crash.log does not report the command's SIGSEGV:\n{crash}");
     expect(
         &r,
         "leftovers-after-crash exit",
         "0",
         "the crashed command's tracer detached, and its start removed the killed instance's kprobe events",
     )?;
-    println!("test: guest:   crashing command: exit 0, SIGSEGV reported; the dead instance's kprobe events removed; nothing left");
+    println!(
+        "test: guest:   crashing command: exit 0, SIGSEGV reported; the dead instance's kprobe events removed; nothing left"
+    );
     Ok(())
 }
 
@@ -294,10 +281,16 @@ pub fn environment(out: &Path, tracer: &Path, kernel: &'static StockKernel) -> a
     expect(&r, "wait exit", "1", "it traced the memdev-bind cycles after the modules came: findings")?;
     let wait = Report::read(&out.join("wait.jsonl"))?;
     // Every finding of cxl_mem_probe's own, once per memdev-bind cycle.
-    let per_probe = expect::stock(kernel.name).with_context(|| format!("no expectations for kernel {}", kernel.name))?;
+    let per_probe =
+        expect::stock(kernel.name).with_context(|| format!("no expectations for kernel {}", kernel.name))?;
     for e in per_probe.iter().filter(|e| e.fixed_by_cxl_mem) {
         let n = wait.occurrences(e.class, e.site);
-        ensure!(n == 3, "after waiting, the tracer saw {n} {} at {}, not 3 (one per memdev-bind cycle)", e.class, e.site);
+        ensure!(
+            n == 3,
+            "after waiting, the tracer saw {n} {} at {}, not 3 (one per memdev-bind cycle)",
+            e.class,
+            e.site
+        );
     }
     // The traced command's output goes to the tracer's stderr.
     ensure!(
@@ -328,7 +321,9 @@ pub fn environment(out: &Path, tracer: &Path, kernel: &'static StockKernel) -> a
         "doctor must report the refused --use-site as a failed attach check:\n{doctor}"
     );
     expect(&r, "unprobed-use-site-leftovers exit", "0", "nothing left after the refused --use-site")?;
-    println!("test: guest:   unprobeable --use-site: exit 2 naming it, the kernel's refusal and the classes; doctor fails its attach check; nothing left");
+    println!(
+        "test: guest:   unprobeable --use-site: exit 2 naming it, the kernel's refusal and the classes; doctor fails its attach check; nothing left"
+    );
 
     expect(&r, "full exit", "2", "--record on a full disk")?;
     let log = read(out, "full.log")?;
@@ -341,8 +336,8 @@ pub fn environment(out: &Path, tracer: &Path, kernel: &'static StockKernel) -> a
     let partial = out.join("full-partial.bin");
     let bytes = fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
     ensure!(bytes > 0, "the partial trace was not copied back");
-    let (report, stderr) = findings::analyze(tracer, &partial)
-        .context("the partial trace of the full disk does not analyze")?;
+    let (report, stderr) =
+        findings::analyze(tracer, &partial).context("the partial trace of the full disk does not analyze")?;
     let events = report.summary_u64(&["events"])?;
     ensure!(events > 0, "the partial trace holds no event");
     println!(

@@ -189,9 +189,7 @@ pub fn run(options: &SoakOptions) -> anyhow::Result<Soak> {
     };
     let out = match &options.out {
         Some(out) => out.clone(),
-        None => util::workspace_root()
-            .join("target/vm")
-            .join(format!("soak-{}", super::utc_stamp())),
+        None => util::workspace_root().join("target/vm").join(format!("soak-{}", super::utc_stamp())),
     };
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     for stale in ["soak-samples.txt", "soak-result.txt", "soak-workload.log", "soak.txt", "kprobes-list.txt"] {
@@ -225,9 +223,7 @@ pub fn run(options: &SoakOptions) -> anyhow::Result<Soak> {
     }
     let result = fs::read_to_string(out.join("soak-result.txt")).unwrap_or_default();
     let field = |key: &str| {
-        result
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse::<i64>().ok())
+        result.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse::<i64>().ok())
     };
     let tracer_exit = field("tracer").unwrap_or(-1) as i32;
     let rounds = field("rounds").unwrap_or(0).max(0) as u64;
@@ -281,21 +277,9 @@ pub fn run(options: &SoakOptions) -> anyhow::Result<Soak> {
         Vec::new()
     });
     if let Some((ms, _, dropped)) = counters.iter().find(|(_, _, d)| *d > 0) {
-        failures.push(format!(
-            "{dropped} events dropped in the kernel by {:.0} s into the soak",
-            *ms as f64 / 1000.0
-        ));
+        failures.push(format!("{dropped} events dropped in the kernel by {:.0} s into the soak", *ms as f64 / 1000.0));
     }
-    let soak = Soak {
-        out,
-        samples,
-        counters,
-        rounds,
-        tracer_exit,
-        report,
-        elapsed: started.elapsed(),
-        failures,
-    };
+    let soak = Soak { out, samples, counters, rounds, tracer_exit, report, elapsed: started.elapsed(), failures };
     fs::write(soak.out.join("soak.txt"), soak.figures())
         .with_context(|| format!("writing {}", soak.out.join("soak.txt").display()))?;
     Ok(soak)
@@ -308,12 +292,7 @@ fn read_samples(path: &Path) -> anyhow::Result<Vec<Sample>> {
         .lines()
         .filter_map(|l| {
             let v: Vec<u64> = l.split_whitespace().filter_map(|w| w.parse().ok()).collect();
-            (v.len() == 4).then(|| Sample {
-                ms: v[0],
-                rss_kb: v[1],
-                hwm_kb: v[2],
-                trace_bytes: v[3],
-            })
+            (v.len() == 4).then(|| Sample { ms: v[0], rss_kb: v[1], hwm_kb: v[2], trace_bytes: v[3] })
         })
         .collect();
     ensure!(
@@ -354,11 +333,7 @@ fn quarter_medians(samples: &[Sample]) -> Option<(u64, u64)> {
 
 /// Kernel drop counters and events at evenly spread samples, from the prefix of the trace
 /// file written by then (a cut-off trace reads up to its last complete record).
-fn checkpoints(
-    tracer: &Path,
-    trace: &Path,
-    samples: &[Sample],
-) -> anyhow::Result<Vec<(u64, u64, u64)>> {
+fn checkpoints(tracer: &Path, trace: &Path, samples: &[Sample]) -> anyhow::Result<Vec<(u64, u64, u64)>> {
     let step = samples.len().div_ceil(COUNTER_CHECKPOINTS).max(1);
     let mut picks: Vec<&Sample> = samples.iter().step_by(step).collect();
     if let Some(last) = samples.last() {
@@ -370,11 +345,7 @@ fn checkpoints(
             continue;
         }
         let report = analyze_prefix(tracer, trace, s.trace_bytes)?;
-        out.push((
-            s.ms,
-            report.summary_u64(&["events"])?,
-            report.summary_u64(&["dropped"])?,
-        ));
+        out.push((s.ms, report.summary_u64(&["events"])?, report.summary_u64(&["dropped"])?));
     }
     Ok(out)
 }
@@ -396,11 +367,7 @@ fn analyze_prefix(tracer: &Path, trace: &Path, len: u64) -> anyhow::Result<Repor
         let _ = input.flush();
     });
     let mut text = String::new();
-    child
-        .stdout
-        .take()
-        .expect("piped")
-        .read_to_string(&mut text)?;
+    child.stdout.take().expect("piped").read_to_string(&mut text)?;
     let status = child.wait()?;
     let _ = feeder.join();
     ensure!(
@@ -418,12 +385,7 @@ impl Soak {
         let q = (self.samples.len() / 4).max(1).min(self.samples.len());
         let (first, last) = (self.samples.first(), self.samples.last());
         let secs = last.map_or(0.0, |l| l.ms as f64 / 1000.0);
-        let summary = |key: &str| {
-            self.report
-                .as_ref()
-                .and_then(|r| r.summary_u64(&[key]).ok())
-                .unwrap_or(0)
-        };
+        let summary = |key: &str| self.report.as_ref().and_then(|r| r.summary_u64(&[key]).ok()).unwrap_or(0);
         let events = summary("events");
         s.push_str(&format!(
             "soak: {secs:.0} s traced, {} rounds (10 racing iterations each), {events} events \
@@ -450,21 +412,11 @@ impl Soak {
             self.samples.len(),
             secs / self.samples.len().max(1) as f64
         ));
-        let drops: Vec<String> = self
-            .counters
-            .iter()
-            .map(|(ms, ev, d)| format!("{:.0}s:{ev}ev/{d}", *ms as f64 / 1000.0))
-            .collect();
-        s.push_str(&format!(
-            "soak: kernel drops at checkpoints (time:events/dropped): {}\n",
-            drops.join(" ")
-        ));
+        let drops: Vec<String> =
+            self.counters.iter().map(|(ms, ev, d)| format!("{:.0}s:{ev}ev/{d}", *ms as f64 / 1000.0)).collect();
+        s.push_str(&format!("soak: kernel drops at checkpoints (time:events/dropped): {}\n", drops.join(" ")));
         if let Some(report) = &self.report {
-            let occ = report
-                .summary
-                .get("occurrences")
-                .map(|v| v.to_string())
-                .unwrap_or_default();
+            let occ = report.summary.get("occurrences").map(|v| v.to_string()).unwrap_or_default();
             s.push_str(&format!("soak: occurrences by class: {occ}\n"));
             let uaf: Vec<String> = report
                 .findings
@@ -473,10 +425,7 @@ impl Soak {
                 .map(|f| format!("{} x{} ({})", f.site, f.count, f.comm))
                 .collect();
             if !uaf.is_empty() {
-                s.push_str(&format!(
-                    "soak: use-after-free (the race really happened): {}\n",
-                    uaf.join(", ")
-                ));
+                s.push_str(&format!("soak: use-after-free (the race really happened): {}\n", uaf.join(", ")));
             }
             if let Some(evicted) = report.summary.get("evicted") {
                 s.push_str(&format!("soak: engine evictions: {evicted}\n"));
@@ -484,11 +433,7 @@ impl Soak {
         }
         s.push_str(&format!(
             "soak: {} in {:.0} s; results in {}\n",
-            if self.failures.is_empty() {
-                "passed"
-            } else {
-                "FAILED"
-            },
+            if self.failures.is_empty() { "passed" } else { "FAILED" },
             self.elapsed.as_secs_f64(),
             self.out.display()
         ));
@@ -523,12 +468,7 @@ mod tests {
     fn samples(rss: &[u64]) -> Vec<Sample> {
         rss.iter()
             .enumerate()
-            .map(|(i, &rss_kb)| Sample {
-                ms: i as u64 * 5000,
-                rss_kb,
-                hwm_kb: rss_kb,
-                trace_bytes: 0,
-            })
+            .map(|(i, &rss_kb)| Sample { ms: i as u64 * 5000, rss_kb, hwm_kb: rss_kb, trace_bytes: 0 })
             .collect()
     }
 

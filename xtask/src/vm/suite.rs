@@ -100,20 +100,19 @@ pub fn run(only: &[String]) -> anyhow::Result<()> {
     fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let mut cases = Vec::new();
     let mut kernel_times: Vec<(&str, f64)> = Vec::new();
-    let mut case =
-        |name: &'static str, f: &dyn Fn(&Path) -> anyhow::Result<()>| -> anyhow::Result<()> {
-            if !only.is_empty() && !only.iter().any(|n| n == name) {
-                return Ok(());
-            }
-            let _ = fs::remove_dir_all(root.join(name));
-            println!("test: guest: {name}");
-            let t = Instant::now();
-            f(&root.join(name)).with_context(|| format!("guest test {name} failed"))?;
-            let seconds = t.elapsed().as_secs_f64();
-            println!("test: guest: {name} ok ({seconds:.1} s)");
-            cases.push(Case { name, seconds });
-            Ok(())
-        };
+    let mut case = |name: &'static str, f: &dyn Fn(&Path) -> anyhow::Result<()>| -> anyhow::Result<()> {
+        if !only.is_empty() && !only.iter().any(|n| n == name) {
+            return Ok(());
+        }
+        let _ = fs::remove_dir_all(root.join(name));
+        println!("test: guest: {name}");
+        let t = Instant::now();
+        f(&root.join(name)).with_context(|| format!("guest test {name} failed"))?;
+        let seconds = t.elapsed().as_secs_f64();
+        println!("test: guest: {name} ok ({seconds:.1} s)");
+        cases.push(Case { name, seconds });
+        Ok(())
+    };
     case("rp-workloads", &rp_workloads)?;
     case("switch-workloads", &switch_workloads)?;
     case("user-module", &user_module)?;
@@ -163,10 +162,7 @@ pub fn run(only: &[String]) -> anyhow::Result<()> {
     for (kernel, seconds) in &kernel_times {
         println!("test: guest: kernel {kernel:<6} traced cases {seconds:6.1} s (with its fixture build)");
     }
-    println!(
-        "test: guest suite took {:.1} s",
-        start.elapsed().as_secs_f64()
-    );
+    println!("test: guest suite took {:.1} s", start.elapsed().as_secs_f64());
     println!("guest: {} passed, 0 failed", cases.len());
     Ok(())
 }
@@ -197,24 +193,11 @@ pub(super) fn check_cycled(run: &Run, workloads: &[Workload], cycles: u32) -> an
             .iter()
             .find(|t| t.name == w.name())
             .with_context(|| format!("workload {} reported no result line", w.name()))?;
-        ensure!(
-            timing.cycles == cycles,
-            "workload {} ran {} cycles, not {cycles}",
-            w.name(),
-            timing.cycles
-        );
+        ensure!(timing.cycles == cycles, "workload {} ran {} cycles, not {cycles}", w.name(), timing.cycles);
         if !w.is_race() {
             let prefix = format!("tracer-vm: cycle {} ", w.name());
-            let seen = run
-                .console
-                .iter()
-                .filter(|l| l.starts_with(&prefix))
-                .count();
-            ensure!(
-                seen == cycles as usize,
-                "workload {} printed {seen} cycle lines, not {cycles}",
-                w.name()
-            );
+            let seen = run.console.iter().filter(|l| l.starts_with(&prefix)).count();
+            ensure!(seen == cycles as usize, "workload {} printed {seen} cycle lines, not {cycles}", w.name());
         }
     }
     Ok(())
@@ -224,11 +207,7 @@ fn check_copied(out: &Path, files: &[&str]) -> anyhow::Result<()> {
     for f in files {
         let path = out.join(f);
         let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        ensure!(
-            len > 0,
-            "{} was not copied back from the guest (missing or empty)",
-            path.display()
-        );
+        ensure!(len > 0, "{} was not copied back from the guest (missing or empty)", path.display());
     }
     Ok(())
 }
@@ -237,10 +216,7 @@ fn rp_workloads(out: &Path) -> anyhow::Result<()> {
     let script = out.with_extension("sh");
     fs::create_dir_all(out)?;
     fs::write(&script, TOPOLOGY_CHECK).with_context(|| format!("writing {}", script.display()))?;
-    let workloads: Vec<Workload> = Workload::ALL
-        .into_iter()
-        .filter(|w| w.runs_on(Topology::Rp))
-        .collect();
+    let workloads: Vec<Workload> = Workload::ALL.into_iter().filter(|w| w.runs_on(Topology::Rp)).collect();
     let cycles = 5;
     let mut o = options(Topology::Rp, out);
     o.workloads = workloads.clone();
@@ -259,15 +235,9 @@ fn rp_workloads(out: &Path) -> anyhow::Result<()> {
     check_cycled(&run, &workloads, cycles)?;
     check_copied(out, &["console.log", "dmesg.txt", "workload.log", MARKER])?;
     let marker = fs::read_to_string(out.join(MARKER))?;
-    ensure!(
-        marker.contains(" driver cxl_mem"),
-        "{MARKER} is incomplete:\n{marker}"
-    );
+    ensure!(marker.contains(" driver cxl_mem"), "{MARKER} is incomplete:\n{marker}");
     let log = fs::read_to_string(out.join("workload.log"))?;
-    ensure!(
-        log.contains("workload memdev-bind passed"),
-        "workload.log lacks the workload's output"
-    );
+    ensure!(log.contains("workload memdev-bind passed"), "workload.log lacks the workload's output");
     Ok(())
 }
 
@@ -307,15 +277,11 @@ echo "cxl_mem reloaded from updates/" > /share/out/suite-module.txt
 /// `--module` puts a module in place of the stock one: here the kernel's own cxl_mem.ko.xz
 /// (which also exercises decompressing a user's module), with cxl_pmem loaded (`--pmem`).
 fn user_module(out: &Path) -> anyhow::Result<()> {
-    let kernel = super::kernel::Kernel::resolve(&super::kernel::Source::Stock(
-        crate::debian::stock_kernel(crate::debian::DEFAULT_KERNEL)?,
-    ))?;
+    let kernel = super::kernel::Kernel::resolve(&super::kernel::Source::Stock(crate::debian::stock_kernel(
+        crate::debian::DEFAULT_KERNEL,
+    )?))?;
     let index = kernel.module_index()?;
-    let stock = &index
-        .modules
-        .get("cxl_mem")
-        .context("the default kernel has no cxl_mem module")?
-        .path;
+    let stock = &index.modules.get("cxl_mem").context("the default kernel has no cxl_mem module")?.path;
     let script = out.with_extension("sh");
     fs::create_dir_all(out)?;
     fs::write(&script, MODULE_CHECK).with_context(|| format!("writing {}", script.display()))?;
@@ -333,41 +299,25 @@ fn user_module(out: &Path) -> anyhow::Result<()> {
 /// A guest that panics must fail the run, naming the panic, with the console excerpt.
 fn crash_is_detected(out: &Path) -> anyhow::Result<()> {
     let mut o = options(Topology::Rp, out);
-    o.script = ["sh", "-c", "echo c > /proc/sysrq-trigger"]
-        .map(str::to_owned)
-        .to_vec();
+    o.script = ["sh", "-c", "echo c > /proc/sysrq-trigger"].map(str::to_owned).to_vec();
     o.timeout = Some(120);
     let run = execute(&o)?;
-    let failure = run
-        .failure
-        .context("a guest that crashed with sysrq-c was reported as passing")?;
-    ensure!(
-        failure.crash() == Some(Crash::Panic),
-        "expected a kernel panic, got: {failure}"
-    );
+    let failure = run.failure.context("a guest that crashed with sysrq-c was reported as passing")?;
+    ensure!(failure.crash() == Some(Crash::Panic), "expected a kernel panic, got: {failure}");
     let text = failure.to_string();
     ensure!(
         text.contains("kernel panic") && text.contains("sysrq triggered crash"),
         "the failure does not name the crash and show its console lines:\n{text}"
     );
-    ensure!(
-        run.elapsed.as_secs() < 60,
-        "the crash took {} s to be reported",
-        run.elapsed.as_secs()
-    );
-    println!(
-        "test: guest: reported as: {}",
-        text.lines().next().unwrap_or_default()
-    );
+    ensure!(run.elapsed.as_secs() < 60, "the crash took {} s to be reported", run.elapsed.as_secs());
+    println!("test: guest: reported as: {}", text.lines().next().unwrap_or_default());
     Ok(())
 }
 
 /// A script that exits non-zero must fail the run with its status.
 fn failing_script_fails(out: &Path) -> anyhow::Result<()> {
     let mut o = options(Topology::Rp, out);
-    o.script = ["sh", "-c", "echo about to fail; exit 3"]
-        .map(str::to_owned)
-        .to_vec();
+    o.script = ["sh", "-c", "echo about to fail; exit 3"].map(str::to_owned).to_vec();
     o.timeout = Some(120);
     let run = execute(&o)?;
     match run.failure {
@@ -442,15 +392,8 @@ fn text_patching(out: &Path) -> anyhow::Result<()> {
     o.timeout = Some(300);
     let run = passing(&o)?;
     let flips = fs::read_to_string(out.join("flips.txt")).context("the guest wrote no flips.txt")?;
-    ensure!(
-        flips.trim() == FLIPS.to_string(),
-        "the guest flipped the tracepoint {} times, not {FLIPS}",
-        flips.trim()
-    );
-    println!(
-        "test: guest:   {FLIPS} kfree tracepoint flips under load in {:.1} s, no oops",
-        run.elapsed.as_secs_f64()
-    );
+    ensure!(flips.trim() == FLIPS.to_string(), "the guest flipped the tracepoint {} times, not {FLIPS}", flips.trim());
+    println!("test: guest:   {FLIPS} kfree tracepoint flips under load in {:.1} s, no oops", run.elapsed.as_secs_f64());
     Ok(())
 }
 

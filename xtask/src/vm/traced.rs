@@ -62,10 +62,7 @@ pub fn completed(options: &RunOptions) -> anyhow::Result<Run> {
         None | Some(Failure::Findings { .. }) => {}
         Some(failure) => bail!("{failure}"),
     }
-    ensure!(
-        run.tracer_exit.is_some(),
-        "the guest did not report the tracer's exit status"
-    );
+    ensure!(run.tracer_exit.is_some(), "the guest did not report the tracer's exit status");
     Ok(run)
 }
 
@@ -87,25 +84,13 @@ pub fn ground(out: &Path) -> anyhow::Result<Ground> {
         .filter(|r| !r.succeeded())
         .map(|r| format!("{} (pid {}) got {:#x}", r.comm, r.pid, r.value))
         .collect();
-    ensure!(
-        failed.is_empty(),
-        "memdev probes failed during the workloads: {}",
-        failed.join(", ")
-    );
+    ensure!(failed.is_empty(), "memdev probes failed during the workloads: {}", failed.join(", "));
     // A probe's endpoint is the last port it adds (create_endpoint() comes after the
     // ports enumeration adds above it).
-    let endpoint_adds = calls
-        .last_inner("cxl_mem_probe", ADD_PORT)
-        .into_iter()
-        .flatten()
-        .filter(|r| !is_err_ptr(r.value))
-        .count() as u64;
-    let adds = |caller| {
-        calls
-            .of(ADD_PORT, Some(caller))
-            .filter(|r| !is_err_ptr(r.value))
-            .count() as u64
-    };
+    let endpoint_adds =
+        calls.last_inner("cxl_mem_probe", ADD_PORT).into_iter().flatten().filter(|r| !is_err_ptr(r.value)).count()
+            as u64;
+    let adds = |caller| calls.of(ADD_PORT, Some(caller)).filter(|r| !is_err_ptr(r.value)).count() as u64;
     Ok(Ground {
         probes: calls.of("cxl_mem_probe", None).count() as u64,
         endpoint_adds,
@@ -126,10 +111,7 @@ pub fn check_common(report: &Report) -> anyhow::Result<()> {
     report.check_none("use-after-free")?;
     report.check_none("rule-mismatch")?;
     let mismatch = report.summary_u64(&["kernel_counters", "host_mismatch"])?;
-    ensure!(
-        mismatch == 0,
-        "{mismatch} dport registration(s) used a devres host other than the model's free lock"
-    );
+    ensure!(mismatch == 0, "{mismatch} dport registration(s) used a devres host other than the model's free lock");
     // Every traced case tears ports down and brings them back (acpi-unbind, port-unbind,
     // upstream-rescan): their dports are registered again, each cross-checked.
     let checked = report.summary_u64(&["kernel_counters", "host_checked"])?;
@@ -141,26 +123,14 @@ pub fn check_common(report: &Report) -> anyhow::Result<()> {
 /// Fails unless the (class, site) pairs reported are exactly `expected`.
 fn check_sites(report: &Report, expected: &[(&str, &str)]) -> anyhow::Result<()> {
     let got: BTreeSet<(String, String)> = report.by_site().into_keys().collect();
-    let want: BTreeSet<(String, String)> = expected
-        .iter()
-        .map(|(c, s)| ((*c).to_owned(), (*s).to_owned()))
-        .collect();
-    ensure!(
-        got == want,
-        "findings at unexpected sites: got {}, expected {}",
-        pairs(&got),
-        pairs(&want)
-    );
+    let want: BTreeSet<(String, String)> = expected.iter().map(|(c, s)| ((*c).to_owned(), (*s).to_owned())).collect();
+    ensure!(got == want, "findings at unexpected sites: got {}, expected {}", pairs(&got), pairs(&want));
     Ok(())
 }
 
 fn pairs(set: &BTreeSet<(String, String)>) -> String {
     let v: Vec<String> = set.iter().map(|(c, s)| format!("{c}@{s}")).collect();
-    if v.is_empty() {
-        "none".to_owned()
-    } else {
-        v.join(", ")
-    }
+    if v.is_empty() { "none".to_owned() } else { v.join(", ") }
 }
 
 /// Occurrences of `class` at `site` whose use stack has `caller` right below the site.
@@ -174,10 +144,7 @@ fn from_caller(report: &Report, class: &str, site: &str, caller: &str) -> u64 {
 
 /// `expected == got`, or a message naming both.
 fn check_count(what: &str, got: u64, expected: u64, truth: &str) -> anyhow::Result<()> {
-    ensure!(
-        got == expected,
-        "{what}: {got} occurrence(s), but {truth} says {expected}"
-    );
+    ensure!(got == expected, "{what}: {got} occurrence(s), but {truth} says {expected}");
     println!("test: guest:   {what}: {got} = {truth}");
     Ok(())
 }
@@ -262,7 +229,12 @@ pub fn rp_stock(out: &Path, tracer: &Path, kernel: &'static StockKernel, cycles:
     o.cycles = cycles;
     o.script = script(out, ROOT_DPORTS)?;
     let run = completed(&o)?;
-    ensure!(run.tracer_exit == Some(1), "the tracer exited {:?} on stock {}, not 1 (findings)", run.tracer_exit, kernel.name);
+    ensure!(
+        run.tracer_exit == Some(1),
+        "the tracer exited {:?} on stock {}, not 1 (findings)",
+        run.tracer_exit,
+        kernel.name
+    );
     check_cycled(&run, &RP_WORKLOADS, cycles)?;
     let g = ground(out)?;
     ensure!(
@@ -287,7 +259,13 @@ pub fn rp_stock(out: &Path, tracer: &Path, kernel: &'static StockKernel, cycles:
 /// The seed-fixed `cxl_mem` on `kernel`: no read-side finding in `cxl_mem_probe` (only the
 /// core's, counted), while the tracer was live: every probe re-fetched its dport in
 /// `cxl_mem_probe` with the free lock held, and every use there is of that pointer.
-pub fn rp_fixed(out: &Path, tracer: &Path, kernel: &'static StockKernel, module: &Path, cycles: u32) -> anyhow::Result<()> {
+pub fn rp_fixed(
+    out: &Path,
+    tracer: &Path,
+    kernel: &'static StockKernel,
+    module: &Path,
+    cycles: u32,
+) -> anyhow::Result<()> {
     let expected = expect::fixed(kernel.name).with_context(|| format!("no expectations for kernel {}", kernel.name))?;
     let mut o = options(Topology::Rp, out, tracer);
     o.kernel = Some(KernelArg::Stock(kernel));
@@ -306,13 +284,21 @@ pub fn rp_fixed(out: &Path, tracer: &Path, kernel: &'static StockKernel, module:
     check_common(&report)?;
     check_expected(&report, &expected, &g, u64::from(cycles), out)?;
     ensure!(
-        !report.findings.iter().any(|f| f.is_read_side() && f.stack.iter().take(2).any(|fr| frame_function(fr) == "cxl_mem_probe")),
+        !report
+            .findings
+            .iter()
+            .any(|f| f.is_read_side() && f.stack.iter().take(2).any(|fr| frame_function(fr) == "cxl_mem_probe")),
         "a read-side finding in cxl_mem_probe (or a function it passes the dport to) with the fixed cxl_mem"
     );
     println!("test: guest:   no read-side finding in cxl_mem_probe or at a function it passes a dport to");
     let events = findings::events(tracer, &out.join("trace.bin"))?;
     let (refetches, uses) = refetched_uses(&events)?;
-    check_count("re-fetch loads in cxl_mem_probe under the free lock", refetches, g.probes, "the kretprobe count of cxl_mem_probe")?;
+    check_count(
+        "re-fetch loads in cxl_mem_probe under the free lock",
+        refetches,
+        g.probes,
+        "the kretprobe count of cxl_mem_probe",
+    )?;
     ensure!(uses >= g.probes, "{uses} uses of re-fetched dports in cxl_mem_probe, fewer than its {} probes", g.probes);
     println!("test: guest:   {uses} uses and accesses in cxl_mem_probe, each of the dport its task re-fetched");
     check_replay(tracer, out, &report)?;
@@ -332,10 +318,20 @@ fn check_expected(report: &Report, expected: &[Expected], g: &Ground, unbinds: u
         check_count(&format!("{} at {}", e.class, e.site), report.occurrences(e.class, e.site), count, &truth)?;
         for f in report.matching(e.class, e.site) {
             if let Some(member) = e.member {
-                ensure!(f.member.as_deref() == Some(member), "{}: the access is of {:?}, not dport->{member}", f.title(), f.member);
+                ensure!(
+                    f.member.as_deref() == Some(member),
+                    "{}: the access is of {:?}, not dport->{member}",
+                    f.title(),
+                    f.member
+                );
             }
             for also in e.also {
-                ensure!(f.also.iter().any(|a| a == also), "{}: {also} is not folded into it (also_at: {:?})", f.title(), f.also);
+                ensure!(
+                    f.also.iter().any(|a| a == also),
+                    "{}: {also} is not folded into it (also_at: {:?})",
+                    f.title(),
+                    f.also
+                );
             }
         }
     }
@@ -363,7 +359,12 @@ fn check_ktap(out: &Path, report: &Report) -> anyhow::Result<()> {
         ensure!(line, "{} has no result line", path.display());
         let ok = ktap.lines().any(|l| l.starts_with("ok ") && l.ends_with(&format!(" {class}")));
         let not_ok = ktap.lines().any(|l| l.starts_with("not ok ") && l.ends_with(&format!(" {class}")));
-        ensure!(if failing { not_ok && !ok } else { ok && !not_ok }, "{}: the {class} test does not say {}", path.display(), if failing { "not ok" } else { "ok" });
+        ensure!(
+            if failing { not_ok && !ok } else { ok && !not_ok },
+            "{}: the {class} test does not say {}",
+            path.display(),
+            if failing { "not ok" } else { "ok" }
+        );
     }
     println!("test: guest:   results.ktap: one test per class, as the report says");
     Ok(())
@@ -414,11 +415,7 @@ fn refetched_uses(events: &[Value]) -> anyhow::Result<(u64, u64)> {
 /// (`stale-use`), and passes the new port's dport to `cxl_add_ep` after dropping it
 /// (`unlocked-use`), once per switch port added.
 pub fn switch(out: &Path, tracer: &Path, kernel: &'static StockKernel, cycles: u32) -> anyhow::Result<()> {
-    let workloads = [
-        Workload::MemdevBind,
-        Workload::UpstreamRescan,
-        Workload::PortUnbind,
-    ];
+    let workloads = [Workload::MemdevBind, Workload::UpstreamRescan, Workload::PortUnbind];
     let own: Vec<Expected> = expect::stock(kernel.name)
         .with_context(|| format!("no expectations for kernel {}", kernel.name))?
         .iter()
@@ -446,10 +443,25 @@ pub fn switch(out: &Path, tracer: &Path, kernel: &'static StockKernel, cycles: u
     for e in &own {
         check_count(&format!("{} at {}", e.class, e.site), report.occurrences(e.class, e.site), g.probes, probes)?;
     }
-    check_count("unlocked-use at cxl_add_ep from devm_cxl_enumerate_ports", from_caller(&report, UNLOCKED, ADD_EP, "devm_cxl_enumerate_ports"), 2 * g.probes, "2 ports above each endpoint x the kretprobe count of cxl_mem_probe")?;
+    check_count(
+        "unlocked-use at cxl_add_ep from devm_cxl_enumerate_ports",
+        from_caller(&report, UNLOCKED, ADD_EP, "devm_cxl_enumerate_ports"),
+        2 * g.probes,
+        "2 ports above each endpoint x the kretprobe count of cxl_mem_probe",
+    )?;
     let adds = "the kretprobe count of devm_cxl_add_port from add_port_attach_ep";
-    check_count("stale-use at devm_cxl_add_port from add_port_attach_ep", from_caller(&report, STALE, ADD_PORT, "add_port_attach_ep"), g.switch_port_adds, adds)?;
-    check_count("unlocked-use at cxl_add_ep from add_port_attach_ep", from_caller(&report, UNLOCKED, ADD_EP, "add_port_attach_ep"), g.switch_port_adds, adds)?;
+    check_count(
+        "stale-use at devm_cxl_add_port from add_port_attach_ep",
+        from_caller(&report, STALE, ADD_PORT, "add_port_attach_ep"),
+        g.switch_port_adds,
+        adds,
+    )?;
+    check_count(
+        "unlocked-use at cxl_add_ep from add_port_attach_ep",
+        from_caller(&report, UNLOCKED, ADD_EP, "add_port_attach_ep"),
+        g.switch_port_adds,
+        adds,
+    )?;
     let total: u64 = report.findings.iter().map(|f| f.count).sum();
     let accounted = own.len() as u64 * g.probes + 2 * g.probes + 2 * g.switch_port_adds;
     ensure!(total == accounted, "{total} occurrences, {accounted} accounted for by the counts above");

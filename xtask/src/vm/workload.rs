@@ -77,10 +77,7 @@ impl Workload {
 pub fn check(workloads: &[Workload], topology: Topology) -> anyhow::Result<()> {
     for w in workloads {
         if !w.runs_on(topology) {
-            bail!(
-                "workload {} needs a CXL switch: use --topology switch",
-                w.name()
-            );
+            bail!("workload {} needs a CXL switch: use --topology switch", w.name());
         }
     }
     Ok(())
