@@ -362,6 +362,9 @@ pub enum SiteRole {
     /// The entry of the function that frees dports (`free_dport(dport)`, 7.2), when fentry
     /// cannot be used: argument `SiteInfo::arg` is the dport.
     FreeEntry = 17,
+    /// The return of the function that registers a dport, when it is in a module (a
+    /// kretprobe; fexit in vmlinux): rax = the new dport, or an error pointer.
+    RegisterReturn = 18,
 }
 
 impl SiteRole {
@@ -384,6 +387,7 @@ impl SiteRole {
             15 => SiteRole::Deref,
             16 => SiteRole::FreeCall,
             17 => SiteRole::FreeEntry,
+            18 => SiteRole::RegisterReturn,
             _ => return None,
         })
     }
@@ -495,31 +499,70 @@ pub struct PendingXa {
 const _: () = assert!(size_of::<PendingXa>() == 16);
 const _: () = assert!(size_of::<DportInfo>() == 48);
 
-/// Struct member offsets read from the running kernel's BTF, passed as one global.
+/// A struct member whose offset the kernel side needs. The kernel profile
+/// (`tracer/src/kernel/profile.rs`) says which struct and which names each has had; the
+/// kernel side reads `Offsets::get(member)`: one list, matched by name on both sides.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Member {
+    /// `struct cxl_dport`.`port`
+    DportPort = 0,
+    /// `struct cxl_dport`.`dport_dev` (`dport` before 6.5): the index of the dport in its
+    /// port's xarray.
+    DportDev = 1,
+    /// `struct cxl_port`.`dev`
+    PortDev = 2,
+    /// `struct cxl_port`.`uport_dev` (`uport` before 6.5)
+    PortUportDev = 3,
+    /// `struct cxl_port`.`dports`
+    PortDports = 4,
+    /// `struct device`.`parent`
+    DeviceParent = 5,
+    /// `struct device`.`mutex`
+    DeviceMutex = 6,
+    /// `struct mutex`.`owner`
+    MutexOwner = 7,
+    /// `struct devres`.`data`: where a devm allocation starts inside its devres block.
+    DevresData = 8,
+}
+
+/// How many `Member`s there are.
+pub const MEMBERS: usize = 9;
+
+impl Member {
+    pub const ALL: [Member; MEMBERS] = [
+        Member::DportPort,
+        Member::DportDev,
+        Member::PortDev,
+        Member::PortUportDev,
+        Member::PortDports,
+        Member::DeviceParent,
+        Member::DeviceMutex,
+        Member::MutexOwner,
+        Member::DevresData,
+    ];
+}
+
+/// Struct member offsets read from the running kernel's BTF, passed as one global, indexed
+/// by `Member`.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct Offsets {
-    /// `struct cxl_dport`.`port`
-    pub dport_port: u64,
-    /// `struct cxl_dport`.`dport_dev` (`dport` before 6.5): the index of the dport in its
-    /// port's xarray.
-    pub dport_dev: u64,
-    /// `struct cxl_port`.`dev`
-    pub port_dev: u64,
-    /// `struct cxl_port`.`uport_dev`
-    pub port_uport_dev: u64,
-    /// `struct cxl_port`.`dports`
-    pub port_dports: u64,
-    /// `struct device`.`parent`
-    pub device_parent: u64,
-    /// `struct device`.`mutex`
-    pub device_mutex: u64,
-    /// `struct mutex`.`owner`
-    pub mutex_owner: u64,
-    /// `struct devres`.`data`: where a devm allocation starts inside its devres block.
-    pub devres_data: u64,
+    pub values: [u64; MEMBERS],
 }
 const _: () = assert!(size_of::<Offsets>() == 72);
+
+impl Offsets {
+    pub const ZERO: Offsets = Offsets { values: [0; MEMBERS] };
+
+    pub const fn get(&self, member: Member) -> u64 {
+        self.values[member as usize]
+    }
+
+    pub fn set(&mut self, member: Member, offset: u64) {
+        self.values[member as usize] = offset;
+    }
+}
 
 /// Low bits of `mutex->owner` are flags (MUTEX_FLAGS in kernel/locking/mutex.h, v6.12).
 pub const MUTEX_OWNER_FLAGS: u64 = 0x07;

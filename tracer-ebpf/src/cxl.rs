@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     Counter, DPORT_FREED, DportAdd, DportFree, DportInfo, DportOrigin, EventKind, FLAG_FREE_LOCK_HELD,
-    FLAG_FREE_LOCK_KNOWN, Offsets, Payload,
+    FLAG_FREE_LOCK_KNOWN, Member, Offsets, Payload,
 };
 
 use crate::{
@@ -25,18 +25,18 @@ fn read_u64(addr: u64) -> Option<u64> {
 
 /// Everything the rules need about a dport of `port`.
 fn describe(off: &Offsets, dport: u64, port: u64) -> Option<DportInfo> {
-    let dev = port + off.port_dev;
-    let uport_dev = read_u64(port + off.port_uport_dev)?;
-    let parent = read_u64(dev + off.device_parent)?;
+    let dev = port + off.get(Member::PortDev);
+    let uport_dev = read_u64(port + off.get(Member::PortUportDev))?;
+    let parent = read_u64(dev + off.get(Member::DeviceParent))?;
     // is_cxl_root(): the root port's uport_dev is its parent (drivers/cxl/core/port.c).
     let root = uport_dev != 0 && uport_dev == parent;
     let host = if root { uport_dev } else { dev };
     Some(DportInfo {
         port,
-        xa: port + off.port_dports,
-        port_lock: dev + off.device_mutex,
-        free_lock: host + off.device_mutex,
-        block: dport - off.devres_data,
+        xa: port + off.get(Member::PortDports),
+        port_lock: dev + off.get(Member::DeviceMutex),
+        free_lock: host + off.get(Member::DeviceMutex),
+        block: dport - off.get(Member::DevresData),
         root: root as u32,
         flags: 0,
     })
@@ -84,9 +84,9 @@ pub fn lookup_or_discover<C: EbpfContext>(ctx: &C, xa: u64, index: u64, entry: u
         return None;
     }
     let off = offsets();
-    let port = read_u64(entry + off.dport_port)?;
-    let dport_dev = read_u64(entry + off.dport_dev)?;
-    if port == 0 || port + off.port_dports != xa || dport_dev != index {
+    let port = read_u64(entry + off.get(Member::DportPort))?;
+    let dport_dev = read_u64(entry + off.get(Member::DportDev))?;
+    if port == 0 || port + off.get(Member::PortDports) != xa || dport_dev != index {
         if unsafe { CONTAINERS.get(&xa) }.is_none() {
             insert(&NOT_CONTAINERS, &xa, &1);
         }
@@ -105,9 +105,7 @@ pub fn free_lock_stamp(info: &DportInfo) -> u32 {
 
 /// fexit of the registration function (`__devm_cxl_add_dport(port, ...)`, or
 /// `devm_cxl_add_dport(port, ...)` on 6.1: their argument counts differ, so the return value
-/// is read with `bpf_get_func_ret`). Cross-checks the predicted free lock against the devres
-/// host the dport was really given (seen at its `devm_kmalloc` call, or where its
-/// `free_dport` action was added), and tracks the real one.
+/// is read with `bpf_get_func_ret`).
 pub fn on_dport_added(ctx: &FExitContext) {
     let port: u64 = ctx.arg(0);
     let mut dport: u64 = 0;
@@ -115,8 +113,29 @@ pub fn on_dport_added(ctx: &FExitContext) {
     if unsafe { bpf_get_func_ret(ctx.as_ptr(), &mut dport) } != 0 {
         return;
     }
-    // ERR_PTR values are the top 4095 addresses.
-    if dport == 0 || dport >= (-4095i64) as u64 {
+    registered(ctx, port, dport);
+}
+
+/// The kretprobe of the registration function in a module: only the dport is at hand, and
+/// its `port` member says whose it is (set before it is returned).
+pub fn on_dport_returned<C: EbpfContext>(ctx: &C, dport: u64) {
+    if is_dport(dport)
+        && let Some(port) = read_u64(dport + offsets().get(Member::DportPort))
+    {
+        registered(ctx, port, dport);
+    }
+}
+
+/// ERR_PTR values are the top 4095 addresses.
+fn is_dport(dport: u64) -> bool {
+    dport != 0 && dport < (-4095i64) as u64
+}
+
+/// `dport` of `port` was registered. Cross-checks the predicted free lock against the
+/// devres host the dport was really given (seen at its `devm_kmalloc` call, or where its
+/// `free_dport` action was added), and tracks the real one.
+fn registered<C: EbpfContext>(ctx: &C, port: u64, dport: u64) {
+    if !is_dport(dport) {
         return;
     }
     let off = offsets();
@@ -124,7 +143,7 @@ pub fn on_dport_added(ctx: &FExitContext) {
     if let Some(&host) = unsafe { ALLOC_HOST.get(&dport) } {
         let _ = ALLOC_HOST.remove(&dport);
         count(Counter::HostChecked);
-        let real = host + off.device_mutex;
+        let real = host + off.get(Member::DeviceMutex);
         if real != info.free_lock {
             count(Counter::HostMismatch);
             info.free_lock = real;

@@ -81,26 +81,16 @@ static ALLOC_HOST: LruHashMap<u64, u64> = LruHashMap::with_max_entries(1024, 0);
 
 /// Struct offsets from the running kernel's BTF, set by the loader.
 #[unsafe(no_mangle)]
-static OFFSETS: Offsets = Offsets {
-    dport_port: 0,
-    dport_dev: 0,
-    port_dev: 0,
-    port_uport_dev: 0,
-    port_dports: 0,
-    device_parent: 0,
-    device_mutex: 0,
-    mutex_owner: 0,
-    devres_data: 0,
-};
+static OFFSETS: Offsets = Offsets::ZERO;
 
 /// The address of the devres action that frees dports (`free_dport`, 7.2), or 0 on kernels
-/// where dports are devm allocations. Set by the loader from the kernel profile.
-#[unsafe(no_mangle)]
-static FREE_ACTION: u64 = 0;
+/// where dports are devm allocations. Set by the loader from the kernel profile; a map, not
+/// a global, so that it follows the CXL core's module when that is loaded again elsewhere.
+#[map]
+static FREE_ACTION: Array<u64> = Array::with_max_entries(1, 0);
 
 fn free_action() -> u64 {
-    // SAFETY: as OFFSETS.
-    unsafe { core::ptr::read_volatile(&FREE_ACTION) }
+    FREE_ACTION.get(0).copied().unwrap_or(0)
 }
 
 fn offsets() -> Offsets {
@@ -129,7 +119,8 @@ pub fn shared_deref(ctx: ProbeContext) -> u32 {
 }
 
 /// A dport registered: the kernel profile's registration function (`__devm_cxl_add_dport`,
-/// or `devm_cxl_add_dport` on 6.1), whose argument 0 is the port, returned it.
+/// or `devm_cxl_add_dport` on 6.1), whose argument 0 is the port, returned it. In vmlinux;
+/// in a module, its kretprobe is a site (`SiteRole::RegisterReturn`).
 #[fexit(function = "__devm_cxl_add_dport")]
 pub fn dport_add_exit(ctx: FExitContext) -> i32 {
     cxl::on_dport_added(&ctx);

@@ -5,7 +5,7 @@ use aya_ebpf::{
     helpers::{bpf_get_current_task, bpf_probe_read_kernel},
     programs::{FEntryContext, FExitContext},
 };
-use tracer_common::{EventKind, LockOp, MUTEX_OWNER_FLAGS, Offsets, Payload};
+use tracer_common::{EventKind, LockOp, MUTEX_OWNER_FLAGS, Member, Offsets, Payload};
 
 use crate::{
     LOCKS,
@@ -17,7 +17,7 @@ pub fn owned_by_current(off: &Offsets, lock: u64) -> Option<bool> {
         return None;
     }
     // SAFETY: bpf_probe_read_kernel checks the address.
-    let owner = unsafe { bpf_probe_read_kernel((lock + off.mutex_owner) as *const u64) }.ok()?;
+    let owner = unsafe { bpf_probe_read_kernel((lock + off.get(Member::MutexOwner)) as *const u64) }.ok()?;
     // SAFETY: no preconditions.
     let current = unsafe { bpf_get_current_task() };
     Some(owner & !MUTEX_OWNER_FLAGS == current)

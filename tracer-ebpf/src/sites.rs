@@ -95,6 +95,7 @@ pub fn on_site(ctx: &ProbeContext) {
         Some(SiteRole::Deref) => on_deref(ctx, &site, cookie),
         Some(SiteRole::FreeCall) => cxl::on_free(ctx, regs(ctx).rdi),
         Some(SiteRole::FreeEntry) => cxl::on_free(ctx, arg(&regs(ctx), site.arg)),
+        Some(SiteRole::RegisterReturn) => cxl::on_dport_returned(ctx, regs(ctx).rax),
         None => {}
     }
 }

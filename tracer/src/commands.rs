@@ -17,10 +17,10 @@ use tracer::{
 use crate::{
     Outcome,
     cli::{Command, EventFormat, LimitArgs, LockEvents, ProbeArgs, TimelineFormat, XaLoadProbe},
+    discover::{self, ProbeConfig},
     doctor::{self, DoctorOptions},
     leftovers,
     live::{self, LiveOptions},
-    load::{self, ProbeConfig},
 };
 
 pub fn run(command: Command) -> anyhow::Result<Outcome> {
@@ -76,7 +76,7 @@ impl TryFrom<ProbeArgs> for ProbeConfig {
             anyhow::bail!("--ring-kib {kib}: the ring buffer size must be a power of two between 4 KiB and 1 GiB");
         }
         Ok(ProbeConfig {
-            extra_uses: args.use_sites.iter().map(|s| load::parse_use_site(s)).collect::<Result<_, _>>()?,
+            extra_uses: args.use_sites.iter().map(|s| discover::parse_use_site(s)).collect::<Result<_, _>>()?,
             ring_bytes: kib * 1024,
             btf_dir: args.btf_dir,
             global_lock_hook: args.lock_events == LockEvents::Global,

@@ -2,12 +2,17 @@
 use std::collections::BTreeMap;
 
 use anyhow::bail;
-use tracer::{kernel::profile::FreePath, probe::attach};
+use tracer::kernel::{
+    modules,
+    profile::{CxlCore, FreePath, Registration},
+};
 use tracer_common::SiteRole;
 
 use crate::{
     Outcome,
-    load::{self, ProbeConfig, attach, discover, privilege_problem},
+    discover::{self, ProbeConfig, discover},
+    preflight::privilege_problem,
+    probe::{kprobe, programs},
 };
 
 pub struct DoctorOptions {
@@ -17,7 +22,7 @@ pub struct DoctorOptions {
 }
 
 fn traceable(function: &str) -> Option<bool> {
-    Some(attach::traceable(&attach::tracefs().ok()?, function))
+    Some(kprobe::traceable(&kprobe::tracefs().ok()?, function))
 }
 
 pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
@@ -36,7 +41,7 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
         "btf: vmlinux {}",
         if btf_dir.join("vmlinux").exists() { "present" } else { "MISSING (CONFIG_DEBUG_INFO_BTF)" }
     );
-    match attach::tracefs() {
+    match kprobe::tracefs() {
         Ok(path) => println!("tracefs: {} (kprobe_events)", path.display()),
         Err(err) => {
             println!("tracefs: MISSING: {err}");
@@ -50,20 +55,24 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
         d.profile.named_offsets().iter().map(|(n, v)| format!("{n}={v}")).collect::<Vec<_>>().join(" ")
     );
     let module_btf: Vec<&str> = d.cxl_modules.iter().filter(|m| btf_dir.join(m).exists()).map(String::as_str).collect();
+    let core = match &d.profile.core {
+        CxlCore::BuiltIn => "built into vmlinux".to_owned(),
+        CxlCore::Module(module) => format!("the module {module}"),
+        CxlCore::Missing => "not found".to_owned(),
+    };
     println!(
-        "cxl code: core {}; modules loaded: {}; module btf: {}",
-        if d.cxl_core { "built into vmlinux" } else { "not in vmlinux" },
+        "cxl code: core {core}; modules loaded: {}; module btf: {}",
         if d.cxl_modules.is_empty() { "none".to_owned() } else { d.cxl_modules.join(" ") },
         if module_btf.is_empty() { "none".to_owned() } else { module_btf.join(" ") },
     );
-    let missing = load::missing_cxl_modules();
+    let missing = modules::missing_drivers();
     if !missing.is_empty() {
         problems.push(format!(
             "CXL modules not loaded: {m} (modprobe {m}; or start `tracer run --wait-for-cxl` first): their call sites cannot be probed",
             m = missing.join(" ")
         ));
     }
-    if !d.cxl_core && d.cxl_modules.is_empty() {
+    if !discover::has_cxl_code(&d) {
         problems.push("no CXL code in this kernel: no CXL core in vmlinux and no cxl_* module".into());
     }
 
@@ -105,13 +114,21 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
     }
     let host_callee = d.profile.host_check_callee();
     let host_checks = d.calls.iter().filter(|c| Some(c.callee) == host_callee).count();
-    match (d.profile.registration, host_callee) {
-        (Some(function), Some(callee)) => println!(
-            "  {function}: fexit (registration; dports are also discovered at first lookup); its devres host is cross-checked at {host_checks} {} call site(s)",
+    let how = |r: &Registration| match r {
+        Registration::Fexit { .. } => "fexit",
+        Registration::Return { .. } => "kretprobe (in a module)",
+    };
+    match (&d.profile.registration, host_callee) {
+        (Some(r), Some(callee)) => println!(
+            "  {}: {} (registration; dports are also discovered at first lookup); its devres host is cross-checked at {host_checks} {} call site(s)",
+            r.function(),
+            how(r),
             callee.name
         ),
-        (Some(function), None) => println!(
-            "  {function}: fexit (registration; dports are also discovered at first lookup); devres host not cross-checked"
+        (Some(r), None) => println!(
+            "  {}: {} (registration; dports are also discovered at first lookup); devres host not cross-checked",
+            r.function(),
+            how(r)
         ),
         (None, _) => println!("  registration: not probed (dports are discovered at first lookup)"),
     }
@@ -122,17 +139,17 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
         );
     }
     match &d.profile.free {
-        FreePath::DevresKfree => {
-            let functions: std::collections::BTreeSet<&str> = d.frees.iter().map(|c| &*c.function).collect();
+        FreePath::DevresKfree { sites } => {
+            let functions: std::collections::BTreeSet<&str> = sites.iter().map(|c| &*c.function).collect();
             println!(
                 "  frees: {} kfree call site(s) of the devres core probed ({}): nothing runs on other kfrees",
-                d.frees.len(),
+                sites.len(),
                 functions.into_iter().collect::<Vec<_>>().join(", ")
             );
         }
         path => println!("  frees: {} ({})", path.describe(), d.profile.free_why),
     }
-    let hot = load::hot_attach_points(&d);
+    let hot = discover::hot_attach_points(&d);
     if hot.is_empty() {
         println!("  attach points outside CXL and devres code: none");
     } else {
@@ -178,7 +195,7 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
     println!("plan: {} sites (discovery took {:.1?})", d.plan.sites.len(), d.took);
 
     if !options.no_attach {
-        match attach(&d, options.probe.ring_bytes) {
+        match programs::load(&d, options.probe.ring_bytes) {
             Ok(attached) => {
                 println!(
                     "attach check: {} kprobes ({} sites), fexit and tracepoint attached in {:.1?}",

@@ -3,9 +3,8 @@
 //! with their last file descriptor), only kprobe events of a killed instance can remain,
 //! and the next start removes those.
 use anyhow::bail;
-use tracer::probe::attach;
 
-use crate::Outcome;
+use crate::{Outcome, probe::kprobe};
 
 /// Our programs' and maps' names as the kernel keeps them (truncated to 15 bytes).
 const PROGRAMS: &[&str] = &[
@@ -36,6 +35,7 @@ const MAPS: &[&str] = &[
     "PENDING_LOCK",
     "PENDING_HOST",
     "ALLOC_HOST",
+    "FREE_ACTION",
 ];
 
 /// How long programs and maps of an instance that just exited may take to go: the kernel
@@ -76,11 +76,11 @@ pub fn run() -> anyhow::Result<Outcome> {
         std::thread::sleep(std::time::Duration::from_millis(100));
         left = bpf_objects()?;
     }
-    if let Ok(tracefs) = attach::tracefs() {
-        for (pid, event) in attach::tracer_events(&tracefs) {
+    if let Ok(tracefs) = kprobe::tracefs() {
+        for (pid, event) in kprobe::tracer_events(&tracefs) {
             left.push(format!(
                 "kprobe event {event} (tracer pid {pid}, {})",
-                if attach::alive(pid) { "running" } else { "gone" }
+                if kprobe::alive(pid) { "running" } else { "gone" }
             ));
         }
     }

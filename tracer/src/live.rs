@@ -1,34 +1,44 @@
 //! `tracer run` and `tracer record`: attach, stream kernel events through the engine (and
 //! optionally into a trace file), stop on Ctrl-C, SIGTERM or the traced command's exit.
+//!
+//! Three steps: `start` (discover, attach, spawn the command), `Session::events` (the loop:
+//! ring buffer, ticks for counters, module reloads and exited threads; signals and the
+//! command's exit end it), `Session::finish` (drain, detach, report).
 use std::{
     io::{self, BufWriter, Write},
     os::fd::AsFd,
     path::PathBuf,
-    process::Stdio,
+    process::{ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
+use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
 };
 use tracer::{
     analysis::Analysis,
     decode,
     engine::{Group, Limits},
     format::tracefile::TraceHeader,
+    kernel::modules,
+    plan::Plan,
     resolve::{Resolver, SymbolSource},
     sink::{self, Format},
     summary::Summary,
-    symbolize::{self, Symbols},
+    symbolize::Symbols,
 };
 use tracer_common::{COUNTERS, Counter};
 
 use crate::{
     Outcome,
-    load::{
-        self, Attached, Discovery, ModuleRescan, ProbeConfig, attach, cxl_module_layout, discover, privilege_problem,
+    discover::{self, Discovery, ProbeConfig, discover},
+    preflight,
+    probe::{
+        programs::{self, Attached, site_names},
+        rescan::{ModuleRescan, Rescanned, rescan_module},
     },
     recorder::Recorder,
 };
@@ -48,18 +58,20 @@ pub struct LiveOptions {
 
 /// How often the trace file is flushed and the kernel counters are read.
 const TICK: Duration = Duration::from_millis(500);
-/// Ticks a module loaded again may stay unreadable before its sites are searched anyway.
-const UNSETTLED_TRIES: u32 = 20;
-
-pub fn run(options: LiveOptions) -> anyhow::Result<Outcome> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(live(options))
-}
 
 /// Ticks between two looks for exited threads, and how long a thread must have been quiet
 /// to be forgotten: its last events may still be in the ring buffer behind the tick.
 const EXITED_EVERY: u32 = 10;
 const EXITED_QUIET: Duration = Duration::from_secs(5);
+
+pub fn run(options: LiveOptions) -> anyhow::Result<Outcome> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut session = start(&options)?;
+        session.events().await?;
+        session.finish(&options).await
+    })
+}
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -77,7 +89,7 @@ impl SymbolSource for ProcSymbols {
     }
 
     fn module_ranges(&mut self) -> Vec<std::ops::Range<u64>> {
-        symbolize::module_ranges()
+        modules::ranges()
     }
 
     fn now_ns(&self) -> u64 {
@@ -149,13 +161,30 @@ impl Pipeline {
     }
 }
 
-async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
-    if let Some(problem) = privilege_problem() {
+/// A live tracing session: attached, events flowing.
+struct Session {
+    attached: Attached,
+    ring: AsyncFd<RingBuf<MapData>>,
+    pipeline: Pipeline,
+    plan: Plan,
+    rescan: ModuleRescan,
+    child: Option<tokio::process::Child>,
+    child_status: Option<ExitStatus>,
+    sigterm: Signal,
+    sigint: Signal,
+    started: Instant,
+    /// Threads whose state was forgotten after they exited.
+    forgotten: usize,
+}
+
+/// Checks, discovers, attaches and starts the traced command.
+fn start(options: &LiveOptions) -> anyhow::Result<Session> {
+    if let Some(problem) = preflight::privilege_problem() {
         bail!(problem);
     }
     // Caught from here on, so a Ctrl-C during the (slow) attach still detaches cleanly.
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
+    let sigterm = signal(SignalKind::terminate())?;
+    let sigint = signal(SignalKind::interrupt())?;
     let discovery = discover(&options.probe, true)?;
     report_discovery(&discovery);
     // Before attaching: a trace path that cannot be written fails at once.
@@ -171,7 +200,7 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
         }
         None => None,
     };
-    let mut attached = attach(&discovery, options.probe.ring_bytes)?;
+    let mut attached = programs::load(&discovery, options.probe.ring_bytes)?;
     for warning in &attached.warnings {
         eprintln!("tracer: warning: {warning}");
     }
@@ -187,235 +216,208 @@ async fn live(options: LiveOptions) -> anyhow::Result<Outcome> {
     let ring = attached.take_ring_buffer()?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until the
     // AsyncFd (and the RingBuf inside it) is dropped.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+    let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .context("polling the ring buffer")?;
-
-    let Discovery { symbols, mut plan, mut rescan, .. } = discovery;
-    let mut pipeline = Pipeline {
-        resolver: Resolver::new(symbols, load::site_names(&plan)).with_reload(Box::new(ProcSymbols)),
+    let Discovery { symbols, plan, rescan, .. } = discovery;
+    let pipeline = Pipeline {
+        resolver: Resolver::new(symbols, site_names(&plan)).with_reload(Box::new(ProcSymbols)),
         analysis: Analysis::with_folding(options.limits, options.fold),
         recorder,
         live_text: options.format == Some(Format::Text),
         undecodable: 0,
     };
-
-    let mut child = match options.command.split_first() {
+    let child = match options.command.split_first() {
         Some((program, args)) => {
             let stdout = io::stderr().as_fd().try_clone_to_owned()?;
             let mut cmd = tokio::process::Command::new(program);
             cmd.args(args).stdout(Stdio::from(stdout));
-            load::restore_open_files_in(&mut cmd);
-            let child = cmd.spawn().with_context(|| format!("cannot run {program:?}"))?;
-            Some(child)
+            preflight::restore_open_files_in(&mut cmd);
+            Some(cmd.spawn().with_context(|| format!("cannot run {program:?}"))?)
         }
         None => None,
     };
-    let mut tick = tokio::time::interval(TICK);
-    // A module reloaded between two ticks shows as a new load address.
-    let mut layout = cxl_module_layout();
-    // Modules loaded again whose code could not be read yet, with the ticks tried.
-    let mut unsettled = std::collections::BTreeMap::<String, u32>::new();
-    let started = Instant::now();
-    let mut child_status = None;
-    // Exited threads' state is forgotten (every short-lived modprobe of a hotplug loop would
-    // otherwise stay until the thread cap), where /proc can tell.
-    let forget_exited = proc_shows_kernel_tids();
-    let mut ticks = 0u32;
-    let mut forgotten = 0usize;
-
-    loop {
-        tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    pipeline.handle(&item);
-                }
-                guard.clear_ready();
-            }
-            _ = tick.tick() => {
-                if let Some(recorder) = &pipeline.recorder {
-                    recorder.counters(counters_named(&attached.counters()?));
-                }
-                let now = cxl_module_layout();
-                if now != layout || !unsettled.is_empty() {
-                    pipeline.resolver.reread_symbols();
-                    // A module loaded since the last tick (again, or for the first time):
-                    // find its sites where its code has them now. One that could not be
-                    // read (unloaded again, or still loading) is tried again while loaded.
-                    for (name, _) in now.iter().filter(|entry| !layout.contains(entry)) {
-                        unsettled.insert(name.clone(), 0);
-                    }
-                    unsettled.retain(|module, _| now.iter().any(|(name, _)| name == module));
-                    for (module, tries) in unsettled.clone() {
-                        if rescan_module(&mut pipeline, &mut attached, &mut plan, &mut rescan, &module, tries) {
-                            unsettled.remove(&module);
-                        } else {
-                            unsettled.insert(module, tries + 1);
-                        }
-                    }
-                    layout = now;
-                }
-                ticks = ticks.wrapping_add(1);
-                if forget_exited && ticks.is_multiple_of(EXITED_EVERY) {
-                    let quiet_since = clock_ns(libc::CLOCK_MONOTONIC).saturating_sub(EXITED_QUIET.as_nanos() as u64);
-                    forgotten += pipeline.analysis.engine_mut().forget_exited_threads(quiet_since, thread_exited);
-                }
-                if pipeline.recorder.as_ref().is_some_and(Recorder::failed) {
-                    break;
-                }
-            }
-            status = async { child.as_mut().expect("guarded").wait().await }, if child.is_some() => {
-                child_status = Some(status?);
-                break;
-            }
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-        }
-    }
-    // Whatever the kernel side submitted before we stopped.
-    let ring = ring.get_mut();
-    while let Some(item) = ring.next() {
-        pipeline.handle(&item);
-    }
-    if let Some(child) = &mut child
-        && child_status.is_none()
-    {
-        let _ = child.start_kill();
-        child_status = child.wait().await.ok();
-    }
-    let counts = attached.counters()?;
-    let coverage = attached.coverage(&plan)?;
-    drop(attached);
-
-    let mut summary: Summary = pipeline.analysis.summary();
-    summary.undecodable = pipeline.undecodable;
-    summary.kernel = counters_named(&counts);
-    summary.coverage = Some(pipeline.analysis.judge_coverage(coverage.clone()));
-    let mut write_error = None;
-    if let Some(recorder) = pipeline.recorder.take() {
-        let path = recorder.path().to_owned();
-        match recorder.finish(summary.kernel.clone(), coverage) {
-            Ok(events) => eprintln!("tracer: trace of {events} events written to {}", path.display()),
-            Err(err) => write_error = Some(err),
-        }
-    }
-    if let Some(status) = child_status {
-        eprintln!("tracer: traced command exited: {status}");
-    }
-    eprintln!("tracer: traced for {:.1?}", started.elapsed());
-    if forgotten > 0 {
-        eprintln!("tracer: forgot the state of {forgotten} threads after they exited");
-    }
-    let mut out = BufWriter::new(io::stdout().lock());
-    match options.format {
-        Some(format @ (Format::Json | Format::Ktap)) => {
-            sink::write_report(&mut out, format, pipeline.analysis.groups().iter(), &summary, options.strict)?;
-        }
-        Some(Format::Text) => {
-            for group in pipeline.analysis.groups().iter() {
-                writeln!(
-                    out,
-                    "tracer: {} in {}: {} occurrence(s)",
-                    group.finding.class, group.finding.site, group.count
-                )?;
-            }
-            sink::text::write_summary(&mut out, &summary)?;
-        }
-        None => sink::text::write_summary(&mut io::stderr().lock(), &summary)?,
-    }
-    out.flush()?;
-    let lost = summary.dropped() + summary.undecodable;
-    if lost > 0 {
-        eprintln!(
-            "tracer: WARNING: {} events were dropped in the kernel and {} were undecodable; findings may be incomplete (a larger --ring-kib helps with ring_buffer_full; ring_buffer_busy is contention between CPUs, see the README)",
-            summary.dropped(),
-            summary.undecodable
-        );
-    }
-    if let Some(err) = write_error {
-        return Err(err.context("the trace file is complete up to its last whole chunk; `tracer analyze` reads it"));
-    }
-    if let Some(why) = pipeline.analysis.silence() {
-        eprintln!(
-            "tracer: warning: this run saw {why}: a clean result proves nothing (did the workload reach CXL code?)"
-        );
-        if options.strict {
-            bail!("the run saw no CXL activity (--strict)");
-        }
-    }
-    if options.strict && lost > 0 {
-        bail!("{lost} events lost (--strict)");
-    }
-    Ok(if pipeline.analysis.groups().is_empty() || options.format.is_none() {
-        Outcome::Clean
-    } else {
-        Outcome::Findings
+    Ok(Session {
+        attached,
+        ring,
+        pipeline,
+        plan,
+        rescan,
+        child,
+        child_status: None,
+        sigterm,
+        sigint,
+        started: Instant::now(),
+        forgotten: 0,
     })
 }
 
-/// Finds `module`'s sites again after it was loaded (again) and attaches them where its
-/// code has them now; says what it did. False when its code could not be read (unloaded
-/// again, or still loading) before `UNSETTLED_TRIES`, or when a module traced before reads
-/// as other code at the first try (one read while a hotplug loop unloads it again can
-/// look so): then nothing is touched, and the next tick looks again. The probes the
-/// kernel re-arms at each load stay; detaching and defining them again while a hotplug
-/// loop reloads the module loses sites and, on 6.12, makes `register_kprobe()` warn at
-/// the next load (a kprobe unregistered just before its module went away is left
-/// half-freed, and `reuse_unused_kprobe()` finds it).
-fn rescan_module(
-    pipeline: &mut Pipeline,
-    attached: &mut Attached,
-    plan: &mut tracer::probe::plan::Plan,
-    rescan: &mut ModuleRescan,
-    module: &str,
-    tries: u32,
-) -> bool {
-    let symbols = pipeline.resolver.symbols();
-    // The common case: the same build again, whose probes the kernel re-armed at load.
-    match rescan.same_code(symbols, module, plan) {
-        Ok(true) => {
-            eprintln!("tracer: {module} loaded again: same code, its probes re-armed by the kernel");
-            return true;
-        }
-        Ok(false) if tries == 0 && rescan.knows(module) => return false,
-        Ok(false) => {}
-        Err(_) if tries + 1 < UNSETTLED_TRIES => return false,
-        Err(err) => eprintln!("tracer: warning: {module}: reading its code again: {err:#}"),
-    }
-    match attached.rediscover_module(plan, module, || rescan.module_sites(symbols, module)) {
-        Ok(r) if r.same => {
-            eprintln!("tracer: {module} loaded again: same code, its {} sites attached again", r.added);
-            for failure in r.failed {
-                eprintln!("tracer: warning: {module}: not attached again: {failure}");
+impl Session {
+    /// Feeds events until a signal, the command's exit, or a failed trace file.
+    async fn events(&mut self) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(TICK);
+        // A module reloaded between two ticks shows as a new load address.
+        let mut layout = modules::cxl_layout();
+        // Modules loaded again whose code could not be read yet, with the ticks tried.
+        let mut unsettled = std::collections::BTreeMap::<String, u32>::new();
+        // Exited threads' state is forgotten (every short-lived modprobe of a hotplug loop
+        // would otherwise stay until the thread cap), where /proc can tell.
+        let forget_exited = proc_shows_kernel_tids();
+        let mut ticks = 0u32;
+        loop {
+            tokio::select! {
+                guard = self.ring.readable_mut() => {
+                    let mut guard = guard?;
+                    let ring = guard.get_inner_mut();
+                    while let Some(item) = ring.next() {
+                        self.pipeline.handle(&item);
+                    }
+                    guard.clear_ready();
+                }
+                _ = tick.tick() => {
+                    if let Some(recorder) = &self.pipeline.recorder {
+                        recorder.counters(counters_named(&self.attached.counters()?));
+                    }
+                    let now = modules::cxl_layout();
+                    if now != layout || !unsettled.is_empty() {
+                        self.modules_changed(&now, &layout, &mut unsettled);
+                        layout = now;
+                    }
+                    ticks = ticks.wrapping_add(1);
+                    if forget_exited && ticks.is_multiple_of(EXITED_EVERY) {
+                        let quiet_since = clock_ns(libc::CLOCK_MONOTONIC).saturating_sub(EXITED_QUIET.as_nanos() as u64);
+                        self.forgotten += self.pipeline.analysis.engine_mut().forget_exited_threads(quiet_since, thread_exited);
+                    }
+                    if self.pipeline.recorder.as_ref().is_some_and(Recorder::failed) {
+                        return Ok(());
+                    }
+                }
+                status = async { self.child.as_mut().expect("guarded").wait().await }, if self.child.is_some() => {
+                    self.child_status = Some(status?);
+                    return Ok(());
+                }
+                _ = self.sigterm.recv() => return Ok(()),
+                _ = self.sigint.recv() => return Ok(()),
             }
         }
-        Ok(r) => {
-            pipeline.resolver.set_sites(load::site_names(plan));
+    }
+
+    /// A module loaded since the last tick (again, or for the first time): find its sites
+    /// where its code has them now. One that could not be read (unloaded again, or still
+    /// loading) is tried again while loaded.
+    fn modules_changed(
+        &mut self,
+        now: &[(String, String)],
+        before: &[(String, String)],
+        unsettled: &mut std::collections::BTreeMap<String, u32>,
+    ) {
+        self.pipeline.resolver.reread_symbols();
+        for (name, _) in now.iter().filter(|entry| !before.contains(entry)) {
+            unsettled.insert(name.clone(), 0);
+        }
+        unsettled.retain(|module, _| now.iter().any(|(name, _)| name == module));
+        for (module, tries) in unsettled.clone() {
+            let symbols = self.pipeline.resolver.symbols();
+            match rescan_module(&mut self.attached, &mut self.plan, &mut self.rescan, symbols, &module, tries) {
+                Rescanned::NotYet => {
+                    unsettled.insert(module, tries + 1);
+                }
+                Rescanned::Kept => {
+                    unsettled.remove(&module);
+                }
+                Rescanned::NewSites => {
+                    self.pipeline.resolver.set_sites(site_names(&self.plan));
+                    unsettled.remove(&module);
+                }
+            }
+        }
+    }
+
+    /// Drains what the kernel side submitted, stops the command, detaches, and reports.
+    async fn finish(mut self, options: &LiveOptions) -> anyhow::Result<Outcome> {
+        let ring = self.ring.get_mut();
+        while let Some(item) = ring.next() {
+            self.pipeline.handle(&item);
+        }
+        if let Some(child) = &mut self.child
+            && self.child_status.is_none()
+        {
+            let _ = child.start_kill();
+            self.child_status = child.wait().await.ok();
+        }
+        let counts = self.attached.counters()?;
+        let coverage = self.attached.coverage(&self.plan)?;
+        drop(self.attached);
+
+        let mut pipeline = self.pipeline;
+        let mut summary: Summary = pipeline.analysis.summary();
+        summary.undecodable = pipeline.undecodable;
+        summary.kernel = counters_named(&counts);
+        summary.coverage = Some(pipeline.analysis.judge_coverage(coverage.clone()));
+        let mut write_error = None;
+        if let Some(recorder) = pipeline.recorder.take() {
+            let path = recorder.path().to_owned();
+            match recorder.finish(summary.kernel.clone(), coverage) {
+                Ok(events) => eprintln!("tracer: trace of {events} events written to {}", path.display()),
+                Err(err) => write_error = Some(err),
+            }
+        }
+        if let Some(status) = self.child_status {
+            eprintln!("tracer: traced command exited: {status}");
+        }
+        eprintln!("tracer: traced for {:.1?}", self.started.elapsed());
+        if self.forgotten > 0 {
+            eprintln!("tracer: forgot the state of {} threads after they exited", self.forgotten);
+        }
+        let mut out = BufWriter::new(io::stdout().lock());
+        match options.format {
+            Some(format @ (Format::Json | Format::Ktap)) => {
+                sink::write_report(&mut out, format, pipeline.analysis.groups().iter(), &summary, options.strict)?;
+            }
+            Some(Format::Text) => {
+                for group in pipeline.analysis.groups().iter() {
+                    writeln!(
+                        out,
+                        "tracer: {} in {}: {} occurrence(s)",
+                        group.finding.class, group.finding.site, group.count
+                    )?;
+                }
+                sink::text::write_summary(&mut out, &summary)?;
+            }
+            None => sink::text::write_summary(&mut io::stderr().lock(), &summary)?,
+        }
+        out.flush()?;
+        let lost = summary.dropped() + summary.undecodable;
+        if lost > 0 {
             eprintln!(
-                "tracer: {module} loaded with other code (another build, or loaded after the tracer started): {} old sites detached, {} new sites attached",
-                r.removed, r.added
+                "tracer: WARNING: {} events were dropped in the kernel and {} were undecodable; findings may be incomplete (a larger --ring-kib helps with ring_buffer_full; ring_buffer_busy is contention between CPUs, see the README)",
+                summary.dropped(),
+                summary.undecodable
             );
-            if r.removed > 0 {
-                // The kernel re-armed the old probes at module load, before this tick: what
-                // the module did in between (its probe runs during insmod) was seen through
-                // probes that do not fit its code.
-                eprintln!(
-                    "tracer: warning: {module}: events between its load and now were seen with its previous build's probes, so findings there may be wrong; load your build before starting the tracer (or start it with --wait-for-cxl)"
-                );
-            }
-            for failure in r.failed {
-                eprintln!("tracer: warning: {module}: not attached: {failure}");
+        }
+        if let Some(err) = write_error {
+            return Err(err.context("the trace file is complete up to its last whole chunk; `tracer analyze` reads it"));
+        }
+        if let Some(why) = pipeline.analysis.silence() {
+            eprintln!(
+                "tracer: warning: this run saw {why}: a clean result proves nothing (did the workload reach CXL code?)"
+            );
+            if options.strict {
+                bail!("the run saw no CXL activity (--strict)");
             }
         }
-        Err(err) => eprintln!(
-            "tracer: warning: {module} was loaded again but its sites could not be found again ({err:#}): its previous probes were put back and may no longer fit its code"
-        ),
+        if options.strict && lost > 0 {
+            bail!("{lost} events lost (--strict)");
+        }
+        let clean = pipeline.analysis.groups().is_empty() || options.format.is_none();
+        Ok(if clean { Outcome::Clean } else { Outcome::Findings })
     }
-    true
 }
 
 fn report_discovery(d: &Discovery) {
+    let frees = match &d.profile.free {
+        tracer::kernel::profile::FreePath::DevresKfree { sites } => sites.len(),
+        _ => 0,
+    };
     eprintln!(
         "tracer: {} call sites in CXL code ({} modules: {}), {} use sites, {} deref sites in {} functions, {} devres kfree sites; planned {} sites in {:.1?}",
         d.calls.len(),
@@ -424,15 +426,15 @@ fn report_discovery(d: &Discovery) {
         d.plan.uses.iter().filter(|u| u.probed.is_some()).count(),
         d.derefs.sites,
         d.derefs.functions,
-        d.frees.len(),
+        frees,
         d.plan.sites.len(),
         d.took
     );
     eprintln!("tracer: kernel profile: {:?} lifetime, frees seen by {}", d.profile.lifetime, d.profile.free.describe());
-    for point in load::hot_attach_points(d) {
+    for point in discover::hot_attach_points(d) {
         eprintln!("tracer: attach point outside CXL and devres code: {point}");
     }
-    if !d.cxl_core && d.cxl_modules.is_empty() {
+    if !discover::has_cxl_code(d) {
         eprintln!(
             "tracer: warning: no CXL code in this kernel (no cxl_core symbols, no cxl_* module): nothing to trace"
         );

@@ -1,9 +1,11 @@
 mod cli;
 mod commands;
+mod discover;
 mod doctor;
 mod leftovers;
 mod live;
-mod load;
+mod preflight;
+mod probe;
 mod recorder;
 
 use std::process::ExitCode;

@@ -143,30 +143,6 @@ fn open_kallsyms() -> Result<impl BufRead, KallsymsError> {
     Ok(std::io::BufReader::with_capacity(1 << 16, file))
 }
 
-/// Each module line of /proc/modules text (`NAME SIZE REFS DEPS STATE ADDRESS [TAINTS]`):
-/// its name and where it lies, from its base to its size past it. Lines hiding their
-/// address (0x0, without CAP_SYSLOG) are left out.
-pub fn proc_modules(text: &str) -> impl Iterator<Item = (&str, std::ops::Range<u64>)> {
-    text.lines().filter_map(|line| {
-        let fields: Vec<&str> = line.split_ascii_whitespace().collect();
-        let size: u64 = fields.get(1)?.parse().ok()?;
-        let base = u64::from_str_radix(fields.get(5)?.strip_prefix("0x")?, 16).ok()?;
-        (base != 0).then(|| (fields[0], base..base.saturating_add(size)))
-    })
-}
-
-/// The address ranges of the loaded modules in /proc/modules text: each module's whole
-/// size from its text (a range that covers more than its text only costs a needless
-/// re-read).
-pub fn parse_module_ranges(text: &str) -> Vec<std::ops::Range<u64>> {
-    proc_modules(text).map(|(_, range)| range).collect()
-}
-
-/// `parse_module_ranges` of /proc/modules now (empty when it cannot be read).
-pub fn module_ranges() -> Vec<std::ops::Range<u64>> {
-    parse_module_ranges(&std::fs::read_to_string("/proc/modules").unwrap_or_default())
-}
-
 impl Symbols {
     /// Parses kallsyms lines: `ADDR TYPE NAME [\t[MODULE]]`.
     pub fn parse(input: impl BufRead) -> Result<Symbols, KallsymsError> {
@@ -365,15 +341,6 @@ ffffffffc0732500 t cxl_mem_exit\t[cxl_mem]
         let hidden = "0000000000000000 t match_port_by_dport\n0000000000000000 T xa_load\n";
         assert!(matches!(Symbols::parse(hidden.as_bytes()), Err(KallsymsError::Hidden)));
         assert!(matches!(Symbols::parse("zz t x\n".as_bytes()), Err(KallsymsError::Malformed { line: 1, .. })));
-    }
-
-    #[test]
-    fn module_ranges_come_from_proc_modules() {
-        let text = "cxl_mem 16384 0 - Live 0xffffffffc0900000\ncxl_pci 32768 0 - Loading 0xffffffffc0a00000 (E)\nhidden 4096 0 - Live 0x0000000000000000\n";
-        assert_eq!(
-            parse_module_ranges(text),
-            [0xffffffffc0900000..0xffffffffc0904000, 0xffffffffc0a00000..0xffffffffc0a08000]
-        );
     }
 
     #[test]

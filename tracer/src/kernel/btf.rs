@@ -25,15 +25,19 @@ pub struct KernelBtf {
     pub modules: Vec<(String, Btf)>,
 }
 
-/// A function with a `struct cxl_dport *` parameter.
+/// A function with a `struct cxl_dport *` parameter (a use site), or one that hands its
+/// caller a dport (a loader).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct DportFunction {
     pub name: String,
     /// `None` for vmlinux.
     pub module: Option<String>,
-    /// Index of the dport parameter (0-based).
+    /// Index of the dport parameter (0-based), or `RETURNS` for a loader that returns it.
     pub arg: u32,
 }
+
+/// `DportFunction::arg` of a loader that returns the dport.
+pub const RETURNS: u32 = 6;
 
 impl KernelBtf {
     /// vmlinux BTF and that of each named module present under `dir` (/sys/kernel/btf).
@@ -49,6 +53,19 @@ impl KernelBtf {
             }
         }
         Ok(KernelBtf { vmlinux, modules: loaded })
+    }
+
+    /// vmlinux's BTF, then each module's.
+    pub fn all(&self) -> impl Iterator<Item = &Btf> {
+        std::iter::once(&self.vmlinux).chain(self.modules.iter().map(|(_, btf)| btf))
+    }
+
+    /// The definition of `struct strukt` and the BTF it is in: vmlinux's, else a module's (a
+    /// kernel built with the CXL core as a module has `struct cxl_dport` in `cxl_core`'s).
+    pub fn find_struct(&self, strukt: &'static str) -> Result<(&Btf, btf_rs::Struct), BtfError> {
+        self.all()
+            .find_map(|btf| find_struct(btf, strukt).ok().map(|def| (btf, def)))
+            .ok_or(BtfError::MissingStruct { name: strukt })
     }
 
     /// The use sites and loaders of one module, from its BTF in `dir` (after it was loaded
@@ -184,7 +201,7 @@ fn each_function(
 }
 
 /// Functions among `types` returning a `struct cxl_dport *` or taking a `struct cxl_dport **`
-/// (`arg` is that parameter's index, or `derefs::RETURNS` for the return value).
+/// (`arg` is that parameter's index, or `RETURNS` for the return value).
 fn collect_loaders(
     btf: &Btf,
     types: impl FallibleIterator<Item = Type, Error = btf_rs::Error>,
@@ -200,7 +217,7 @@ fn collect_loaders(
             .position(|p| btf.resolve_chained_type(p).is_ok_and(|t| is_dport_out_param(btf, &t)));
         let arg = match (out_param, returns) {
             (Some(i), _) => i as u32,
-            (None, true) => super::derefs::RETURNS,
+            (None, true) => RETURNS,
             (None, false) => return Ok(()),
         };
         found.push(DportFunction { name: btf.resolve_name(func)?, module: module.map(str::to_owned), arg });

@@ -78,32 +78,29 @@ pub struct CallSite {
     pub tail: bool,
 }
 
-/// Whether a module is CXL code.
-pub fn is_cxl_module(name: &str) -> bool {
-    name.starts_with("cxl")
-}
-
-/// A vmlinux run of CXL text closer than this (in symbols) to the next CXL-named symbol
-/// is one stretch of built-in CXL objects.
+/// A vmlinux run of text closer than this (in symbols) to the next symbol named after the
+/// subsystem is one stretch of its built-in objects.
 const RUN_GAP: usize = 40;
-/// A run needs this many CXL-named symbols to be taken for the CXL core.
+/// A run needs this many named symbols to be taken for the subsystem's code.
 const RUN_MIN: usize = 10;
+
+/// What a subsystem's code is, as the kernel profile knows it (`profile::CXL_CODE`): its
+/// modules, and the names its functions have in vmlinux.
+pub struct CodeOf {
+    pub module: fn(&str) -> bool,
+    pub name: fn(&str) -> bool,
+}
 
 fn is_function(s: &Symbol) -> bool {
     s.text && !s.name.starts_with("__pfx_") && !s.name.starts_with("__cfi_")
 }
 
-/// The functions of CXL code: every function of a `cxl*` module, and the stretches of
-/// vmlinux text where the built-in CXL core was linked (its objects are contiguous in link
-/// order; a stretch is found as a dense run of symbols named after CXL).
-pub fn cxl_functions(symbols: &Symbols) -> Vec<&Symbol> {
+/// The functions of a subsystem's code: every function of its modules, and the stretches
+/// of vmlinux text where its built-in objects were linked (contiguous in link order; a
+/// stretch is found as a dense run of symbols named after it).
+pub fn code_functions<'a>(symbols: &'a Symbols, code: &CodeOf) -> Vec<&'a Symbol> {
     let vmlinux: Vec<&Symbol> = symbols.iter().filter(|s| s.module.is_none() && is_function(s)).collect();
-    let named: Vec<usize> = vmlinux
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.name.to_ascii_lowercase().contains("cxl"))
-        .map(|(i, _)| i)
-        .collect();
+    let named: Vec<usize> = vmlinux.iter().enumerate().filter(|(_, s)| (code.name)(&s.name)).map(|(i, _)| i).collect();
     let mut runs: Vec<(usize, usize, usize)> = Vec::new(); // (first, last, named count)
     for &i in &named {
         match runs.last_mut() {
@@ -119,7 +116,7 @@ pub fn cxl_functions(symbols: &Symbols) -> Vec<&Symbol> {
         .filter(|&(_, _, n)| n >= RUN_MIN)
         .flat_map(|(first, last, _)| vmlinux[first..=last].iter().copied())
         .collect();
-    out.extend(symbols.iter().filter(|s| is_function(s) && s.module.as_deref().is_some_and(is_cxl_module)));
+    out.extend(symbols.iter().filter(|s| is_function(s) && s.module.as_deref().is_some_and(code.module)));
     // Aliases (`cleanup_module` and the exit function it names) are one function: read and
     // scanned twice, its sites would be probed twice.
     let mut seen = FxHashSet::default();
@@ -127,21 +124,17 @@ pub fn cxl_functions(symbols: &Symbols) -> Vec<&Symbol> {
     out
 }
 
-/// Where `module`'s core (its code and data once its init is done) lies, from the text of
-/// `/proc/modules` (`NAME SIZE REFS DEPS STATE ADDRESS [TAINTS]`).
-pub fn module_core(proc_modules: &str, module: &str) -> Option<std::ops::Range<u64>> {
-    crate::symbolize::proc_modules(proc_modules).find(|(name, _)| *name == module).map(|(_, core)| core)
-}
-
 /// The functions of `module` that lie in its `core`, each once. Right after a module's
 /// init returns, /proc/modules already calls it Live while kallsyms still lists its init
 /// functions (in memory being freed): they are left out, and so is a core function whose
 /// extent would run into them, so that the module reads the same whenever it is read.
 pub fn module_functions<'a>(symbols: &'a Symbols, module: &str, core: &std::ops::Range<u64>) -> Vec<&'a Symbol> {
-    cxl_functions(symbols)
-        .into_iter()
-        .filter(|s| s.module.as_deref() == Some(module) && core.contains(&s.addr))
+    let mut seen = FxHashSet::default();
+    symbols
+        .iter()
+        .filter(|s| is_function(s) && s.module.as_deref() == Some(module) && core.contains(&s.addr))
         .filter(|s| symbols.extent(s).is_some_and(|(_, end)| end <= core.end))
+        .filter(|s| seen.insert(s.addr))
         .collect()
 }
 
@@ -226,8 +219,9 @@ pub struct CxlText {
 }
 
 impl CxlText {
-    pub fn read(symbols: &Symbols, kcore: &Kcore) -> Result<CxlText, KcoreError> {
-        CxlText::read_functions(symbols, kcore, cxl_functions(symbols))
+    /// The code of every function of `code` (`profile::CXL_CODE`).
+    pub fn read(symbols: &Symbols, kcore: &Kcore, code: &CodeOf) -> Result<CxlText, KcoreError> {
+        CxlText::read_functions(symbols, kcore, code_functions(symbols, code))
     }
 
     /// The code of `functions`.
@@ -375,10 +369,8 @@ mod tests {
     #[test]
     fn a_module_reads_the_same_while_its_init_symbols_are_still_listed() {
         let modules = "cxl_mem 16384 0 - Live 0xffffffffc04c9000\ncxl_pci 90112 0 - Live 0xffffffffc0500000 (E)\n";
-        let core = module_core(modules, "cxl_mem").unwrap();
+        let core = crate::kernel::modules::core_in(modules, "cxl_mem").unwrap();
         assert_eq!(core, 0xffffffffc04c9000..0xffffffffc04cd000);
-        assert_eq!(module_core(modules, "cxl_pci").unwrap().start, 0xffffffffc0500000);
-        assert!(module_core(modules, "cxl_port").is_none());
         let after = "ffffffffc04c9000 t enable_suspend\t[cxl_mem]
 ffffffffc04c9040 t cxl_mem_probe\t[cxl_mem]
 ffffffffc04c926b t cxl_mem_driver_exit\t[cxl_mem]
@@ -538,7 +530,8 @@ ffffffffc04c9277 t cxl_mem_probe.cold\t[cxl_mem]
         add("cxl_mem_probe", Some("cxl_mem"));
         add("nvdimm_bus_probe", Some("libnvdimm"));
         let symbols = Symbols::parse(text.as_bytes()).unwrap();
-        let names: Vec<&str> = cxl_functions(&symbols).iter().map(|s| &*s.name).collect();
+        let names: Vec<&str> =
+            code_functions(&symbols, &crate::kernel::profile::CXL_CODE).iter().map(|s| &*s.name).collect();
         assert_eq!(names.first(), Some(&"is_cxl_port"));
         assert!(names.contains(&"helper_29") && names.contains(&"cxl_port_probe"));
         assert!(!names.iter().any(|n| n.starts_with("udmabuf") || n.starts_with("mac_hid")));

@@ -15,149 +15,16 @@
 //! base register holds a dport its thread loaded.
 use std::sync::Arc;
 
-use btf_rs::{Btf, Type};
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, OpAccess, OpKind, Register};
 use rustc_hash::FxHashMap;
 use tracer_common::Reg;
 
 use super::{
-    btf::{BtfError, DportFunction, find_struct},
+    btf::{DportFunction, RETURNS},
     callsites::CxlText,
+    layout::Layout,
 };
 use crate::symbolize::{Symbol, Symbols};
-
-/// One member of the dport struct that an access can fall in: a scalar, an array, or a
-/// struct whose members are listed too (both are leaves: the innermost that holds an
-/// access names it).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Member {
-    /// "rch", "regs.ras" (nested members joined with dots).
-    pub path: Arc<str>,
-    pub offset: u64,
-    pub size: u64,
-}
-
-/// The layout of `struct cxl_dport` in the running kernel.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Layout {
-    pub size: u64,
-    /// Every named member at any depth, outer before inner.
-    pub members: Vec<Member>,
-}
-
-/// How deep nested members are listed (cxl_dport.regs.<union>.ras is three).
-const MAX_DEPTH: usize = 4;
-
-impl Layout {
-    pub fn from_btf(btf: &Btf, strukt: &'static str) -> Result<Layout, BtfError> {
-        let def = find_struct(btf, strukt)?;
-        let mut members = Vec::new();
-        collect(btf, &def, "", 0, 0, &mut members)?;
-        Ok(Layout { size: def.size() as u64, members })
-    }
-
-    /// The innermost member holding all of `[offset, offset + size)`; of a union's
-    /// alternatives, the first declared.
-    pub fn member_at(&self, offset: u64, size: u64) -> Option<&Member> {
-        let end = offset.checked_add(size.max(1))?;
-        let depth = |m: &Member| m.path.matches('.').count();
-        self.members.iter().filter(|m| m.offset <= offset && end <= m.offset + m.size).fold(
-            None,
-            |best: Option<&Member>, m| match best {
-                Some(b) if depth(b) >= depth(m) => Some(b),
-                _ => Some(m),
-            },
-        )
-    }
-
-    /// Reads the text form `tests/data/code/*.layout` holds: `size N`, then `path offset size`
-    /// lines; `#` starts a comment.
-    pub fn parse(text: &str) -> Option<Layout> {
-        let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'));
-        let size = lines.next()?.strip_prefix("size ")?.parse().ok()?;
-        let members = lines
-            .map(|l| {
-                let mut f = l.split_whitespace();
-                Some(Member {
-                    path: Arc::from(f.next()?),
-                    offset: f.next()?.parse().ok()?,
-                    size: f.next()?.parse().ok()?,
-                })
-            })
-            .collect::<Option<Vec<_>>>()?;
-        Some(Layout { size, members })
-    }
-}
-
-fn type_size(btf: &Btf, ty: &Type) -> Option<u64> {
-    match ty {
-        Type::Int(i) => Some(i.size() as u64),
-        Type::Ptr(_) => Some(8),
-        Type::Enum(e) => Some(e.size() as u64),
-        Type::Enum64(e) => Some(e.size() as u64),
-        Type::Float(f) => Some(f.size() as u64),
-        Type::Struct(s) | Type::Union(s) => Some(s.size() as u64),
-        Type::Array(a) => {
-            let elem = btf.resolve_chained_type(a).ok()?;
-            Some(type_size(btf, &elem)? * a.len() as u64)
-        }
-        Type::Typedef(_) | Type::Const(_) | Type::Volatile(_) | Type::Restrict(_) | Type::TypeTag(_) => {
-            let next = btf.resolve_chained_type(ty.as_btf_type()?).ok()?;
-            type_size(btf, &next)
-        }
-        _ => None,
-    }
-}
-
-/// `ty` without typedefs and qualifiers.
-fn strip(btf: &Btf, ty: Type) -> Type {
-    let mut ty = ty;
-    for _ in 0..16 {
-        match &ty {
-            Type::Typedef(_) | Type::Const(_) | Type::Volatile(_) | Type::Restrict(_) | Type::TypeTag(_) => {
-                match ty.as_btf_type().and_then(|b| btf.resolve_chained_type(b).ok()) {
-                    Some(next) => ty = next,
-                    None => return ty,
-                }
-            }
-            _ => return ty,
-        }
-    }
-    ty
-}
-
-fn collect(
-    btf: &Btf,
-    def: &btf_rs::Struct,
-    prefix: &str,
-    base: u64,
-    depth: usize,
-    out: &mut Vec<Member>,
-) -> Result<(), BtfError> {
-    for m in &def.members {
-        let name = btf.resolve_name(m).unwrap_or_default();
-        let ty = strip(btf, btf.resolve_chained_type(m)?);
-        let offset = base + u64::from(m.bit_offset() / 8);
-        let size = match m.bitfield_size() {
-            Some(bits) => u64::from(bits.div_ceil(8)).max(1),
-            None => type_size(btf, &ty).unwrap_or(0),
-        };
-        let path = match (prefix.is_empty(), name.is_empty()) {
-            (_, true) => prefix.to_owned(),
-            (true, false) => name.clone(),
-            (false, false) => format!("{prefix}.{name}"),
-        };
-        if !name.is_empty() {
-            out.push(Member { path: Arc::from(path.as_str()), offset, size });
-        }
-        if depth < MAX_DEPTH
-            && let Type::Struct(inner) | Type::Union(inner) = &ty
-        {
-            collect(btf, inner, &path, offset, depth + 1, out)?;
-        }
-    }
-    Ok(())
-}
 
 /// An instruction that accesses `struct cxl_dport` memory through a register that may
 /// hold a loaded dport.
@@ -616,19 +483,17 @@ pub fn find(
     sites
 }
 
-/// `DportFunction::arg` of a loader that returns the dport.
-pub const RETURNS: u32 = 6;
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::layout::Field;
 
     /// `struct cxl_dport` of Debian 7.2.13 (its BTF, as pahole prints it), as far as the
     /// tests need: dport_dev@0 (8), reg_map@8 (112), port_id@120 (4), rcrb@128 (16),
     /// rch@144 (1), port@152 (8), regs@160 (64), coord@224 (32), link_latency@256 (8),
     /// gpf_dvsec@264 (4); size 272.
     fn layout_7_2() -> Layout {
-        let m = |path: &str, offset, size| Member { path: Arc::from(path), offset, size };
+        let m = |path: &str, offset, size| Field { path: Arc::from(path), offset, size };
         Layout {
             size: 272,
             members: vec![
@@ -712,20 +577,6 @@ mod tests {
         // `mov 0x98(%rax),%r15` is `parent_dport->port` in the inlined
         // devm_cxl_add_endpoint(), under the lock but with the pointer loaded before it.
         assert_eq!(got, [(0x147, Reg::Rdi, "rch", 144, 1, false), (0x181, Reg::Rax, "port", 152, 8, false)]);
-    }
-
-    #[test]
-    fn the_innermost_member_names_an_access_and_holes_name_none() {
-        let layout = layout_7_2();
-        assert_eq!(&*layout.member_at(144, 1).unwrap().path, "rch");
-        assert_eq!(&*layout.member_at(176, 8).unwrap().path, "regs.ras");
-        assert_eq!(&*layout.member_at(168, 8).unwrap().path, "regs");
-        assert_eq!(&*layout.member_at(128, 8).unwrap().path, "rcrb.base");
-        // The 7 bytes after rch are a hole; 4 bytes after port_id too.
-        assert!(layout.member_at(145, 1).is_none());
-        assert!(layout.member_at(124, 4).is_none());
-        // An access wider than its member does not fit it.
-        assert!(layout.member_at(144, 8).is_none());
     }
 
     // Real instruction bytes live in tests/data (kernel-code/); this one is hand-assembled to

@@ -1,49 +1,85 @@
-//! The kernel profile: everything the tracer needs that differs between kernel versions, in
-//! one place, read from the running kernel's BTF and symbols with fallbacks. Code asks the
-//! profile, never the release string.
+//! The kernel profile: everything the tracer needs that differs between kernel versions and
+//! every CXL name it relies on, in one place, read from the running kernel's BTF and symbols
+//! with fallbacks. Code asks the profile, never the release string; adding a kernel, or a
+//! second object type, starts here.
 //!
-//! What differs across the kernels we run on (DESIGN §7):
+//! What differs across the kernels we run on (docs/kernels.md):
 //! - member names: `cxl_port.uport_dev` was `uport` and `cxl_dport.dport_dev` was `dport`
 //!   before 6.5 (6.1 has the old names);
+//! - where the CXL core is: built into vmlinux (every Debian kernel: `CONFIG_CXL_BUS=y`) or
+//!   the module `cxl_core` (a kernel built for cxl_test: `CONFIG_CXL_BUS=m`);
 //! - which function registers a dport: `__devm_cxl_add_dport()` (6.12, 7.2) or
 //!   `devm_cxl_add_dport()` itself (6.1);
 //! - how the dport is allocated and freed: `devm_kzalloc(host)`, freed with the host's devres
 //!   (6.1, 6.12), or `kzalloc()` freed by the devres action `free_dport()` registered on the
 //!   host (7.2). Either way the host's `dev->mutex` is the dport's free lock; what differs is
 //!   where the tracer sees the host the kernel really chose, and where it sees the free.
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use btf_rs::{Btf, Type};
-use tracer_common::{Offsets, SiteRole};
+use rustc_hash::FxHashMap;
+use tracer_common::{MEMBERS, Member, Offsets, SiteRole};
 
 use super::{
-    btf::{BtfError, KernelBtf, find_struct, member_bit_offset, pointee_struct_name},
-    callsites::Callee,
-    derefs::Layout,
+    btf::{BtfError, KernelBtf, member_bit_offset, pointee_struct_name},
+    callsites::{self, CallSite, Callee, CodeOf, CxlText},
+    layout::Layout,
 };
-use crate::symbolize::Symbols;
+use crate::symbolize::{Symbol, Symbols};
 
 /// A member the kernel side reads, with the names it has had (newest first).
 pub struct MemberSpec {
+    pub member: Member,
     pub strukt: &'static str,
     pub names: &'static [&'static str],
 }
 
-/// In the order of `Offsets`' fields.
-pub const MEMBERS: [MemberSpec; 9] = [
-    MemberSpec { strukt: "cxl_dport", names: &["port"] },
-    MemberSpec { strukt: "cxl_dport", names: &["dport_dev", "dport"] },
-    MemberSpec { strukt: "cxl_port", names: &["dev"] },
-    MemberSpec { strukt: "cxl_port", names: &["uport_dev", "uport"] },
-    MemberSpec { strukt: "cxl_port", names: &["dports"] },
-    MemberSpec { strukt: "device", names: &["parent"] },
-    MemberSpec { strukt: "device", names: &["mutex"] },
-    MemberSpec { strukt: "mutex", names: &["owner"] },
-    MemberSpec { strukt: "devres", names: &["data"] },
+/// The one table of the members the kernel side reads: `Offsets` is filled from it by
+/// `Member`, and the trace header and `doctor` name each offset from it.
+pub const MEMBER_SPECS: [MemberSpec; MEMBERS] = [
+    MemberSpec { member: Member::DportPort, strukt: "cxl_dport", names: &["port"] },
+    MemberSpec { member: Member::DportDev, strukt: "cxl_dport", names: &["dport_dev", "dport"] },
+    MemberSpec { member: Member::PortDev, strukt: "cxl_port", names: &["dev"] },
+    MemberSpec { member: Member::PortUportDev, strukt: "cxl_port", names: &["uport_dev", "uport"] },
+    MemberSpec { member: Member::PortDports, strukt: "cxl_port", names: &["dports"] },
+    MemberSpec { member: Member::DeviceParent, strukt: "device", names: &["parent"] },
+    MemberSpec { member: Member::DeviceMutex, strukt: "device", names: &["mutex"] },
+    MemberSpec { member: Member::MutexOwner, strukt: "mutex", names: &["owner"] },
+    MemberSpec { member: Member::DevresData, strukt: "devres", names: &["data"] },
 ];
 
-/// Functions that register a dport and return it, innermost first: the fexit goes on the
-/// first this kernel has (every registration path goes through it).
+/// The struct the rules are about.
+pub const DPORT_STRUCT: &str = "cxl_dport";
+
+/// Whether a module is CXL code (its functions are scanned for call, use and deref sites).
+/// cxl_test's own builds (`cxl_mock`, `cxl_mock_mem`, `cxl_test`) are too.
+pub fn is_cxl_module(name: &str) -> bool {
+    name.starts_with("cxl")
+}
+
+/// Whether a vmlinux function is named after CXL (a built-in CXL core is found as a dense
+/// run of them: `callsites::code_functions`).
+fn is_cxl_name(name: &str) -> bool {
+    name.to_ascii_lowercase().contains("cxl")
+}
+
+/// Where CXL code is, for the scanners.
+pub const CXL_CODE: CodeOf = CodeOf { module: is_cxl_module, name: is_cxl_name };
+
+/// The module the CXL core is when it is not built into vmlinux (`CONFIG_CXL_BUS=m`).
+pub const CORE_MODULE: &str = "cxl_core";
+
+/// Functions only the CXL core has: where one of them is, the core is.
+const CORE_MARKERS: [&str; 2] = ["match_port_by_dport", "__devm_cxl_add_dport"];
+
+/// The CXL driver modules a dport needs to be looked up by a memdev probe: the root
+/// (`cxl_acpi`) and the memdev driver (`cxl_mem`). `cxl_pci` is not among them: it makes
+/// memdevs of PCI devices, and cxl_test's mock memdevs come without it; a module loaded
+/// after the tracer started is probed then.
+pub const DRIVER_MODULES: [&str; 2] = ["cxl_acpi", "cxl_mem"];
+
+/// Functions that register a dport and return it, innermost first: the registration probe
+/// goes on the first this kernel has (every registration path goes through it).
 const REGISTRATION: [&str; 2] = ["__devm_cxl_add_dport", "devm_cxl_add_dport"];
 
 /// The devres action that frees a `kzalloc`'d dport (drivers/cxl/core/port.c, v7.2).
@@ -52,15 +88,26 @@ const FREE_ACTION: &str = "free_dport";
 const ADD_ACTION: &str = "__devm_add_action";
 /// What allocates a devm dport: `devm_kzalloc(host, ...)` is `devm_kmalloc(host, ...)`.
 const DEVM_ALLOC: &str = "devm_kmalloc";
+/// The lockless lookup readers use (an inline in `drivers/cxl/cxl.h`).
+const LOOKUP: &str = "xa_load";
+
+/// The callee whose calls in the devres core free a devm dport's node.
+pub const KFREE: Callee = Callee { name: "kfree", call: SiteRole::FreeCall, ret: None, caller: None };
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
-    #[error("kernel {release}: BTF has no struct {strukt}: is the CXL core built into this kernel (CONFIG_CXL_BUS)?")]
+    #[error(
+        "kernel {release}: BTF has no struct {strukt}: is the CXL core in this kernel (CONFIG_CXL_BUS), and its module (cxl_core) loaded?"
+    )]
     MissingStruct { release: String, strukt: &'static str },
     #[error("kernel {release}: BTF struct {strukt} has none of the members {} (the tracer knows these names for it; a kernel that renamed it again needs a profile update)", .tried.join(", "))]
     MissingMember { release: String, strukt: &'static str, tried: &'static [&'static str] },
     #[error("kernel {release}: BTF struct {strukt} member {member} is a bitfield")]
     Bitfield { release: String, strukt: &'static str, member: &'static str },
+    #[error(
+        "--xa-load direct: xa_load is notrace on this kernel (lib/ is built without ftrace), so it cannot be probed itself; the default, --xa-load callsites, probes its calls in CXL code"
+    )]
+    XaLoadNotTraceable,
     #[error(transparent)]
     Btf(#[from] BtfError),
 }
@@ -68,12 +115,42 @@ pub enum ProfileError {
 /// One member as found in this kernel's BTF.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResolvedMember {
+    pub member: Member,
     pub strukt: &'static str,
     /// The name this kernel uses.
     pub name: &'static str,
     /// The names tried, newest first.
     pub tried: &'static [&'static str],
     pub offset: u64,
+}
+
+/// Where the CXL core's code is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CxlCore {
+    /// Built into vmlinux (`CONFIG_CXL_BUS=y`).
+    BuiltIn,
+    /// A loaded module (`CONFIG_CXL_BUS=m`): its functions are module functions.
+    Module(Arc<str>),
+    /// Neither: no CXL core in this kernel, or its module is not loaded.
+    Missing,
+}
+
+/// How the tracer sees a dport registered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Registration {
+    /// fexit on the registration function in vmlinux: its argument 0 is the port.
+    Fexit { function: &'static str },
+    /// A kretprobe on the registration function in a module (aya attaches fexit to vmlinux
+    /// functions only): the port is read from the returned dport's `port`.
+    Return { module: Arc<str>, function: &'static str },
+}
+
+impl Registration {
+    pub fn function(&self) -> &'static str {
+        match self {
+            Registration::Fexit { function } | Registration::Return { function, .. } => function,
+        }
+    }
 }
 
 /// Where the tracer sees the devres host a dport was really given, to cross-check the
@@ -99,10 +176,11 @@ pub enum Lifetime {
 /// Where the tracer sees a dport's memory freed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FreePath {
-    /// The devres action that frees a dport, `free_dport(dport)`: fentry, else a kprobe.
-    Action { function: &'static str },
+    /// The devres action that frees a dport, `free_dport(dport)`: fentry in vmlinux, else
+    /// (refused, or in a module) a kprobe at its entry.
+    Action { function: &'static str, module: Option<Arc<str>> },
     /// The `kfree` calls of the devres core, where a devm dport's node is freed: kprobes.
-    DevresKfree,
+    DevresKfree { sites: Vec<CallSite> },
     /// The `kfree` raw tracepoint: every kfree in the system pays a map lookup (the fallback).
     Tracepoint,
 }
@@ -110,65 +188,88 @@ pub enum FreePath {
 impl FreePath {
     pub fn describe(&self) -> String {
         match self {
-            FreePath::Action { function } => format!("fentry on {function}() (a kprobe if fentry is refused)"),
-            FreePath::DevresKfree => "kprobes at the kfree calls of the devres core (drivers/base/devres.c)".into(),
+            FreePath::Action { function, module: None } => {
+                format!("fentry on {function}() (a kprobe if fentry is refused)")
+            }
+            FreePath::Action { function, module: Some(module) } => {
+                format!("a kprobe at the entry of {function}() [{module}]")
+            }
+            FreePath::DevresKfree { sites } => {
+                format!("kprobes at the {} kfree calls of the devres core (drivers/base/devres.c)", sites.len())
+            }
             FreePath::Tracepoint => "the kfree raw tracepoint (every kfree in the system pays a map lookup)".into(),
         }
     }
 }
 
-/// The callee whose calls in the devres core free a devm dport's node.
-pub const KFREE: Callee = Callee { name: "kfree", call: SiteRole::FreeCall, ret: None, caller: None };
+/// What the profile is resolved from.
+pub struct Facts<'a> {
+    pub btf: &'a KernelBtf,
+    pub symbols: &'a Symbols,
+    /// `uname -r`.
+    pub release: &'a str,
+    /// Whether tracefs lists `xa_load` as traceable (a kernel whose lib/ has ftrace).
+    pub xa_load_traceable: bool,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Profile {
     pub release: String,
     pub members: Vec<ResolvedMember>,
     pub offsets: Offsets,
+    pub core: CxlCore,
     pub lifetime: Lifetime,
     /// Why `lifetime` was chosen.
     pub lifetime_why: String,
-    /// The registration function the fexit goes on, if this kernel has one out of line.
-    pub registration: Option<&'static str>,
+    /// How registrations are seen, if this kernel has a registration function out of line.
+    pub registration: Option<Registration>,
     pub host_check: Option<HostCheck>,
     /// `struct cxl_dport` as this kernel lays it out: what an inline access touches.
     pub dport: Layout,
     /// Where frees are seen, and why.
     pub free: FreePath,
     pub free_why: String,
+    pub xa_load_traceable: bool,
 }
 
 impl Profile {
-    /// Resolves the profile of the kernel whose BTF and symbols these are.
-    pub fn resolve(btf: &KernelBtf, symbols: &Symbols, release: &str) -> Result<Profile, ProfileError> {
-        let release = release.trim().to_owned();
-        let mut members = Vec::with_capacity(MEMBERS.len());
-        for spec in &MEMBERS {
-            members.push(resolve_member(&btf.vmlinux, spec, &release)?);
+    /// Resolves the profile of the kernel these facts are about. `devres_frees` finds the
+    /// devres core's `kfree` calls: asked only on a kernel whose dports are devm allocations.
+    pub fn resolve(
+        facts: &Facts,
+        devres_frees: impl FnOnce() -> anyhow::Result<Vec<CallSite>>,
+    ) -> anyhow::Result<Profile> {
+        let Facts { btf, symbols, xa_load_traceable, .. } = *facts;
+        let release = facts.release.trim().to_owned();
+        let mut members = Vec::with_capacity(MEMBERS);
+        let mut offsets = Offsets::ZERO;
+        for spec in &MEMBER_SPECS {
+            let member = resolve_member(btf, spec, &release)?;
+            offsets.set(spec.member, member.offset);
+            members.push(member);
         }
-        let at = |i: usize| members[i].offset;
-        let offsets = Offsets {
-            dport_port: at(0),
-            dport_dev: at(1),
-            port_dev: at(2),
-            port_uport_dev: at(3),
-            port_dports: at(4),
-            device_parent: at(5),
-            device_mutex: at(6),
-            mutex_owner: at(7),
-            devres_data: at(8),
+        let core = core_location(symbols);
+        let in_core = |s: &&Symbol| match (&s.module, &core) {
+            (None, _) => true,
+            (Some(module), CxlCore::Module(core)) => module == core,
+            _ => false,
         };
         let in_vmlinux = |name: &str| symbols.lookup(name).any(|s| s.module.is_none());
-        let registration =
-            REGISTRATION.into_iter().find(|name| in_vmlinux(name) && returns_dport_of_port(&btf.vmlinux, name));
-        let free_action = symbols.lookup(FREE_ACTION).find(|s| s.module.is_none()).map(|s| s.addr);
+        let registration = REGISTRATION.into_iter().find_map(|function| {
+            let symbol = symbols.lookup(function).find(in_core)?;
+            returns_dport_of_port(btf, function).then(|| match &symbol.module {
+                None => Registration::Fexit { function },
+                Some(module) => Registration::Return { module: module.clone(), function },
+            })
+        });
+        let free_action = symbols.lookup(FREE_ACTION).find(in_core);
         let (lifetime, lifetime_why, host_check) = match free_action {
-            Some(action_addr) if in_vmlinux(ADD_ACTION) => (
+            Some(action) if in_vmlinux(ADD_ACTION) => (
                 Lifetime::FreeAction,
                 format!(
                     "the kernel has {FREE_ACTION}(): dports are kzalloc'd and freed by that devres action on their host"
                 ),
-                Some(HostCheck::FreeAction { action_addr }),
+                Some(HostCheck::FreeAction { action_addr: action.addr }),
             ),
             Some(_) => (
                 Lifetime::FreeAction,
@@ -180,26 +281,42 @@ impl Profile {
                 format!(
                     "no {FREE_ACTION}() in the kernel: dports are devm_kzalloc'd on their host and freed with its devres"
                 ),
-                registration.filter(|_| in_vmlinux(DEVM_ALLOC)).map(|caller| HostCheck::DevmAlloc { caller }),
+                registration
+                    .as_ref()
+                    .filter(|_| in_vmlinux(DEVM_ALLOC))
+                    .map(|r| HostCheck::DevmAlloc { caller: r.function() }),
             ),
         };
-        let dport = Layout::from_btf(&btf.vmlinux, "cxl_dport")
-            .map_err(|_| ProfileError::MissingStruct { release: release.clone(), strukt: "cxl_dport" })?;
-        let (free, free_why) = match lifetime {
-            Lifetime::FreeAction if free_action.is_some() => (
-                FreePath::Action { function: FREE_ACTION },
+        let (dport_btf, dport_def) = btf
+            .find_struct(DPORT_STRUCT)
+            .map_err(|_| ProfileError::MissingStruct { release: release.clone(), strukt: DPORT_STRUCT })?;
+        let dport = Layout::of(dport_btf, &dport_def).map_err(ProfileError::Btf)?;
+        let (free, free_why) = match (lifetime.clone(), free_action) {
+            (Lifetime::FreeAction, Some(action)) => (
+                FreePath::Action { function: FREE_ACTION, module: action.module.clone() },
                 format!("{FREE_ACTION}() frees every registered dport: nothing else needs watching"),
             ),
-            Lifetime::FreeAction => (FreePath::Tracepoint, format!("no {FREE_ACTION}() symbol to probe")),
-            Lifetime::Devm => (
-                FreePath::DevresKfree,
-                "a devm dport is freed with its devres node, by the devres core's kfree calls".into(),
-            ),
+            (Lifetime::FreeAction, None) => (FreePath::Tracepoint, format!("no {FREE_ACTION}() symbol to probe")),
+            (Lifetime::Devm, _) => {
+                let sites = devres_frees()?;
+                if sites.is_empty() {
+                    (
+                        FreePath::Tracepoint,
+                        "no kfree call found in the devres core (devres_release_all and its neighbours)".into(),
+                    )
+                } else {
+                    (
+                        FreePath::DevresKfree { sites },
+                        "a devm dport is freed with its devres node, by the devres core's kfree calls".into(),
+                    )
+                }
+            }
         };
         Ok(Profile {
             release,
             members,
             offsets,
+            core,
             lifetime,
             lifetime_why,
             registration,
@@ -207,12 +324,27 @@ impl Profile {
             dport,
             free,
             free_why,
+            xa_load_traceable,
         })
     }
 
     /// `struct.member` = offset, for the trace header and `doctor`.
     pub fn named_offsets(&self) -> Vec<(String, u64)> {
         self.members.iter().map(|m| (format!("{}.{}", m.strukt, m.name), m.offset)).collect()
+    }
+
+    /// The callees whose call sites in CXL code are probed: the xarray and mutex API
+    /// (`callsites::CALLEES`) without the mutex calls when the global lock hook replaces
+    /// them and without `xa_load` when it is probed directly, and the one the devres host
+    /// cross-check needs.
+    pub fn callees(&self, global_lock_hook: bool, direct_xa_load: bool) -> Vec<Callee> {
+        callsites::CALLEES
+            .iter()
+            .copied()
+            .filter(|c| !(global_lock_hook && c.name.starts_with("mutex_")))
+            .filter(|c| !(direct_xa_load && c.name == LOOKUP))
+            .chain(self.host_check_callee())
+            .collect()
     }
 
     /// The call sites the host cross-check probes, with their roles.
@@ -237,6 +369,62 @@ impl Profile {
             _ => 0,
         }
     }
+
+    /// `free_dport`'s address now, after the module holding it was loaded again elsewhere;
+    /// `None` when the kernel has no free action or it did not move.
+    pub fn free_action_moved(&mut self, symbols: &Symbols) -> Option<u64> {
+        let FreePath::Action { function, module } = &self.free else { return None };
+        let now = symbols.lookup(function).find(|s| s.module == *module)?.addr;
+        match &mut self.host_check {
+            Some(HostCheck::FreeAction { action_addr }) if *action_addr != now => {
+                *action_addr = now;
+                Some(now)
+            }
+            _ => None,
+        }
+    }
+
+    /// `__devm_add_action` is called for every devres action in CXL code; only the calls that
+    /// add the free action say where a dport lives. Keeps those, those whose action argument
+    /// is not known statically, and the calls of every other callee.
+    pub fn keep_host_check_calls(&self, calls: &mut Vec<CallSite>, text: &CxlText) {
+        let action = self.free_action_addr();
+        if action == 0 {
+            return;
+        }
+        let code: FxHashMap<u64, &[u8]> = text.functions.iter().map(|(f, c)| (f.addr, c.as_slice())).collect();
+        calls.retain(|c| {
+            c.callee.call != SiteRole::HostActionCall
+                || code
+                    .get(&c.function_addr)
+                    .and_then(|code| callsites::rsi_before_call(c.function_addr, code, c.offset))
+                    .is_none_or(|rsi| rsi == action)
+        });
+    }
+
+    /// Whether `xa_load` itself is probed instead of its call sites: when asked (it must be
+    /// traceable), or when CXL code has no call of it but it is traceable.
+    pub fn probe_xa_load_directly(&self, asked: bool, calls: &[CallSite]) -> Result<bool, ProfileError> {
+        if asked && !self.xa_load_traceable {
+            return Err(ProfileError::XaLoadNotTraceable);
+        }
+        Ok(asked || self.xa_load_traceable && !calls.iter().any(|c| c.callee.name == LOOKUP && !c.tail))
+    }
+
+    /// The callee `xa_load` is, for probing it directly.
+    pub fn lookup_callee() -> &'static Callee {
+        callsites::CALLEES.iter().find(|c| c.name == LOOKUP).expect("xa_load is a callee")
+    }
+}
+
+/// Where the CXL core is, from the symbols of its own functions.
+pub fn core_location(symbols: &Symbols) -> CxlCore {
+    let mut found = CORE_MARKERS.iter().flat_map(|name| symbols.lookup(name));
+    match found.next() {
+        None => CxlCore::Missing,
+        Some(Symbol { module: None, .. }) => CxlCore::BuiltIn,
+        Some(Symbol { module: Some(module), .. }) => CxlCore::Module(module.clone()),
+    }
 }
 
 impl fmt::Display for Profile {
@@ -248,6 +436,12 @@ impl fmt::Display for Profile {
         };
         writeln!(f, "profile: {shape}")?;
         writeln!(f, "  because {}", self.lifetime_why)?;
+        let core = match &self.core {
+            CxlCore::BuiltIn => "built into vmlinux".to_owned(),
+            CxlCore::Module(module) => format!("the module {module}"),
+            CxlCore::Missing => "not found (no CXL core function in the kernel's symbols)".to_owned(),
+        };
+        writeln!(f, "  cxl core: {core}")?;
         let renamed: Vec<String> = self
             .members
             .iter()
@@ -268,14 +462,18 @@ impl fmt::Display for Profile {
             self.dport.size,
             self.dport.members.len()
         )?;
-        match self.registration {
-            Some(name) => writeln!(
+        match &self.registration {
+            Some(Registration::Fexit { function }) => writeln!(
                 f,
-                "  registration: {name}() (returns the new struct cxl_dport *, the port is its argument 0)"
+                "  registration: fexit on {function}() (returns the new struct cxl_dport *, the port is its argument 0)"
+            )?,
+            Some(Registration::Return { module, function }) => writeln!(
+                f,
+                "  registration: kretprobe on {function}() [{module}] (returns the new struct cxl_dport *, its port read from it)"
             )?,
             None => writeln!(
                 f,
-                "  registration: none of {} is out of line in vmlinux: dports are only discovered at their first lookup",
+                "  registration: none of {} is out of line in the CXL core: dports are only discovered at their first lookup",
                 REGISTRATION.join(", ")
             )?,
         }
@@ -296,23 +494,34 @@ impl fmt::Display for Profile {
     }
 }
 
-fn resolve_member(btf: &Btf, spec: &MemberSpec, release: &str) -> Result<ResolvedMember, ProfileError> {
-    let def = find_struct(btf, spec.strukt)
+fn resolve_member(btf: &KernelBtf, spec: &MemberSpec, release: &str) -> Result<ResolvedMember, ProfileError> {
+    let (btf, def) = btf
+        .find_struct(spec.strukt)
         .map_err(|_| ProfileError::MissingStruct { release: release.to_owned(), strukt: spec.strukt })?;
     for &name in spec.names {
         if let Some(bits) = member_bit_offset(btf, &def, name)? {
             if bits % 8 != 0 {
                 return Err(ProfileError::Bitfield { release: release.to_owned(), strukt: spec.strukt, member: name });
             }
-            return Ok(ResolvedMember { strukt: spec.strukt, name, tried: spec.names, offset: u64::from(bits / 8) });
+            return Ok(ResolvedMember {
+                member: spec.member,
+                strukt: spec.strukt,
+                name,
+                tried: spec.names,
+                offset: u64::from(bits / 8),
+            });
         }
     }
     Err(ProfileError::MissingMember { release: release.to_owned(), strukt: spec.strukt, tried: spec.names })
 }
 
-/// Whether BTF has function `name` returning `struct cxl_dport *` with a `struct cxl_port *`
-/// first parameter: the shape the registration fexit reads.
-fn returns_dport_of_port(btf: &Btf, name: &str) -> bool {
+/// Whether BTF (vmlinux's or a module's) has function `name` returning `struct cxl_dport *`
+/// with a `struct cxl_port *` first parameter: the shape the registration probe reads.
+fn returns_dport_of_port(btf: &KernelBtf, name: &str) -> bool {
+    btf.all().any(|btf| function_returns_dport_of_port(btf, name))
+}
+
+fn function_returns_dport_of_port(btf: &Btf, name: &str) -> bool {
     let Ok(types) = btf.resolve_types_by_name(name) else { return false };
     types.iter().any(|t| {
         let Type::Func(func) = t else { return false };
@@ -323,7 +532,7 @@ fn returns_dport_of_port(btf: &Btf, name: &str) -> bool {
             .first()
             .and_then(|p| btf.resolve_chained_type(p).ok())
             .and_then(|p| pointee_struct_name(btf, &p));
-        returns.as_deref() == Some("cxl_dport") && first.as_deref() == Some("cxl_port")
+        returns.as_deref() == Some(DPORT_STRUCT) && first.as_deref() == Some("cxl_port")
     })
 }
 
@@ -331,32 +540,41 @@ fn returns_dport_of_port(btf: &Btf, name: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn host() -> Btf {
-        Btf::from_file("/sys/kernel/btf/vmlinux").expect("the host kernel has BTF (/sys/kernel/btf/vmlinux)")
+    fn host() -> KernelBtf {
+        KernelBtf::load(std::path::Path::new("/sys/kernel/btf"), &[])
+            .expect("the host kernel has BTF (/sys/kernel/btf/vmlinux)")
+    }
+
+    #[test]
+    fn the_member_table_names_every_member_once() {
+        for member in Member::ALL {
+            let specs = MEMBER_SPECS.iter().filter(|s| s.member == member).count();
+            assert_eq!(specs, 1, "{member:?} has {specs} entries in MEMBER_SPECS");
+        }
     }
 
     // The host kernel has no CXL, but `struct device` and `struct mutex` show the mechanism.
     #[test]
     fn a_member_resolves_to_the_first_name_the_kernel_has() {
         let btf = host();
-        let spec = MemberSpec { strukt: "device", names: &["no_such_member", "parent"] };
+        let spec = MemberSpec { member: Member::DeviceParent, strukt: "device", names: &["no_such_member", "parent"] };
         let m = resolve_member(&btf, &spec, "test").unwrap();
         assert_eq!(m.name, "parent");
         assert!(m.offset > 0);
-        let newest = MemberSpec { strukt: "mutex", names: &["owner", "wait_lock"] };
+        let newest = MemberSpec { member: Member::MutexOwner, strukt: "mutex", names: &["owner", "wait_lock"] };
         assert_eq!(resolve_member(&btf, &newest, "test").unwrap().name, "owner");
     }
 
     #[test]
     fn a_missing_member_names_the_struct_the_names_and_the_kernel() {
         let btf = host();
-        let spec = MemberSpec { strukt: "device", names: &["uport_dev", "uport"] };
+        let spec = MemberSpec { member: Member::PortUportDev, strukt: "device", names: &["uport_dev", "uport"] };
         let err = resolve_member(&btf, &spec, "6.1.0-57-amd64").unwrap_err().to_string();
         assert!(
             err.contains("6.1.0-57-amd64") && err.contains("struct device") && err.contains("uport_dev, uport"),
             "{err}"
         );
-        let spec = MemberSpec { strukt: "no_such_struct_xyz", names: &["x"] };
+        let spec = MemberSpec { member: Member::DportPort, strukt: "no_such_struct_xyz", names: &["x"] };
         let err = resolve_member(&btf, &spec, "7.2.13+deb14-amd64").unwrap_err().to_string();
         assert!(err.contains("7.2.13+deb14-amd64") && err.contains("no struct no_such_struct_xyz"), "{err}");
     }
@@ -367,5 +585,17 @@ mod tests {
         let btf = host();
         assert!(!returns_dport_of_port(&btf, "device_add"));
         assert!(!returns_dport_of_port(&btf, "no_such_function_xyz"));
+    }
+
+    #[test]
+    fn the_core_is_where_its_own_functions_are() {
+        let symbols = |text: &str| Symbols::parse(text.as_bytes()).unwrap();
+        let built_in = symbols("ffffffff81000000 t match_port_by_dport\nffffffff81000100 T xa_load\n");
+        assert_eq!(core_location(&built_in), CxlCore::BuiltIn);
+        let module = symbols(
+            "ffffffff81000100 T xa_load\nffffffffc0010000 t match_port_by_dport\t[cxl_core]\nffffffffc0010100 t cxl_port_probe\t[cxl_core]\n",
+        );
+        assert_eq!(core_location(&module), CxlCore::Module(Arc::from("cxl_core")));
+        assert_eq!(core_location(&symbols("ffffffff81000100 T xa_load\n")), CxlCore::Missing);
     }
 }

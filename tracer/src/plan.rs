@@ -1,10 +1,10 @@
 //! The probe plan: every site the kernel side will watch on this kernel, from the call
-//! sites found in CXL code and the use sites BTF lists, resolved against the symbols.
+//! sites found in CXL code and the use sites BTF lists, resolved against the symbols, and
+//! where each kprobe goes.
 use std::{collections::HashMap, sync::Arc};
 
 use tracer_common::{SITE_DIRECT, SITE_UNPAIRED_OK, SiteInfo, SiteRole};
 
-use super::attach::ProbePoint;
 use crate::{
     coverage::SiteKind,
     event::Access,
@@ -12,10 +12,41 @@ use crate::{
         btf::DportFunction,
         callsites::{CallSite, Callee},
         derefs::DerefSite,
+        profile::{FreePath, Profile, Registration},
     },
     resolve::SiteName,
     symbolize::{Symbol, Symbols},
 };
+
+/// Where a kprobe goes: `[MODULE:]SYMBOL+OFFSET`, or a raw address for a symbol whose name
+/// is not unique in vmlinux; or the return of a function (a kretprobe).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ProbePoint {
+    Symbol { module: Option<String>, symbol: String, offset: u64 },
+    Address(u64),
+    Return { module: Option<String>, symbol: String },
+}
+
+impl ProbePoint {
+    /// The probe's location as kprobe_events takes it.
+    pub fn spec(&self) -> String {
+        match self {
+            ProbePoint::Symbol { module: Some(m), symbol, offset } => format!("{m}:{symbol}+{offset:#x}"),
+            ProbePoint::Symbol { module: None, symbol, offset } => format!("{symbol}+{offset:#x}"),
+            ProbePoint::Address(addr) => format!("{addr:#x}"),
+            ProbePoint::Return { module: Some(m), symbol } => format!("{m}:{symbol}"),
+            ProbePoint::Return { module: None, symbol } => symbol.clone(),
+        }
+    }
+
+    /// `p` for a kprobe, `r` for a kretprobe.
+    pub fn kind(&self) -> char {
+        match self {
+            ProbePoint::Return { .. } => 'r',
+            _ => 'p',
+        }
+    }
+}
 
 /// One kprobe: where, and what the kernel side does there.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,6 +141,14 @@ fn unique_in_vmlinux(symbols: &Symbols, function: &Symbol) -> bool {
 impl Plan {
     pub fn build(symbols: &Symbols, calls: &[CallSite], uses: &[DportFunction]) -> Plan {
         let mut plan = Plan::default();
+        plan.add_calls(symbols, calls);
+        plan.add_uses(symbols, uses);
+        plan
+    }
+
+    /// A probe on each call and, where its result matters, on its return.
+    pub fn add_calls(&mut self, symbols: &Symbols, calls: &[CallSite]) {
+        let plan = self;
         for call in calls {
             let function = Symbol {
                 addr: call.function_addr,
@@ -166,6 +205,11 @@ impl Plan {
                 (None, _) => {}
             }
         }
+    }
+
+    /// A probe at the entry of each function taking a dport that the kernel has out of line.
+    pub fn add_uses(&mut self, symbols: &Symbols, uses: &[DportFunction]) {
+        let plan = self;
         for use_fn in uses {
             let symbol = symbols.lookup(&use_fn.name).find(|s| {
                 s.module.as_deref() == use_fn.module.as_deref() || use_fn.module.is_none() && s.module.is_none()
@@ -191,30 +235,65 @@ impl Plan {
                 probed,
             });
         }
-        plan
     }
 
-    /// Probes `function` itself, entry and return, with the roles of a call site and its
-    /// return: the direct path where the callee is traceable (e.g. `xa_load` on kernels
-    /// whose lib/ is built with ftrace).
-    pub fn add_direct(&mut self, symbols: &Symbols, callee: &Callee) -> bool {
-        let Some(sym) = symbols.lookup(callee.name).find(|s| s.module.is_none()) else { return false };
-        let site = |role, arg, point| PlannedSite {
+    /// The sites the kernel profile asks for besides call, use and deref sites: the devres
+    /// core's `kfree` calls (devm kernels), the entry of the free action when it is in a
+    /// module (fentry is for vmlinux), and the return of the registration function when it
+    /// is in a module (likewise for fexit).
+    pub fn add_profile_sites(&mut self, symbols: &Symbols, profile: &Profile) {
+        match &profile.free {
+            FreePath::DevresKfree { sites } => self.add_calls(symbols, sites),
+            FreePath::Action { function, module: Some(module) } => {
+                self.add_function(symbols, Some(module), function, SiteRole::FreeEntry, 0, false);
+            }
+            FreePath::Action { module: None, .. } | FreePath::Tracepoint => {}
+        }
+        if let Some(Registration::Return { module, function }) = &profile.registration {
+            self.add_function(symbols, Some(module), function, SiteRole::RegisterReturn, 0, true);
+        }
+    }
+
+    /// A probe on function `name` of `module` (`None`: vmlinux) itself, at its entry or (a
+    /// kretprobe) its return; false when the kernel has no such function.
+    fn add_function(
+        &mut self,
+        symbols: &Symbols,
+        module: Option<&str>,
+        name: &'static str,
+        role: SiteRole,
+        arg: u32,
+        at_return: bool,
+    ) -> bool {
+        let Some(sym) = symbols.lookup(name).find(|s| s.module.as_deref() == module) else { return false };
+        let (module, symbol) = (module.map(str::to_owned), name.to_owned());
+        let point = match at_return {
+            true => ProbePoint::Return { module, symbol },
+            false => ProbePoint::Symbol { module, symbol, offset: 0 },
+        };
+        self.sites.push(PlannedSite {
             role,
             arg,
             point,
             addr: sym.addr,
             offset: 0,
             function: sym.name.clone(),
-            module: None,
-            what: callee.name,
+            module: sym.module.clone(),
+            what: name,
             access: None,
-        };
-        let entry = ProbePoint::Symbol { module: None, symbol: callee.name.into(), offset: 0 };
-        self.sites.push(site(callee.call, SITE_DIRECT, entry));
+        });
+        true
+    }
+
+    /// Probes `function` itself, entry and return, with the roles of a call site and its
+    /// return: the direct path where the callee is traceable (e.g. `xa_load` on kernels
+    /// whose lib/ is built with ftrace).
+    pub fn add_direct(&mut self, symbols: &Symbols, callee: &Callee) -> bool {
+        if !self.add_function(symbols, None, callee.name, callee.call, SITE_DIRECT, false) {
+            return false;
+        }
         if let Some(ret) = callee.ret {
-            let exit = ProbePoint::Return { module: None, symbol: callee.name.into() };
-            self.sites.push(site(ret, SITE_UNPAIRED_OK, exit));
+            self.add_function(symbols, None, callee.name, ret, SITE_UNPAIRED_OK, true);
         }
         true
     }

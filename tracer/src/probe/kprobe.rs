@@ -12,6 +12,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use tracer::plan::ProbePoint;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     #[error(
@@ -30,36 +32,6 @@ pub enum AttachError {
     PerfOpen { spec: String, source: std::io::Error },
     #[error("attaching the BPF program to kprobe {spec:?} failed: {source}")]
     Link { spec: String, source: std::io::Error },
-}
-
-/// Where a kprobe goes: `[MODULE:]SYMBOL+OFFSET`, or a raw address for a symbol whose name
-/// is not unique in vmlinux; or the return of a function (a kretprobe).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum ProbePoint {
-    Symbol { module: Option<String>, symbol: String, offset: u64 },
-    Address(u64),
-    Return { module: Option<String>, symbol: String },
-}
-
-impl ProbePoint {
-    /// The probe's location as kprobe_events takes it.
-    pub fn spec(&self) -> String {
-        match self {
-            ProbePoint::Symbol { module: Some(m), symbol, offset } => format!("{m}:{symbol}+{offset:#x}"),
-            ProbePoint::Symbol { module: None, symbol, offset } => format!("{symbol}+{offset:#x}"),
-            ProbePoint::Address(addr) => format!("{addr:#x}"),
-            ProbePoint::Return { module: Some(m), symbol } => format!("{m}:{symbol}"),
-            ProbePoint::Return { module: None, symbol } => symbol.clone(),
-        }
-    }
-
-    /// `p` for a kprobe, `r` for a kretprobe.
-    fn kind(&self) -> char {
-        match self {
-            ProbePoint::Return { .. } => 'r',
-            _ => 'p',
-        }
-    }
 }
 
 /// The tracefs mount, which must offer kprobe events.
@@ -203,15 +175,6 @@ impl Kprobes {
         }
         self.release(&key);
         true
-    }
-
-    /// Attached sites.
-    pub fn len(&self) -> usize {
-        self.attached.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.attached.is_empty()
     }
 
     /// Kprobes defined: one per point, however many sites are on it.
