@@ -5,13 +5,22 @@ use crate::{
     coverage::Coverage,
     engine::{Added, Engine, Group, Groups, Limits},
     event::{Event, Kind},
+    known::Known,
     summary::Summary,
 };
+
+/// A finding that opened a new group, and why it is known, if it is.
+pub struct NewGroup<'a> {
+    pub group: &'a Group,
+    pub known: Option<&'a str>,
+}
 
 #[derive(Default)]
 pub struct Analysis {
     engine: Engine,
     groups: Groups,
+    /// Findings known not to be new (`--known`): reported apart, not failing the run.
+    known: Known,
     events: u64,
     /// Events about dports (anything but lock and unlock): without any, there was no CXL
     /// activity to judge.
@@ -30,20 +39,41 @@ impl Analysis {
     }
 
     /// Feeds one event; `on_new` sees each finding that opens a new group, as it happens.
-    pub fn feed(&mut self, event: &Event, mut on_new: impl FnMut(&Group)) {
+    pub fn feed(&mut self, event: &Event, mut on_new: impl FnMut(NewGroup<'_>)) {
         self.events += 1;
         if !matches!(event.kind, Kind::Lock { .. } | Kind::Unlock { .. }) {
             self.dport_events += 1;
         }
         for finding in self.engine.process(event) {
             if let Added::New(i) = self.groups.add(finding) {
-                on_new(self.groups.get(i));
+                let group = self.groups.get(i);
+                on_new(NewGroup { group, known: self.known.reason(group) });
             }
         }
     }
 
+    /// Findings with these titles are known: reported apart, not judged new.
+    pub fn with_known(mut self, known: Known) -> Analysis {
+        self.known = known;
+        self
+    }
+
+    pub fn known(&self) -> &Known {
+        &self.known
+    }
+
     pub fn groups(&self) -> &Groups {
         &self.groups
+    }
+
+    /// Why `group` is known, if it is.
+    pub fn known_reason(&self, group: &Group) -> Option<&str> {
+        self.known.reason(group)
+    }
+
+    /// Whether any finding is not known: the exit status's `findings`.
+    pub fn has_new_findings(&self) -> bool {
+        self.groups.iter().any(|g| self.known.reason(g).is_none())
     }
 
     pub fn engine(&self) -> &Engine {
@@ -72,6 +102,6 @@ impl Analysis {
     }
 
     pub fn summary(&self) -> Summary {
-        Summary::new(self.events, *self.engine.stats(), &self.groups)
+        Summary::new(self.events, *self.engine.stats(), &self.groups, &self.known)
     }
 }

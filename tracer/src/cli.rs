@@ -24,6 +24,8 @@ pub enum Command {
         limits: LimitArgs,
         #[command(flatten)]
         report: ReportArgs,
+        #[command(flatten)]
+        known: KnownArgs,
         /// Exit with status 2 when the input has nothing to judge (empty, or no event about
         /// a dport) or lost events (undecodable, cut off, dropped in the kernel); with
         /// `--format ktap`, lost events also fail the lost-events test.
@@ -83,6 +85,8 @@ pub enum Command {
         limits: LimitArgs,
         #[command(flatten)]
         report: ReportArgs,
+        #[command(flatten)]
+        known: KnownArgs,
         /// Command to trace (its stdout goes to tracer's stderr, so stdout carries findings).
         #[arg(last = true, value_name = "CMD")]
         command: Vec<String>,
@@ -104,6 +108,18 @@ pub enum Command {
         /// Only inspect: do not load and attach the programs.
         #[arg(long)]
         no_attach: bool,
+    },
+    /// Write a starting known-findings file from a run: the title of every finding in FILE
+    /// (a binary trace, JSON-lines events, or a JSON report such as findings.jsonl), each with
+    /// a reason to replace by the real one. Then `run`/`analyze --known OUT` fail only on new
+    /// findings.
+    Known {
+        file: PathBuf,
+        /// Where to write it (default: standard output).
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        report: ReportArgs,
     },
     /// List what tracer instances left in the kernel: BPF programs, maps and links, and
     /// kprobe events. Programs and maps are given up to 3 s to go (the kernel frees an
@@ -147,6 +163,15 @@ pub struct ReportArgs {
     /// loaded pointer in one call chain, listed under the outermost as "also").
     #[arg(long)]
     pub no_fold: bool,
+}
+
+#[derive(clap::Args)]
+pub struct KnownArgs {
+    /// Known findings: a file of finding titles, one per line with why it is known after a
+    /// `#` (`tracer known` writes a starting one). Known findings are still reported, apart;
+    /// the exit status and --strict judge only the others.
+    #[arg(long, value_name = "FILE")]
+    pub known: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]

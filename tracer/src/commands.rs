@@ -1,5 +1,8 @@
 //! The subcommands.
-use std::io::{self, BufWriter, Write};
+use std::{
+    io::{self, BufWriter, Write},
+    path::Path,
+};
 
 use anyhow::Context as _;
 use tracer::{
@@ -9,6 +12,7 @@ use tracer::{
         jsonl,
         tracefile::{TraceHeader, TraceWriter},
     },
+    known::{self, Known},
     sink::{self, Format},
     source::FileSource,
     timeline::{Selection, Timeline},
@@ -16,7 +20,7 @@ use tracer::{
 
 use crate::{
     Outcome,
-    cli::{Command, EventFormat, LimitArgs, LockEvents, ProbeArgs, TimelineFormat, XaLoadProbe},
+    cli::{Command, EventFormat, KnownArgs, LimitArgs, LockEvents, ProbeArgs, TimelineFormat, XaLoadProbe},
     discover::{self, ProbeConfig},
     doctor::{self, DoctorOptions},
     leftovers,
@@ -25,18 +29,22 @@ use crate::{
 
 pub fn run(command: Command) -> anyhow::Result<Outcome> {
     match command {
-        Command::Analyze { file, format, limits, report, strict, coverage } => {
-            analyze(&file, format, limits.into(), AnalyzeOptions { fold: !report.no_fold, strict, coverage })
-        }
+        Command::Analyze { file, format, limits, report, known, strict, coverage } => analyze(
+            &file,
+            format,
+            limits.into(),
+            AnalyzeOptions { fold: !report.no_fold, strict, coverage, known: known.load()? },
+        ),
         Command::Print { file, format } => print(&file, format),
         Command::Convert { file, output } => convert(&file, &output),
-        Command::Run { format, record, strict, probe, limits, report, command } => live::run(LiveOptions {
+        Command::Run { format, record, strict, probe, limits, report, known, command } => live::run(LiveOptions {
             format: Some(format),
             record,
             strict,
             probe: probe.try_into()?,
             limits: limits.into(),
             fold: !report.no_fold,
+            known: known.load()?,
             command,
         }),
         Command::Record { output, probe, command } => live::run(LiveOptions {
@@ -46,10 +54,12 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
             probe: probe.try_into()?,
             limits: Limits::default(),
             fold: true,
+            known: Known::default(),
             command,
         }),
         Command::Doctor { probe, no_attach } => doctor::run(DoctorOptions { probe: probe.try_into()?, no_attach }),
         Command::Leftovers => leftovers::run(),
+        Command::Known { file, output, report } => known(&file, output.as_deref(), !report.no_fold),
         Command::Timeline { file, output, finding, format, report } => {
             timeline(&file, &output, finding, format, !report.no_fold)
         }
@@ -89,15 +99,16 @@ impl TryFrom<ProbeArgs> for ProbeConfig {
 
 struct AnalyzeOptions {
     fold: bool,
+    known: Known,
     strict: bool,
     /// Print the whole coverage table.
     coverage: bool,
 }
 
 fn analyze(path: &std::path::Path, format: Format, limits: Limits, options: AnalyzeOptions) -> anyhow::Result<Outcome> {
-    let AnalyzeOptions { fold, strict, coverage } = options;
+    let AnalyzeOptions { fold, strict, coverage, known } = options;
     let mut source = FileSource::open(path)?;
-    let mut analysis = Analysis::with_folding(limits, fold);
+    let mut analysis = Analysis::with_folding(limits, fold).with_known(known);
     let mut failure = None;
     for event in source.by_ref() {
         match event {
@@ -121,7 +132,7 @@ fn analyze(path: &std::path::Path, format: Format, limits: Limits, options: Anal
         );
     }
     let mut out = BufWriter::new(io::stdout().lock());
-    sink::write_report(&mut out, format, analysis.groups().iter(), &summary, strict)?;
+    sink::write_report(&mut out, format, analysis.groups().iter(), &summary, strict, analysis.known())?;
     out.flush()?;
     if coverage {
         match &summary.coverage {
@@ -147,7 +158,70 @@ fn analyze(path: &std::path::Path, format: Format, limits: Limits, options: Anal
     if strict && summary.lost_anything() {
         anyhow::bail!("{}: events were lost or state was evicted (--strict): see the summary", path.display());
     }
-    Ok(if analysis.groups().is_empty() { Outcome::Clean } else { Outcome::Findings })
+    Ok(if analysis.has_new_findings() { Outcome::Findings } else { Outcome::Clean })
+}
+
+impl KnownArgs {
+    fn load(&self) -> anyhow::Result<Known> {
+        Ok(match &self.known {
+            Some(path) => Known::load(path)?,
+            None => Known::default(),
+        })
+    }
+}
+
+/// `tracer known`: a starting known-findings file from a JSON report or from events.
+fn known(path: &Path, output: Option<&Path>, fold: bool) -> anyhow::Result<Outcome> {
+    let titles = match report_titles(path)? {
+        Some(titles) => titles,
+        None => {
+            let mut source = FileSource::open(path)?;
+            let mut analysis = Analysis::with_folding(Limits::default(), fold);
+            for event in source.by_ref() {
+                analysis.feed(&event.with_context(|| format!("reading {}", path.display()))?, |_| {});
+            }
+            analysis.groups().iter().map(|g| (g.finding.title(), g.count)).collect()
+        }
+    };
+    let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let text = known::starting_file(titles.iter().cloned(), &name);
+    match output {
+        Some(output) => {
+            std::fs::write(output, &text).with_context(|| format!("writing {}", output.display()))?;
+            eprintln!(
+                "tracer: {} known finding title(s) written to {}",
+                text.lines().filter(|l| !l.starts_with('#')).count(),
+                output.display()
+            );
+        }
+        None => io::stdout().lock().write_all(text.as_bytes())?,
+    }
+    if titles.is_empty() {
+        eprintln!("tracer: warning: {} has no finding: the file lists nothing", path.display());
+    }
+    Ok(Outcome::Clean)
+}
+
+/// The (title, count) of each finding line when `path` is a JSON report (`--format json`,
+/// such as findings.jsonl), `None` when it is anything else (a trace, JSON-lines events).
+fn report_titles(path: &Path) -> anyhow::Result<Option<Vec<(String, u64)>>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let Ok(text) = std::str::from_utf8(&bytes) else { return Ok(None) };
+    let mut titles = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else { return Ok(None) };
+        if value.get("kind").is_some() {
+            return Ok(None);
+        }
+        if value.get("summary").is_some() {
+            continue;
+        }
+        let title = known::title_of_report_line(&value).with_context(|| {
+            format!("{}:{}: a JSON line that is neither a finding nor an event", path.display(), n + 1)
+        })?;
+        titles.push((title, value.get("count").and_then(serde_json::Value::as_u64).unwrap_or(1)));
+    }
+    Ok(Some(titles))
 }
 
 fn timeline(

@@ -16,6 +16,7 @@ pub mod format;
 pub mod fuzzing;
 pub mod intern;
 pub mod kernel;
+pub mod known;
 pub mod plan;
 pub mod resolve;
 pub mod sink;

@@ -19,11 +19,12 @@ use tokio::{
     signal::unix::{Signal, SignalKind, signal},
 };
 use tracer::{
-    analysis::Analysis,
+    analysis::{Analysis, NewGroup},
     decode,
-    engine::{Group, Limits},
+    engine::Limits,
     format::tracefile::TraceHeader,
     kernel::modules,
+    known::Known,
     plan::Plan,
     resolve::{Resolver, SymbolSource},
     sink::{self, Format},
@@ -53,6 +54,8 @@ pub struct LiveOptions {
     pub limits: Limits,
     /// One finding per root cause (`--no-fold` turns it off).
     pub fold: bool,
+    /// Findings known not to be new (`--known`).
+    pub known: Known,
     pub command: Vec<String>,
 }
 
@@ -146,16 +149,14 @@ impl Pipeline {
             recorder.event(&event);
         }
         let live_text = self.live_text;
-        self.analysis.feed(&event, |group: &Group| {
+        self.analysis.feed(&event, |new: NewGroup| {
+            let group = new.group;
             if live_text {
                 let mut out = io::stdout().lock();
-                let _ = sink::text::write_group(&mut out, group);
+                let _ = sink::text::write_group(&mut out, group, new.known);
                 let _ = out.flush();
             } else {
-                eprintln!(
-                    "tracer: {} in {} (tid {} {})",
-                    group.finding.class, group.finding.site, group.finding.tid, group.finding.comm
-                );
+                eprintln!("tracer: {} (tid {} {})", group.finding.title(), group.finding.tid, group.finding.comm);
             }
         });
     }
@@ -221,7 +222,7 @@ fn start(options: &LiveOptions) -> anyhow::Result<Session> {
     let Discovery { symbols, plan, rescan, .. } = discovery;
     let pipeline = Pipeline {
         resolver: Resolver::new(symbols, site_names(&plan)).with_reload(Box::new(ProcSymbols)),
-        analysis: Analysis::with_folding(options.limits, options.fold),
+        analysis: Analysis::with_folding(options.limits, options.fold).with_known(options.known.clone()),
         recorder,
         live_text: options.format == Some(Format::Text),
         undecodable: 0,
@@ -371,15 +372,23 @@ impl Session {
         let mut out = BufWriter::new(io::stdout().lock());
         match options.format {
             Some(format @ (Format::Json | Format::Ktap)) => {
-                sink::write_report(&mut out, format, pipeline.analysis.groups().iter(), &summary, options.strict)?;
+                let known = pipeline.analysis.known();
+                sink::write_report(
+                    &mut out,
+                    format,
+                    pipeline.analysis.groups().iter(),
+                    &summary,
+                    options.strict,
+                    known,
+                )?;
             }
             Some(Format::Text) => {
                 for group in pipeline.analysis.groups().iter() {
-                    writeln!(
-                        out,
-                        "tracer: {} in {}: {} occurrence(s)",
-                        group.finding.class, group.finding.site, group.count
-                    )?;
+                    let known = match pipeline.analysis.known_reason(group) {
+                        Some(reason) => format!(" (known: {reason})"),
+                        None => String::new(),
+                    };
+                    writeln!(out, "tracer: {}: {} occurrence(s){known}", group.finding.title(), group.count)?;
                 }
                 sink::text::write_summary(&mut out, &summary)?;
             }
@@ -408,7 +417,7 @@ impl Session {
         if options.strict && lost > 0 {
             bail!("{lost} events lost (--strict)");
         }
-        let clean = pipeline.analysis.groups().is_empty() || options.format.is_none();
+        let clean = !pipeline.analysis.has_new_findings() || options.format.is_none();
         Ok(if clean { Outcome::Clean } else { Outcome::Findings })
     }
 }

@@ -126,7 +126,7 @@ impl Timeline {
             at.insert((f.tid, f.ts), n);
             at.insert((f.tid, group.last_ts), n);
             let mut report = Vec::new();
-            let _ = crate::sink::text::write_group(&mut report, group);
+            let _ = crate::sink::text::write_group(&mut report, group, None);
             findings.push(Highlight {
                 title: format!("{} in {}", f.class, f.site),
                 class: f.class.name(),

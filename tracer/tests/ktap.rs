@@ -164,3 +164,42 @@ fn an_input_with_nothing_to_judge_warns_and_fails_under_strict() {
     let (_, _, stderr) = analyze(&[], &data("deref-under-lock.jsonl"));
     assert!(!stderr.contains("warning"), "{stderr}");
 }
+
+#[test]
+fn the_kernels_parser_reads_known_findings_as_skipped() {
+    // The shipped 7.2 list knows the core's findings: their class passes, cxl_mem_probe's fail.
+    let known = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../known/7.2.known");
+    let (code, ktap, _) =
+        analyze(&["--format", "ktap", "--known", known.to_str().unwrap()], &data("stock-7.2.13-memdev-acpi.jsonl"));
+    assert_eq!(code, Some(1));
+    let (status, tests) = kernel_parse(&ktap);
+    assert_eq!(status, "FAILURE");
+    assert_eq!(
+        statuses(&tests),
+        [
+            ("unlocked-use", "FAILURE", 4),
+            ("stale-use", "FAILURE", 2),
+            ("unlocked-erase", "SUCCESS", 1),
+            ("use-after-free", "SUCCESS", 0),
+            ("rule-mismatch", "SUCCESS", 0),
+            ("lost-events", "SUCCESS", 0),
+        ]
+    );
+    let skipped = kernel_subtest_statuses(&ktap, "unlocked-use");
+    assert_eq!(skipped, ["SKIPPED", "FAILURE", "SKIPPED", "FAILURE"]);
+}
+
+/// The statuses the kernel's parser gives the subtests of test `name`.
+fn kernel_subtest_statuses(ktap: &str, name: &str) -> Vec<String> {
+    let file = scratch("sub.ktap");
+    std::fs::write(&file, ktap).unwrap();
+    let driver = "import sys, kunit_parser\n\
+                  t = kunit_parser.parse_run_tests(open(sys.argv[1]).readlines())\n\
+                  for s in t.subtests:\n    if s.name == sys.argv[2]:\n        for x in s.subtests: print(x.status.name)\n";
+    let out =
+        Command::new("python3").arg("-c").arg(driver).arg(&file).arg(name).current_dir(kunit_dir()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The parser prints its own report on stdout too: the statuses are the bare words.
+    let words = ["SUCCESS", "FAILURE", "SKIPPED", "TEST_CRASHED", "NO_TESTS", "FAILURE_TO_PARSE_TESTS"];
+    String::from_utf8(out.stdout).unwrap().lines().filter(|l| words.contains(l)).map(str::to_owned).collect()
+}

@@ -132,6 +132,19 @@ pub struct Finding {
     pub reason: &'static str,
 }
 
+impl Finding {
+    /// The finding's stable title, the same across runs, kernels, addresses and threads:
+    /// its class and function, and for an inline access the member and how it was touched
+    /// (`unlocked-use in cxl_mem_probe (read of dport->rch)`). Known-findings files list
+    /// these (`known.rs`).
+    pub fn title(&self) -> String {
+        match &self.access {
+            Some(access) => format!("{} in {} ({} of dport->{})", self.class, self.site, access.verb(), access.member),
+            None => format!("{} in {}", self.class, self.site),
+        }
+    }
+}
+
 /// Identical findings share a class and a use stack, or a class and a site when there is
 /// no stack (syzbot-style titles).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -311,13 +324,5 @@ impl Groups {
 
     pub fn is_empty(&self) -> bool {
         self.groups.is_empty()
-    }
-
-    /// (groups, occurrences) of one class: with folding, root causes.
-    pub fn count_class(&self, class: Class) -> (u64, u64) {
-        self.groups
-            .iter()
-            .filter(|g| g.finding.class == class)
-            .fold((0, 0), |(groups, occurrences), g| (groups + 1, occurrences + g.count))
     }
 }

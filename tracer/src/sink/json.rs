@@ -5,7 +5,7 @@ use serde_json::{Map, Value, json};
 
 use crate::{
     coverage::{Coverage, SiteKind},
-    engine::Group,
+    engine::{Class, Group},
     event::{Access, Hex, Stack},
     summary::Summary,
 };
@@ -31,9 +31,11 @@ fn access_value(access: &Access) -> Value {
     })
 }
 
-pub fn group_value(group: &Group) -> Value {
+/// One finding as JSON; `known` says why it is known, if it is.
+pub fn group_value(group: &Group, known: Option<&str>) -> Value {
     let f = &group.finding;
     let mut v = json!({
+        "title": f.title(),
         "class": f.class.name(),
         "dport": hex(f.dport),
         "generation": f.generation,
@@ -52,6 +54,9 @@ pub fn group_value(group: &Group) -> Value {
         "last_ts": group.last_ts,
     });
     let map = v.as_object_mut().expect("object");
+    if let Some(reason) = known {
+        map.insert("known".into(), reason.into());
+    }
     if let Some(lock) = &f.expected_lock {
         map.insert("expected_lock_role".into(), lock.role.name().into());
         map.insert("expected_lock_is".into(), lock.what.into());
@@ -90,8 +95,8 @@ pub fn group_value(group: &Group) -> Value {
     v
 }
 
-pub fn write_group(out: &mut impl Write, group: &Group) -> io::Result<()> {
-    serde_json::to_writer(&mut *out, &group_value(group))?;
+pub fn write_group(out: &mut impl Write, group: &Group, known: Option<&str>) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, &group_value(group, known))?;
     out.write_all(b"\n")
 }
 
@@ -122,6 +127,19 @@ pub fn summary_value(s: &Summary) -> Value {
             "refs": e.evicted_refs,
         },
     }});
+    v["summary"]["new_findings"] = s.new_groups().into();
+    if !s.known.is_empty() || !s.known_unseen.is_empty() {
+        let by_class = |pick: fn(&(Class, u64, u64)) -> u64| -> Map<String, Value> {
+            s.known.iter().map(|k| (k.0.name().to_owned(), pick(k).into())).collect()
+        };
+        let unseen: Vec<Value> =
+            s.known_unseen.iter().map(|e| json!({ "title": e.title, "reason": e.reason, "line": e.line })).collect();
+        v["summary"]["known"] = json!({
+            "findings": by_class(|k| k.1),
+            "occurrences": by_class(|k| k.2),
+            "unseen": unseen,
+        });
+    }
     if let Some(coverage) = &s.coverage {
         v["summary"]["coverage"] = coverage_value(coverage);
     }

@@ -6,14 +6,23 @@ use std::io::{self, Write};
 
 use crate::{
     engine::{Class, Group},
+    known::Known,
     summary::Summary,
 };
 
 /// The name of the test that accounts for lost events.
 pub const LOST_EVENTS_TEST: &str = "lost-events";
 
-/// Writes the whole KTAP document. `strict`: lost events fail their test (`--strict`).
-pub fn write(out: &mut impl Write, groups: &[&Group], summary: &Summary, strict: bool) -> io::Result<()> {
+/// Writes the whole KTAP document. `strict`: lost events fail their test (`--strict`). A
+/// known finding (`known`) is a skipped subtest, `ok N TITLE # SKIP known: REASON`; a class
+/// test fails only for new findings.
+pub fn write(
+    out: &mut impl Write,
+    groups: &[&Group],
+    summary: &Summary,
+    strict: bool,
+    known: &Known,
+) -> io::Result<()> {
     writeln!(out, "KTAP version 1")?;
     writeln!(
         out,
@@ -37,15 +46,28 @@ pub fn write(out: &mut impl Write, groups: &[&Group], summary: &Summary, strict:
         writeln!(out, "    KTAP version 1")?;
         writeln!(out, "    # Subtest: {class}")?;
         writeln!(out, "    1..{}", findings.len())?;
+        let mut failed = false;
         for (i, group) in findings.iter().enumerate() {
+            let reason = known.reason(group);
             let mut report = Vec::new();
-            super::text::write_group(&mut report, group)?;
+            super::text::write_group(&mut report, group, reason)?;
             for line in String::from_utf8_lossy(&report).lines() {
                 writeln!(out, "    # {line}")?;
             }
-            writeln!(out, "    not ok {} {}", i + 1, test_name(group))?;
+            match reason {
+                Some(reason) => {
+                    writeln!(out, "    ok {} {} # SKIP known: {}", i + 1, test_name(group), one_line(reason))?
+                }
+                None => {
+                    failed = true;
+                    writeln!(out, "    not ok {} {}", i + 1, test_name(group))?
+                }
+            }
         }
-        writeln!(out, "not ok {} {class}", n + 1)?;
+        writeln!(out, "{} {} {class}", if failed { "not ok" } else { "ok" }, n + 1)?;
+    }
+    for entry in &summary.known_unseen {
+        writeln!(out, "# known but not seen ({} line {}): {}", known.path.display(), entry.line, entry.title)?;
     }
     let n = Class::ALL.len() + 1;
     if !summary.lost_anything() {
@@ -71,12 +93,13 @@ pub fn write(out: &mut impl Write, groups: &[&Group], summary: &Summary, strict:
     Ok(())
 }
 
-/// A result line's name: no `#` (it would start a directive).
+/// A result line's name: the finding's title, the same in every run, so a CI system can
+/// track it across runs; no `#` (it would start a directive).
 fn test_name(group: &Group) -> String {
-    let f = &group.finding;
-    let place = match &f.access {
-        Some(access) => format!("{} of dport->{} at {}", access.verb(), access.member, access.place()),
-        None => format!("in {}", f.site),
-    };
-    format!("{} {place} by {} ({} occurrences)", f.class, f.comm, group.count).replace('#', "")
+    group.finding.title().replace('#', "")
+}
+
+/// A reason on a directive line: one line, no `#`.
+fn one_line(reason: &str) -> String {
+    reason.replace(['#', '\n'], " ")
 }

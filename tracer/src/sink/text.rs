@@ -28,10 +28,14 @@ fn write_stack(out: &mut impl Write, title: &str, stack: Option<&Stack>) -> io::
     }
 }
 
-pub fn write_group(out: &mut impl Write, group: &Group) -> io::Result<()> {
+/// One finding, like a lockdep or KASAN report; `known` says why it is known, if it is.
+pub fn write_group(out: &mut impl Write, group: &Group, known: Option<&str>) -> io::Result<()> {
     let f = &group.finding;
     writeln!(out, "{RULE}")?;
-    writeln!(out, "BUG: tracer: {} in {}", f.class, f.site)?;
+    writeln!(out, "BUG: tracer: {}", f.title())?;
+    if let Some(reason) = known {
+        writeln!(out, "known: {reason}")?;
+    }
     if let Some(access) = &f.access {
         // KASAN's first line: what was touched, how wide, where.
         writeln!(out, "{}", describe_access(f.class, access))?;
@@ -212,17 +216,33 @@ pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {
             e.evicted_dports, e.evicted_containers, e.evicted_threads, e.evicted_refs
         )?;
     }
-    write!(out, "  findings: {}", s.finding_groups())?;
-    let classes: Vec<String> = s
-        .findings
-        .iter()
-        .filter(|(_, n, _)| *n > 0)
-        .map(|(class, n, occurrences)| format!("{class} {n} ({occurrences} {})", plural(*occurrences, "occurrence")))
-        .collect();
-    if classes.is_empty() {
-        writeln!(out)?;
-    } else {
-        writeln!(out, ": {}", classes.join(", "))?;
+    let by_class = |counts: &[(Class, u64, u64)], minus: &[(Class, u64, u64)]| -> Vec<String> {
+        counts
+            .iter()
+            .map(|&(class, n, occurrences)| {
+                let (_, kn, ko) = minus.iter().find(|(c, _, _)| *c == class).copied().unwrap_or((class, 0, 0));
+                (class, n - kn, occurrences - ko)
+            })
+            .filter(|(_, n, _)| *n > 0)
+            .map(|(class, n, occurrences)| format!("{class} {n} ({occurrences} {})", plural(occurrences, "occurrence")))
+            .collect()
+    };
+    let new = by_class(&s.findings, &s.known);
+    match (s.known.is_empty(), new.is_empty()) {
+        (true, true) => writeln!(out, "  findings: 0")?,
+        (true, false) => writeln!(out, "  findings: {}: {}", s.new_groups(), new.join(", "))?,
+        (false, true) => writeln!(out, "  new findings: 0")?,
+        (false, false) => writeln!(out, "  new findings: {}: {}", s.new_groups(), new.join(", "))?,
+    }
+    if !s.known.is_empty() {
+        let known = by_class(&s.known, &[]);
+        match known.is_empty() {
+            true => writeln!(out, "  known findings: 0")?,
+            false => writeln!(out, "  known findings: {}: {}", s.known_groups(), known.join(", "))?,
+        }
+    }
+    for entry in &s.known_unseen {
+        writeln!(out, "  known but not seen (line {}): {}  # {}", entry.line, entry.title, entry.reason)?;
     }
     if let Some(coverage) = &s.coverage {
         write_coverage(out, coverage, "  ")?;
