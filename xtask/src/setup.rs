@@ -14,7 +14,8 @@ use crate::{
 /// Debian packages the project uses: the QEMU guest (qemu, busybox for its userland, kmod
 /// for depmod), bpftool/bpftrace for the guest's comparison runs and leak checks, Chromium
 /// for the timeline page's browser test, and a kernel source tarball for the kernel's own
-/// KTAP parser (tools/testing/kunit; any version will do) that the KTAP test runs; the
+/// KTAP parser (tools/testing/kunit; any version will do) that the KTAP test runs, and
+/// shellcheck for the guest's shell (`xtask/guest/`, linted in `cargo test -p xtask`); the
 /// out-of-tree module fixtures add `fixture_packages()`.
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
@@ -29,6 +30,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "chromium",
     "linux-source-6.12",
     "python3",
+    "shellcheck",
 ];
 
 /// Host tools every fixture build uses: patch to apply the fix, xz for the source tarball and

@@ -40,7 +40,8 @@ use crate::{
     vm::{self, GuestFile, RunOptions, Topology},
 };
 
-const GUEST_SCRIPT: &str = include_str!("guest.sh");
+/// The guest side of the bench (`/vm/script`), `xtask/guest/bench.sh`.
+const GUEST_SCRIPT: &str = include_str!("../../guest/bench.sh");
 const BPFTRACE_SCRIPT: &str = include_str!("bench.bt");
 const MODULE_SOURCE: &str = include_str!("cxl_dport_bench.c");
 const MODULE_NAME: &str = "cxl_dport_bench";

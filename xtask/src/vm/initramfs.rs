@@ -14,9 +14,8 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
-    cpio,
+    cpio, guest,
     kernel::{self, Kernel, ModuleIndex, UserModule, fnv1a},
-    workload,
 };
 use crate::util::{self, cache_dir};
 
@@ -189,13 +188,10 @@ pub struct RunPart<'a> {
 pub fn write_initrd(base: &Path, run: &RunPart<'_>, target: &Path) -> anyhow::Result<()> {
     let mut bytes = fs::read(base).with_context(|| format!("reading {}", base.display()))?;
     let mut w = cpio::Writer::new(Vec::new());
-    w.file("init", 0o755, workload::INIT.as_bytes())?;
+    for file in guest::RUN_FILES {
+        w.file(file.path, file.mode, file.text.as_bytes())?;
+    }
     w.file("vm/config", 0o644, run.config.as_bytes())?;
-    w.file("vm/lib.sh", 0o644, workload::LIB.as_bytes())?;
-    w.file("vm/workloads.sh", 0o644, workload::WORKLOADS.as_bytes())?;
-    w.file("vm/workload", 0o755, workload::WORKLOAD.as_bytes())?;
-    w.file("vm/run-workloads", 0o755, workload::RUN_WORKLOADS.as_bytes())?;
-    w.file("vm/run-workload", 0o755, workload::RUN_WORKLOAD.as_bytes())?;
     let root = format!("lib/modules/{}", run.release);
     w.file(&format!("{root}/modules.dep"), 0o644, run.modules_dep.as_bytes())?;
     for module in run.user_modules {
@@ -231,11 +227,7 @@ pub fn write_probe_initrd(target: &Path) -> anyhow::Result<()> {
     for applet in ["sh", "echo", "poweroff", "sleep"] {
         w.symlink(&format!("bin/{applet}"), "busybox")?;
     }
-    w.file(
-        "init",
-        0o755,
-        b"#!/bin/sh\necho \"tracer-vm: kvm-probe exit=0\"\npoweroff -f\nwhile :; do sleep 1; done\n",
-    )?;
+    w.file("init", 0o755, guest::KVM_PROBE_INIT.as_bytes())?;
     fs::write(target, w.finish()?).with_context(|| format!("writing {}", target.display()))
 }
 

@@ -10,6 +10,7 @@ mod calls;
 mod cpio;
 pub mod expect;
 pub mod findings;
+mod guest;
 mod initramfs;
 mod kernel;
 mod kernel_arg;
@@ -462,7 +463,7 @@ pub fn execute(options: &RunOptions) -> anyhow::Result<Run> {
     fs::create_dir_all(&cxl_dir)?;
 
     let (script_file, user_command) = user_command(&options.script)?;
-    let config = workload::GuestConfig {
+    let config = guest::GuestConfig {
         nonce: &nonce,
         expect_memdevs: options.topology.memdevs(),
         tracer: tracer.is_some(),
@@ -636,7 +637,7 @@ fn user_command(script: &[String]) -> anyhow::Result<(Option<PathBuf>, String)> 
         (None, first.clone())
     };
     let words: Vec<String> =
-        std::iter::once(command.as_str()).chain(args.iter().map(String::as_str)).map(workload::shell_quote).collect();
+        std::iter::once(command.as_str()).chain(args.iter().map(String::as_str)).map(guest::shell_quote).collect();
     Ok((file, words.join(" ")))
 }
 

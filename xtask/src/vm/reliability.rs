@@ -5,8 +5,9 @@
 //!
 //! These boots use `--manual-tracer`: the tracer is in the guest but the script runs it,
 //! because `doctor` refuses to run while another instance is attached and the signal tests
-//! need the tracer in the background. The script writes `NAME exit=N` lines to
-//! `lifecycle.txt` / `environment.txt`, and keeps every output, for the host to judge.
+//! need the tracer in the background. The scripts (`xtask/guest/suite/lifecycle.sh`,
+//! `environment.sh`) write `NAME exit=N` lines to `lifecycle.txt` / `environment.txt`, and
+//! keep every output, for the host to judge.
 use std::{collections::HashMap, fs, path::Path};
 
 use anyhow::{Context as _, bail, ensure};
@@ -19,115 +20,10 @@ use super::{
 use crate::debian::StockKernel;
 
 /// Runs `tracer` in the ways users stop it, checking what it leaves behind each time.
-const LIFECYCLE: &str = r#"#!/bin/sh
-. /vm/config
-. /vm/lib.sh
-T=/bin/tracer
-out=/share/out
-res=$out/lifecycle.txt
-: > $res
-note() { echo "$* ms=$(now_ms)" >> $res; say "lifecycle: $* uptime_ms=$(now_ms)"; }
-
-$T doctor > $out/doctor.txt 2>&1
-note "doctor exit=$?"
-$T leftovers > $out/leftovers-before.txt 2>&1
-note "leftovers-before exit=$?"
-
-# stop SIG: the tracer traces a long sleep, is sent SIG once attached, and must leave
-# nothing in the kernel (after SIGKILL: nothing but kprobe events marked gone).
-for sig in INT TERM KILL; do
-	log=$out/run-$sig.log
-	rm -f /tmp/child.pid
-	$T run --format json -- sh -c 'echo $$ > /tmp/child.pid; exec sleep 1000' > $out/run-$sig.jsonl 2> $log &
-	pid=$!
-	if ! wait_for_text $log "kprobes attached" 180; then
-		note "run-$sig attached=no"
-		kill -9 $pid
-		continue
-	fi
-	note "run-$sig attached=yes"
-	$T leftovers > $out/leftovers-during-$sig.txt 2>&1
-	note "leftovers-during-$sig exit=$?"
-	kill -$sig $pid
-	wait $pid
-	note "run-$sig exit=$?"
-	child=$(cat /tmp/child.pid 2> /dev/null)
-	if [ -n "$child" ] && kill -0 "$child" 2> /dev/null; then
-		note "child-$sig alive=yes"
-		kill -9 "$child"
-	else
-		note "child-$sig alive=no"
-	fi
-	$T leftovers > $out/leftovers-after-$sig.txt 2>&1
-	note "leftovers-after-$sig exit=$?"
-done
-
-# The traced command crashes; this start also removes the killed instance's kprobe events.
-$T run --format json -- sh -c 'kill -SEGV $$' > $out/run-crash.jsonl 2> $out/run-crash.log
-note "run-crash exit=$?"
-$T leftovers > $out/leftovers-after-crash.txt 2>&1
-note "leftovers-after-crash exit=$?"
-exit 0
-"#;
+const LIFECYCLE: &str = include_str!("../../guest/suite/lifecycle.sh");
 
 /// Bad environments: booted without the CXL modules.
-const ENVIRONMENT: &str = r#"#!/bin/sh
-. /vm/config
-. /vm/lib.sh
-T=/bin/tracer
-out=/share/out
-res=$out/environment.txt
-: > $res
-note() { echo "$* ms=$(now_ms)" >> $res; say "environment: $* uptime_ms=$(now_ms)"; }
-
-$T run -- true > /dev/null 2> $out/no-cxl.log
-note "no-cxl exit=$?"
-$T doctor --no-attach > $out/no-cxl-doctor.txt 2>&1
-note "no-cxl-doctor exit=$?"
-mkdir -p /tmp/empty-btf
-$T run --btf-dir /tmp/empty-btf -- true > /dev/null 2> $out/no-btf.log
-note "no-btf exit=$?"
-
-# --wait-for-cxl: the tracer waits, the modules come, it attaches and traces the workload.
-log=$out/wait.log
-$T run --format json --wait-for-cxl=300 -- sh -c '. /vm/config; . /vm/lib.sh; topology_ready 60 || exit 9; /vm/run-workload memdev-bind 3' > $out/wait.jsonl 2> $log &
-pid=$!
-if wait_for_text $log "waiting for the CXL modules" 120; then
-	note "wait announced=yes"
-else
-	note "wait announced=no"
-fi
-sleep 2
-if kill -0 $pid 2> /dev/null; then note "wait still-waiting=yes"; else note "wait still-waiting=no"; fi
-load_modules || { note "load-modules failed: $LOAD_ERROR"; exit 1; }
-wait $pid
-note "wait exit=$?"
-
-# A use site the user names that the kernel does not have.
-$T run --use-site no_such_cxl_function:0 -- true > /dev/null 2> $out/no-use-site.log
-note "no-use-site exit=$?"
-# One the kernel has but refuses to probe (notify_die is on the kprobe blacklist): an error
-# too, and a problem for doctor; nothing of the attempt may stay behind.
-$T run --use-site notify_die:0 -- true > /dev/null 2> $out/unprobed-use-site.log
-note "unprobed-use-site exit=$?"
-$T doctor --use-site notify_die:0 > $out/unprobed-use-site-doctor.txt 2>&1
-note "unprobed-use-site-doctor exit=$?"
-$T leftovers > $out/unprobed-use-site-leftovers.txt 2>&1
-note "unprobed-use-site-leftovers exit=$?"
-
-# --record on a full disk: a clear error, exit 2, and a partial trace that still reads.
-mkdir -p /mnt/small
-mount -t tmpfs -o size=8k tmpfs /mnt/small || { note "cannot mount the small tmpfs"; exit 1; }
-$T run --format json --record /mnt/small/trace.bin -- /vm/run-workload memdev-bind 60 > $out/full.jsonl 2> $out/full.log
-note "full exit=$?"
-cp /mnt/small/trace.bin $out/full-partial.bin
-note "full-partial bytes=$(wc -c < /mnt/small/trace.bin)"
-# Whatever the killed workload left unbound is bound again, so the guest ends whole.
-topology_ready 1 || for m in $(memdev_names); do
-	[ "$(driver_of "$CXL/devices/$m")" = cxl_mem ] || echo "$m" > $CXL/drivers/cxl_mem/bind
-done
-exit 0
-"#;
+const ENVIRONMENT: &str = include_str!("../../guest/suite/environment.sh");
 
 /// `NAME key=value` lines the guest scripts write.
 fn results(out: &Path, file: &str) -> anyhow::Result<HashMap<String, String>> {

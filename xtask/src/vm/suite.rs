@@ -30,26 +30,7 @@ const MARKER: &str = "suite-topology.txt";
 
 /// Runs in the guest after the workloads of the first boot: the topology must still be there
 /// (every workload restored it) and be the one the rp command line asks for.
-const TOPOLOGY_CHECK: &str = r#"#!/bin/sh
-# Names, not just counts, but not fixed ones: the workloads unbind and rebind the root and
-# the ports, and a re-created port takes whatever id its ida hands out (root0 may come back
-# as root2).
-set -e
-out=/share/out/suite-topology.txt
-cxl=/sys/bus/cxl/devices
-first() { for x in "$@"; do [ -e "$x" ] && { echo "$x"; return 0; }; done; return 1; }
-check() { [ -n "$2" ] || { echo "tracer-vm: suite: no $1"; exit 1; }; echo "present $2" >> $out; }
-check "root port" "$(first $cxl/root*)"
-check "memdev" "$(first $cxl/mem*)"
-check "port with a dport" "$(first $cxl/port*/dport*)"
-check "endpoint port" "$(first $cxl/endpoint*)"
-mem=$(first $cxl/mem*)
-[ -e "$mem/driver" ] || { echo "tracer-vm: suite: ${mem##*/} has no driver"; exit 1; }
-drv=$(readlink "$mem/driver")
-[ "${drv##*/}" = cxl_mem ] || { echo "tracer-vm: suite: ${mem##*/} is bound to ${drv##*/}, not cxl_mem"; exit 1; }
-echo "${mem##*/} driver cxl_mem" >> $out
-echo "tracer-vm: suite: topology present"
-"#;
+const TOPOLOGY_CHECK: &str = include_str!("../../guest/suite/topology-check.sh");
 
 struct Case {
     name: &'static str,
@@ -262,17 +243,7 @@ fn switch_workloads(out: &Path) -> anyhow::Result<()> {
 
 /// Checks in the guest that cxl_mem comes from updates/ (the --module copy): with the stock
 /// file gone, a reload must still work.
-const MODULE_CHECK: &str = r#"#!/bin/sh
-set -e
-dir=/lib/modules/$(uname -r)
-grep -q '^updates/cxl_mem.ko:' $dir/modules.dep
-rm -f $dir/kernel/drivers/cxl/cxl_mem.ko
-rmmod cxl_mem
-modprobe cxl_mem
-[ -e /sys/module/cxl_mem ]
-[ -e /sys/module/cxl_pmem ]
-echo "cxl_mem reloaded from updates/" > /share/out/suite-module.txt
-"#;
+const MODULE_CHECK: &str = include_str!("../../guest/suite/module-check.sh");
 
 /// `--module` puts a module in place of the stock one: here the kernel's own cxl_mem.ko.xz
 /// (which also exercises decompressing a user's module), with cxl_pmem loaded (`--pmem`).
@@ -362,25 +333,7 @@ const FLIPS: u32 = 300;
 
 /// Runs in the guest: flips the kmem/kfree tracepoint (a static key: `text_poke_bp` on its
 /// site in `kfree`) while two loops fork, switch tasks and free memory.
-const FLIP_KFREE: &str = r#"#!/bin/sh
-set -e
-t=/sys/kernel/tracing
-echo 0 > $t/options/record-cmd
-# Processes come and go under ls: its complaints and status are not the point.
-( while :; do ls /proc > /dev/null 2>&1 || :; done ) &
-a=$!
-( while :; do cat /proc/self/status > /dev/null || :; done ) &
-b=$!
-i=0
-while [ $i -lt "$1" ]; do
-	echo 1 > $t/events/kmem/kfree/enable
-	echo 0 > $t/events/kmem/kfree/enable
-	i=$((i + 1))
-done
-kill $a $b
-echo "$i" > /share/out/flips.txt
-echo "tracer-vm: suite: flipped the kfree tracepoint $i times"
-"#;
+const FLIP_KFREE: &str = include_str!("../../guest/suite/flip-kfree.sh");
 
 /// Attaching and detaching the tracer patches kernel text (static keys, ftrace). The
 /// guest's default vCPU count must survive that under load: with two vCPUs, QEMU 7.2's

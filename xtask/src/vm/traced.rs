@@ -36,13 +36,7 @@ const STALE: &str = "stale-use";
 
 /// Runs after the workloads, inside the traced run: how many dports the CXL root has (one
 /// per host bridge); each is erased without the port lock on every cxl_acpi unbind.
-const ROOT_DPORTS: &str = r#"#!/bin/sh
-set -e
-n=0
-for d in /sys/bus/cxl/devices/root0/dport*; do [ -e "$d" ] && n=$((n + 1)); done
-echo "$n" > /share/out/root-dports.txt
-echo "tracer-vm: suite: the CXL root has $n dport(s)"
-"#;
+const ROOT_DPORTS: &str = include_str!("../../guest/suite/root-dports.sh");
 
 /// Options for a traced suite run with call counting.
 pub fn options(topology: Topology, out: &Path, tracer: &Path) -> RunOptions {

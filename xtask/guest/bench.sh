@@ -1,13 +1,22 @@
 #!/bin/sh
-# /vm/script of `cargo xtask bench`: every guest measurement on one kernel, in one boot.
+# shellcheck shell=dash
+# /vm/script of `cargo xtask bench` (bench/mod.rs): every guest measurement on one kernel, in
+# one boot.
 #   REPS MAX_REPS EXTRA_SECS LOOP_MS LOOPS CYCLES LOAD_MS SETTLE_SECS "MODES"
 # REPS repetitions run every mode (the first with the hotplug workloads); then, while the
 # targets are not resolved at the noise seen (bench-guest decide), more repetitions of the
 # loops run the modes that would resolve them, up to MAX_REPS in all and EXTRA_SECS of
 # extra time.
 # Results go to /share/out/bench-results.txt, one `key=value` line per measurement.
+#
+# Runs in the guest as /vm/script, booted with --manual-tracer, the cxl_dport_bench module,
+# /bin/bench-guest and (unless --no-bpftrace) bpftrace; not for running by hand: run
+# `cargo xtask bench --kernel 6.12 --reps 3` (bench/mod.rs builds what it needs).
+# shellcheck source=config.example
 . /vm/config
+# shellcheck source=lib.sh
 . /vm/lib.sh
+# shellcheck source=workloads.sh
 . /vm/workloads.sh
 reps=$1
 max_reps=$2
@@ -56,18 +65,18 @@ calls_per_op() {
 # User and system CPU time of a process, in clock ticks, and the ticks per second.
 cpu_ticks() {
 	# Fields after the parenthesised comm: utime is the 12th, stime the 13th.
-	sed 's/^.*) //' /proc/$1/stat | awk -v hz="$(getconf CLK_TCK 2> /dev/null || echo 100)" '{ print "utime=" $12 " stime=" $13 " hz=" hz }'
+	sed 's/^.*) //' /proc/"$1"/stat | awk -v hz="$(getconf CLK_TCK 2> /dev/null || echo 100)" '{ print "utime=" $12 " stime=" $13 " hz=" hz }'
 }
 
 # Resident memory of a process now and at its peak.
 mem_kb() {
-	echo "rss_kb=$(awk '/^VmRSS:/ { print $2 }' /proc/$1/status) hwm_kb=$(awk '/^VmHWM:/ { print $2 }' /proc/$1/status)"
+	echo "rss_kb=$(awk '/^VmRSS:/ { print $2 }' /proc/"$1"/status) hwm_kb=$(awk '/^VmHWM:/ { print $2 }' /proc/"$1"/status)"
 }
 
 # BPF programs of a process with their run counts and times (kernel.bpf_stats_enabled,
 # cumulative). prog_stats PID MODE PHASE
 prog_stats() {
-	for f in /proc/$1/fdinfo/*; do
+	for f in /proc/"$1"/fdinfo/*; do
 		t=$(awk '/^prog_type:/ { print $2 }' "$f" 2> /dev/null)
 		[ -n "$t" ] || continue
 		put "progstats mode=$2 phase=$3 prog_type=$t run_cnt=$(awk '/^run_cnt:/ { print $2 }' "$f") run_time_ns=$(awk '/^run_time_ns:/ { print $2 }' "$f") prog_id=$(awk '/^prog_id:/ { print $2 }' "$f")"
@@ -97,15 +106,16 @@ start_mode() {
 		[ "$3" = record ] && extra="--record $out/$2.bin"
 		[ "$1" = global ] && extra="--lock-events global"
 		[ "$1" = noderefs ] && extra="$extra --no-derefs"
-		/bin/tracer run --format json $extra > $out/$2.jsonl 2> $out/$2.log &
+		# shellcheck disable=SC2086 # $extra is a list of tracer options, split on purpose
+		/bin/tracer run --format json $extra > "$out/$2.jsonl" 2> "$out/$2.log" &
 		mpid=$!
-		attached $out/$2.log "kprobes attached"
+		attached "$out/$2.log" "kprobes attached"
 		put "attached mode=$1 tag=$2 $(cpu_ticks $mpid) $(mem_kb $mpid)"
 		;;
 	bpftrace)
-		/usr/bin/bpftrace /vm/bench.bt > $out/$2.log 2>&1 &
+		/usr/bin/bpftrace /vm/bench.bt > "$out/$2.log" 2>&1 &
 		mpid=$!
-		attached $out/$2.log "bench: bpftrace attached"
+		attached "$out/$2.log" "bench: bpftrace attached"
 		put "attached mode=$1 tag=$2 $(cpu_ticks $mpid)"
 		;;
 	*) fail "unknown mode $1" ;;
@@ -117,9 +127,9 @@ stop_mode() {
 	case $1 in
 	none | none-b) ;;
 	*)
-		put "memory mode=$1 tag=$2 $(mem_kb $mpid) $(cpu_ticks $mpid)"
-		if [ "$1" = bpftrace ]; then kill -INT $mpid; else kill -TERM $mpid; fi
-		wait $mpid
+		put "memory mode=$1 tag=$2 $(mem_kb "$mpid") $(cpu_ticks "$mpid")"
+		if [ "$1" = bpftrace ]; then kill -INT "$mpid"; else kill -TERM "$mpid"; fi
+		wait "$mpid"
 		rc=$?
 		put "stopped mode=$1 tag=$2 exit=$rc"
 		;;
@@ -166,7 +176,7 @@ stats() {
 		put "statsloop mode=$1 loop=$loop $l"
 	done
 	echo 0 > /proc/sys/kernel/bpf_stats_enabled
-	prog_stats $mpid $1 loops
+	prog_stats "$mpid" "$1" loops
 }
 
 # quiet MODE REP: after attaching or detaching, the kernel optimizes (or frees) kprobes in
@@ -197,10 +207,10 @@ overflow() {
 	# the dport.
 	echo 1 > $B/run || fail "the warm-up write to $B/run failed"
 	e1=$(cat $B/events)
-	kill -STOP $mpid
-	l=$(/bin/bench-guest load 2000 2 0) || { kill -CONT $mpid; fail "bench-guest load failed"; }
+	kill -STOP "$mpid"
+	l=$(/bin/bench-guest load 2000 2 0) || { kill -CONT "$mpid"; fail "bench-guest load failed"; }
 	e2=$(cat $B/events)
-	kill -CONT $mpid
+	kill -CONT "$mpid"
 	# Let the tracer drain the ring before it stops.
 	sleep 3
 	put "overflow tag=$1 warmup=$((e1 - e0)) generated=$((e2 - e1)) $l"
@@ -222,7 +232,7 @@ capacity() {
 	l=$(/bin/bench-guest load "$loop_ms" 1 0) || fail "bench-guest load failed"
 	echo 0 > /proc/sys/kernel/bpf_stats_enabled
 	put "statsload mode=tracer $l"
-	prog_stats $mpid tracer load
+	prog_stats "$mpid" tracer load
 	first_rate=
 	for spec in "$@"; do
 		name=${spec%%:*}
@@ -231,17 +241,17 @@ capacity() {
 		rate=${rest#*:}
 		[ "$rate" = half ] && rate=$((first_rate / 2))
 		a=$(cat $B/events)
-		t1=$(cpu_ticks $mpid)
+		t1=$(cpu_ticks "$mpid")
 		l=$(/bin/bench-guest load "$load_ms" "$threads" "$rate") || fail "bench-guest load failed"
 		b=$(cat $B/events)
-		t2=$(cpu_ticks $mpid)
+		t2=$(cpu_ticks "$mpid")
 		put "capload tag=$name tracer=$tag generated=$((b - a)) $(echo "$t1" | sed 's/\([a-z]*\)=/\1_before=/g') $(echo "$t2" | sed 's/\([a-z]*\)=/\1_after=/g') $l"
 		[ -n "$first_rate" ] || first_rate=$(echo "$l" | sed -n 's/.* rate=\([0-9]*\).*/\1/p')
 	done
 	e2=$(cat $B/events)
 	# Let the tracer drain what is left in the ring before it stops.
 	sleep 2
-	put "capacity tag=$tag ring_kib=8192 warmup=$((e1 - e0)) generated=$((e2 - e1)) hwm_kb=$(awk '/^VmHWM:/ { print $2 }' /proc/$mpid/status)"
+	put "capacity tag=$tag ring_kib=8192 warmup=$((e1 - e0)) generated=$((e2 - e1)) hwm_kb=$(awk '/^VmHWM:/ { print $2 }' /proc/"$mpid"/status)"
 }
 
 # period MODE REP EXTRAS: one mode's turn in a repetition: the timed loops, then what EXTRAS
@@ -250,32 +260,32 @@ capacity() {
 # (the tracer without its deref sites) runs the workloads alone: what the deref sites add.
 period() {
 	tag=$1-$2
-	case " $3 " in *" workloads "*) start_mode $1 $tag record ;; *) start_mode $1 $tag ;; esac
-	if [ "$1" = noderefs ]; then quiet $1 $2; else loops_period $1 $2 $tag; fi
+	case " $3 " in *" workloads "*) start_mode "$1" "$tag" record ;; *) start_mode "$1" "$tag" ;; esac
+	if [ "$1" = noderefs ]; then quiet "$1" "$2"; else loops_period "$1" "$2" "$tag"; fi
 	case " $3 " in *" workloads "*)
 		for w in memdev-bind acpi-unbind; do
-			timed_workload $w $1 $2
+			timed_workload $w "$1" "$2"
 		done
 		[ "$1" = tracer ] && put "frees tag=$tag cycles=$cycles dports_end=$(count dports)"
 		;;
 	esac
 	case " $3 " in *" stats "*)
-		case $1 in tracer | bpftrace) stats $1 ;; esac
+		case $1 in tracer | bpftrace) stats "$1" ;; esac
 		;;
 	esac
 	if [ "$1" = tracer ]; then
-		case " $3 " in *" overflow "*) overflow $tag ;; esac
+		case " $3 " in *" overflow "*) overflow "$tag" ;; esac
 		# One thread, two, and two at half the rate one reached (the vCPUs no longer
 		# saturated).
-		case " $3 " in *" capacity "*) capacity $tag cap-1:1:0 cap-2:2:0 cap-2-half:2:half ;; esac
+		case " $3 " in *" capacity "*) capacity "$tag" cap-1:1:0 cap-2:2:0 cap-2-half:2:half ;; esac
 	fi
-	stop_mode $1 $tag
+	stop_mode "$1" "$tag"
 }
 
 # loops_period MODE REP TAG: settles, then the timed hot-path loops of one mode period.
 loops_period() {
-	quiet $1 $2
-	case $1 in tracer | global) c0=$(cpu_ticks $mpid) ;; esac
+	quiet "$1" "$2"
+	case $1 in tracer | global) c0=$(cpu_ticks "$mpid") ;; esac
 	# A process per run: how fast a loop runs under TCG depends on where its kernel stack
 	# and buffers landed (QEMU's software TLB is indexed by address), which stays for a
 	# process's life; the median over many processes averages that out. The lines are
@@ -292,7 +302,7 @@ loops_period() {
 		put "loop mode=$1 rep=$2 loop=$loop $loop $rest"
 	done < /tmp/loops.out
 	# The tracer's own CPU time while the loops ran (it should have had nothing to do).
-	case $1 in tracer | global) put "loopcpu mode=$1 rep=$2 tag=$3 $(echo "$c0" | sed 's/\([a-z]*\)=/\1_before=/g') $(cpu_ticks $mpid)" ;; esac
+	case $1 in tracer | global) put "loopcpu mode=$1 rep=$2 tag=$3 $(echo "$c0" | sed 's/\([a-z]*\)=/\1_before=/g') $(cpu_ticks "$mpid")" ;; esac
 }
 
 say "bench: kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) CPUs"
@@ -310,14 +320,15 @@ while [ $rep -le "$reps" ]; do
 	[ $rep = $((reps - 1)) ] && extras="$extras overflow"
 	[ $rep = "$reps" ] && extras="$extras capacity"
 	t0=$(now_ms)
+	# shellcheck disable=SC2086 # $modes is a list of words, split on purpose
 	for mode in $(rotated $((rep - 1)) $modes); do
-		period $mode $rep "$extras"
+		period "$mode" $rep "$extras"
 	done
 	# What the deref sites add to the hotplug workloads: the tracer without them.
 	[ $rep = 1 ] && period noderefs $rep workloads
 	last_secs=$(( ($(now_ms) - t0) / 1000 ))
-	last_modes=$(echo $modes | wc -w)
-	put "repetition rep=$rep kind=full secs=$last_secs modes=$(echo $modes | tr ' ' ,)"
+	last_modes=$(echo "$modes" | wc -w)
+	put "repetition rep=$rep kind=full secs=$last_secs modes=$(echo "$modes" | tr ' ' ,)"
 	rep=$((rep + 1))
 done
 
@@ -329,6 +340,7 @@ while :; do
 	decision=$(head -n 1 /tmp/decide.out)
 	say "bench: after $((rep - 1)) repetition(s): $decision"
 	say "bench: $(sed -n 2p /tmp/decide.out)"
+	# shellcheck disable=SC2086 # the decision's words become the arguments, split on purpose
 	set -- $decision
 	[ "$1" = more ] || break
 	shift
@@ -337,17 +349,18 @@ while :; do
 	wanted=" $* "
 	these=
 	for m in $modes; do
-		case $wanted in *" $m "*) these="$these $m" ;; esac
+		case $wanted in *" $m "*) these="${these:+$these }$m" ;; esac
 	done
 	t0=$(now_ms)
-	for mode in $(rotated $(( (rep - 1) % $(echo $these | wc -w) )) $these); do
-		period $mode $rep ""
+	# shellcheck disable=SC2086 # $these is a list of words, split on purpose
+	for mode in $(rotated $(( (rep - 1) % $(echo "$these" | wc -w) )) $these); do
+		period "$mode" $rep ""
 	done
 	elapsed=$(( $(now_ms) - t0 ))
 	extra_ms=$((extra_ms + elapsed))
 	last_secs=$((elapsed / 1000))
-	last_modes=$(echo $these | wc -w)
-	put "repetition rep=$rep kind=extra secs=$last_secs modes=$(echo $these | tr ' ' ,)"
+	last_modes=$(echo "$these" | wc -w)
+	put "repetition rep=$rep kind=extra secs=$last_secs modes=$(echo "$these" | tr ' ' ,)"
 	rep=$((rep + 1))
 done
 cp /tmp/decide.out $out/decision.txt
