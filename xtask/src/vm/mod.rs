@@ -7,6 +7,7 @@
 //! result line (which carries a per-run nonce) with exit 0 and no failure was seen.
 mod basics;
 mod calls;
+mod checks;
 mod cpio;
 pub mod expect;
 pub mod findings;
@@ -16,6 +17,7 @@ mod kernel;
 mod kernel_arg;
 mod qemu;
 mod reliability;
+mod selftest;
 pub mod soak;
 mod suite;
 pub mod traced;

@@ -1,4 +1,4 @@
-//! Guest suite cases for the tracer's own reliability (issue 6): `doctor` on the guest
+//! Guest suite cases for the tracer's own reliability: `doctor` on the guest
 //! kernel, a clean detach after SIGINT, SIGTERM, SIGKILL and a crashing traced command,
 //! and bad environments (no CXL modules, `--wait-for-cxl`, no BTF, a full disk under
 //! `--record`).
@@ -13,9 +13,10 @@ use std::{collections::HashMap, fs, path::Path};
 use anyhow::{Context as _, bail, ensure};
 
 use super::{
-    KernelArg, RunOptions, Topology, expect,
+    KernelArg, RunOptions, Topology,
+    checks::{passing, script},
+    expect,
     findings::{self, Report},
-    suite::passing,
 };
 use crate::debian::StockKernel;
 
@@ -53,13 +54,6 @@ fn expect(r: &HashMap<String, String>, key: &str, want: &str, hint: &str) -> any
 fn read(out: &Path, file: &str) -> anyhow::Result<String> {
     let path = out.join(file);
     fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
-}
-
-fn script(out: &Path, text: &str) -> anyhow::Result<Vec<String>> {
-    fs::create_dir_all(out)?;
-    let path = out.with_extension("sh");
-    fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    Ok(vec![path.to_string_lossy().into_owned()])
 }
 
 /// `doctor` is ready; each way of stopping `run` leaves no BPF object behind, and no kprobe

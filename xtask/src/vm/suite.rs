@@ -1,18 +1,23 @@
-//! The guest suite `cargo xtask test` runs after the host tests.
+//! The guest suite `cargo xtask test` runs after the host tests: one table of cases, each
+//! with its name, the kernels it runs on and its function, written once; `--only`, the order
+//! and the names `KERNEL/CASE` all come from it.
 //!
-//! It proves the harness itself (the guest boots with the CXL topology present in sysfs,
-//! every built-in workload really cycles, results come back to the host, and a crashing,
-//! failing or hanging guest is reported as such), then the tracer in the guest: the stock
+//! It proves the harness itself (selftest.rs), then the tracer in the guest: the stock
 //! kernel's findings counted against the memdev probes, the fixed driver's silence, the
-//! switch topology, replay, doctor, clean detach, bad environments and a short soak
-//! (`traced.rs`, `reliability.rs`, `soak.rs`). Each check fails loudly; none is skipped.
-use std::{fs, path::Path, time::Instant};
+//! switch topology and replay (traced.rs), doctor, clean detach and bad environments
+//! (reliability.rs), and a short soak (soak.rs). Each check fails loudly; none is skipped.
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, bail};
 
-use super::{Crash, Failure, Run, RunOptions, Topology, Workload, execute, reliability, soak, traced};
+use super::{reliability, selftest, soak, traced, tracer_binary};
 use crate::{
-    debian::STOCK_KERNELS,
+    debian::{self, STOCK_KERNELS, StockKernel},
     fixture::{self, Fixture},
     util,
 };
@@ -22,47 +27,135 @@ use crate::{
 const TRACED_CYCLES: u32 = 3;
 /// Cycles of each workload in the traced switch case.
 const SWITCH_CYCLES: u32 = 5;
-/// Minutes of the suite's short soak (`cargo xtask vm soak` runs longer ones).
-const SOAK_MINUTES: u32 = 1;
 
-/// Checked by the host after the run: written by the guest into the results share.
-const MARKER: &str = "suite-topology.txt";
-
-/// Runs in the guest after the workloads of the first boot: the topology must still be there
-/// (every workload restored it) and be the one the rp command line asks for.
-const TOPOLOGY_CHECK: &str = include_str!("../../guest/suite/topology-check.sh");
-
-struct Case {
-    name: &'static str,
-    seconds: f64,
+/// Where a case runs.
+#[derive(Clone, Copy, Debug)]
+pub enum Kernels {
+    /// The harness's default kernel (`debian::DEFAULT_KERNEL`); the case goes by its name.
+    Default,
+    /// Each of these kernels of the matrix, as `KERNEL/NAME`.
+    Each(&'static [&'static str]),
 }
 
-/// Every case, in the order the suite runs them: the harness's own on the default kernel,
-/// then the tracer on each kernel of the matrix (DESIGN §7). The tracer's lifecycle and bad
-/// environments run on the seed's kernel, 7.2, the heaviest profile (442 kprobes): each
-/// takes 3 to 5 minutes under TCG, and on every kernel they would take the suite past its
-/// half-hour budget.
-pub const CASES: &[&str] = &[
-    "rp-workloads",
-    "switch-workloads",
-    "user-module",
-    "crash-is-detected",
-    "failing-script-fails",
-    "missing-result-fails",
-    "hang-is-bounded",
-    "text-patching",
-    "6.1/rp-stock-traced",
-    "6.1/rp-fixed-traced",
-    "6.12/rp-stock-traced",
-    "6.12/rp-fixed-traced",
-    "6.12/switch-traced",
-    "7.2/rp-stock-traced",
-    "7.2/rp-fixed-traced",
-    "7.2/switch-traced",
-    "7.2/tracer-lifecycle",
-    "7.2/bad-environments",
-    "soak",
+/// One case of the suite.
+pub struct Case {
+    pub name: &'static str,
+    pub kernels: Kernels,
+    /// It runs the static tracer (built once, before the first case that needs it).
+    pub tracer: bool,
+    /// It needs the kernel's seed-fixed cxl_mem (`cargo xtask fixture cxl-mem-fixed`; built
+    /// before the case, counted in the kernel's time).
+    pub fixed_cxl_mem: bool,
+    pub run: fn(&Env<'_>) -> anyhow::Result<()>,
+}
+
+/// What a case runs with.
+pub struct Env<'a> {
+    /// Its results directory, `target/vm/suite/NAME`.
+    pub out: &'a Path,
+    pub kernel: &'static StockKernel,
+    tracer: Option<&'a Path>,
+    fixed_cxl_mem: Option<&'a Path>,
+}
+
+impl Env<'_> {
+    fn tracer(&self) -> anyhow::Result<&Path> {
+        self.tracer.context("the case runs the tracer but its Case says `tracer: false` (suite.rs)")
+    }
+
+    fn fixed_cxl_mem(&self) -> anyhow::Result<&Path> {
+        self.fixed_cxl_mem
+            .context("the case needs the fixed cxl_mem but its Case says `fixed_cxl_mem: false` (suite.rs)")
+    }
+}
+
+/// A case of the harness itself, on the default kernel, without the tracer.
+const fn harness(name: &'static str, run: fn(&Env<'_>) -> anyhow::Result<()>) -> Case {
+    Case { name, kernels: Kernels::Default, tracer: false, fixed_cxl_mem: false, run }
+}
+
+/// A case with the tracer, on each of `kernels`.
+const fn traced(name: &'static str, kernels: &'static [&'static str], run: fn(&Env<'_>) -> anyhow::Result<()>) -> Case {
+    Case { name, kernels: Kernels::Each(kernels), tracer: true, fixed_cxl_mem: false, run }
+}
+
+const MATRIX: &[&str] = &["6.1", "6.12", "7.2"];
+
+/// Every case, in the order the suite runs them, except that a run of cases on several
+/// kernels is taken kernel by kernel (each of the first kernel's, then the next one's), so
+/// that a kernel's fixture and traces go together and its time can be told. The harness's
+/// own cases come first, on the default kernel; then the tracer on each kernel of the matrix
+/// (docs/kernels.md). The tracer's lifecycle and bad environments run on the seed's kernel,
+/// 7.2, the heaviest profile (442 kprobes): each takes 3 to 5 minutes under TCG, and on
+/// every kernel they would take the suite past its half-hour budget.
+pub const CASES: &[Case] = &[
+    harness("rp-workloads", |e| selftest::rp_workloads(e.out)),
+    harness("switch-workloads", |e| selftest::switch_workloads(e.out)),
+    harness("user-module", |e| selftest::user_module(e.out, e.kernel)),
+    harness("crash-is-detected", |e| selftest::crash_is_detected(e.out)),
+    harness("failing-script-fails", |e| selftest::failing_script_fails(e.out)),
+    harness("missing-result-fails", |e| selftest::missing_result_fails(e.out)),
+    harness("hang-is-bounded", |e| selftest::hang_is_bounded(e.out)),
+    harness("text-patching", |e| selftest::text_patching(e.out)),
+    traced("rp-stock-traced", MATRIX, |e| traced::rp_stock(e.out, e.tracer()?, e.kernel, TRACED_CYCLES)),
+    Case {
+        fixed_cxl_mem: true,
+        ..traced("rp-fixed-traced", MATRIX, |e| {
+            traced::rp_fixed(e.out, e.tracer()?, e.kernel, e.fixed_cxl_mem()?, TRACED_CYCLES)
+        })
+    },
+    traced("switch-traced", &["6.12", "7.2"], |e| traced::switch(e.out, e.tracer()?, e.kernel, SWITCH_CYCLES)),
+    traced("tracer-lifecycle", &["7.2"], |e| reliability::lifecycle(e.out, e.tracer()?, e.kernel)),
+    traced("bad-environments", &["7.2"], |e| reliability::environment(e.out, e.tracer()?, e.kernel)),
+    Case {
+        name: "soak",
+        kernels: Kernels::Default,
+        tracer: true,
+        fixed_cxl_mem: false,
+        run: |e| soak::suite_case(e.out, e.tracer()?),
+    },
 ];
+
+/// A case on one kernel, as the suite runs it.
+struct Instance {
+    case: &'static Case,
+    kernel: &'static StockKernel,
+    /// `NAME`, or `KERNEL/NAME` for a case on several kernels.
+    name: String,
+    /// Its time counts in its kernel's.
+    per_kernel: bool,
+}
+
+/// The cases as the suite runs them, in order (see `CASES`).
+fn instances() -> anyhow::Result<Vec<Instance>> {
+    let default = debian::stock_kernel(debian::DEFAULT_KERNEL)?;
+    let mut out = Vec::new();
+    let mut rest = CASES;
+    while let Some(first) = rest.first() {
+        if let Kernels::Default = first.kernels {
+            out.push(Instance { case: first, kernel: default, name: first.name.to_owned(), per_kernel: false });
+            rest = &rest[1..];
+            continue;
+        }
+        let block = rest.iter().position(|c| matches!(c.kernels, Kernels::Default)).unwrap_or(rest.len());
+        for kernel in STOCK_KERNELS {
+            for case in &rest[..block] {
+                if let Kernels::Each(names) = case.kernels
+                    && names.contains(&kernel.name)
+                {
+                    out.push(Instance {
+                        case,
+                        kernel,
+                        name: format!("{}/{}", kernel.name, case.name),
+                        per_kernel: true,
+                    });
+                }
+            }
+        }
+        rest = &rest[block..];
+    }
+    Ok(out)
+}
 
 pub fn suite() -> anyhow::Result<()> {
     run(&[])
@@ -70,302 +163,111 @@ pub fn suite() -> anyhow::Result<()> {
 
 /// The suite, or only the cases named in `only` (all when empty).
 pub fn run(only: &[String]) -> anyhow::Result<()> {
-    if let Some(unknown) = only.iter().find(|n| !CASES.contains(&n.as_str())) {
-        bail!("no guest case {unknown:?}; the cases are: {}", CASES.join(" "));
+    let all = instances()?;
+    if let Some(unknown) = only.iter().find(|n| !all.iter().any(|i| i.name == **n)) {
+        let names: Vec<&str> = all.iter().map(|i| i.name.as_str()).collect();
+        bail!("no guest case {unknown:?}; the cases are: {}", names.join(" "));
     }
+    let wanted: Vec<&Instance> = all.iter().filter(|i| only.is_empty() || only.contains(&i.name)).collect();
     let start = Instant::now();
     let root = util::workspace_root().join("target/vm/suite");
     if only.is_empty() {
         let _ = fs::remove_dir_all(&root);
     }
     fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    let mut cases = Vec::new();
+
+    // The tracer in the guest: one musl build for every guest and for replay on the host.
+    let tracer = if wanted.iter().any(|i| i.case.tracer) { Some(tracer_binary()?) } else { None };
+    let mut fixed: HashMap<&str, PathBuf> = HashMap::new();
+    let mut times: Vec<(&str, f64)> = Vec::new();
     let mut kernel_times: Vec<(&str, f64)> = Vec::new();
-    let mut case = |name: &'static str, f: &dyn Fn(&Path) -> anyhow::Result<()>| -> anyhow::Result<()> {
-        if !only.is_empty() && !only.iter().any(|n| n == name) {
-            return Ok(());
+    for instance in wanted {
+        let started = Instant::now();
+        let kernel = instance.kernel;
+        if instance.case.fixed_cxl_mem && !fixed.contains_key(kernel.name) {
+            fixed.insert(kernel.name, fixture::build_for_kernel(Fixture::CxlMemFixed, kernel)?);
         }
-        let _ = fs::remove_dir_all(root.join(name));
+        let name = instance.name.as_str();
+        let out = root.join(name);
+        let _ = fs::remove_dir_all(&out);
         println!("test: guest: {name}");
         let t = Instant::now();
-        f(&root.join(name)).with_context(|| format!("guest test {name} failed"))?;
+        let env = Env {
+            out: &out,
+            kernel,
+            tracer: tracer.as_deref().filter(|_| instance.case.tracer),
+            fixed_cxl_mem: fixed.get(kernel.name).map(PathBuf::as_path).filter(|_| instance.case.fixed_cxl_mem),
+        };
+        (instance.case.run)(&env).with_context(|| format!("guest test {name} failed"))?;
         let seconds = t.elapsed().as_secs_f64();
         println!("test: guest: {name} ok ({seconds:.1} s)");
-        cases.push(Case { name, seconds });
-        Ok(())
-    };
-    case("rp-workloads", &rp_workloads)?;
-    case("switch-workloads", &switch_workloads)?;
-    case("user-module", &user_module)?;
-    case("crash-is-detected", &crash_is_detected)?;
-    case("failing-script-fails", &failing_script_fails)?;
-    case("missing-result-fails", &missing_result_fails)?;
-    case("hang-is-bounded", &hang_is_bounded)?;
-    case("text-patching", &text_patching)?;
-
-    // The tracer in the guest: one musl build for the guest and for replay on the host.
-    let first_traced = CASES.iter().position(|c| c.contains('/')).unwrap_or(CASES.len());
-    let traced = CASES[first_traced..].iter().any(|c| only.is_empty() || only.iter().any(|n| n == c));
-    let tracer = if traced { traced::tracer()? } else { Default::default() };
-    for kernel in STOCK_KERNELS {
-        let wanted = |case: &str| only.is_empty() || only.iter().any(|n| *n == format!("{}/{case}", kernel.name));
-        let started = Instant::now();
-        let fixed = if wanted("rp-fixed-traced") {
-            fixture::build_for_kernel(Fixture::CxlMemFixed, kernel)?
-        } else {
-            Default::default()
-        };
-        let name = |case: &str| -> &'static str {
-            CASES.iter().find(|c| **c == format!("{}/{case}", kernel.name)).copied().unwrap_or("")
-        };
-        let cycles = TRACED_CYCLES;
-        if !name("rp-stock-traced").is_empty() {
-            case(name("rp-stock-traced"), &|out| traced::rp_stock(out, &tracer, kernel, cycles))?;
+        times.push((name, seconds));
+        if instance.per_kernel {
+            match kernel_times.iter_mut().find(|(k, _)| *k == kernel.name) {
+                Some((_, total)) => *total += started.elapsed().as_secs_f64(),
+                None => kernel_times.push((kernel.name, started.elapsed().as_secs_f64())),
+            }
         }
-        if !name("rp-fixed-traced").is_empty() {
-            case(name("rp-fixed-traced"), &|out| traced::rp_fixed(out, &tracer, kernel, &fixed, cycles))?;
-        }
-        if !name("switch-traced").is_empty() {
-            case(name("switch-traced"), &|out| traced::switch(out, &tracer, kernel, SWITCH_CYCLES))?;
-        }
-        if !name("tracer-lifecycle").is_empty() {
-            case(name("tracer-lifecycle"), &|out| reliability::lifecycle(out, &tracer, kernel))?;
-        }
-        if !name("bad-environments").is_empty() {
-            case(name("bad-environments"), &|out| reliability::environment(out, &tracer, kernel))?;
-        }
-        kernel_times.push((kernel.name, started.elapsed().as_secs_f64()));
     }
-    case("soak", &|out| short_soak(out, &tracer))?;
-    for c in &cases {
-        println!("test: guest: {:<26} {:6.1} s", c.name, c.seconds);
+    for (name, seconds) in &times {
+        println!("test: guest: {name:<26} {seconds:6.1} s");
     }
     for (kernel, seconds) in &kernel_times {
         println!("test: guest: kernel {kernel:<6} traced cases {seconds:6.1} s (with its fixture build)");
     }
     println!("test: guest suite took {:.1} s", start.elapsed().as_secs_f64());
-    println!("guest: {} passed, 0 failed", cases.len());
+    println!("guest: {} passed, 0 failed", times.len());
     Ok(())
 }
 
-fn options(topology: Topology, out: &Path) -> RunOptions {
-    let mut o = RunOptions::new(topology);
-    o.no_tracer = true;
-    o.quiet = true;
-    o.out = Some(out.to_owned());
-    o
-}
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
 
-/// A run that must pass: prints its summary and fails with the run's own failure otherwise.
-pub(super) fn passing(options: &RunOptions) -> anyhow::Result<Run> {
-    let run = execute(options)?;
-    run.print_summary();
-    if let Some(failure) = &run.failure {
-        bail!("{failure}");
-    }
-    Ok(run)
-}
+    use super::*;
 
-/// Every workload ran `cycles` cycles, each reported by the guest.
-pub(super) fn check_cycled(run: &Run, workloads: &[Workload], cycles: u32) -> anyhow::Result<()> {
-    for w in workloads {
-        let timing = run
-            .workloads
+    #[test]
+    fn instances_keep_the_table_order_kernel_by_kernel() {
+        let all = instances().unwrap();
+        let expected: usize = CASES
             .iter()
-            .find(|t| t.name == w.name())
-            .with_context(|| format!("workload {} reported no result line", w.name()))?;
-        ensure!(timing.cycles == cycles, "workload {} ran {} cycles, not {cycles}", w.name(), timing.cycles);
-        if !w.is_race() {
-            let prefix = format!("tracer-vm: cycle {} ", w.name());
-            let seen = run.console.iter().filter(|l| l.starts_with(&prefix)).count();
-            ensure!(seen == cycles as usize, "workload {} printed {seen} cycle lines, not {cycles}", w.name());
+            .map(|c| match c.kernels {
+                Kernels::Default => 1,
+                Kernels::Each(k) => k.len(),
+            })
+            .sum();
+        assert_eq!(all.len(), expected);
+        let case_at = |i: &Instance| CASES.iter().position(|c| c.name == i.case.name).unwrap();
+        let kernel_at = |i: &Instance| STOCK_KERNELS.iter().position(|k| k.name == i.kernel.name).unwrap();
+        for pair in all.windows(2) {
+            let (a, b) = (&pair[0], &pair[1]);
+            if a.per_kernel && b.per_kernel {
+                // Within a run of cases on several kernels: kernel by kernel, each in table order.
+                assert!((kernel_at(a), case_at(a)) < (kernel_at(b), case_at(b)), "{} before {}", a.name, b.name);
+            } else {
+                assert!(case_at(a) < case_at(b), "{} before {}", a.name, b.name);
+            }
+            let name = |i: &Instance| match i.case.kernels {
+                Kernels::Default => i.case.name.to_owned(),
+                Kernels::Each(_) => format!("{}/{}", i.kernel.name, i.case.name),
+            };
+            assert_eq!(a.name, name(a));
+        }
+        assert!(all.iter().any(|i| i.name == "7.2/rp-stock-traced"), "the --only names are KERNEL/CASE");
+    }
+
+    #[test]
+    fn cases_name_kernels_of_the_matrix_once_each() {
+        let mut names = BTreeSet::new();
+        for case in CASES {
+            assert!(names.insert(case.name), "two cases are named {}", case.name);
+            assert!(!case.name.contains('/'), "{}: `/` separates the kernel from the case", case.name);
+            if let Kernels::Each(kernels) = case.kernels {
+                assert!(!kernels.is_empty(), "{} runs on no kernel", case.name);
+                for k in kernels {
+                    debian::stock_kernel(k).unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
+                }
+            }
         }
     }
-    Ok(())
-}
-
-fn check_copied(out: &Path, files: &[&str]) -> anyhow::Result<()> {
-    for f in files {
-        let path = out.join(f);
-        let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        ensure!(len > 0, "{} was not copied back from the guest (missing or empty)", path.display());
-    }
-    Ok(())
-}
-
-fn rp_workloads(out: &Path) -> anyhow::Result<()> {
-    let script = out.with_extension("sh");
-    fs::create_dir_all(out)?;
-    fs::write(&script, TOPOLOGY_CHECK).with_context(|| format!("writing {}", script.display()))?;
-    let workloads: Vec<Workload> = Workload::ALL.into_iter().filter(|w| w.runs_on(Topology::Rp)).collect();
-    let cycles = 5;
-    let mut o = options(Topology::Rp, out);
-    o.workloads = workloads.clone();
-    o.cycles = cycles;
-    o.script = vec![script.to_string_lossy().into_owned()];
-    let run = passing(&o)?;
-    let ready = run
-        .console
-        .iter()
-        .find(|l| l.starts_with("tracer-vm: topology ready "))
-        .context("the guest never reported its CXL topology ready")?;
-    ensure!(
-        ready.contains("roots=1 ") && ready.contains("memdevs=1 bound=1 endpoints=1"),
-        "unexpected rp topology: {ready}"
-    );
-    check_cycled(&run, &workloads, cycles)?;
-    check_copied(out, &["console.log", "dmesg.txt", "workload.log", MARKER])?;
-    let marker = fs::read_to_string(out.join(MARKER))?;
-    ensure!(marker.contains(" driver cxl_mem"), "{MARKER} is incomplete:\n{marker}");
-    let log = fs::read_to_string(out.join("workload.log"))?;
-    ensure!(log.contains("workload memdev-bind passed"), "workload.log lacks the workload's output");
-    Ok(())
-}
-
-fn switch_workloads(out: &Path) -> anyhow::Result<()> {
-    let workloads = Workload::ALL.to_vec();
-    let cycles = 3;
-    let mut o = options(Topology::Switch, out);
-    o.workloads = workloads.clone();
-    o.cycles = cycles;
-    let run = passing(&o)?;
-    let ready = run
-        .console
-        .iter()
-        .find(|l| l.starts_with("tracer-vm: topology ready "))
-        .context("the guest never reported its CXL topology ready")?;
-    ensure!(
-        ready.contains("ports=2 ") && ready.contains("memdevs=2 bound=2 endpoints=2"),
-        "unexpected switch topology: {ready}"
-    );
-    check_cycled(&run, &workloads, cycles)
-}
-
-/// Checks in the guest that cxl_mem comes from updates/ (the --module copy): with the stock
-/// file gone, a reload must still work.
-const MODULE_CHECK: &str = include_str!("../../guest/suite/module-check.sh");
-
-/// `--module` puts a module in place of the stock one: here the kernel's own cxl_mem.ko.xz
-/// (which also exercises decompressing a user's module), with cxl_pmem loaded (`--pmem`).
-fn user_module(out: &Path) -> anyhow::Result<()> {
-    let kernel = super::kernel::Kernel::resolve(&super::kernel::Source::Stock(crate::debian::stock_kernel(
-        crate::debian::DEFAULT_KERNEL,
-    )?))?;
-    let index = kernel.module_index()?;
-    let stock = &index.modules.get("cxl_mem").context("the default kernel has no cxl_mem module")?.path;
-    let script = out.with_extension("sh");
-    fs::create_dir_all(out)?;
-    fs::write(&script, MODULE_CHECK).with_context(|| format!("writing {}", script.display()))?;
-    let mut o = options(Topology::Rp, out);
-    o.modules = vec![kernel.modules.join(stock)];
-    o.pmem = true;
-    o.workloads = vec![Workload::MemdevBind, Workload::CxlMemReload];
-    o.cycles = 2;
-    o.script = vec![script.to_string_lossy().into_owned()];
-    let run = passing(&o)?;
-    check_cycled(&run, &o.workloads, 2)?;
-    check_copied(out, &["suite-module.txt"])
-}
-
-/// A guest that panics must fail the run, naming the panic, with the console excerpt.
-fn crash_is_detected(out: &Path) -> anyhow::Result<()> {
-    let mut o = options(Topology::Rp, out);
-    o.script = ["sh", "-c", "echo c > /proc/sysrq-trigger"].map(str::to_owned).to_vec();
-    o.timeout = Some(120);
-    let run = execute(&o)?;
-    let failure = run.failure.context("a guest that crashed with sysrq-c was reported as passing")?;
-    ensure!(failure.crash() == Some(Crash::Panic), "expected a kernel panic, got: {failure}");
-    let text = failure.to_string();
-    ensure!(
-        text.contains("kernel panic") && text.contains("sysrq triggered crash"),
-        "the failure does not name the crash and show its console lines:\n{text}"
-    );
-    ensure!(run.elapsed.as_secs() < 60, "the crash took {} s to be reported", run.elapsed.as_secs());
-    println!("test: guest: reported as: {}", text.lines().next().unwrap_or_default());
-    Ok(())
-}
-
-/// A script that exits non-zero must fail the run with its status.
-fn failing_script_fails(out: &Path) -> anyhow::Result<()> {
-    let mut o = options(Topology::Rp, out);
-    o.script = ["sh", "-c", "echo about to fail; exit 3"].map(str::to_owned).to_vec();
-    o.timeout = Some(120);
-    let run = execute(&o)?;
-    match run.failure {
-        Some(Failure::Guest { exit: 3, .. }) => Ok(()),
-        Some(other) => bail!("expected the guest to fail with exit status 3, got: {other}"),
-        None => bail!("a script that exited 3 was reported as passing"),
-    }
-}
-
-/// A guest that powers off without its result line must fail the run.
-fn missing_result_fails(out: &Path) -> anyhow::Result<()> {
-    let mut o = options(Topology::Rp, out);
-    o.script = ["poweroff", "-f"].map(str::to_owned).to_vec();
-    o.timeout = Some(120);
-    let run = execute(&o)?;
-    match run.failure {
-        Some(Failure::NoResult { .. }) => Ok(()),
-        Some(other) => bail!("expected a missing result line, got: {other}"),
-        None => bail!("a guest that powered off before its result line was reported as passing"),
-    }
-}
-
-/// A guest that never finishes must be killed at the wall-clock bound and reported.
-fn hang_is_bounded(out: &Path) -> anyhow::Result<()> {
-    let mut o = options(Topology::Rp, out);
-    o.script = ["sleep", "1000"].map(str::to_owned).to_vec();
-    o.timeout = Some(30);
-    let t = Instant::now();
-    let run = execute(&o)?;
-    let took = t.elapsed().as_secs();
-    match run.failure {
-        Some(Failure::Timeout { secs: 30, .. }) => {}
-        Some(other) => bail!("expected a timeout after 30 s, got: {other}"),
-        None => bail!("a guest stuck in `sleep 1000` was reported as passing"),
-    }
-    ensure!(took < 50, "the 30 s bound took {took} s to enforce");
-    Ok(())
-}
-
-/// Flips of the kfree tracepoint in `text-patching`.
-const FLIPS: u32 = 300;
-
-/// Runs in the guest: flips the kmem/kfree tracepoint (a static key: `text_poke_bp` on its
-/// site in `kfree`) while two loops fork, switch tasks and free memory.
-const FLIP_KFREE: &str = include_str!("../../guest/suite/flip-kfree.sh");
-
-/// Attaching and detaching the tracer patches kernel text (static keys, ftrace). The
-/// guest's default vCPU count must survive that under load: with two vCPUs, QEMU 7.2's
-/// multi-threaded TCG oopses the guest within these flips (`Accel::default_cpus`).
-fn text_patching(out: &Path) -> anyhow::Result<()> {
-    let mut o = options(Topology::Rp, out);
-    o.script = traced::script(out, FLIP_KFREE)?;
-    o.script.push(FLIPS.to_string());
-    o.timeout = Some(300);
-    let run = passing(&o)?;
-    let flips = fs::read_to_string(out.join("flips.txt")).context("the guest wrote no flips.txt")?;
-    ensure!(flips.trim() == FLIPS.to_string(), "the guest flipped the tracepoint {} times, not {FLIPS}", flips.trim());
-    println!("test: guest:   {FLIPS} kfree tracepoint flips under load in {:.1} s, no oops", run.elapsed.as_secs_f64());
-    Ok(())
-}
-
-/// `cargo xtask vm soak --workload reload-mix` for a minute: memory flat, no drop, no crash.
-fn short_soak(out: &Path, tracer: &Path) -> anyhow::Result<()> {
-    // reload-mix, not mix: mix can oops the 6.12 kernel (docs/vm.md), which would make this
-    // case fail on a kernel bug now and then.
-    let soak = soak::run(&soak::SoakOptions {
-        minutes: SOAK_MINUTES,
-        workload: Workload::ReloadMix,
-        interval: 3,
-        topology: Topology::Rp,
-        tracer_binary: Some(tracer.to_owned()),
-        modules: Vec::new(),
-        tracer_args: Vec::new(),
-        out: Some(out.to_owned()),
-    })?;
-    soak.print();
-    ensure!(soak.failures.is_empty(), "{}", soak.failures.join("; "));
-    ensure!(soak.rounds > 0, "no mix round completed during the soak");
-    Ok(())
 }

@@ -8,19 +8,20 @@
 use std::{
     collections::{BTreeSet, HashMap},
     fs,
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
+// The demo runs its guests as these cases do.
+pub use super::checks::completed;
 use super::{
-    Failure, KernelArg, Run, RunOptions, Topology, Workload,
+    KernelArg, RunOptions, Topology, Workload,
     calls::Calls,
-    execute,
+    checks::{check_cycled, script},
     expect::{self, Expected, Per},
     findings::{self, Report, frame_function},
-    suite::check_cycled,
 };
 use crate::debian::StockKernel;
 
@@ -46,18 +47,6 @@ pub fn options(topology: Topology, out: &Path, tracer: &Path) -> RunOptions {
     o.out = Some(out.to_owned());
     o.count_calls = COUNTED.iter().map(|s| (*s).to_owned()).collect();
     o
-}
-
-/// A traced run that completed: the guest passed and the tracer reported (exit 0 or 1).
-pub fn completed(options: &RunOptions) -> anyhow::Result<Run> {
-    let run = execute(options)?;
-    run.print_summary();
-    match &run.failure {
-        None | Some(Failure::Findings { .. }) => {}
-        Some(failure) => bail!("{failure}"),
-    }
-    ensure!(run.tracer_exit.is_some(), "the guest did not report the tracer's exit status");
-    Ok(run)
 }
 
 /// The independent counts from the guest's kretprobes.
@@ -190,14 +179,6 @@ fn root_dports(out: &Path) -> anyhow::Result<u64> {
         .with_context(|| format!("{} holds no number", path.display()))?;
     ensure!(n > 0, "the CXL root has no dport");
     Ok(n)
-}
-
-/// Writes `text` next to `out` as `OUT.sh` and returns it as a run's script argument.
-pub(super) fn script(out: &Path, text: &str) -> anyhow::Result<Vec<String>> {
-    fs::create_dir_all(out)?;
-    let path = out.with_extension("sh");
-    fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    Ok(vec![path.to_string_lossy().into_owned()])
 }
 
 /// The rp workloads of the stock and fixed cases: every sequential one (one thing at a
@@ -460,9 +441,4 @@ pub fn switch(out: &Path, tracer: &Path, kernel: &'static StockKernel, cycles: u
     let accounted = own.len() as u64 * g.probes + 2 * g.probes + 2 * g.switch_port_adds;
     ensure!(total == accounted, "{total} occurrences, {accounted} accounted for by the counts above");
     check_replay(tracer, out, &report)
-}
-
-/// The musl tracer for the suite, built once and checked.
-pub fn tracer() -> anyhow::Result<PathBuf> {
-    super::tracer_binary()
 }
