@@ -5,7 +5,7 @@ use std::{fs, path::Path};
 
 use anyhow::{Context as _, bail, ensure};
 
-use super::{Failure, Run, RunOptions, Topology, Workload, execute};
+use super::{Failure, Run, RunOptions, Topology, Workload, run::execute};
 
 /// A quiet run without the tracer, its results in `out`.
 pub fn untraced(topology: Topology, out: &Path) -> RunOptions {

@@ -9,8 +9,8 @@ use anyhow::{Context as _, bail, ensure};
 use super::{
     Crash, Failure, Topology, Workload,
     checks::{self, check_copied, check_cycled, passing, untraced},
-    execute,
     kernel::{Kernel, Source},
+    run::execute,
 };
 use crate::debian::StockKernel;
 

@@ -19,7 +19,9 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
-use super::{RunOptions, Topology, Workload, execute, findings::Report, tracer_binary, utc_stamp};
+use super::{
+    RunOptions, Topology, Workload, findings::Report, results::utc_stamp, run::execute, tracer::tracer_binary,
+};
 use crate::util;
 
 #[derive(clap::Args, Clone)]

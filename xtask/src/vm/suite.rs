@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{reliability, selftest, soak, traced, tracer_binary};
+use super::{reliability, selftest, soak, traced, tracer};
 use crate::{
     debian::{self, STOCK_KERNELS, StockKernel},
     fixture::{self, Fixture},
@@ -177,7 +177,7 @@ pub fn run(only: &[String]) -> anyhow::Result<()> {
     fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
 
     // The tracer in the guest: one musl build for every guest and for replay on the host.
-    let tracer = if wanted.iter().any(|i| i.case.tracer) { Some(tracer_binary()?) } else { None };
+    let tracer = if wanted.iter().any(|i| i.case.tracer) { Some(tracer::tracer_binary()?) } else { None };
     let mut fixed: HashMap<&str, PathBuf> = HashMap::new();
     let mut times: Vec<(&str, f64)> = Vec::new();
     let mut kernel_times: Vec<(&str, f64)> = Vec::new();

@@ -1,0 +1,275 @@
+//! Before a boot: the options checked, the kernel resolved, the modules the guest loads
+//! chosen, the tracer built and checked, and the run's initramfs written. Everything that
+//! can fail without a guest fails here, before QEMU starts.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, bail};
+
+use super::{
+    RunOptions, Workload, basics,
+    guest::{self, GuestConfig},
+    initramfs,
+    kernel::{self, Kernel, ModuleIndex, UserModule},
+    kernel_arg, tracer, workload,
+};
+use crate::setup;
+
+/// The packages a guest run needs on the host.
+const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "kmod", "xz-utils", "zstd"];
+
+/// How long a workload waits for the topology to come back (`SETTLE_SECS` in the guest).
+const SETTLE_SECS: u32 = 30;
+
+/// What a boot needs, made ready.
+pub struct Prepared {
+    pub kernel: Kernel,
+    /// The workloads to run, in order (`memdev-bind` when neither they nor a script are given).
+    pub workloads: Vec<Workload>,
+    /// The checked static tracer, unless `--no-tracer`.
+    pub tracer: Option<PathBuf>,
+    /// In the result line, so that no earlier run's output passes for this one's.
+    pub nonce: String,
+    pub initrd: PathBuf,
+    /// The host directory the guest mounts at /share.
+    pub share: PathBuf,
+    /// Where the CXL devices' backing files go.
+    pub cxl_dir: PathBuf,
+    /// Holds the three above; removed when the run is over.
+    tmp: TempDir,
+}
+
+impl Prepared {
+    /// The run's temporary directory (removed with it), for other per-run files.
+    pub fn tmp_dir(&self) -> &Path {
+        &self.tmp.0
+    }
+}
+
+pub fn prepare(options: &RunOptions) -> anyhow::Result<Prepared> {
+    let workloads = check(options)?;
+    setup::ensure_packages(VM_PACKAGES)?;
+
+    let source =
+        kernel_arg::source(options.kernel.as_ref(), options.kernel_deb.as_deref(), options.modules_dir.as_deref())?;
+    let kernel = Kernel::resolve(&source)?;
+    let index = kernel.module_index()?;
+    let user_modules: Vec<UserModule> =
+        options.modules.iter().map(|m| UserModule::inspect(m)).collect::<anyhow::Result<_>>()?;
+    for (workload, module) in
+        [(Workload::CxlMemReload, "cxl_mem"), (Workload::ReloadMix, "cxl_mem"), (Workload::CxlPciReload, "cxl_pci")]
+    {
+        if workloads.contains(&workload) && !index.modules.contains_key(module) {
+            bail!(
+                "workload {} needs {module} built as a module, but kernel {} has it built in",
+                workload.name(),
+                kernel.release
+            );
+        }
+    }
+
+    // The modules the base archive holds: what /init needs for the share, the CXL drivers,
+    // and whatever the user's modules need.
+    let basic_modules = basics::modules(&index, &kernel.release)?;
+    let wanted = basic_modules
+        .iter()
+        .map(String::as_str)
+        .chain(initramfs::CXL_MODULES.iter().copied())
+        .chain(user_modules.iter().flat_map(|u| u.depends.iter().map(String::as_str)));
+    let modules = index.closure(wanted)?;
+    let load = load_order(options.pmem, &index, &modules, &user_modules, &kernel.release);
+
+    let tracer = if options.no_tracer { None } else { Some(tracer::given_or_built(options.tracer_binary.as_deref())?) };
+
+    let nonce = nonce();
+    let tmp = TempDir::new(&nonce)?;
+    let share = tmp.0.join("share");
+    let cxl_dir = tmp.0.join("cxl");
+    fs::create_dir_all(&share)?;
+    fs::create_dir_all(&cxl_dir)?;
+
+    let (script_file, user_command) = user_command(&options.script)?;
+    let config = GuestConfig {
+        nonce: &nonce,
+        expect_memdevs: options.topology.memdevs(),
+        tracer: tracer.is_some(),
+        manual_tracer: options.manual_tracer,
+        load_cxl: !options.no_cxl_at_boot,
+        basic_modules: &basic_modules,
+        count_calls: &options.count_calls,
+        workloads: &workloads,
+        cycles: options.cycles,
+        user_command,
+        load_modules: &load,
+        settle_secs: SETTLE_SECS,
+    };
+    let base = initramfs::base(&kernel, &index, &modules)?;
+    let initrd = tmp.0.join("initrd.cpio");
+    initramfs::write_initrd(
+        &base,
+        &initramfs::RunPart {
+            release: &kernel.release,
+            config: config.render(),
+            modules_dep: initramfs::guest_modules_dep(&index, &modules, &user_modules)?,
+            user_modules: &user_modules,
+            tracer: tracer.as_deref(),
+            script: script_file.as_deref(),
+            extra_files: &options.extra_files,
+        },
+        &initrd,
+    )?;
+    Ok(Prepared { kernel, workloads, tracer, nonce, initrd, share, cxl_dir, tmp })
+}
+
+/// Checks the options that go together, and returns the workloads to run.
+fn check(options: &RunOptions) -> anyhow::Result<Vec<Workload>> {
+    let mut workloads = options.workloads.clone();
+    if workloads.is_empty() && options.script.is_empty() {
+        workloads.push(Workload::MemdevBind);
+    }
+    workload::check(&workloads, options.topology)?;
+    if options.script.is_empty() && (options.manual_tracer || options.no_cxl_at_boot) {
+        bail!(
+            "--manual-tracer and --no-cxl-at-boot need a script (-- SCRIPT ARGS) to run the tracer or load the modules"
+        );
+    }
+    if options.no_cxl_at_boot && !workloads.is_empty() {
+        bail!(
+            "--no-cxl-at-boot cannot run --workload before the script: run it from the script \
+             with `/vm/run-workload NAME CYCLES` after loading the modules"
+        );
+    }
+    if options.manual_tracer && options.no_tracer {
+        bail!("--manual-tracer puts the tracer in the guest: it cannot go with --no-tracer");
+    }
+    for spec in &options.count_calls {
+        check_count_spec(spec)?;
+    }
+    if options.cycles == 0 {
+        bail!("--cycles must be at least 1");
+    }
+    Ok(workloads)
+}
+
+/// The modules the guest loads at boot, in order: the CXL drivers the initramfs holds
+/// (cxl_pmem only with `--pmem`), then the user's modules that replace none of them.
+fn load_order(
+    pmem: bool,
+    index: &ModuleIndex,
+    modules: &[String],
+    user_modules: &[UserModule],
+    release: &str,
+) -> Vec<String> {
+    let mut load: Vec<String> = initramfs::CXL_MODULES
+        .iter()
+        .filter(|m| modules.iter().any(|x| x == *m))
+        .filter(|m| pmem || **m != initramfs::PMEM_MODULE)
+        .map(|m| (*m).to_owned())
+        .collect();
+    for u in user_modules {
+        if !load.contains(&u.name) {
+            load.push(u.name.clone());
+        }
+    }
+    if !pmem {
+        // Kernels where another CXL driver links against cxl_pmem (7.2's cxl_acpi imports
+        // devm_cxl_add_nvdimm_bridge) load it whatever --pmem says: say so, as it makes
+        // every cycle slower.
+        let needers: Vec<&str> = load
+            .iter()
+            .filter(|m| index.modules.get(*m).is_some_and(|m| m.deps.iter().any(|d| d == initramfs::PMEM_MODULE)))
+            .map(String::as_str)
+            .collect();
+        if !needers.is_empty() {
+            println!(
+                "vm: {} is loaded without --pmem: {} needs it on {release} (modules.dep)",
+                initramfs::PMEM_MODULE,
+                needers.join(", "),
+            );
+        }
+    }
+    load
+}
+
+/// The user's script as the guest runs it: a host file is copied to /vm/script, anything
+/// else is a guest command. Returns the file to copy and the shell-quoted command line.
+fn user_command(script: &[String]) -> anyhow::Result<(Option<PathBuf>, String)> {
+    let Some((first, args)) = script.split_first() else {
+        return Ok((None, String::new()));
+    };
+    let host = Path::new(first);
+    let (file, command) = if host.is_file() {
+        let file = fs::canonicalize(host).with_context(|| format!("reading {first}"))?;
+        (Some(file), "/vm/script".to_owned())
+    } else {
+        (None, first.clone())
+    };
+    let words: Vec<String> =
+        std::iter::once(command.as_str()).chain(args.iter().map(String::as_str)).map(guest::shell_quote).collect();
+    Ok((file, words.join(" ")))
+}
+
+/// `--count-calls` takes `FUNCTION` or `MODULE:FUNCTION`, both C identifiers (the function
+/// name also names the kretprobe event).
+fn check_count_spec(spec: &str) -> anyhow::Result<()> {
+    let ident = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with(|c: char| c.is_ascii_digit())
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    };
+    let ok = match spec.split_once(':') {
+        Some((module, function)) => ident(module) && ident(function),
+        None => ident(spec),
+    };
+    if !ok {
+        bail!("--count-calls {spec:?}: expected FUNCTION or MODULE:FUNCTION (C identifiers)");
+    }
+    Ok(())
+}
+
+fn nonce() -> String {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
+    format!("{:08x}{:06x}", kernel::fnv1a(&nanos.to_le_bytes()) as u32, std::process::id() & 0xff_ffff)
+}
+
+/// A directory removed when dropped (per-run QEMU files: the share, CXL backing files).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("tracer-vm-{tag}"));
+        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_specs_are_identifiers() {
+        for ok in ["cxl_mem:cxl_mem_probe", "devm_cxl_add_port", "_x1"] {
+            check_count_spec(ok).unwrap();
+        }
+        for bad in ["", "a:b:c", "1abc", "f+0x10", "m:", ":f", "f;rm"] {
+            assert!(check_count_spec(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn guest_commands_are_quoted() {
+        let (file, cmd) = user_command(&["sh".to_owned(), "-c".to_owned(), "echo 'c' > /x".to_owned()]).unwrap();
+        assert!(file.is_none());
+        assert_eq!(cmd, r#"'sh' '-c' 'echo '\''c'\'' > /x'"#);
+    }
+}
