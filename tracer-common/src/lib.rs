@@ -21,9 +21,10 @@ pub enum EventKind {
     XaErase = 3,
     /// `xa_insert` / `xa_store` of `entry` at `index` in a dports xarray.
     XaInsert = 4,
-    /// A tracked mutex (a port lock or a free lock) was taken.
+    /// A lock was taken at a call site in CXL code (a mutex or a rw_semaphore), or a tracked
+    /// mutex (a port lock or a free lock) by the global lock hook.
     Lock = 5,
-    /// A tracked mutex was released.
+    /// Such a lock was released.
     Unlock = 6,
     /// A tracked dport reached a function that takes `struct cxl_dport *`.
     Use = 7,
@@ -137,12 +138,15 @@ pub struct DportAdd {
     pub port_lock: u64,
     /// `&host->mutex`, host being `port->uport_dev` for a root port, `&port->dev` otherwise.
     pub free_lock: u64,
+    /// `&port->uport_dev->mutex`, whatever the port (0 when it has no uport_dev): a reader
+    /// taking it instead of the free lock is named in reports.
+    pub uport_lock: u64,
     /// 1 when `port` is a root port (`port->uport_dev == port->dev.parent`).
     pub root: u32,
     /// A `DportOrigin` value.
     pub origin: u32,
 }
-const _: () = assert!(size_of::<DportAdd>() == 48);
+const _: () = assert!(size_of::<DportAdd>() == 56);
 
 /// How the kernel side learnt of a dport.
 #[repr(u32)]
@@ -169,10 +173,51 @@ const _: () = assert!(size_of::<XaAccess>() == 24);
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct LockOp {
-    /// Address of the `struct mutex`.
+    /// Address of the `struct mutex` or `struct rw_semaphore`.
     pub lock: u64,
+    /// The site the lock was taken or released at (its return site for a lock), or
+    /// `NO_SITE` (the global lock hook).
+    pub site: u32,
+    /// A `LockMode` value.
+    pub mode: u32,
 }
-const _: () = assert!(size_of::<LockOp>() == 8);
+const _: () = assert!(size_of::<LockOp>() == 16);
+
+/// `LockOp::site` of an event that does not come from a site.
+pub const NO_SITE: u32 = u32::MAX;
+
+/// What kind of lock, and how it is held.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub enum LockMode {
+    /// A mutex (`mutex_lock*`).
+    #[default]
+    Mutex = 0,
+    /// A rw_semaphore held for reading (`down_read*`).
+    Read = 1,
+    /// A rw_semaphore held for writing (`down_write*`).
+    Write = 2,
+}
+
+impl LockMode {
+    pub const fn from_u32(value: u32) -> Option<LockMode> {
+        Some(match value {
+            0 => LockMode::Mutex,
+            1 => LockMode::Read,
+            2 => LockMode::Write,
+            _ => return None,
+        })
+    }
+
+    /// The name in the JSON-lines interchange and reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            LockMode::Mutex => "mutex",
+            LockMode::Read => "read",
+            LockMode::Write => "write",
+        }
+    }
+}
 
 /// Payload of `Use` and `Deref`.
 #[repr(C)]
@@ -197,7 +242,7 @@ pub struct DportFree {
 const _: () = assert!(size_of::<DportFree>() == 16);
 
 /// The largest payload; the kernel reserves records of a fixed size.
-pub const MAX_PAYLOAD_SIZE: usize = 48;
+pub const MAX_PAYLOAD_SIZE: usize = 56;
 const _: () = {
     let mut i = 0;
     while i < EventKind::ALL.len() {
@@ -313,6 +358,8 @@ pub struct DportInfo {
     pub free_lock: u64,
     /// The devres block the dport lives in (what `kfree` receives).
     pub block: u64,
+    /// `&port->uport_dev->mutex` (0 when the port has no uport_dev).
+    pub uport_lock: u64,
     pub root: u32,
     /// `DPORT_FREED` once its memory was freed (kept so later uses are still reported).
     pub flags: u32,
@@ -336,7 +383,8 @@ pub enum SiteRole {
     EraseReturn = 5,
     /// A `call __xa_insert` / `xa_store` / `__xa_store`: rdi = xa, rsi = index, rdx = entry.
     StoreCall = 6,
-    /// A `call mutex_lock*`: rdi = the mutex.
+    /// A `call mutex_lock*`, `down_read*` or `down_write*`: rdi = the lock; `SiteInfo::arg`
+    /// is its `LockMode`.
     LockCall = 7,
     /// Its return address, for `mutex_lock` (always acquired).
     LockReturn = 8,
@@ -344,7 +392,8 @@ pub enum SiteRole {
     LockReturnIfZero = 9,
     /// Its return address, for `mutex_trylock`: acquired iff rax == 1.
     LockReturnIfOne = 10,
-    /// A `call mutex_unlock`: rdi = the mutex.
+    /// A `call mutex_unlock`, `up_read` or `up_write`: rdi = the lock; `SiteInfo::arg` is
+    /// its `LockMode`.
     UnlockCall = 11,
     /// A `call devm_kmalloc` in dport registration: rdi = the devres host device.
     HostAllocCall = 12,
@@ -497,7 +546,7 @@ pub struct PendingXa {
     pub index: u64,
 }
 const _: () = assert!(size_of::<PendingXa>() == 16);
-const _: () = assert!(size_of::<DportInfo>() == 48);
+const _: () = assert!(size_of::<DportInfo>() == 56);
 
 /// A struct member whose offset the kernel side needs. The kernel profile
 /// (`tracer/src/kernel/profile.rs`) says which struct and which names each has had; the

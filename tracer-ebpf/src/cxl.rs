@@ -37,6 +37,7 @@ fn describe(off: &Offsets, dport: u64, port: u64) -> Option<DportInfo> {
         port_lock: dev + off.get(Member::DeviceMutex),
         free_lock: host + off.get(Member::DeviceMutex),
         block: dport - off.get(Member::DevresData),
+        uport_lock: if uport_dev == 0 { 0 } else { uport_dev + off.get(Member::DeviceMutex) },
         root: root as u32,
         flags: 0,
     })
@@ -63,6 +64,7 @@ fn track<C: EbpfContext>(ctx: &C, dport: u64, info: &DportInfo, origin: DportOri
             xa: info.xa,
             port_lock: info.port_lock,
             free_lock: info.free_lock,
+            uport_lock: info.uport_lock,
             root: info.root,
             origin: origin as u32,
         },

@@ -5,7 +5,7 @@ use aya_ebpf::{
     helpers::{bpf_get_current_task, bpf_probe_read_kernel},
     programs::{FEntryContext, FExitContext},
 };
-use tracer_common::{EventKind, LockOp, MUTEX_OWNER_FLAGS, Member, Offsets, Payload};
+use tracer_common::{EventKind, LockMode, LockOp, MUTEX_OWNER_FLAGS, Member, NO_SITE, Offsets, Payload};
 
 use crate::{
     LOCKS,
@@ -32,16 +32,17 @@ pub fn stamp(off: &Offsets, lock: u64, known: u32, held: u32) -> u32 {
     }
 }
 
-/// A tracked mutex was taken: the stack says where a finding's lock was taken.
-pub fn emit_lock<C: EbpfContext>(ctx: &C, lock: u64) {
-    emit(ctx, EventKind::Lock, 0, Stack::With, Payload { lock: LockOp { lock } });
+/// A lock was taken at `site` (`NO_SITE`: the global lock hook): the stack, for a tracked
+/// mutex, says where a finding's lock was taken; other locks are only listed as held, where
+/// their site says enough.
+pub fn emit_lock<C: EbpfContext>(ctx: &C, lock: u64, site: u32, mode: u32) {
+    let stack = if unsafe { LOCKS.get(&lock) }.is_some() { Stack::With } else { Stack::Without };
+    emit(ctx, EventKind::Lock, 0, stack, Payload { lock: LockOp { lock, site, mode } });
 }
 
-/// `mutex_unlock(lock)`: an event if the mutex is tracked.
-pub fn emit_unlock_if_tracked<C: EbpfContext>(ctx: &C, lock: u64) {
-    if unsafe { LOCKS.get(&lock) }.is_some() {
-        emit(ctx, EventKind::Unlock, 0, Stack::Without, Payload { lock: LockOp { lock } });
-    }
+/// A lock was released at `site`.
+pub fn emit_unlock<C: EbpfContext>(ctx: &C, lock: u64, site: u32, mode: u32) {
+    emit(ctx, EventKind::Unlock, 0, Stack::Without, Payload { lock: LockOp { lock, site, mode } });
 }
 
 /// How a mutex API function reports success.
@@ -65,11 +66,14 @@ pub fn on_lock_exit(ctx: &FExitContext, acquired: Acquired) {
         Acquired::IfOne => ctx.arg::<i32>(1) == 1,
     };
     if ok {
-        emit_lock(ctx, lock);
+        emit_lock(ctx, lock, NO_SITE, LockMode::Mutex as u32);
     }
 }
 
-/// fentry of `mutex_unlock` (global hook).
+/// fentry of `mutex_unlock` (global hook): an event if the mutex is tracked.
 pub fn on_unlock_entry(ctx: &FEntryContext) {
-    emit_unlock_if_tracked(ctx, ctx.arg(0));
+    let lock: u64 = ctx.arg(0);
+    if unsafe { LOCKS.get(&lock) }.is_some() {
+        emit_unlock(ctx, lock, NO_SITE, LockMode::Mutex as u32);
+    }
 }

@@ -11,7 +11,7 @@ use tracer_common::{
 };
 
 use crate::{
-    ALLOC_HOST, DPORTS, LOADED, LOCKS, PENDING_HOST, PENDING_LOCK, SITES,
+    ALLOC_HOST, DPORTS, LOADED, PENDING_HOST, PENDING_LOCK, SITES,
     cxl::{self, free_lock_stamp},
     emit::{Stack, count, emit, site_hit, site_report},
     free_action, mutex, xarray,
@@ -84,11 +84,11 @@ pub fn on_site(ctx: &ProbeContext) {
         Some(SiteRole::LoadReturn) => xarray::on_load_return(ctx, site.arg == SITE_UNPAIRED_OK, cookie),
         Some(SiteRole::EraseReturn) => xarray::on_erase_return(ctx, site.arg == SITE_UNPAIRED_OK),
         Some(SiteRole::StoreCall) => xarray::on_store_call(ctx),
-        Some(SiteRole::LockCall) => on_lock_call(ctx),
+        Some(SiteRole::LockCall) => on_lock_call(ctx, &site),
         Some(role @ (SiteRole::LockReturn | SiteRole::LockReturnIfZero | SiteRole::LockReturnIfOne)) => {
-            on_lock_return(ctx, role)
+            on_lock_return(ctx, role, cookie)
         }
-        Some(SiteRole::UnlockCall) => on_unlock_call(ctx),
+        Some(SiteRole::UnlockCall) => mutex::emit_unlock(ctx, regs(ctx).rdi, cookie as u32, site.arg),
         Some(SiteRole::HostAllocCall) => on_host_alloc_call(ctx),
         Some(SiteRole::HostAllocReturn) => on_host_alloc_return(ctx, site.arg == SITE_UNPAIRED_OK),
         Some(SiteRole::HostActionCall) => on_host_action_call(ctx),
@@ -151,21 +151,28 @@ fn tid() -> u32 {
     bpf_get_current_pid_tgid() as u32
 }
 
-fn on_lock_call(ctx: &ProbeContext) {
+/// A lock call in CXL code: remember the lock and its mode (in the low bits of its address,
+/// which a mutex's or rw_semaphore's alignment leaves zero) for the return site. Every lock
+/// taken in CXL code is reported, tracked or not: a report lists what its thread held.
+fn on_lock_call(ctx: &ProbeContext, site: &SiteInfo) {
     let lock = regs(ctx).rdi;
-    if unsafe { LOCKS.get(&lock) }.is_none() {
+    if lock == 0 {
         return;
     }
-    if PENDING_LOCK.insert(&tid(), &lock, 0).is_err() {
+    let pending = lock | u64::from(site.arg & LOCK_MODE_BITS as u32);
+    if PENDING_LOCK.insert(&tid(), &pending, 0).is_err() {
         count(Counter::DropMapFull);
     }
 }
 
-/// After the lock call returned: the mutex is held (for the conditional variants, if the
+/// Bits of a pending lock's value that hold its `LockMode`.
+const LOCK_MODE_BITS: u64 = 0x3;
+
+/// After the lock call returned: the lock is held (for the conditional variants, if the
 /// return value says so).
-fn on_lock_return(ctx: &ProbeContext, role: SiteRole) {
+fn on_lock_return(ctx: &ProbeContext, role: SiteRole, site: u64) {
     let tid = tid();
-    let Some(lock) = (unsafe { PENDING_LOCK.get(&tid) }).copied() else { return };
+    let Some(pending) = (unsafe { PENDING_LOCK.get(&tid) }).copied() else { return };
     let _ = PENDING_LOCK.remove(&tid);
     let ret = regs(ctx).rax;
     let acquired = match role {
@@ -174,12 +181,8 @@ fn on_lock_return(ctx: &ProbeContext, role: SiteRole) {
         _ => true,
     };
     if acquired {
-        mutex::emit_lock(ctx, lock);
+        mutex::emit_lock(ctx, pending & !LOCK_MODE_BITS, site as u32, (pending & LOCK_MODE_BITS) as u32);
     }
-}
-
-fn on_unlock_call(ctx: &ProbeContext) {
-    mutex::emit_unlock_if_tracked(ctx, regs(ctx).rdi);
 }
 
 /// `devm_kmalloc(dev, ...)` called by dport registration: remember the host device.

@@ -16,7 +16,9 @@ use tracer::{
     symbolize::Symbols,
     synth::Churn,
 };
-use tracer_common::{DportAdd, DportFree, DportUse, FLAG_FREE_LOCK_HELD, FLAG_FREE_LOCK_KNOWN, LockOp, XaAccess};
+use tracer_common::{
+    DportAdd, DportFree, DportUse, FLAG_FREE_LOCK_HELD, FLAG_FREE_LOCK_KNOWN, LockOp, NO_SITE, XaAccess,
+};
 
 /// Kernel-shaped records for a synthetic churn: every event as the kernel side lays it out,
 /// with 20-frame stacks on the tracked events.
@@ -26,13 +28,14 @@ fn records(churn: &Churn) -> Vec<Vec<u8>> {
         .events()
         .map(|e| {
             let (payload, with_stack) = match e.kind {
-                Kind::DportAdd { dport, port, xa, port_lock, free_lock, root } => (
+                Kind::DportAdd { dport, port, xa, port_lock, free_lock, uport_lock, root } => (
                     RawPayload::DportAdd(DportAdd {
                         dport,
                         port,
                         xa,
                         port_lock,
                         free_lock,
+                        uport_lock,
                         root: root.into(),
                         origin: 0,
                     }),
@@ -41,8 +44,12 @@ fn records(churn: &Churn) -> Vec<Vec<u8>> {
                 Kind::XaLoad { xa, index, ret } => (RawPayload::XaLoad(XaAccess { xa, index, entry: ret }), true),
                 Kind::XaErase { xa, index, ret } => (RawPayload::XaErase(XaAccess { xa, index, entry: ret }), true),
                 Kind::XaInsert { xa, index, entry } => (RawPayload::XaInsert(XaAccess { xa, index, entry }), true),
-                Kind::Lock { lock } => (RawPayload::Lock(LockOp { lock }), true),
-                Kind::Unlock { lock } => (RawPayload::Unlock(LockOp { lock }), false),
+                Kind::Lock { lock, mode, .. } => {
+                    (RawPayload::Lock(LockOp { lock, site: NO_SITE, mode: mode as u32 }), true)
+                }
+                Kind::Unlock { lock, mode } => {
+                    (RawPayload::Unlock(LockOp { lock, site: NO_SITE, mode: mode as u32 }), false)
+                }
                 Kind::Use { dport, .. } => (RawPayload::Use(DportUse { dport, site: 0 }), true),
                 Kind::Free { dport } => (RawPayload::Free(DportFree { dport, block: dport - 40 }), true),
                 Kind::Deref { dport, .. } => (RawPayload::Deref(DportUse { dport, site: 0 }), true),

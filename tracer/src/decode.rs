@@ -109,13 +109,13 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent, DecodeError> {
     let p = PAYLOAD_OFFSET;
     let payload = match kind {
         EventKind::DportAdd => RawPayload::DportAdd(
-            read_fields!(bytes, p, DportAdd { dport, port, xa, port_lock, free_lock; root, origin }),
+            read_fields!(bytes, p, DportAdd { dport, port, xa, port_lock, free_lock, uport_lock; root, origin }),
         ),
         EventKind::XaLoad => RawPayload::XaLoad(read_fields!(bytes, p, XaAccess { xa, index, entry })),
         EventKind::XaErase => RawPayload::XaErase(read_fields!(bytes, p, XaAccess { xa, index, entry })),
         EventKind::XaInsert => RawPayload::XaInsert(read_fields!(bytes, p, XaAccess { xa, index, entry })),
-        EventKind::Lock => RawPayload::Lock(read_fields!(bytes, p, LockOp { lock })),
-        EventKind::Unlock => RawPayload::Unlock(read_fields!(bytes, p, LockOp { lock })),
+        EventKind::Lock => RawPayload::Lock(read_fields!(bytes, p, LockOp { lock; site, mode })),
+        EventKind::Unlock => RawPayload::Unlock(read_fields!(bytes, p, LockOp { lock; site, mode })),
         EventKind::Use => RawPayload::Use(read_fields!(bytes, p, DportUse { dport, site })),
         EventKind::Free => RawPayload::Free(read_fields!(bytes, p, DportFree { dport, block })),
         EventKind::Deref => RawPayload::Deref(read_fields!(bytes, p, DportUse { dport, site })),
@@ -142,14 +142,16 @@ pub fn encode(event: &RawEvent) -> Vec<u8> {
     let put32 = |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
     let put64 = |b: &mut [u8], at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
     let (kind, words, tail): (EventKind, Vec<u64>, Vec<u32>) = match &event.payload {
-        RawPayload::DportAdd(d) => {
-            (EventKind::DportAdd, vec![d.dport, d.port, d.xa, d.port_lock, d.free_lock], vec![d.root, d.origin])
-        }
+        RawPayload::DportAdd(d) => (
+            EventKind::DportAdd,
+            vec![d.dport, d.port, d.xa, d.port_lock, d.free_lock, d.uport_lock],
+            vec![d.root, d.origin],
+        ),
         RawPayload::XaLoad(x) => (EventKind::XaLoad, vec![x.xa, x.index, x.entry], vec![]),
         RawPayload::XaErase(x) => (EventKind::XaErase, vec![x.xa, x.index, x.entry], vec![]),
         RawPayload::XaInsert(x) => (EventKind::XaInsert, vec![x.xa, x.index, x.entry], vec![]),
-        RawPayload::Lock(l) => (EventKind::Lock, vec![l.lock], vec![]),
-        RawPayload::Unlock(l) => (EventKind::Unlock, vec![l.lock], vec![]),
+        RawPayload::Lock(l) => (EventKind::Lock, vec![l.lock], vec![l.site, l.mode]),
+        RawPayload::Unlock(l) => (EventKind::Unlock, vec![l.lock], vec![l.site, l.mode]),
         RawPayload::Use(u) => (EventKind::Use, vec![u.dport, u.site], vec![]),
         RawPayload::Free(f) => (EventKind::Free, vec![f.dport, f.block], vec![]),
         RawPayload::Deref(u) => (EventKind::Deref, vec![u.dport, u.site], vec![]),
@@ -188,12 +190,21 @@ mod tests {
     #[test]
     fn every_kind_round_trips() {
         let payloads = [
-            RawPayload::DportAdd(DportAdd { dport: 1, port: 2, xa: 3, port_lock: 4, free_lock: 5, root: 1, origin: 1 }),
+            RawPayload::DportAdd(DportAdd {
+                dport: 1,
+                port: 2,
+                xa: 3,
+                port_lock: 4,
+                free_lock: 5,
+                uport_lock: 21,
+                root: 1,
+                origin: 1,
+            }),
             RawPayload::XaLoad(XaAccess { xa: 6, index: 7, entry: 8 }),
             RawPayload::XaErase(XaAccess { xa: 9, index: 10, entry: 11 }),
             RawPayload::XaInsert(XaAccess { xa: 12, index: 13, entry: 14 }),
-            RawPayload::Lock(LockOp { lock: 15 }),
-            RawPayload::Unlock(LockOp { lock: 16 }),
+            RawPayload::Lock(LockOp { lock: 15, site: 22, mode: 2 }),
+            RawPayload::Unlock(LockOp { lock: 16, site: tracer_common::NO_SITE, mode: 1 }),
             RawPayload::Use(DportUse { dport: 17, site: 18 }),
             RawPayload::Free(DportFree { dport: 19, block: 20 }),
         ];
@@ -212,7 +223,7 @@ mod tests {
     #[test]
     fn kernel_sized_records_decode() {
         // The kernel reserves a whole `Record`; the bytes past the stack are ignored.
-        let event = sample(RawPayload::Lock(LockOp { lock: 42 }), vec![7, 8, 9]);
+        let event = sample(RawPayload::Lock(LockOp { lock: 42, site: 3, mode: 0 }), vec![7, 8, 9]);
         let mut bytes = encode(&event);
         bytes.resize(size_of::<tracer_common::Record>(), 0xaa);
         assert_eq!(decode(&bytes).unwrap(), event);

@@ -12,7 +12,7 @@ use tracer::{
     kernel::{
         btf::{DportFunction, KernelBtf},
         callsites::{self, CallSite, CxlText},
-        derefs,
+        derefs, globals,
         kcore::Kcore,
         modules,
         profile::{CXL_CODE, CxlCore, Facts, FreePath, KFREE, Profile},
@@ -123,6 +123,9 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
     // The call sites of every callee, xa_load's included, decide whether it is probed there.
     let mut calls = callsites::find(&symbols, &text, &profile.callees(false, false));
     profile.keep_host_check_calls(&mut calls, &text);
+    if let Err(err) = globals::name_locks_now(&mut calls, &btf) {
+        eprintln!("tracer: warning: global locks are not named in reports: reading /proc/kallsyms: {err}");
+    }
     let direct_xa_load = profile.probe_xa_load_directly(config.direct_xa_load, &calls)?;
     let callees = profile.callees(config.global_lock_hook, direct_xa_load);
     let probed: Vec<CallSite> = calls.iter().filter(|c| callees.contains(&c.callee)).cloned().collect();

@@ -3,7 +3,7 @@
 //! event means the same on any machine.
 use std::{fmt, sync::Arc};
 
-pub use tracer_common::EventKind;
+pub use tracer_common::{EventKind, LockMode};
 
 /// A symbolized kernel stack, innermost frame first ("symbol+0xoff").
 pub type Stack = Arc<[Arc<str>]>;
@@ -32,6 +32,8 @@ pub enum Kind {
         xa: u64,
         port_lock: u64,
         free_lock: u64,
+        /// `&port->uport_dev->mutex`, 0 when not known (a trace of an older tracer).
+        uport_lock: u64,
         root: bool,
     },
     XaLoad {
@@ -49,11 +51,19 @@ pub enum Kind {
         index: u64,
         entry: u64,
     },
+    /// A lock taken: a mutex or a rw_semaphore (`mode`), at a call site in CXL code.
     Lock {
         lock: u64,
+        mode: LockMode,
+        /// Where: the function and offset of the lock call's return (`None`: the global lock
+        /// hook, or a trace of an older tracer).
+        at: Option<Arc<str>>,
+        /// The lock's name, when its call site names a global (`cxl_rwsem.region`).
+        name: Option<Arc<str>>,
     },
     Unlock {
         lock: u64,
+        mode: LockMode,
     },
     Use {
         dport: u64,
@@ -103,6 +113,15 @@ impl Access {
 }
 
 impl Kind {
+    /// A mutex taken, with no site (the global lock hook, a test's event).
+    pub fn mutex_lock(lock: u64) -> Kind {
+        Kind::Lock { lock, mode: LockMode::Mutex, at: None, name: None }
+    }
+
+    pub fn mutex_unlock(lock: u64) -> Kind {
+        Kind::Unlock { lock, mode: LockMode::Mutex }
+    }
+
     pub fn event_kind(&self) -> EventKind {
         match self {
             Kind::DportAdd { .. } => EventKind::DportAdd,
@@ -166,14 +185,15 @@ impl fmt::Display for Event {
             self.kind.name()
         )?;
         match &self.kind {
-            Kind::DportAdd { dport, port, xa, port_lock, free_lock, root } => write!(
+            Kind::DportAdd { dport, port, xa, port_lock, free_lock, uport_lock, root } => write!(
                 f,
-                " dport={} port={} xa={} port_lock={} free_lock={} root={root}",
+                " dport={} port={} xa={} port_lock={} free_lock={} uport_lock={} root={root}",
                 Hex(*dport),
                 Hex(*port),
                 Hex(*xa),
                 Hex(*port_lock),
-                Hex(*free_lock)
+                Hex(*free_lock),
+                Hex(*uport_lock)
             )?,
             Kind::XaLoad { xa, index, ret } | Kind::XaErase { xa, index, ret } => {
                 write!(f, " xa={} index={} ret={}", Hex(*xa), Hex(*index), Hex(*ret))?
@@ -181,7 +201,16 @@ impl fmt::Display for Event {
             Kind::XaInsert { xa, index, entry } => {
                 write!(f, " xa={} index={} entry={}", Hex(*xa), Hex(*index), Hex(*entry))?
             }
-            Kind::Lock { lock } | Kind::Unlock { lock } => write!(f, " lock={}", Hex(*lock))?,
+            Kind::Lock { lock, mode, at, name } => {
+                write!(f, " lock={} {}", Hex(*lock), mode.name())?;
+                if let Some(name) = name {
+                    write!(f, " ({name})")?;
+                }
+                if let Some(at) = at {
+                    write!(f, " at {at}")?;
+                }
+            }
+            Kind::Unlock { lock, mode } => write!(f, " lock={} {}", Hex(*lock), mode.name())?,
             Kind::Use { dport, site } => write!(f, " dport={} site={site}", Hex(*dport))?,
             Kind::Free { dport } => write!(f, " dport={}", Hex(*dport))?,
             Kind::Deref { dport, access } => write!(

@@ -65,6 +65,8 @@ pub struct PlannedSite {
     pub what: &'static str,
     /// For a deref site: the member its instruction touches.
     pub access: Option<Arc<Access>>,
+    /// For a lock or unlock call and its return: the global lock it names.
+    pub lock: Option<Arc<str>>,
 }
 
 impl PlannedSite {
@@ -75,7 +77,11 @@ impl PlannedSite {
 
     /// What the site's index stands for in events.
     pub fn name(&self) -> SiteName {
-        SiteName { function: self.function.clone(), access: self.access.clone() }
+        let place = match self.point {
+            ProbePoint::Return { .. } => None,
+            _ => Some(Arc::from(format!("{}+{:#x}", self.function, self.offset))),
+        };
+        SiteName { function: self.function.clone(), access: self.access.clone(), place, lock: self.lock.clone() }
     }
 
     /// What coverage counts this site as, and where it is: the return address of a load
@@ -156,10 +162,10 @@ impl Plan {
                 module: call.module.clone(),
                 text: true,
             };
-            let mut add = |role, offset| {
+            let mut add = |role, arg, offset| {
                 plan.sites.push(PlannedSite {
                     role,
-                    arg: 0,
+                    arg,
                     point: point(symbols, &function, offset),
                     addr: function.addr + offset,
                     offset,
@@ -167,11 +173,12 @@ impl Plan {
                     module: function.module.clone(),
                     what: call.callee.name,
                     access: None,
+                    lock: call.lock.clone(),
                 })
             };
-            add(call.callee.call, call.offset);
+            add(call.callee.call, call.callee.arg, call.offset);
             match (call.callee.ret, call.tail) {
-                (Some(ret), false) => add(ret, call.offset + call.len),
+                (Some(ret), false) => add(ret, 0, call.offset + call.len),
                 // A tail call returns from the calling function: its callee's result is that
                 // function's return value, seen by a kretprobe on it.
                 (Some(ret), true) => {
@@ -193,6 +200,7 @@ impl Plan {
                             module: function.module.clone(),
                             what: call.callee.name,
                             access: None,
+                            lock: None,
                         }),
                         None => {
                             // No kretprobe by address: drop the call probe again, it would
@@ -225,6 +233,7 @@ impl Plan {
                     module: sym.module.clone(),
                     what: "use",
                     access: None,
+                    lock: None,
                 });
                 plan.sites.len() - 1
             });
@@ -281,6 +290,7 @@ impl Plan {
             module: sym.module.clone(),
             what: name,
             access: None,
+            lock: None,
         });
         true
     }
@@ -321,6 +331,7 @@ impl Plan {
                 module: d.module.clone(),
                 what: "deref",
                 access: Some(Arc::new(access)),
+                lock: None,
             });
         }
     }
@@ -373,6 +384,7 @@ mod tests {
             module: Some("cxl_mem".into()),
             what: "xa_load",
             access: None,
+            lock: None,
         };
         let sites = vec![
             site(SiteRole::LoadCall, 0x1a8),
@@ -413,6 +425,8 @@ mod tests {
             len: 5,
             callee,
             tail,
+            rdi: None,
+            lock: None,
         };
         let calls = [
             call("match_port_by_dport", 0xffffffff81001000, None, 0x42, *xa_load, false),

@@ -3,10 +3,11 @@
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
+use tracer_common::NO_SITE;
 
 use crate::{
     decode::{RawEvent, RawPayload},
-    event::{Access, Event, Kind},
+    event::{Access, Event, Kind, LockMode},
     intern::Interner,
     symbolize::{StackCache, Symbols},
 };
@@ -22,16 +23,21 @@ pub trait SymbolSource {
     fn now_ns(&self) -> u64;
 }
 
-/// What a site index stands for: its function, and for a deref site what it accesses.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What a site index stands for: its function, for a deref site what it accesses, and for
+/// a lock site where it is and which lock it names.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SiteName {
     pub function: Arc<str>,
     pub access: Option<Arc<Access>>,
+    /// "function+0xoff" of the probed instruction.
+    pub place: Option<Arc<str>>,
+    /// The lock a lock or unlock call site names statically (`cxl_rwsem.region`).
+    pub lock: Option<Arc<str>>,
 }
 
 impl From<Arc<str>> for SiteName {
     fn from(function: Arc<str>) -> SiteName {
-        SiteName { function, access: None }
+        SiteName { function, ..SiteName::default() }
     }
 }
 
@@ -144,7 +150,7 @@ impl Resolver {
     fn site(&mut self, index: u64) -> SiteName {
         match usize::try_from(index).ok().and_then(|i| self.sites.get(i)) {
             Some(site) => site.clone(),
-            None => SiteName { function: self.interner.string(&format!("site#{index}")), access: None },
+            None => SiteName::from(self.interner.string(&format!("site#{index}"))),
         }
     }
 
@@ -156,13 +162,24 @@ impl Resolver {
                 xa: d.xa,
                 port_lock: d.port_lock,
                 free_lock: d.free_lock,
+                uport_lock: d.uport_lock,
                 root: d.root != 0,
             },
             RawPayload::XaLoad(x) => Kind::XaLoad { xa: x.xa, index: x.index, ret: x.entry },
             RawPayload::XaErase(x) => Kind::XaErase { xa: x.xa, index: x.index, ret: x.entry },
             RawPayload::XaInsert(x) => Kind::XaInsert { xa: x.xa, index: x.index, entry: x.entry },
-            RawPayload::Lock(l) => Kind::Lock { lock: l.lock },
-            RawPayload::Unlock(l) => Kind::Unlock { lock: l.lock },
+            RawPayload::Lock(l) => {
+                let site = (l.site != NO_SITE).then(|| self.site(u64::from(l.site)));
+                Kind::Lock {
+                    lock: l.lock,
+                    mode: LockMode::from_u32(l.mode).unwrap_or_default(),
+                    at: site.as_ref().and_then(|s| s.place.clone()),
+                    name: site.and_then(|s| s.lock),
+                }
+            }
+            RawPayload::Unlock(l) => {
+                Kind::Unlock { lock: l.lock, mode: LockMode::from_u32(l.mode).unwrap_or_default() }
+            }
             RawPayload::Use(u) => Kind::Use { dport: u.dport, site: self.site(u.site).function },
             RawPayload::Free(f) => Kind::Free { dport: f.dport },
             RawPayload::Deref(u) => {
@@ -220,7 +237,7 @@ mod tests {
         let sites = vec![
             SiteName::from(Arc::<str>::from("xa_load")),
             SiteName::from(Arc::<str>::from("cxl_dport_init_ras_reporting")),
-            SiteName { function: Arc::from("cxl_mem_probe"), access: Some(rch.clone()) },
+            SiteName { function: Arc::from("cxl_mem_probe"), access: Some(rch.clone()), ..SiteName::default() },
         ];
         let mut resolver = Resolver::new(symbols, sites);
         let mut comm = [0u8; 16];

@@ -86,13 +86,13 @@ impl Churn {
             push(
                 writer,
                 &writer_comm,
-                Kind::DportAdd { dport, port, xa, port_lock: lock, free_lock: lock, root: false },
+                Kind::DportAdd { dport, port, xa, port_lock: lock, free_lock: lock, uport_lock: 0, root: false },
                 None,
                 None,
             );
-            push(writer, &writer_comm, Kind::Lock { lock }, None, None);
+            push(writer, &writer_comm, Kind::mutex_lock(lock), None, None);
             push(writer, &writer_comm, Kind::XaInsert { xa, index, entry: dport }, None, None);
-            push(writer, &writer_comm, Kind::Unlock { lock }, None, None);
+            push(writer, &writer_comm, Kind::mutex_unlock(lock), None, None);
             for r in 0..self.reads_per_dport {
                 let t = ((i + r) % u64::from(self.threads.max(1))) as u32;
                 let (tid, comm) = (100 + t, &comms[t as usize]);
@@ -102,16 +102,16 @@ impl Churn {
                     push(tid, comm, Kind::XaLoad { xa, index, ret: dport }, Some(&stacks.load), Some(false));
                     push(tid, comm, Kind::Use { dport, site: stacks.site.clone() }, Some(&stacks.use_), Some(false));
                 } else {
-                    push(tid, comm, Kind::Lock { lock }, None, None);
+                    push(tid, comm, Kind::mutex_lock(lock), None, None);
                     push(tid, comm, Kind::XaLoad { xa, index, ret: dport }, Some(&stacks.load), Some(true));
                     push(tid, comm, Kind::Use { dport, site: stacks.site.clone() }, Some(&stacks.use_), Some(true));
-                    push(tid, comm, Kind::Unlock { lock }, None, None);
+                    push(tid, comm, Kind::mutex_unlock(lock), None, None);
                 }
             }
-            push(writer, &writer_comm, Kind::Lock { lock }, None, None);
+            push(writer, &writer_comm, Kind::mutex_lock(lock), None, None);
             push(writer, &writer_comm, Kind::XaErase { xa, index, ret: dport }, Some(&stacks.erase), None);
             push(writer, &writer_comm, Kind::Free { dport }, Some(&stacks.free), Some(true));
-            push(writer, &writer_comm, Kind::Unlock { lock }, None, None);
+            push(writer, &writer_comm, Kind::mutex_unlock(lock), None, None);
             out
         })
     }

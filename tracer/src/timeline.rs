@@ -128,7 +128,7 @@ impl Timeline {
             let mut report = Vec::new();
             let _ = crate::sink::text::write_group(&mut report, group, None);
             findings.push(Highlight {
-                title: format!("{} in {}", f.class, f.site),
+                title: f.title(),
                 class: f.class.name(),
                 report: String::from_utf8_lossy(&report).into_owned(),
             });
@@ -148,7 +148,7 @@ impl Timeline {
                 Some(f) => {
                     (f.from..=f.to).contains(&e.ts)
                         && match &e.kind {
-                            Kind::Lock { lock } | Kind::Unlock { lock } => f.locks.contains(lock),
+                            Kind::Lock { lock, .. } | Kind::Unlock { lock, .. } => f.locks.contains(lock),
                             kind => about(kind) == Some(f.dport),
                         }
                 }
@@ -164,11 +164,11 @@ impl Timeline {
             t.start = t.start.min(e.ts);
             t.end = t.end.max(e.ts);
             let (kind, label) = match &e.kind {
-                Kind::Lock { lock } => {
+                Kind::Lock { lock, .. } => {
                     open.insert((lane, *lock), e.ts);
                     continue;
                 }
-                Kind::Unlock { lock } => {
+                Kind::Unlock { lock, .. } => {
                     // An unlock whose lock was taken before the timeline starts shows from there.
                     let start = open.remove(&(lane, *lock)).unwrap_or(t.start);
                     t.spans.push(Span { lane, lock: *lock, start, end: e.ts, open: false });

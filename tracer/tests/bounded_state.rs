@@ -80,6 +80,7 @@ fn the_live_dport_cap_evicts_and_counts() {
                 xa: port + 0x318,
                 port_lock: port + 0x90,
                 free_lock: port + 0x90,
+                uport_lock: 0,
                 root: false,
             },
             stack: None,

@@ -3,7 +3,7 @@ use std::{fmt, hash::Hash, str::FromStr, sync::Arc};
 
 use rustc_hash::FxHashMap;
 
-use crate::event::{Access, Stack, frame_function};
+use crate::event::{Access, LockMode, Stack, frame_function};
 
 /// The finding classes of DESIGN §2; their names are part of the CLI contract.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -75,6 +75,45 @@ pub struct ExpectedLock {
     pub what: &'static str,
 }
 
+/// A lock a thread held when a finding happened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldLock {
+    pub lock: u64,
+    pub mode: LockMode,
+    /// Where it was taken: its lock call's return site (`None`: not seen taken, the kernel's
+    /// `mutex->owner` said it is held).
+    pub at: Option<Arc<str>>,
+    /// The global it is, when its call site names one (`cxl_rwsem.region`).
+    pub name: Option<Arc<str>>,
+}
+
+impl HeldLock {
+    /// What it is to the finding's dport, if anything: "this dport's free lock", ...
+    pub fn role(&self, f: &Finding) -> Option<&'static str> {
+        let l = self.lock;
+        Some(if l == f.free_lock && l == f.port_lock {
+            "this dport's port lock and free lock"
+        } else if l == f.free_lock {
+            "this dport's free lock"
+        } else if l == f.port_lock {
+            "this dport's port lock"
+        } else if l == f.uport_lock {
+            "&port->uport_dev->mutex of this dport's port"
+        } else {
+            return None;
+        })
+    }
+
+    /// "mutex", "rw_semaphore held for read", "rw_semaphore held for write".
+    pub fn kind(&self) -> &'static str {
+        match self.mode {
+            LockMode::Mutex => "mutex",
+            LockMode::Read => "rw_semaphore held for read",
+            LockMode::Write => "rw_semaphore held for write",
+        }
+    }
+}
+
 /// The `xa_load` a judged reference came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoadInfo {
@@ -116,12 +155,15 @@ pub struct Finding {
     pub generation: u32,
     pub port: u64,
     pub root: bool,
-    /// The dport's port lock and free lock (0 when the dport is unknown).
+    /// The dport's port lock and free lock (0 when the dport is unknown), and its port's
+    /// `&port->uport_dev->mutex` (0 when not known).
     pub port_lock: u64,
     pub free_lock: u64,
+    pub uport_lock: u64,
     pub expected_lock: Option<ExpectedLock>,
-    /// Tracked mutexes this thread held at the time, in acquisition order.
-    pub held_locks: Vec<u64>,
+    /// The locks this thread held at the time, in acquisition order: the dport's own, and
+    /// every mutex and rw_semaphore taken at a call site in CXL code.
+    pub held_locks: Vec<HeldLock>,
     pub load: Option<LoadInfo>,
     /// Where the expected lock was taken, when it is held.
     pub lock: Option<LockInfo>,

@@ -15,10 +15,12 @@ use rustc_hash::FxHashMap;
 
 use self::state::{Container, Dport, Dports, Held, Ref, Thread};
 pub use self::{
-    finding::{Added, AlsoAt, Class, ExpectedLock, Finding, FreeInfo, Group, Groups, LoadInfo, LockInfo, LockRole},
+    finding::{
+        Added, AlsoAt, Class, ExpectedLock, Finding, FreeInfo, Group, Groups, HeldLock, LoadInfo, LockInfo, LockRole,
+    },
     state::{EngineStats, Limits},
 };
-use crate::event::{Access, Event, Kind, Stack, frame_function};
+use crate::event::{Access, Event, Kind, LockMode, frame_function};
 
 #[derive(Default)]
 pub struct Engine {
@@ -48,12 +50,13 @@ impl Engine {
         self.stats.events += 1;
         let mut findings = Vec::new();
         match &event.kind {
-            Kind::DportAdd { dport, port, xa, port_lock, free_lock, root } => {
+            Kind::DportAdd { dport, port, xa, port_lock, free_lock, uport_lock, root } => {
                 let new = Dport {
                     port: *port,
                     xa: *xa,
                     port_lock: *port_lock,
                     free_lock: *free_lock,
+                    uport_lock: *uport_lock,
                     root: *root,
                     generation: 0,
                     freed: None,
@@ -75,8 +78,19 @@ impl Engine {
                 self.forget_older_refs(event.tid, *entry);
                 self.on_write(event, *xa, *entry, &mut findings)
             }
-            Kind::Lock { lock } => self.acquire(event.tid, *lock, event.ts, event.stack.clone()),
-            Kind::Unlock { lock } => self.release(event.tid, *lock),
+            Kind::Lock { lock, mode, at, name } => {
+                let held = Held {
+                    lock: *lock,
+                    mode: *mode,
+                    at: at.clone(),
+                    name: name.clone(),
+                    period: 0,
+                    ts: event.ts,
+                    stack: event.stack.clone(),
+                };
+                self.acquire(event.tid, held)
+            }
+            Kind::Unlock { lock, .. } => self.release(event.tid, *lock),
             Kind::Use { dport, site } => self.on_use(event, *dport, site, None, &mut findings),
             Kind::Deref { dport, access } => self.on_use(event, *dport, &access.function, Some(access), &mut findings),
             Kind::Free { dport } => self.on_free(event, *dport, &mut findings),
@@ -145,20 +159,40 @@ impl Engine {
         }
     }
 
-    fn acquire(&mut self, tid: u32, lock: u64, ts: u64, stack: Option<Stack>) {
+    /// `held` (its period not yet set) is taken by `tid`.
+    fn acquire(&mut self, tid: u32, mut held: Held) {
+        let lock = held.lock;
         // A mutex has one owner: if the events said another thread held it, its unlock was
-        // not observed.
-        if let Some(previous) = self.owners.insert(lock, tid)
+        // not observed. A rw_semaphore held for read has many.
+        if held.mode == LockMode::Mutex
+            && let Some(previous) = self.owners.insert(lock, tid)
             && previous != tid
             && let Some(other) = self.threads.get_mut(&previous)
         {
             other.release(lock);
         }
         self.next_period += 1;
-        let period = self.next_period;
-        let thread = self.thread(tid, ts);
+        held.period = self.next_period;
+        let cap = self.limits.max_held_per_thread.max(1);
+        let thread = self.thread(tid, held.ts);
         thread.release(lock);
-        thread.held.push(Held { lock, period, ts, stack });
+        let evicted = thread.held.len() >= cap;
+        if evicted {
+            // The oldest: a lock whose release was not seen (taken in CXL code, released
+            // elsewhere) is the likeliest to be stale.
+            let gone = thread.held.remove(0);
+            if self.owners.get(&gone.lock) == Some(&tid) {
+                self.owners.remove(&gone.lock);
+            }
+            self.stats.evicted_locks += 1;
+        }
+        self.threads.get_mut(&tid).expect("made above").held.push(held);
+    }
+
+    /// A mutex held since before its lock event could be seen (the kernel's stamp says so).
+    fn acquire_unseen(&mut self, tid: u32, lock: u64, ts: u64) {
+        let held = Held { lock, mode: LockMode::Mutex, at: None, name: None, period: 0, ts, stack: None };
+        self.acquire(tid, held);
     }
 
     fn release(&mut self, tid: u32, lock: u64) {
@@ -177,21 +211,32 @@ impl Engine {
         let known = self.threads.get(&event.tid).and_then(|t| t.period_of(lock)).is_some();
         if held && !known {
             self.stats.stamp_corrections += 1;
-            self.acquire(event.tid, lock, event.ts, None);
+            self.acquire_unseen(event.tid, lock, event.ts);
         } else if !held && known {
             self.stats.stamp_corrections += 1;
             self.release(event.tid, lock);
         }
     }
 
-    fn held_locks(&self, tid: u32) -> Vec<u64> {
-        self.threads.get(&tid).map(|t| t.held.iter().map(|h| h.lock).collect()).unwrap_or_default()
+    fn held_locks(&self, tid: u32) -> Vec<HeldLock> {
+        let Some(thread) = self.threads.get(&tid) else { return Vec::new() };
+        thread
+            .held
+            .iter()
+            .map(|h| HeldLock {
+                lock: h.lock,
+                mode: h.mode,
+                // A lock event of an older trace names no site: its stack's top frame does.
+                at: h.at.clone().or_else(|| h.stack.as_ref().and_then(|s| s.first().cloned())),
+                name: h.name.clone(),
+            })
+            .collect()
     }
 
     fn finding(&self, event: &Event, class: Class, dport: u64, reason: &'static str) -> Finding {
-        let (generation, port, root, port_lock, free_lock) = match self.dports.get(dport) {
-            Some(d) => (d.generation, d.port, d.root, d.port_lock, d.free_lock),
-            None => (0, 0, false, 0, 0),
+        let (generation, port, root, port_lock, free_lock, uport_lock) = match self.dports.get(dport) {
+            Some(d) => (d.generation, d.port, d.root, d.port_lock, d.free_lock, d.uport_lock),
+            None => (0, 0, false, 0, 0, 0),
         };
         Finding {
             class,
@@ -206,6 +251,7 @@ impl Engine {
             root,
             port_lock,
             free_lock,
+            uport_lock,
             expected_lock: None,
             held_locks: self.held_locks(event.tid),
             load: None,

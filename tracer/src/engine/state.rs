@@ -4,7 +4,7 @@ use std::{collections::VecDeque, sync::Arc};
 use rustc_hash::FxHashMap;
 
 use super::finding::FreeInfo;
-use crate::event::Stack;
+use crate::event::{LockMode, Stack};
 
 /// Caps on the engine's state; what goes past them is evicted and counted.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -17,11 +17,20 @@ pub struct Limits {
     pub max_threads: usize,
     /// References a thread keeps (one per dport it loaded).
     pub max_refs_per_thread: usize,
+    /// Locks a thread holds at once (past it, a lock whose release was not seen is
+    /// forgotten first).
+    pub max_held_per_thread: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_dports: 65_536, max_freed_dports: 16_384, max_threads: 16_384, max_refs_per_thread: 64 }
+        Limits {
+            max_dports: 65_536,
+            max_freed_dports: 16_384,
+            max_threads: 16_384,
+            max_refs_per_thread: 64,
+            max_held_per_thread: 32,
+        }
     }
 }
 
@@ -32,6 +41,8 @@ pub struct Dport {
     pub xa: u64,
     pub port_lock: u64,
     pub free_lock: u64,
+    /// `&port->uport_dev->mutex` (0: not known).
+    pub uport_lock: u64,
     pub root: bool,
     pub generation: u32,
     pub freed: Option<Arc<FreeInfo>>,
@@ -58,10 +69,15 @@ pub struct Ref {
     pub free_lock_period: Option<u64>,
 }
 
-/// A tracked mutex held by a thread, with the hold period it is in.
+/// A lock held by a thread (a dport's mutex, or any lock taken in CXL code), with the hold
+/// period it is in.
 #[derive(Clone, Debug)]
 pub struct Held {
     pub lock: u64,
+    pub mode: LockMode,
+    /// The lock call's return site, and the global the call names.
+    pub at: Option<Arc<str>>,
+    pub name: Option<Arc<str>>,
     pub period: u64,
     /// When it was taken, and where (no stack when it was taken before tracing started or
     /// where no lock event is probed: the kernel's `mutex->owner` stamp said so).
@@ -133,11 +149,13 @@ pub struct EngineStats {
     pub evicted_containers: u64,
     pub evicted_threads: u64,
     pub evicted_refs: u64,
+    /// Held locks forgotten past `max_held_per_thread`.
+    pub evicted_locks: u64,
 }
 
 impl EngineStats {
     pub fn evicted(&self) -> u64 {
-        self.evicted_dports + self.evicted_containers + self.evicted_threads + self.evicted_refs
+        self.evicted_dports + self.evicted_containers + self.evicted_threads + self.evicted_refs + self.evicted_locks
     }
 }
 

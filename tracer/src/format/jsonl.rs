@@ -8,7 +8,7 @@ use std::io::{BufRead, Write};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    event::{Access, Event, Hex, Kind, parse_hex},
+    event::{Access, Event, Hex, Kind, LockMode, parse_hex},
     intern::Interner,
 };
 
@@ -24,6 +24,8 @@ pub enum JsonlError {
     BadHex { line: u64, field: &'static str, value: String },
     #[error("line {line}: deref site {value:?} is not \"function+0xoffset\"")]
     BadPlace { line: u64, value: String },
+    #[error("line {line}: lock mode {value:?} is not read or write (a mutex has no mode)")]
+    BadMode { line: u64, value: String },
     #[error("line {line}: cannot read: {source}")]
     Io { line: u64, source: std::io::Error },
 }
@@ -53,10 +55,21 @@ struct Line {
     port_lock: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     free_lock: Option<String>,
+    /// `&port->uport_dev->mutex` of a dport's port (optional).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uport_lock: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     root: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     lock: Option<String>,
+    /// A rw_semaphore's lock or unlock: "read" or "write" (absent: a mutex).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mode: Option<String>,
+    /// Where a lock was taken ("function+0xoff"), and the global it is (optional).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     site: Option<String>,
     /// A deref's member path, offset and size in the dport, and whether it writes.
@@ -120,6 +133,10 @@ impl<R: BufRead> JsonlReader<R> {
                 xa: hex("xa", &wire.xa)?,
                 port_lock: hex("port_lock", &wire.port_lock)?,
                 free_lock: hex("free_lock", &wire.free_lock)?,
+                uport_lock: match &wire.uport_lock {
+                    Some(_) => hex("uport_lock", &wire.uport_lock)?,
+                    None => 0,
+                },
                 root: wire.root.ok_or(JsonlError::MissingField { line, kind, field: "root" })?,
             },
             "xa_load" => Kind::XaLoad {
@@ -137,8 +154,13 @@ impl<R: BufRead> JsonlReader<R> {
                 index: hex("index", &wire.index)?,
                 entry: hex("entry", &wire.entry)?,
             },
-            "lock" => Kind::Lock { lock: hex("lock", &wire.lock)? },
-            "unlock" => Kind::Unlock { lock: hex("lock", &wire.lock)? },
+            "lock" => Kind::Lock {
+                lock: hex("lock", &wire.lock)?,
+                mode: mode(line, &wire.mode)?,
+                at: wire.at.as_deref().map(|s| self.interner.string(s)),
+                name: wire.name.as_deref().map(|s| self.interner.string(s)),
+            },
+            "unlock" => Kind::Unlock { lock: hex("lock", &wire.lock)?, mode: mode(line, &wire.mode)? },
             "use" => Kind::Use {
                 dport: hex("dport", &wire.dport)?,
                 site: self.interner.string(wire.site.as_deref().ok_or(JsonlError::MissingField {
@@ -194,6 +216,16 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
     }
 }
 
+/// A lock's mode on the wire: absent for a mutex, "read" or "write" for a rw_semaphore.
+fn mode(line: u64, value: &Option<String>) -> Result<LockMode, JsonlError> {
+    match value.as_deref() {
+        None => Ok(LockMode::Mutex),
+        Some("read") => Ok(LockMode::Read),
+        Some("write") => Ok(LockMode::Write),
+        Some(other) => Err(JsonlError::BadMode { line, value: other.to_owned() }),
+    }
+}
+
 /// Writes one event as one interchange line (with the trailing newline).
 pub fn write_event(out: &mut impl Write, event: &Event) -> std::io::Result<()> {
     let hex = |v: u64| Some(Hex(v).to_string());
@@ -209,12 +241,13 @@ pub fn write_event(out: &mut impl Write, event: &Event) -> std::io::Result<()> {
         ..Line::default()
     };
     match &event.kind {
-        Kind::DportAdd { dport, port, xa, port_lock, free_lock, root } => {
+        Kind::DportAdd { dport, port, xa, port_lock, free_lock, uport_lock, root } => {
             line.dport = hex(*dport);
             line.port = hex(*port);
             line.xa = hex(*xa);
             line.port_lock = hex(*port_lock);
             line.free_lock = hex(*free_lock);
+            line.uport_lock = (*uport_lock != 0).then(|| Hex(*uport_lock).to_string());
             line.root = Some(*root);
         }
         Kind::XaLoad { xa, index, ret } | Kind::XaErase { xa, index, ret } => {
@@ -227,7 +260,16 @@ pub fn write_event(out: &mut impl Write, event: &Event) -> std::io::Result<()> {
             line.index = hex(*index);
             line.entry = hex(*entry);
         }
-        Kind::Lock { lock } | Kind::Unlock { lock } => line.lock = hex(*lock),
+        Kind::Lock { lock, mode, at, name } => {
+            line.lock = hex(*lock);
+            line.mode = (*mode != LockMode::Mutex).then(|| mode.name().to_owned());
+            line.at = at.as_deref().map(str::to_owned);
+            line.name = name.as_deref().map(str::to_owned);
+        }
+        Kind::Unlock { lock, mode } => {
+            line.lock = hex(*lock);
+            line.mode = (*mode != LockMode::Mutex).then(|| mode.name().to_owned());
+        }
         Kind::Use { dport, site } => {
             line.dport = hex(*dport);
             line.site = Some(site.to_string());

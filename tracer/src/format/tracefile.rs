@@ -14,10 +14,12 @@
 //!                                                    probed sites at the end (version 2)
 //! str = len:u16 utf8[len]; str32 = len:u32 utf8[len]; integers little-endian
 //! ```
-//! EVENT payloads by kind: dport_add dport port xa port_lock free_lock:u64 root:u8;
-//! xa_load/xa_erase xa index ret:u64; xa_insert xa index entry:u64; lock/unlock lock:u64;
-//! use dport:u64 site:u32 (STRING id); free dport:u64; deref dport:u64 function:u32 insn:u32
-//! member:u32 (STRING ids) offset:u32 size:u32 write:u8 (version 2). Stack id 0 means no stack.
+//! EVENT payloads by kind: dport_add dport port xa port_lock free_lock uport_lock:u64 root:u8
+//! (uport_lock from version 3); xa_load/xa_erase xa index ret:u64; xa_insert xa index
+//! entry:u64; lock lock:u64 mode:u8 at:u32 name:u32 (STRING ids, 0 for none), unlock lock:u64
+//! mode:u8 (mode, at and name from version 3; before, lock:u64 alone, a mutex); use dport:u64
+//! site:u32 (STRING id); free dport:u64; deref dport:u64 function:u32 insn:u32 member:u32
+//! (STRING ids) offset:u32 size:u32 write:u8 (version 2). Stack id 0 means no stack.
 use std::{
     io::{Read, Write},
     ops::Range,
@@ -29,13 +31,14 @@ use rustc_hash::FxHashMap;
 
 use crate::{
     coverage::{Coverage, SiteKind, SiteRun},
-    event::{Access, Event, EventKind, Kind, Stack},
+    event::{Access, Event, EventKind, Kind, LockMode, Stack},
 };
 
 pub const MAGIC: [u8; 8] = *b"CXLTRACE";
 /// Bumped on any incompatible change; readers refuse newer versions. Version 2 added the
-/// deref event; a version 1 file is read as it is (it has none).
-pub const FORMAT_VERSION: u16 = 2;
+/// deref event; a version 1 file is read as it is (it has none). Version 3 added the
+/// registration's uport lock, and the mode, site and name of a lock.
+pub const FORMAT_VERSION: u16 = 3;
 const OLDEST_READABLE: u16 = 1;
 /// Largest chunk accepted; the writer ends a chunk at every flush and at 64 KiB.
 pub const MAX_CHUNK: u32 = 1 << 24;
@@ -174,6 +177,8 @@ pub struct TraceReader<R> {
     /// End (in `buf`) of the chunk being read; records are parsed up to it.
     chunk_end: usize,
     header: TraceHeader,
+    /// The file's format version (its event payloads differ by version).
+    version: u16,
     strings: Vec<Arc<str>>,
     stacks: Vec<Stack>,
     counters: Vec<(String, u64)>,
@@ -194,6 +199,7 @@ impl<R: Read> TraceReader<R> {
             eof: false,
             chunk_end: 0,
             header: TraceHeader::default(),
+            version: FORMAT_VERSION,
             strings: Vec::new(),
             stacks: Vec::new(),
             counters: Vec::new(),
@@ -209,7 +215,9 @@ impl<R: Read> TraceReader<R> {
         reader.start = MAGIC.len();
         reader.chunk_end = reader.start;
         match reader.next_record()? {
-            Some((offset, REC_HEADER, fields)) => reader.header = parse_header(&reader.buf[fields], offset)?,
+            Some((offset, REC_HEADER, fields)) => {
+                (reader.version, reader.header) = parse_header(&reader.buf[fields], offset)?
+            }
             Some((offset, kind, _)) => return Err(TraceError::MissingHeader { offset, kind }),
             None => {
                 let offset = reader.offset();
@@ -348,7 +356,7 @@ impl<R: Read> TraceReader<R> {
             let Some((offset, kind, range)) = self.next_record()? else { return Ok(None) };
             let fields = &self.buf[range];
             match kind {
-                REC_EVENT => return parse_event(fields, offset, &self.strings, &self.stacks).map(Some),
+                REC_EVENT => return parse_event(fields, offset, self.version, &self.strings, &self.stacks).map(Some),
                 REC_STRING => {
                     let mut b = Body { buf: fields, offset, record: "string" };
                     let id = b.u32()?;
@@ -431,7 +439,13 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 
 /// Decodes an EVENT record. The hot path of every replay: lengths are checked once for the
 /// fixed part and once for the payload of the kind.
-fn parse_event(buf: &[u8], offset: u64, strings: &[Arc<str>], stacks: &[Stack]) -> Result<Event, TraceError> {
+fn parse_event(
+    buf: &[u8],
+    offset: u64,
+    version: u16,
+    strings: &[Arc<str>],
+    stacks: &[Stack],
+) -> Result<Event, TraceError> {
     let err = |what| TraceError::Malformed { offset, record: "event", what };
     if buf.len() < EVENT_FIXED {
         return Err(err("shorter than its fields"));
@@ -444,9 +458,13 @@ fn parse_event(buf: &[u8], offset: u64, strings: &[Arc<str>], stacks: &[Stack]) 
         id => Some(stacks.get(id as usize - 1).cloned().ok_or_else(|| err("undefined stack"))?),
     };
     let p = &buf[EVENT_FIXED..];
+    let v3 = version >= 3;
     let payload_len = match kind {
+        EventKind::DportAdd if v3 => 49,
         EventKind::DportAdd => 41,
         EventKind::XaLoad | EventKind::XaErase | EventKind::XaInsert => 24,
+        EventKind::Lock if v3 => 17,
+        EventKind::Unlock if v3 => 9,
         EventKind::Lock | EventKind::Unlock | EventKind::Free => 8,
         EventKind::Use => 12,
         EventKind::Deref => 29,
@@ -462,7 +480,8 @@ fn parse_event(buf: &[u8], offset: u64, strings: &[Arc<str>], stacks: &[Stack]) 
             xa: w(2),
             port_lock: w(3),
             free_lock: w(4),
-            root: match p[40] {
+            uport_lock: if v3 { w(5) } else { 0 },
+            root: match p[payload_len - 1] {
                 0 => false,
                 1 => true,
                 _ => return Err(err("root flag is neither 0 nor 1")),
@@ -471,8 +490,24 @@ fn parse_event(buf: &[u8], offset: u64, strings: &[Arc<str>], stacks: &[Stack]) 
         EventKind::XaLoad => Kind::XaLoad { xa: w(0), index: w(1), ret: w(2) },
         EventKind::XaErase => Kind::XaErase { xa: w(0), index: w(1), ret: w(2) },
         EventKind::XaInsert => Kind::XaInsert { xa: w(0), index: w(1), entry: w(2) },
-        EventKind::Lock => Kind::Lock { lock: w(0) },
-        EventKind::Unlock => Kind::Unlock { lock: w(0) },
+        EventKind::Lock if v3 => {
+            let optional = |at: usize, what| match le_u32(p, at) {
+                0 => Ok(None),
+                id => string_at(strings, id).map(Some).ok_or_else(|| err(what)),
+            };
+            Kind::Lock {
+                lock: w(0),
+                mode: LockMode::from_u32(u32::from(p[8])).ok_or_else(|| err("unknown lock mode"))?,
+                at: optional(9, "lock site is an undefined string")?,
+                name: optional(13, "lock name is an undefined string")?,
+            }
+        }
+        EventKind::Unlock if v3 => Kind::Unlock {
+            lock: w(0),
+            mode: LockMode::from_u32(u32::from(p[8])).ok_or_else(|| err("unknown lock mode"))?,
+        },
+        EventKind::Lock => Kind::mutex_lock(w(0)),
+        EventKind::Unlock => Kind::mutex_unlock(w(0)),
         EventKind::Use => Kind::Use {
             dport: w(0),
             site: string_at(strings, le_u32(p, 8)).ok_or_else(|| err("use site is an undefined string"))?,
@@ -526,7 +561,7 @@ impl<R: Read> Iterator for TraceReader<R> {
     }
 }
 
-fn parse_header(fields: &[u8], offset: u64) -> Result<TraceHeader, TraceError> {
+fn parse_header(fields: &[u8], offset: u64) -> Result<(u16, TraceHeader), TraceError> {
     let mut b = Body { buf: fields, offset, record: "header" };
     let version = b.u16()?;
     if !(OLDEST_READABLE..=FORMAT_VERSION).contains(&version) {
@@ -541,7 +576,7 @@ fn parse_header(fields: &[u8], offset: u64) -> Result<TraceHeader, TraceError> {
         offsets.push((b.str()?, b.u64()?));
     }
     b.end()?;
-    Ok(TraceHeader { tool_version, kernel_release, clock_base_ns, offsets })
+    Ok((version, TraceHeader { tool_version, kernel_release, clock_base_ns, offsets }))
 }
 
 /// Writes a trace: interns strings and stacks, frames records, and ends a checksummed chunk
@@ -628,9 +663,11 @@ impl<W: Write> TraceWriter<W> {
     pub fn write_event(&mut self, event: &Event) -> std::io::Result<()> {
         let comm = self.string_id(&event.comm);
         let stack = event.stack.as_ref().map_or(0, |s| self.stack_id(s));
+        let mut optional = |s: &Option<Arc<str>>| s.as_ref().map_or(0, |s| self.string_id(s));
         let (site, member) = match &event.kind {
             Kind::Use { site, .. } => (self.string_id(site), 0),
             Kind::Deref { access, .. } => (self.string_id(&access.function), self.string_id(&access.member)),
+            Kind::Lock { at, name, .. } => (optional(at), optional(name)),
             _ => (0, 0),
         };
         let mut flags = 0;
@@ -649,8 +686,8 @@ impl<W: Write> TraceWriter<W> {
             b.put_u8(flags);
             b.put_u32_le(stack);
             match &event.kind {
-                Kind::DportAdd { dport, port, xa, port_lock, free_lock, root } => {
-                    for v in [dport, port, xa, port_lock, free_lock] {
+                Kind::DportAdd { dport, port, xa, port_lock, free_lock, uport_lock, root } => {
+                    for v in [dport, port, xa, port_lock, free_lock, uport_lock] {
                         b.put_u64_le(*v);
                     }
                     b.put_u8(u8::from(*root));
@@ -665,7 +702,16 @@ impl<W: Write> TraceWriter<W> {
                         b.put_u64_le(*v);
                     }
                 }
-                Kind::Lock { lock } | Kind::Unlock { lock } => b.put_u64_le(*lock),
+                Kind::Lock { lock, mode, .. } => {
+                    b.put_u64_le(*lock);
+                    b.put_u8(*mode as u8);
+                    b.put_u32_le(site);
+                    b.put_u32_le(member);
+                }
+                Kind::Unlock { lock, mode } => {
+                    b.put_u64_le(*lock);
+                    b.put_u8(*mode as u8);
+                }
                 Kind::Use { dport, .. } => {
                     b.put_u64_le(*dport);
                     b.put_u32_le(site);

@@ -4,9 +4,9 @@
 //! from a global hook on every mutex in the system).
 use std::sync::Arc;
 
-use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind};
+use iced_x86::{Decoder, DecoderOptions, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register};
 use rustc_hash::{FxHashMap, FxHashSet};
-use tracer_common::SiteRole;
+use tracer_common::{LockMode, SiteRole};
 
 use super::kcore::{Kcore, KcoreError};
 use crate::symbolize::{Symbol, Symbols};
@@ -20,47 +20,61 @@ pub struct Callee {
     pub ret: Option<SiteRole>,
     /// Only its calls from this function count (`None`: from any CXL function).
     pub caller: Option<&'static str>,
+    /// `SiteInfo::arg` of its call sites: the `LockMode` of a lock or unlock call.
+    pub arg: u32,
+}
+
+impl Callee {
+    const fn new(name: &'static str, call: SiteRole, ret: Option<SiteRole>) -> Callee {
+        Callee { name, call, ret, caller: None, arg: 0 }
+    }
+
+    /// A lock call: held after it returns (`ret` says when), in `mode`.
+    const fn lock(name: &'static str, ret: SiteRole, mode: LockMode) -> Callee {
+        Callee { name, call: SiteRole::LockCall, ret: Some(ret), caller: None, arg: mode as u32 }
+    }
+
+    const fn unlock(name: &'static str, mode: LockMode) -> Callee {
+        Callee { name, call: SiteRole::UnlockCall, ret: None, caller: None, arg: mode as u32 }
+    }
 }
 
 /// The callees every kernel has; the kernel profile adds the one its devres host check
-/// needs (`Profile::host_check_callee`).
-pub const CALLEES: &[Callee] = &[
-    Callee { name: "xa_load", call: SiteRole::LoadCall, ret: Some(SiteRole::LoadReturn), caller: None },
-    Callee { name: "xa_erase", call: SiteRole::EraseCall, ret: Some(SiteRole::EraseReturn), caller: None },
-    Callee { name: "__xa_erase", call: SiteRole::EraseCall, ret: Some(SiteRole::EraseReturn), caller: None },
-    Callee { name: "__xa_insert", call: SiteRole::StoreCall, ret: None, caller: None },
-    Callee { name: "xa_store", call: SiteRole::StoreCall, ret: None, caller: None },
-    Callee { name: "__xa_store", call: SiteRole::StoreCall, ret: None, caller: None },
-    Callee { name: "mutex_lock", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturn), caller: None },
-    Callee { name: "mutex_lock_nested", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturn), caller: None },
-    Callee { name: "mutex_lock_io", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturn), caller: None },
-    Callee {
-        name: "mutex_lock_interruptible",
-        call: SiteRole::LockCall,
-        ret: Some(SiteRole::LockReturnIfZero),
-        caller: None,
-    },
-    Callee {
-        name: "mutex_lock_interruptible_nested",
-        call: SiteRole::LockCall,
-        ret: Some(SiteRole::LockReturnIfZero),
-        caller: None,
-    },
-    Callee {
-        name: "mutex_lock_killable",
-        call: SiteRole::LockCall,
-        ret: Some(SiteRole::LockReturnIfZero),
-        caller: None,
-    },
-    Callee {
-        name: "mutex_lock_killable_nested",
-        call: SiteRole::LockCall,
-        ret: Some(SiteRole::LockReturnIfZero),
-        caller: None,
-    },
-    Callee { name: "mutex_trylock", call: SiteRole::LockCall, ret: Some(SiteRole::LockReturnIfOne), caller: None },
-    Callee { name: "mutex_unlock", call: SiteRole::UnlockCall, ret: None, caller: None },
-];
+/// needs (`Profile::host_check_callee`). The mutex calls are where a dport's locks are taken;
+/// the rw_semaphore calls (`cxl_rwsem.region` and friends, taken by `guard()` and
+/// `ACQUIRE()` in CXL code) never satisfy a rule but are listed in reports as held.
+pub const CALLEES: &[Callee] = {
+    use LockMode::{Mutex, Read, Write};
+    use SiteRole::{LockReturn as Always, LockReturnIfOne as IfOne, LockReturnIfZero as IfZero};
+    &[
+        Callee::new("xa_load", SiteRole::LoadCall, Some(SiteRole::LoadReturn)),
+        Callee::new("xa_erase", SiteRole::EraseCall, Some(SiteRole::EraseReturn)),
+        Callee::new("__xa_erase", SiteRole::EraseCall, Some(SiteRole::EraseReturn)),
+        Callee::new("__xa_insert", SiteRole::StoreCall, None),
+        Callee::new("xa_store", SiteRole::StoreCall, None),
+        Callee::new("__xa_store", SiteRole::StoreCall, None),
+        Callee::lock("mutex_lock", Always, Mutex),
+        Callee::lock("mutex_lock_nested", Always, Mutex),
+        Callee::lock("mutex_lock_io", Always, Mutex),
+        Callee::lock("mutex_lock_interruptible", IfZero, Mutex),
+        Callee::lock("mutex_lock_interruptible_nested", IfZero, Mutex),
+        Callee::lock("mutex_lock_killable", IfZero, Mutex),
+        Callee::lock("mutex_lock_killable_nested", IfZero, Mutex),
+        Callee::lock("mutex_trylock", IfOne, Mutex),
+        Callee::unlock("mutex_unlock", Mutex),
+        Callee::lock("down_read", Always, Read),
+        Callee::lock("down_read_nested", Always, Read),
+        Callee::lock("down_read_interruptible", IfZero, Read),
+        Callee::lock("down_read_killable", IfZero, Read),
+        Callee::lock("down_read_trylock", IfOne, Read),
+        Callee::lock("down_write", Always, Write),
+        Callee::lock("down_write_nested", Always, Write),
+        Callee::lock("down_write_killable", IfZero, Write),
+        Callee::lock("down_write_trylock", IfOne, Write),
+        Callee::unlock("up_read", Read),
+        Callee::unlock("up_write", Write),
+    ]
+};
 
 /// A call to one of `CALLEES` inside a CXL function.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,6 +90,10 @@ pub struct CallSite {
     pub callee: Callee,
     /// A tail call (`jmp`): its return is in the caller's caller, not observable here.
     pub tail: bool,
+    /// The first argument, when straight-line code sets it to a constant before the call.
+    pub rdi: Option<u64>,
+    /// For a lock or unlock call: the global lock that constant is (`cxl_rwsem.region`).
+    pub lock: Option<Arc<str>>,
 }
 
 /// A vmlinux run of text closer than this (in symbols) to the next symbol named after the
@@ -184,7 +202,15 @@ fn callee_targets(symbols: &Symbols, callees: &[Callee]) -> FxHashMap<u64, Calle
 pub fn scan(function: &Symbol, code: &[u8], targets: &FxHashMap<u64, Callee>, out: &mut Vec<CallSite>) {
     let end = function.addr + code.len() as u64;
     let mut decoder = Decoder::with_ip(64, code, function.addr, DecoderOptions::NONE);
+    let mut info = InstructionInfoFactory::new();
+    // The first argument as straight-line code last set it, when it is a constant: a lock
+    // call on a global lock names it (`down_write(&cxl_rwsem.region)`).
+    let mut rdi = None;
     for insn in &mut decoder {
+        let rdi_here = rdi;
+        if let Some(written) = written_constant(&insn, Register::RDI, &mut info) {
+            rdi = written;
+        }
         if insn.is_invalid() || insn.op0_kind() != OpKind::NearBranch64 {
             continue;
         }
@@ -205,6 +231,8 @@ pub fn scan(function: &Symbol, code: &[u8], targets: &FxHashMap<u64, Callee>, ou
                 len: insn.len() as u64,
                 callee,
                 tail,
+                rdi: rdi_here,
+                lock: None,
             });
         }
     }
@@ -248,36 +276,48 @@ pub fn find(symbols: &Symbols, text: &CxlText, callees: &[Callee]) -> Vec<CallSi
     sites
 }
 
-/// The value `rsi` (a call's second argument) is set to before the call at `offset` in
-/// `code` (a function at `addr`), when the last instruction before it that writes `rsi` in
-/// straight-line order is `lea X(%rip),%rsi` or `mov $X,%esi/%rsi`; `None` when it is
-/// anything else (not known statically).
-pub fn rsi_before_call(addr: u64, code: &[u8], offset: u64) -> Option<u64> {
+/// The value `reg` is set to before the call at `offset` in `code` (a function at
+/// `addr`), when the last instruction before it that writes `reg` in straight-line order is
+/// `lea X(%rip),%reg` or `mov $X,%reg`; `None` when it is anything else (not known
+/// statically). `__devm_add_action`'s action is `rsi`; a lock call's lock is `rdi`.
+pub fn arg_before_call(addr: u64, code: &[u8], offset: u64, reg: Register) -> Option<u64> {
     let mut value = None;
-    let mut info = iced_x86::InstructionInfoFactory::new();
+    let mut info = InstructionInfoFactory::new();
     for insn in Decoder::with_ip(64, code, addr, DecoderOptions::NONE) {
         if insn.ip() >= addr + offset {
             break;
         }
-        let writes_rsi = info.info(&insn).used_registers().iter().any(|r| {
-            r.register().full_register() == iced_x86::Register::RSI
-                && matches!(
-                    r.access(),
-                    iced_x86::OpAccess::Write | iced_x86::OpAccess::ReadWrite | iced_x86::OpAccess::CondWrite
-                )
-        });
-        if !writes_rsi {
-            continue;
+        if let Some(written) = written_constant(&insn, reg, &mut info) {
+            value = written;
         }
-        value = match insn.mnemonic() {
-            Mnemonic::Lea if insn.is_ip_rel_memory_operand() => Some(insn.ip_rel_memory_address()),
-            Mnemonic::Mov if insn.op1_kind() == OpKind::Immediate32 || insn.op1_kind() == OpKind::Immediate32to64 => {
-                Some(insn.immediate(1))
-            }
-            _ => None,
-        };
     }
     value
+}
+
+/// What `insn` leaves in `reg`: `None` when it does not write it, `Some(Some(X))` for
+/// `lea X(%rip),%reg` or `mov $X,%reg`, `Some(None)` for anything else that writes it (a
+/// call, which may change every caller-saved register, included).
+fn written_constant(insn: &Instruction, reg: Register, info: &mut InstructionInfoFactory) -> Option<Option<u64>> {
+    let writes = insn.mnemonic() == Mnemonic::Call
+        || info.info(insn).used_registers().iter().any(|r| {
+            r.register().full_register() == reg
+                && matches!(r.access(), OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite)
+        });
+    if !writes {
+        return None;
+    }
+    let to_reg =
+        insn.op_count() > 0 && insn.op0_kind() == OpKind::Register && insn.op0_register().full_register() == reg;
+    Some(match insn.mnemonic() {
+        Mnemonic::Lea if to_reg && insn.is_ip_rel_memory_operand() => Some(insn.ip_rel_memory_address()),
+        Mnemonic::Mov
+            if to_reg
+                && matches!(insn.op1_kind(), OpKind::Immediate32 | OpKind::Immediate32to64 | OpKind::Immediate64) =>
+        {
+            Some(insn.immediate(1))
+        }
+        _ => None,
+    })
 }
 
 /// Whether a function's code `now` (its probes re-armed by the kernel, its module maybe at
@@ -498,9 +538,9 @@ ffffffffc04c9277 t cxl_mem_probe.cold\t[cxl_mem]
             &[0xe8, 0, 0, 0, 0],
         ]
         .concat();
-        assert_eq!(rsi_before_call(addr, &code, 10), Some(addr + 7 + 0x100));
-        assert_eq!(rsi_before_call(addr, &code, 18), None, "rsi copied from a register: not known");
-        assert_eq!(rsi_before_call(addr, &code, 30), Some(0xffffffff81003000));
+        assert_eq!(arg_before_call(addr, &code, 10, Register::RSI), Some(addr + 7 + 0x100));
+        assert_eq!(arg_before_call(addr, &code, 18, Register::RSI), None, "rsi copied from a register: not known");
+        assert_eq!(arg_before_call(addr, &code, 30, Register::RSI), Some(0xffffffff81003000));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod btf;
 pub mod callsites;
 pub mod derefs;
+pub mod globals;
 pub mod kcore;
 pub mod layout;
 pub mod modules;

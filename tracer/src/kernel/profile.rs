@@ -92,7 +92,7 @@ const DEVM_ALLOC: &str = "devm_kmalloc";
 const LOOKUP: &str = "xa_load";
 
 /// The callee whose calls in the devres core free a devm dport's node.
-pub const KFREE: Callee = Callee { name: "kfree", call: SiteRole::FreeCall, ret: None, caller: None };
+pub const KFREE: Callee = Callee { name: "kfree", call: SiteRole::FreeCall, ret: None, caller: None, arg: 0 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
@@ -355,9 +355,10 @@ impl Profile {
                 call: SiteRole::HostAllocCall,
                 ret: Some(SiteRole::HostAllocReturn),
                 caller: Some(caller),
+                arg: 0,
             }),
             HostCheck::FreeAction { .. } => {
-                Some(Callee { name: ADD_ACTION, call: SiteRole::HostActionCall, ret: None, caller: None })
+                Some(Callee { name: ADD_ACTION, call: SiteRole::HostActionCall, ret: None, caller: None, arg: 0 })
             }
         }
     }
@@ -397,7 +398,9 @@ impl Profile {
             c.callee.call != SiteRole::HostActionCall
                 || code
                     .get(&c.function_addr)
-                    .and_then(|code| callsites::rsi_before_call(c.function_addr, code, c.offset))
+                    .and_then(|code| {
+                        callsites::arg_before_call(c.function_addr, code, c.offset, iced_x86::Register::RSI)
+                    })
                     .is_none_or(|rsi| rsi == action)
         });
     }

@@ -10,7 +10,7 @@ use tracer::{
     kernel::{
         btf::{DportFunction, KernelBtf},
         callsites::{self, Callee, CxlText},
-        derefs,
+        derefs, globals,
         kcore::Kcore,
         modules,
         profile::Profile,
@@ -110,6 +110,8 @@ impl ModuleRescan {
         self.texts.extend(module_texts(&text));
         let mut calls = callsites::find(symbols, &text, &self.callees);
         self.profile.keep_host_check_calls(&mut calls, &text);
+        // A module's global locks moved with it: named from kallsyms as it is now.
+        let _ = globals::name_locks_now(&mut calls, &self.btf);
         let mut plan = Plan::build(symbols, &calls, &uses);
         plan.add_profile_sites(symbols, &self.profile);
         if self.derefs {

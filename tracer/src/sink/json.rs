@@ -5,7 +5,7 @@ use serde_json::{Map, Value, json};
 
 use crate::{
     coverage::{Coverage, SiteKind},
-    engine::{Class, Group},
+    engine::{Class, Finding, Group, HeldLock},
     event::{Access, Hex, Stack},
     summary::Summary,
 };
@@ -32,6 +32,23 @@ fn access_value(access: &Access) -> Value {
 }
 
 /// One finding as JSON; `known` says why it is known, if it is.
+/// A held lock: its address, kind, what it is to the finding's dport or its global name,
+/// and where it was taken.
+fn held_value(l: &HeldLock, f: &Finding) -> Value {
+    let mut v = json!({ "lock": hex(l.lock), "kind": l.kind() });
+    let map = v.as_object_mut().expect("object");
+    if let Some(role) = l.role(f) {
+        map.insert("role".into(), role.into());
+    }
+    if let Some(name) = &l.name {
+        map.insert("name".into(), (**name).into());
+    }
+    if let Some(at) = &l.at {
+        map.insert("at".into(), (**at).into());
+    }
+    v
+}
+
 pub fn group_value(group: &Group, known: Option<&str>) -> Value {
     let f = &group.finding;
     let mut v = json!({
@@ -48,7 +65,8 @@ pub fn group_value(group: &Group, known: Option<&str>) -> Value {
         "stack": stack(f.stack.as_ref()),
         "load_stack": stack(f.load.as_ref().and_then(|l| l.stack.as_ref())),
         "expected_lock": f.expected_lock.map_or(Value::Null, |l| hex(l.addr)),
-        "held_locks": f.held_locks.iter().map(|l| hex(*l)).collect::<Vec<_>>(),
+        "held_locks": f.held_locks.iter().map(|l| hex(l.lock)).collect::<Vec<_>>(),
+        "held": f.held_locks.iter().map(|l| held_value(l, f)).collect::<Vec<_>>(),
         "reason": f.reason,
         "count": group.count,
         "last_ts": group.last_ts,

@@ -56,26 +56,19 @@ pub fn write_group(out: &mut impl Write, group: &Group, known: Option<&str>) -> 
     if let Some(lock) = &f.expected_lock {
         writeln!(out, "expected lock: {} {} ({})", lock.role.name(), Hex(lock.addr), lock.what)?;
     }
-    if f.held_locks.is_empty() {
-        writeln!(out, "held locks: none tracked")?;
-    } else {
-        let held: Vec<String> = f
-            .held_locks
-            .iter()
-            .map(|&l| {
-                let role = if l == f.free_lock && l == f.port_lock {
-                    " (this dport's port lock and free lock)"
-                } else if l == f.free_lock {
-                    " (this dport's free lock)"
-                } else if l == f.port_lock {
-                    " (this dport's port lock)"
-                } else {
-                    ""
-                };
-                format!("{}{role}", Hex(l))
-            })
-            .collect();
-        writeln!(out, "held locks: {}", held.join(", "))?;
+    // Like lockdep's list: every lock the thread took in CXL code, oldest first.
+    writeln!(out, "held locks:{}", if f.held_locks.is_empty() { " none" } else { "" })?;
+    for (i, l) in f.held_locks.iter().enumerate() {
+        write!(out, "  #{i}: {} {}", Hex(l.lock), l.kind())?;
+        match (l.role(f), &l.name) {
+            (Some(role), _) => write!(out, " ({role})")?,
+            (None, Some(name)) => write!(out, " ({name})")?,
+            (None, None) => {}
+        }
+        match &l.at {
+            Some(at) => writeln!(out, ", taken at {at}")?,
+            None => writeln!(out, ", taken before tracing started (the kernel's mutex->owner says it is held)")?,
+        }
     }
     if !group.also_at.is_empty() {
         writeln!(out, "the same loaded pointer, in the same call chain, also:")?;
