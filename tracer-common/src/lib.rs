@@ -373,7 +373,8 @@ pub const DPORT_FREED: u32 = 1;
 pub enum SiteRole {
     /// Entry of a function taking `struct cxl_dport *` as argument `SiteInfo::arg`.
     Use = 1,
-    /// A `call xa_load`: rdi = xa, rsi = index.
+    /// A `call xa_load`: rdi = xa, rsi = index; or a `call xa_find`/`xa_find_after` (an
+    /// `xa_for_each` walk): rsi = &index (`SITE_INDEX_BY_REF`).
     LoadCall = 2,
     /// The return address of that call: rax = the entry.
     LoadReturn = 3,
@@ -533,6 +534,10 @@ pub const SITE_UNPAIRED_OK: u32 = 1;
 /// `SiteInfo::arg` of a call role: the callee itself is probed (every caller in the system
 /// comes by), so calls on xarrays known not to hold dports are skipped at once.
 pub const SITE_DIRECT: u32 = 2;
+/// `SiteInfo::arg` of a lookup call whose index is passed by reference (`xa_find(xa,
+/// &index, ...)`, `xa_find_after`: the `xa_for_each` walk): rsi points to the index, which
+/// the return site reads.
+pub const SITE_INDEX_BY_REF: u32 = 4;
 const _: () = assert!(size_of::<SiteInfo>() == 16);
 
 /// Most sites the kernel side can tell apart (size of `SITES`).
@@ -543,9 +548,12 @@ pub const MAX_SITES: u32 = 8192;
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct PendingXa {
     pub xa: u64,
+    /// The index, or where it is (`SITE_INDEX_BY_REF`).
     pub index: u64,
+    /// 1 when `index` is the index's address.
+    pub by_ref: u64,
 }
-const _: () = assert!(size_of::<PendingXa>() == 16);
+const _: () = assert!(size_of::<PendingXa>() == 24);
 const _: () = assert!(size_of::<DportInfo>() == 56);
 
 /// A struct member whose offset the kernel side needs. The kernel profile

@@ -105,6 +105,14 @@ pub fn site(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// Every lock and unlock call site and lock return site: a program of its own, so that
+/// `site` stays within the verifier's instruction limit of older kernels (6.1: a million).
+#[kprobe]
+pub fn lock_site(ctx: ProbeContext) -> u32 {
+    sites::on_lock_site(&ctx);
+    0
+}
+
 /// A deref site at the instruction of another site: it shares that site's kprobe, linked
 /// after `site` (the kernel runs an event's programs in link order, so an `xa_load`
 /// return is seen before an inline read of its result). A kprobe of its own there would

@@ -6,9 +6,7 @@ use aya_ebpf::{
     helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid},
     programs::ProbeContext,
 };
-use tracer_common::{
-    Counter, DportUse, EventKind, LoadedKey, Payload, SITE_DIRECT, SITE_UNPAIRED_OK, SiteInfo, SiteRole,
-};
+use tracer_common::{Counter, DportUse, EventKind, LoadedKey, Payload, SITE_UNPAIRED_OK, SiteInfo, SiteRole};
 
 use crate::{
     ALLOC_HOST, DPORTS, LOADED, PENDING_HOST, PENDING_LOCK, SITES,
@@ -80,15 +78,18 @@ pub fn on_site(ctx: &ProbeContext) {
     site_hit(cookie);
     match SiteRole::from_u32(site.role) {
         Some(SiteRole::Use) => on_use(ctx, &site, cookie),
-        Some(SiteRole::LoadCall | SiteRole::EraseCall) => xarray::on_call(ctx, site.arg == SITE_DIRECT),
+        Some(SiteRole::LoadCall | SiteRole::EraseCall) => xarray::on_call(ctx, site.arg),
         Some(SiteRole::LoadReturn) => xarray::on_load_return(ctx, site.arg == SITE_UNPAIRED_OK, cookie),
         Some(SiteRole::EraseReturn) => xarray::on_erase_return(ctx, site.arg == SITE_UNPAIRED_OK),
         Some(SiteRole::StoreCall) => xarray::on_store_call(ctx),
-        Some(SiteRole::LockCall) => on_lock_call(ctx, &site),
-        Some(role @ (SiteRole::LockReturn | SiteRole::LockReturnIfZero | SiteRole::LockReturnIfOne)) => {
-            on_lock_return(ctx, role, cookie)
-        }
-        Some(SiteRole::UnlockCall) => mutex::emit_unlock(ctx, regs(ctx).rdi, cookie as u32, site.arg),
+        // Lock sites have their own program (`lock_site`).
+        Some(
+            SiteRole::LockCall
+            | SiteRole::LockReturn
+            | SiteRole::LockReturnIfZero
+            | SiteRole::LockReturnIfOne
+            | SiteRole::UnlockCall,
+        ) => {}
         Some(SiteRole::HostAllocCall) => on_host_alloc_call(ctx),
         Some(SiteRole::HostAllocReturn) => on_host_alloc_return(ctx, site.arg == SITE_UNPAIRED_OK),
         Some(SiteRole::HostActionCall) => on_host_action_call(ctx),
@@ -97,6 +98,21 @@ pub fn on_site(ctx: &ProbeContext) {
         Some(SiteRole::FreeEntry) => cxl::on_free(ctx, arg(&regs(ctx), site.arg)),
         Some(SiteRole::RegisterReturn) => cxl::on_dport_returned(ctx, regs(ctx).rax),
         None => {}
+    }
+}
+
+pub fn on_lock_site(ctx: &ProbeContext) {
+    // SAFETY: the context of a kprobe attached through a perf link.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let Some(site) = SITES.get(cookie as u32).copied() else { return };
+    site_hit(cookie);
+    match SiteRole::from_u32(site.role) {
+        Some(SiteRole::LockCall) => on_lock_call(ctx, &site),
+        Some(role @ (SiteRole::LockReturn | SiteRole::LockReturnIfZero | SiteRole::LockReturnIfOne)) => {
+            on_lock_return(ctx, role, cookie)
+        }
+        Some(SiteRole::UnlockCall) => mutex::emit_unlock(ctx, regs(ctx).rdi, cookie as u32, site.arg),
+        _ => {}
     }
 }
 

@@ -1,8 +1,12 @@
 //! `port->dports` accesses, probed at their call sites in CXL code (xa_load and xa_erase are
 //! notrace on stock kernels: lib/Makefile builds lib/ without ftrace).
-use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::ProbeContext};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    programs::ProbeContext,
+};
 use tracer_common::{
-    Counter, EventKind, FLAG_PORT_LOCK_HELD, FLAG_PORT_LOCK_KNOWN, LoadedKey, Payload, PendingXa, XaAccess,
+    Counter, EventKind, FLAG_PORT_LOCK_HELD, FLAG_PORT_LOCK_KNOWN, LoadedKey, Payload, PendingXa, SITE_DIRECT,
+    SITE_INDEX_BY_REF, XaAccess,
 };
 
 use crate::{
@@ -17,15 +21,16 @@ fn tid() -> u32 {
     bpf_get_current_pid_tgid() as u32
 }
 
-/// At a `call xa_load`/`xa_erase`: remember the arguments for the return site.
-pub fn on_call(ctx: &ProbeContext, direct: bool) {
+/// At a `call xa_load`/`xa_find`/`xa_erase`: remember the arguments for the return site.
+pub fn on_call(ctx: &ProbeContext, flags: u32) {
     let r = regs(ctx);
     // With a direct xa_load probe every xarray of the system comes by here: those known not
     // to hold dports are skipped at once (their return site expects that).
-    if direct && unsafe { NOT_CONTAINERS.get(&r.rdi) }.is_some() {
+    if flags & SITE_DIRECT != 0 && unsafe { NOT_CONTAINERS.get(&r.rdi) }.is_some() {
         return;
     }
-    let pending = PendingXa { xa: r.rdi, index: r.rsi };
+    let by_ref = u64::from(flags & SITE_INDEX_BY_REF != 0);
+    let pending = PendingXa { xa: r.rdi, index: r.rsi, by_ref };
     if PENDING_XA.insert(&tid(), &pending, 0).is_err() {
         count(Counter::DropMapFull);
     }
@@ -47,10 +52,16 @@ fn take_pending(tail: bool) -> Option<PendingXa> {
 
 /// At the return of `xa_load` (site `index`): a dport loaded from its port's xarray.
 pub fn on_load_return(ctx: &ProbeContext, tail: bool, index: u64) {
-    let Some(call) = take_pending(tail) else { return };
+    let Some(mut call) = take_pending(tail) else { return };
     let entry = regs(ctx).rax;
     if entry == 0 {
         return;
+    }
+    if call.by_ref != 0 {
+        // xa_find() wrote the found entry's index where rsi pointed.
+        // SAFETY: bpf_probe_read_kernel checks the address.
+        let Ok(index) = (unsafe { bpf_probe_read_kernel(call.index as *const u64) }) else { return };
+        call.index = index;
     }
     let Some(info) = lookup_or_discover(ctx, call.xa, call.index, entry) else { return };
     if LOADED.insert(&LoadedKey { tid: tid(), pad: 0, dport: entry }, &1, 0).is_err() {

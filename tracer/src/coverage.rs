@@ -1,8 +1,12 @@
 //! Site coverage: for every probed load, use and deref site, how often its probe ran, how
 //! often it reported a tracked dport, and how often the engine judged what it reported. A
 //! gate that passes because the workload never reached the code proves nothing: the sites
-//! that never ran are listed.
+//! that never ran are listed. Only dport sites count: a load site is one when its code
+//! passes `&port->dports`, or when it returned a dport; a load site whose xarray is not
+//! known statically and that never returned a dport is counted apart.
 use std::{collections::BTreeMap, sync::Arc};
+
+pub use crate::kernel::callsites::XaTarget;
 
 /// What a site is, for coverage.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -46,11 +50,31 @@ pub struct SiteRun {
     pub reported: u64,
     /// How often the engine judged what it reported (a pointer the thread was seen loading).
     pub judged: u64,
+    /// A load site's xarray as its code shows it (a use or deref site: `Dports`).
+    pub xarray: XaTarget,
+    /// The source file of its function, when known (`drivers/cxl/mem.c`).
+    pub file: Option<Arc<str>>,
+}
+
+impl SiteRun {
+    /// Whether it is a dport site: every use and deref site, a load site whose code passes
+    /// `&port->dports` or that returned a dport.
+    pub fn is_dport_site(&self) -> bool {
+        self.kind != SiteKind::Load || self.xarray == XaTarget::Dports || self.reported > 0
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Coverage {
     pub sites: Vec<SiteRun>,
+}
+
+/// A function whose dport sites never ran.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NeverRan {
+    pub function: Arc<str>,
+    pub file: Option<Arc<str>>,
+    pub sites: usize,
 }
 
 /// (sites, sites that ran, reports, judged) of one kind.
@@ -63,22 +87,38 @@ pub struct KindTotals {
 }
 
 impl Coverage {
+    /// The dport sites of `kind`.
     pub fn totals(&self, kind: SiteKind) -> KindTotals {
-        self.sites.iter().filter(|s| s.kind == kind).fold(KindTotals::default(), |t, s| KindTotals {
-            sites: t.sites + 1,
-            ran: t.ran + usize::from(s.ran > 0),
-            reported: t.reported + s.reported,
-            judged: t.judged + s.judged,
+        self.sites.iter().filter(|s| s.kind == kind && s.is_dport_site()).fold(KindTotals::default(), |t, s| {
+            KindTotals {
+                sites: t.sites + 1,
+                ran: t.ran + usize::from(s.ran > 0),
+                reported: t.reported + s.reported,
+                judged: t.judged + s.judged,
+            }
         })
     }
 
-    /// The functions whose sites of `kind` never ran, with how many sites each.
-    pub fn never_ran(&self, kind: SiteKind) -> Vec<(Arc<str>, usize)> {
-        let mut by_function: BTreeMap<Arc<str>, usize> = BTreeMap::new();
-        for s in self.sites.iter().filter(|s| s.kind == kind && s.ran == 0) {
-            *by_function.entry(s.function.clone()).or_default() += 1;
+    /// The functions whose dport sites of `kind` never ran, with their source file when
+    /// known and how many sites each.
+    pub fn never_ran(&self, kind: SiteKind) -> Vec<NeverRan> {
+        let mut by_function: BTreeMap<Arc<str>, NeverRan> = BTreeMap::new();
+        for s in self.sites.iter().filter(|s| s.kind == kind && s.ran == 0 && s.is_dport_site()) {
+            let entry = by_function.entry(s.function.clone()).or_insert_with(|| NeverRan {
+                function: s.function.clone(),
+                file: s.file.clone(),
+                sites: 0,
+            });
+            entry.sites += 1;
         }
-        by_function.into_iter().collect()
+        by_function.into_values().collect()
+    }
+
+    /// Load sites whose xarray is not known statically and that never returned a dport:
+    /// (sites, of which ran).
+    pub fn unknown_loads(&self) -> (usize, usize) {
+        let unknown = self.sites.iter().filter(|s| s.kind == SiteKind::Load && !s.is_dport_site());
+        unknown.fold((0, 0), |(n, ran), s| (n + 1, ran + usize::from(s.ran > 0)))
     }
 
     /// Fills in `judged` from the engine's counts by place (uses and derefs), and for loads

@@ -126,15 +126,19 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
     if let Err(err) = globals::name_locks_now(&mut calls, &btf) {
         eprintln!("tracer: warning: global locks are not named in reports: reading /proc/kallsyms: {err}");
     }
+    profile.classify_xarrays(&mut calls);
     let direct_xa_load = profile.probe_xa_load_directly(config.direct_xa_load, &calls)?;
     let callees = profile.callees(config.global_lock_hook, direct_xa_load);
-    let probed: Vec<CallSite> = calls.iter().filter(|c| callees.contains(&c.callee)).cloned().collect();
+    let probed: Vec<CallSite> = calls.iter().filter(|c| callsites::probed(c, &callees)).cloned().collect();
     let mut plan = Plan::build(&symbols, &probed, &uses);
     plan.add_profile_sites(&symbols, &profile);
     let asked_sites = asked_sites(&plan, &config.extra_uses)?;
     let loaders = btf.dport_loaders().context("listing functions that return a struct cxl_dport")?;
     let derefs = if config.derefs {
-        let sites = derefs::find(&symbols, &text, &loaders, &uses, &profile.dport);
+        let not_dports = callsites::other_xarray_calls(&calls);
+        let sources =
+            derefs::Sources { loaders: &loaders, uses: &uses, lookups: &callsites::lookups(), not_dports: &not_dports };
+        let sites = derefs::find(&symbols, &text, &sources, &profile.dport);
         plan.add_derefs(&symbols, &sites);
         let functions: FxHashSet<u64> = sites.iter().map(|s| s.function_addr).collect();
         DerefScan { functions: functions.len(), sites: sites.len() }

@@ -3,6 +3,7 @@ use std::collections::BTreeMap;
 
 use anyhow::bail;
 use tracer::kernel::{
+    callsites::XaTarget,
     modules,
     profile::{CxlCore, FreePath, Registration},
 };
@@ -84,13 +85,21 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
             None => format!("{}+{:#x}", call.function, call.offset),
         };
         let unprobed = d.plan.unprobed_tail_calls.contains(call);
-        by_callee.entry(call.callee.name).or_default().push(match (call.tail, unprobed) {
+        let mut line = match (call.tail, unprobed) {
             (true, true) => {
                 format!("{place} (tail call; its result is not observable: the function name is not unique)")
             }
             (true, false) => format!("{place} (tail call; result seen at the function's return)"),
             (false, _) => place,
-        });
+        };
+        if matches!(call.callee.call, SiteRole::LoadCall | SiteRole::EraseCall | SiteRole::StoreCall) {
+            line.push_str(match call.xarray {
+                XaTarget::Dports => ": port->dports",
+                XaTarget::Other => ": another xarray (not probed)",
+                XaTarget::Unknown => ": xarray not known statically (a dports xarray if a load there returns a dport)",
+            });
+        }
+        by_callee.entry(call.callee.name).or_default().push(line);
     }
     for (callee, sites) in &by_callee {
         let how = match traceable(callee) {

@@ -9,6 +9,7 @@ use crate::{Outcome, probe::kprobe};
 /// Our programs' and maps' names as the kernel keeps them (truncated to 15 bytes).
 const PROGRAMS: &[&str] = &[
     "site",
+    "lock_site",
     "shared_deref",
     "dport_add_exit",
     "free_dport_entry",

@@ -10,7 +10,7 @@ use crate::{
     event::Access,
     kernel::{
         btf::DportFunction,
-        callsites::{CallSite, Callee},
+        callsites::{CallSite, Callee, XaTarget},
         derefs::DerefSite,
         profile::{FreePath, Profile, Registration},
     },
@@ -67,6 +67,8 @@ pub struct PlannedSite {
     pub access: Option<Arc<Access>>,
     /// For a lock or unlock call and its return: the global lock it names.
     pub lock: Option<Arc<str>>,
+    /// For an xarray call and its return: which xarray it is (`Dports` for a use or deref).
+    pub xarray: XaTarget,
 }
 
 impl PlannedSite {
@@ -174,6 +176,7 @@ impl Plan {
                     what: call.callee.name,
                     access: None,
                     lock: call.lock.clone(),
+                    xarray: call.xarray,
                 })
             };
             add(call.callee.call, call.callee.arg, call.offset);
@@ -200,7 +203,8 @@ impl Plan {
                             module: function.module.clone(),
                             what: call.callee.name,
                             access: None,
-                            lock: None,
+                            lock: call.lock.clone(),
+                            xarray: call.xarray,
                         }),
                         None => {
                             // No kretprobe by address: drop the call probe again, it would
@@ -234,6 +238,7 @@ impl Plan {
                     what: "use",
                     access: None,
                     lock: None,
+                    xarray: XaTarget::Dports,
                 });
                 plan.sites.len() - 1
             });
@@ -291,6 +296,9 @@ impl Plan {
             what: name,
             access: None,
             lock: None,
+            // A function probed itself (xa_load on a kernel whose lib/ is traceable) sees
+            // every xarray of the system.
+            xarray: XaTarget::Unknown,
         });
         true
     }
@@ -332,6 +340,7 @@ impl Plan {
                 what: "deref",
                 access: Some(Arc::new(access)),
                 lock: None,
+                xarray: XaTarget::Dports,
             });
         }
     }
@@ -370,7 +379,7 @@ pub fn probe_groups(sites: &[PlannedSite], indexes: impl IntoIterator<Item = usi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::callsites::CALLEES;
+    use crate::kernel::callsites::{ArgValue, CALLEES};
 
     #[test]
     fn a_deref_at_a_call_sites_instruction_shares_its_kprobe() {
@@ -385,6 +394,7 @@ mod tests {
             what: "xa_load",
             access: None,
             lock: None,
+            xarray: XaTarget::Dports,
         };
         let sites = vec![
             site(SiteRole::LoadCall, 0x1a8),
@@ -425,7 +435,8 @@ mod tests {
             len: 5,
             callee,
             tail,
-            rdi: None,
+            rdi: ArgValue::Unknown,
+            xarray: Default::default(),
             lock: None,
         };
         let calls = [

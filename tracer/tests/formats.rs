@@ -75,23 +75,37 @@ fn json_to_binary_to_json_is_identity() {
 fn coverage_recorded_in_a_trace_is_reported_by_analyze() {
     use std::sync::Arc;
 
-    use tracer::coverage::{Coverage, SiteKind, SiteRun};
-    let site = |kind, place: &str, function: &str, ran, reported| SiteRun {
+    use tracer::coverage::{Coverage, SiteKind, SiteRun, XaTarget};
+    let site = |kind, place: &str, function: &str, ran, reported, xarray, file: &str| SiteRun {
         kind,
         place: Arc::from(place),
         function: Arc::from(function),
         ran,
         reported,
         judged: 0,
+        xarray,
+        file: Some(Arc::from(file)),
     };
+    let (load, core, pci) = (SiteKind::Load, "drivers/cxl/core/", "drivers/cxl/pci.c");
     let coverage = Coverage {
         sites: vec![
-            site(SiteKind::Load, "match_port_by_dport+0x4f", "match_port_by_dport", 9, 1),
-            site(SiteKind::Load, "cxl_pci_find_port+0x3a", "cxl_pci_find_port", 0, 0),
-            site(SiteKind::Use, "cxl_dport_init_ras_reporting", "cxl_dport_init_ras_reporting", 1, 1),
-            site(SiteKind::Use, "devm_cxl_add_port", "devm_cxl_add_port", 4, 1),
-            site(SiteKind::Deref, "cxl_mem_probe+0x147", "cxl_mem_probe", 1, 1),
-            site(SiteKind::Deref, "rcd_pcie_cap_emit+0x26", "rcd_pcie_cap_emit", 0, 0),
+            // A dports xarray by its code, and one proven by what it returned.
+            site(load, "cxl_pci_find_port+0x3a", "cxl_pci_find_port", 0, 0, XaTarget::Dports, core),
+            site(load, "match_port_by_dport+0x4f", "match_port_by_dport", 9, 1, XaTarget::Unknown, core),
+            // An xarray not known statically that never returned a dport: counted apart.
+            site(load, "cxl_region_find+0x20", "cxl_region_find", 3, 0, XaTarget::Unknown, core),
+            site(
+                SiteKind::Use,
+                "cxl_dport_init_ras_reporting",
+                "cxl_dport_init_ras_reporting",
+                1,
+                1,
+                XaTarget::Dports,
+                core,
+            ),
+            site(SiteKind::Use, "devm_cxl_add_port", "devm_cxl_add_port", 4, 1, XaTarget::Dports, core),
+            site(SiteKind::Deref, "cxl_mem_probe+0x147", "cxl_mem_probe", 1, 1, XaTarget::Dports, "drivers/cxl/mem.c"),
+            site(SiteKind::Deref, "rcd_pcie_cap_emit+0x26", "rcd_pcie_cap_emit", 0, 0, XaTarget::Dports, pci),
         ],
     };
     let mut writer = TraceWriter::new(Vec::new(), &header()).unwrap();
@@ -107,11 +121,27 @@ fn coverage_recorded_in_a_trace_is_reported_by_analyze() {
     std::fs::write(&file, &bytes).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tracer")).args(["analyze", "--coverage"]).arg(&file).output().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("coverage: 1 of 2 load sites ran (1 reports, 1 judged); 2 of 2 use sites ran (2 reports, 2 judged); 1 of 2 deref sites ran (1 reports, 0 judged)"), "{text}");
-    assert!(text.contains("load sites that never ran, by function: cxl_pci_find_port"), "{text}");
-    assert!(text.contains("deref sites that never ran, by function: rcd_pcie_cap_emit"), "{text}");
+    assert!(text.contains("coverage: dport load sites: 1 of 2 ran (1 reports, 1 judged); dport use sites: 2 of 2 ran (2 reports, 2 judged); dport deref sites: 1 of 2 ran (1 reports, 0 judged)"), "{text}");
     assert!(
-        text.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["use", "4", "1", "1", "devm_cxl_add_port"]),
+        text.contains("load sites on an xarray not known statically that never returned a dport: 1 (1 ran)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("dport load sites that never ran, by function: cxl_pci_find_port (drivers/cxl/core/)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("dport deref sites that never ran, by function: rcd_pcie_cap_emit (drivers/cxl/pci.c; unreachable here: its rcd_link_* attributes exist only on an RCD"),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.split_whitespace().collect::<Vec<_>>()
+            == ["use", "4", "1", "1", "-", "devm_cxl_add_port", "(drivers/cxl/core/)"]),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.split_whitespace().take(6).collect::<Vec<_>>()
+            == ["load", "9", "1", "1", "dports*", "match_port_by_dport+0x4f"]),
         "{text}"
     );
     let json =

@@ -52,6 +52,8 @@ const SCENARIOS: &[(&str, &[Expected])] = &[
     ("unjudged-pointer", &[]),
     ("load-after-free", &[("use-after-free", "match_port_by_dport", 1)]),
     ("unlocked-insert", &[("unlocked-erase", "__devm_cxl_add_dport", 1)]),
+    ("walk-under-lock", &[]),
+    ("walk-unlocked", &[("unlocked-use", "del_dports", 2)]),
     (
         "two-readers-grouped",
         &[("unlocked-use", "cxl_dport_init_ras_reporting", 2), ("stale-use", "devm_cxl_add_port", 2)],

@@ -10,8 +10,9 @@
 //!   STACK    id:u32 n:u16 frame:u32*n                (frame = STRING id), ids 1, 2, 3...
 //!   EVENT    ts:u64 cpu:u32 tid:u32 comm:u32 kind:u8 flags:u8 stack:u32 payload
 //!   COUNTERS n:u16 (name:str value:u64)*n            kernel counters so far (last wins)
-//!   COVERAGE n:u32 (kind:u8 place:str function:str ran:u64 reported:u64)*n
-//!                                                    probed sites at the end (version 2)
+//!   COVERAGE n:u32 (kind:u8 place:str function:str ran:u64 reported:u64
+//!                   [xarray:u8 file:str])*n          probed sites at the end (version 2;
+//!                                                    xarray and file from version 3)
 //! str = len:u16 utf8[len]; str32 = len:u32 utf8[len]; integers little-endian
 //! ```
 //! EVENT payloads by kind: dport_add dport port xa port_lock free_lock uport_lock:u64 root:u8
@@ -30,7 +31,7 @@ use bytes::{Buf, BufMut, BytesMut};
 use rustc_hash::FxHashMap;
 
 use crate::{
-    coverage::{Coverage, SiteKind, SiteRun},
+    coverage::{Coverage, SiteKind, SiteRun, XaTarget},
     event::{Access, Event, EventKind, Kind, LockMode, Stack},
 };
 
@@ -408,7 +409,22 @@ impl<R: Read> TraceReader<R> {
                         let place = Arc::from(b.str()?);
                         let function = Arc::from(b.str()?);
                         let (ran, reported) = (b.u64()?, b.u64()?);
-                        sites.push(SiteRun { kind, place, function, ran, reported, judged: 0 });
+                        // Version 3 added what xarray a load site reads and the source file.
+                        let (xarray, file) = if self.version >= 3 {
+                            let xarray = match b.u8()? {
+                                0 => XaTarget::Unknown,
+                                1 => XaTarget::Dports,
+                                2 => XaTarget::Other,
+                                _ => return Err(b.err("unknown xarray target")),
+                            };
+                            let file = b.str()?;
+                            (xarray, (!file.is_empty()).then(|| Arc::from(file)))
+                        } else if kind == SiteKind::Load {
+                            (XaTarget::Unknown, None)
+                        } else {
+                            (XaTarget::Dports, None)
+                        };
+                        sites.push(SiteRun { kind, place, function, ran, reported, judged: 0, xarray, file });
                     }
                     b.end()?;
                     self.coverage = Some(Coverage { sites });
@@ -748,6 +764,12 @@ impl<W: Write> TraceWriter<W> {
                 put_str(b, &s.function);
                 b.put_u64_le(s.ran);
                 b.put_u64_le(s.reported);
+                b.put_u8(match s.xarray {
+                    XaTarget::Unknown => 0,
+                    XaTarget::Dports => 1,
+                    XaTarget::Other => 2,
+                });
+                put_str(b, s.file.as_deref().unwrap_or(""));
             }
         });
         self.flush()

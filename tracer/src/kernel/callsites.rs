@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use iced_x86::{Decoder, DecoderOptions, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register};
 use rustc_hash::{FxHashMap, FxHashSet};
-use tracer_common::{LockMode, SiteRole};
+use tracer_common::{LockMode, SITE_INDEX_BY_REF, SiteRole};
 
 use super::kcore::{Kcore, KcoreError};
 use crate::symbolize::{Symbol, Symbols};
@@ -48,6 +48,12 @@ pub const CALLEES: &[Callee] = {
     use SiteRole::{LockReturn as Always, LockReturnIfOne as IfOne, LockReturnIfZero as IfZero};
     &[
         Callee::new("xa_load", SiteRole::LoadCall, Some(SiteRole::LoadReturn)),
+        // The `xa_for_each` walk: the found entry is a lookup's result, its index by reference.
+        Callee { arg: SITE_INDEX_BY_REF, ..Callee::new("xa_find", SiteRole::LoadCall, Some(SiteRole::LoadReturn)) },
+        Callee {
+            arg: SITE_INDEX_BY_REF,
+            ..Callee::new("xa_find_after", SiteRole::LoadCall, Some(SiteRole::LoadReturn))
+        },
         Callee::new("xa_erase", SiteRole::EraseCall, Some(SiteRole::EraseReturn)),
         Callee::new("__xa_erase", SiteRole::EraseCall, Some(SiteRole::EraseReturn)),
         Callee::new("__xa_insert", SiteRole::StoreCall, None),
@@ -76,6 +82,11 @@ pub const CALLEES: &[Callee] = {
     ]
 };
 
+/// The lookups among `CALLEES`: their result may be a dport.
+pub fn lookups() -> Vec<&'static str> {
+    CALLEES.iter().filter(|c| c.call == SiteRole::LoadCall).map(|c| c.name).collect()
+}
+
 /// A call to one of `CALLEES` inside a CXL function.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CallSite {
@@ -90,8 +101,10 @@ pub struct CallSite {
     pub callee: Callee,
     /// A tail call (`jmp`): its return is in the caller's caller, not observable here.
     pub tail: bool,
-    /// The first argument, when straight-line code sets it to a constant before the call.
-    pub rdi: Option<u64>,
+    /// The first argument, as straight-line code sets it before the call.
+    pub rdi: ArgValue,
+    /// For an xarray call: which xarray it is, as the kernel profile tells from `rdi`.
+    pub xarray: XaTarget,
     /// For a lock or unlock call: the global lock that constant is (`cxl_rwsem.region`).
     pub lock: Option<Arc<str>>,
 }
@@ -203,12 +216,13 @@ pub fn scan(function: &Symbol, code: &[u8], targets: &FxHashMap<u64, Callee>, ou
     let end = function.addr + code.len() as u64;
     let mut decoder = Decoder::with_ip(64, code, function.addr, DecoderOptions::NONE);
     let mut info = InstructionInfoFactory::new();
-    // The first argument as straight-line code last set it, when it is a constant: a lock
-    // call on a global lock names it (`down_write(&cxl_rwsem.region)`).
-    let mut rdi = None;
+    // The first argument as straight-line code last set it: a lock call on a global lock
+    // names it (`down_write(&cxl_rwsem.region)`), an xarray call shows which member the
+    // xarray is (`lea 0x318(%rbx),%rdi`: `&port->dports`).
+    let mut rdi = ArgValue::Unknown;
     for insn in &mut decoder {
         let rdi_here = rdi;
-        if let Some(written) = written_constant(&insn, Register::RDI, &mut info) {
+        if let Some(written) = written_value(&insn, Register::RDI, rdi, &mut info) {
             rdi = written;
         }
         if insn.is_invalid() || insn.op0_kind() != OpKind::NearBranch64 {
@@ -232,10 +246,23 @@ pub fn scan(function: &Symbol, code: &[u8], targets: &FxHashMap<u64, Callee>, ou
                 callee,
                 tail,
                 rdi: rdi_here,
+                xarray: XaTarget::Unknown,
                 lock: None,
             });
         }
     }
+}
+
+/// Whether a call site found is probed: its callee is, and it is not an xarray call known
+/// to be on another xarray than `port->dports` (nothing there concerns a dport).
+pub fn probed(call: &CallSite, callees: &[Callee]) -> bool {
+    callees.contains(&call.callee) && call.xarray != XaTarget::Other
+}
+
+/// The lookup calls (instruction addresses) known to read another xarray: what they return
+/// is never a dport.
+pub fn other_xarray_calls(calls: &[CallSite]) -> FxHashSet<u64> {
+    calls.iter().filter(|c| c.xarray == XaTarget::Other).map(|c| c.function_addr + c.offset).collect()
 }
 
 /// Largest function scanned; anything bigger is a symbol-table artefact.
@@ -276,28 +303,68 @@ pub fn find(symbols: &Symbols, text: &CxlText, callees: &[Callee]) -> Vec<CallSi
     sites
 }
 
-/// The value `reg` is set to before the call at `offset` in `code` (a function at
-/// `addr`), when the last instruction before it that writes `reg` in straight-line order is
+/// Which xarray an xarray call reads or writes, as far as its code shows.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum XaTarget {
+    /// Not known statically (the address comes from elsewhere): probed, and proven a dports
+    /// xarray when a load there returns a dport.
+    #[default]
+    Unknown,
+    /// `&port->dports`: the address is a register plus that member's offset.
+    Dports,
+    /// Another member's address: not probed.
+    Other,
+}
+
+/// What straight-line code last put in an argument register before a call.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum ArgValue {
+    /// Anything else: not known statically.
+    #[default]
+    Unknown,
+    /// `lea X(%rip),%reg` or `mov $X,%reg`: an address (a global, a function).
+    Const(u64),
+    /// Some register plus a displacement: `lea 0x318(%rbx),%rdi` (`&port->dports` when 0x318
+    /// is that member's offset), `mov %rbx,%rdi` (0), or either then `add $X,%rdi`.
+    Offset(i64),
+}
+
+impl ArgValue {
+    pub fn constant(self) -> Option<u64> {
+        match self {
+            ArgValue::Const(x) => Some(x),
+            _ => None,
+        }
+    }
+}
+
+/// The value `reg` is set to before the call at `offset` in `code` (a function at `addr`),
+/// when the last instruction before it that writes `reg` in straight-line order is
 /// `lea X(%rip),%reg` or `mov $X,%reg`; `None` when it is anything else (not known
-/// statically). `__devm_add_action`'s action is `rsi`; a lock call's lock is `rdi`.
+/// statically). `__devm_add_action`'s action is `rsi`.
 pub fn arg_before_call(addr: u64, code: &[u8], offset: u64, reg: Register) -> Option<u64> {
-    let mut value = None;
+    let mut value = ArgValue::Unknown;
     let mut info = InstructionInfoFactory::new();
     for insn in Decoder::with_ip(64, code, addr, DecoderOptions::NONE) {
         if insn.ip() >= addr + offset {
             break;
         }
-        if let Some(written) = written_constant(&insn, reg, &mut info) {
+        if let Some(written) = written_value(&insn, reg, value, &mut info) {
             value = written;
         }
     }
-    value
+    value.constant()
 }
 
-/// What `insn` leaves in `reg`: `None` when it does not write it, `Some(Some(X))` for
-/// `lea X(%rip),%reg` or `mov $X,%reg`, `Some(None)` for anything else that writes it (a
-/// call, which may change every caller-saved register, included).
-fn written_constant(insn: &Instruction, reg: Register, info: &mut InstructionInfoFactory) -> Option<Option<u64>> {
+/// What `insn` leaves in `reg` (`before` is what it held): `None` when it does not write it;
+/// anything it cannot tell, a call (which may change every caller-saved register) included,
+/// is `Unknown`.
+fn written_value(
+    insn: &Instruction,
+    reg: Register,
+    before: ArgValue,
+    info: &mut InstructionInfoFactory,
+) -> Option<ArgValue> {
     let writes = insn.mnemonic() == Mnemonic::Call
         || info.info(insn).used_registers().iter().any(|r| {
             r.register().full_register() == reg
@@ -306,17 +373,23 @@ fn written_constant(insn: &Instruction, reg: Register, info: &mut InstructionInf
     if !writes {
         return None;
     }
-    let to_reg =
-        insn.op_count() > 0 && insn.op0_kind() == OpKind::Register && insn.op0_register().full_register() == reg;
+    let to_reg = insn.op_count() > 0 && insn.op0_kind() == OpKind::Register && insn.op0_register() == reg;
+    let imm = matches!(insn.op1_kind(), OpKind::Immediate32 | OpKind::Immediate32to64 | OpKind::Immediate64)
+        || matches!(insn.op1_kind(), OpKind::Immediate8to64);
     Some(match insn.mnemonic() {
-        Mnemonic::Lea if to_reg && insn.is_ip_rel_memory_operand() => Some(insn.ip_rel_memory_address()),
-        Mnemonic::Mov
-            if to_reg
-                && matches!(insn.op1_kind(), OpKind::Immediate32 | OpKind::Immediate32to64 | OpKind::Immediate64) =>
-        {
-            Some(insn.immediate(1))
+        Mnemonic::Lea if to_reg && insn.is_ip_rel_memory_operand() => ArgValue::Const(insn.ip_rel_memory_address()),
+        Mnemonic::Lea if to_reg && insn.memory_index() == Register::None && insn.memory_base().is_gpr64() => {
+            ArgValue::Offset(insn.memory_displacement64() as i64)
         }
-        _ => None,
+        Mnemonic::Mov if to_reg && imm => ArgValue::Const(insn.immediate(1)),
+        Mnemonic::Mov if to_reg && insn.op1_kind() == OpKind::Register && insn.op1_register().is_gpr64() => {
+            ArgValue::Offset(0)
+        }
+        Mnemonic::Add if to_reg && imm => match before {
+            ArgValue::Offset(d) => ArgValue::Offset(d.wrapping_add(insn.immediate(1) as i64)),
+            _ => ArgValue::Unknown,
+        },
+        _ => ArgValue::Unknown,
     })
 }
 

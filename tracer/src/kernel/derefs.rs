@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, OpAccess, OpKind, Register};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use tracer_common::Reg;
 
 use super::{
@@ -161,7 +161,8 @@ impl State {
 }
 
 /// The loader a call target is.
-pub type LoaderAt<'a> = &'a dyn Fn(u64) -> Option<Loader>;
+/// The loader a call (its instruction's address, its target) is.
+pub type LoaderAt<'a> = &'a dyn Fn(u64, u64) -> Option<Loader>;
 
 fn transfer(insn: &Instruction, state: &mut State, info: &mut InstructionInfoFactory, loader_at: LoaderAt) {
     use iced_x86::Mnemonic::*;
@@ -170,8 +171,9 @@ fn transfer(insn: &Instruction, state: &mut State, info: &mut InstructionInfoFac
     let mem_slot = || state.frame_slot(insn.memory_base(), insn.memory_index(), insn.memory_displacement64() as i64);
     match insn.mnemonic() {
         Call => {
-            let loader =
-                (insn.op0_kind() == OpKind::NearBranch64).then(|| loader_at(insn.near_branch_target())).flatten();
+            let loader = (insn.op0_kind() == OpKind::NearBranch64)
+                .then(|| loader_at(insn.ip(), insn.near_branch_target()))
+                .flatten();
             if let Some(Loader { out_param: Some(i), .. }) = loader
                 && let Some(slot) = ARGS.get(usize::from(i)).and_then(|&r| state.frame_addr[r])
                 && !state.slots.contains(&slot)
@@ -420,17 +422,24 @@ pub fn scan(
     exits
 }
 
-/// Every deref site in CXL code. `loaders` and `uses` come from BTF
-/// (`KernelBtf::dport_loaders`, `dport_functions`); `xa_load` is a loader too (the kernel
-/// side judges only loads from dports xarrays, so a non-dport `xa_load` result costs at
-/// most a probe that never reports).
-pub fn find(
-    symbols: &Symbols,
-    text: &CxlText,
-    loaders: &[DportFunction],
-    uses: &[DportFunction],
-    layout: &Layout,
-) -> Vec<DerefSite> {
+/// Where dports come from, for `find`.
+pub struct Sources<'a> {
+    /// Functions that hand a dport to their caller (BTF).
+    pub loaders: &'a [DportFunction],
+    /// Functions taking one (BTF): their argument is a dport inside them.
+    pub uses: &'a [DportFunction],
+    /// The xarray lookups whose result may be a dport (`xa_load`, `xa_find`...).
+    pub lookups: &'a [&'a str],
+    /// Lookup calls (by instruction address) known to read another xarray: their results
+    /// are not dports.
+    pub not_dports: &'a FxHashSet<u64>,
+}
+
+/// Every deref site in CXL code. The lookups are loaders too, but for the calls known to
+/// read another xarray (the kernel side judges only loads from dports xarrays, so a lookup
+/// of an unknown xarray costs at most a probe that never reports).
+pub fn find(symbols: &Symbols, text: &CxlText, sources: &Sources, layout: &Layout) -> Vec<DerefSite> {
+    let Sources { loaders, uses, lookups, not_dports } = *sources;
     let addrs = |f: &DportFunction| -> Vec<u64> {
         symbols.lookup(&f.name).filter(|s| s.module.as_deref() == f.module.as_deref()).map(|s| s.addr).collect()
     };
@@ -441,7 +450,7 @@ pub fn find(
             loader_map.insert(addr, kind);
         }
     }
-    for sym in symbols.lookup("xa_load").filter(|s| s.module.is_none()) {
+    for sym in lookups.iter().flat_map(|name| symbols.lookup(name)).filter(|s| s.module.is_none()) {
         // A call through a call-depth thunk lands in the 16 bytes before the entry.
         for back in 0..=16 {
             loader_map.insert(sym.addr - back, Loader { returns: true, out_param: None });
@@ -453,7 +462,10 @@ pub fn find(
             dport_args.entry(addr).or_default().push(u.arg);
         }
     }
-    let loader_at = |target: u64| loader_map.get(&target).copied();
+    let loader_at = |ip: u64, target: u64| match not_dports.contains(&ip) {
+        true => None,
+        false => loader_map.get(&target).copied(),
+    };
     let mut sites = Vec::new();
     let mut cold_entries: FxHashMap<u64, Vec<(u64, State)>> = FxHashMap::default();
     let by_addr: FxHashMap<u64, usize> = text.functions.iter().enumerate().map(|(i, (f, _))| (f.addr, i)).collect();
@@ -542,7 +554,8 @@ mod tests {
         let find_port = callees.iter().position(|c| *c == "cxl_mem_find_port").expect("stock cxl_mem_probe calls it");
         let find_port = 0xffffffff81000000u64 + find_port as u64 * 0x1000;
         // cxl_mem_find_port(cxlmd, &dport): the dport comes back through argument 1.
-        let loader_at = |target: u64| (target == find_port).then_some(Loader { returns: false, out_param: Some(1) });
+        let loader_at =
+            |_: u64, target: u64| (target == find_port).then_some(Loader { returns: false, out_param: Some(1) });
         let mut sites = Vec::new();
         scan(&f, &code, &[(f.addr, State::entry(&[]))], &loader_at, &layout, &mut sites);
         sites
@@ -601,7 +614,7 @@ mod tests {
         // and nothing in the code writes one before the accesses, except the last mov.
         let all = State { dport: !(1 << RSP), sp: Some(0), ..State::default() };
         let mut sites = Vec::new();
-        scan(&f, &code, &[(f.addr, all)], &|_| None, &layout_7_2(), &mut sites);
+        scan(&f, &code, &[(f.addr, all)], &|_, _| None, &layout_7_2(), &mut sites);
         let got: Vec<(u64, Reg, &str, u32, u32, bool)> =
             sites.iter().map(|s| (s.insn, s.reg, &*s.member, s.offset, s.size, s.write)).collect();
         assert_eq!(

@@ -68,13 +68,13 @@ fn name(btf: &KernelBtf, symbol: &str, offset: u64) -> String {
 /// in a global, from `kallsyms` (the text of /proc/kallsyms).
 pub fn name_locks(calls: &mut [CallSite], btf: &KernelBtf, kallsyms: impl BufRead) {
     let is_lock = |c: &CallSite| matches!(c.callee.call, SiteRole::LockCall | SiteRole::UnlockCall);
-    if !calls.iter().any(|c| is_lock(c) && c.rdi.is_some()) {
+    if !calls.iter().any(|c| is_lock(c) && c.rdi.constant().is_some()) {
         return;
     }
     let symbols = data_symbols(kallsyms);
     let mut names: FxHashMap<u64, Option<Arc<str>>> = FxHashMap::default();
     for call in calls.iter_mut().filter(|c| is_lock(c)) {
-        let Some(addr) = call.rdi else { continue };
+        let Some(addr) = call.rdi.constant() else { continue };
         call.lock = names
             .entry(addr)
             .or_insert_with(|| containing(&symbols, addr).map(|(s, offset)| Arc::from(name(btf, &s.name, offset))))

@@ -22,7 +22,7 @@ use tracer_common::{MEMBERS, Member, Offsets, SiteRole};
 
 use super::{
     btf::{BtfError, KernelBtf, member_bit_offset, pointee_struct_name},
-    callsites::{self, CallSite, Callee, CodeOf, CxlText},
+    callsites::{self, ArgValue, CallSite, Callee, CodeOf, CxlText, XaTarget},
     layout::Layout,
 };
 use crate::symbolize::{Symbol, Symbols};
@@ -65,6 +65,41 @@ fn is_cxl_name(name: &str) -> bool {
 
 /// Where CXL code is, for the scanners.
 pub const CXL_CODE: CodeOf = CodeOf { module: is_cxl_module, name: is_cxl_name };
+
+/// Where a CXL function's source is, from the module it is in: the single-file drivers and
+/// cxl_test's mocks by file, the core by directory (`None`: vmlinux, where the built-in core
+/// is). Coverage names the files whose dport readers never ran.
+pub fn source_file(module: Option<&str>) -> &'static str {
+    match module {
+        Some("cxl_mem") => "drivers/cxl/mem.c",
+        Some("cxl_pci") => "drivers/cxl/pci.c",
+        Some("cxl_acpi") => "drivers/cxl/acpi.c",
+        Some("cxl_port") => "drivers/cxl/port.c",
+        Some("cxl_pmem") => "drivers/cxl/pmem.c",
+        Some("cxl_test") => "tools/testing/cxl/test/cxl.c",
+        Some("cxl_mock") => "tools/testing/cxl/test/mock.c",
+        Some("cxl_mock_mem") => "tools/testing/cxl/test/mem.c",
+        _ => "drivers/cxl/core/",
+    }
+}
+
+/// Dport readers no guest of this project can run, with the reason (docs/kernels.md):
+/// coverage marks them, so a gap a workload could close stands out from one it cannot.
+pub const UNREACHABLE: [(&str, &str); 2] = [
+    (
+        "rcd_pcie_cap_emit",
+        "its rcd_link_* attributes exist only on an RCD, a cxl_pci device below an RCH: QEMU emulates no RCH, and cxl_test's RCD is a platform device",
+    ),
+    (
+        "cxl_handle_rdport_errors",
+        "an RCH downstream port's RAS errors, reported through an RCEC: real RCH hardware only",
+    ),
+];
+
+/// Why no guest here can run `function`, if that is so.
+pub fn unreachable(function: &str) -> Option<&'static str> {
+    UNREACHABLE.iter().find(|(f, _)| *f == function).map(|(_, why)| *why)
+}
 
 /// The module the CXL core is when it is not built into vmlinux (`CONFIG_CXL_BUS=m`).
 pub const CORE_MODULE: &str = "cxl_core";
@@ -403,6 +438,23 @@ impl Profile {
                     })
                     .is_none_or(|rsi| rsi == action)
         });
+    }
+
+    /// Tells, for every xarray call, which xarray it is from the address its code passes:
+    /// a register plus `cxl_port.dports`' offset is a dports xarray (`lea 0x318(%rbx),%rdi`),
+    /// another displacement another member (not probed); anything else is not known.
+    pub fn classify_xarrays(&self, calls: &mut [CallSite]) {
+        let dports = self.offsets.get(Member::PortDports) as i64;
+        for call in calls {
+            if !matches!(call.callee.call, SiteRole::LoadCall | SiteRole::EraseCall | SiteRole::StoreCall) {
+                continue;
+            }
+            call.xarray = match call.rdi {
+                ArgValue::Offset(d) if d == dports => XaTarget::Dports,
+                ArgValue::Offset(_) => XaTarget::Other,
+                _ => XaTarget::Unknown,
+            };
+        }
     }
 
     /// Whether `xa_load` itself is probed instead of its call sites: when asked (it must be

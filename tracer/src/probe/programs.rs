@@ -3,6 +3,7 @@
 //! lock hook. Dropping `Attached` detaches everything.
 use std::{
     os::fd::AsFd,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -14,7 +15,7 @@ use aya::{
 };
 use tracer::{
     coverage::{Coverage, SiteRun},
-    kernel::profile::{FreePath, Registration},
+    kernel::profile::{self, FreePath, Registration},
     plan::{Plan, PlannedSite, ProbePoint, probe_groups},
     resolve::SiteName,
 };
@@ -72,7 +73,16 @@ impl Attached {
             }
             let ran = hits.get(&(i as u32), 0)?.iter().sum();
             let reported = reports.get(&(i as u32), 0)?.iter().sum();
-            sites.push(SiteRun { kind, place, function: site.function.clone(), ran, reported, judged: 0 });
+            sites.push(SiteRun {
+                kind,
+                place,
+                function: site.function.clone(),
+                ran,
+                reported,
+                judged: 0,
+                xarray: site.xarray,
+                file: Some(Arc::from(profile::source_file(site.module.as_deref()))),
+            });
         }
         Ok(Coverage { sites })
     }
@@ -89,10 +99,13 @@ impl Attached {
     }
 }
 
-/// The kprobe programs of the sites: `site` for every site, `shared_deref` for a deref site
-/// at the instruction of another (`probe_groups`), linked after it on the same kprobe.
+/// The kprobe programs of the sites: `lock_site` for lock sites, `site` for every other, and
+/// `shared_deref` for a deref site at the instruction of another (`probe_groups`), linked
+/// after it on the same kprobe. One dispatcher for every role would pass 6.1's verifier
+/// limit of a million instructions.
 pub(super) struct SitePrograms {
     site: aya::programs::ProgramFd,
+    lock_site: aya::programs::ProgramFd,
     shared_deref: aya::programs::ProgramFd,
 }
 
@@ -106,7 +119,7 @@ impl SitePrograms {
             })?;
             Ok(program.fd()?.try_clone()?)
         };
-        Ok(SitePrograms { site: load("site")?, shared_deref: load("shared_deref")? })
+        Ok(SitePrograms { site: load("site")?, lock_site: load("lock_site")?, shared_deref: load("shared_deref")? })
     }
 
     /// Attaches a group of `probe_groups` on one kprobe, its head first; each site's result.
@@ -129,7 +142,14 @@ impl SitePrograms {
             .iter()
             .enumerate()
             .map(|(k, &i)| {
-                let program = if k == 0 { self.site.as_fd() } else { self.shared_deref.as_fd() };
+                let program = match (k, sites[i].role) {
+                    (0, SiteRole::LockCall | SiteRole::UnlockCall) => self.lock_site.as_fd(),
+                    (0, SiteRole::LockReturn | SiteRole::LockReturnIfZero | SiteRole::LockReturnIfOne) => {
+                        self.lock_site.as_fd()
+                    }
+                    (0, _) => self.site.as_fd(),
+                    _ => self.shared_deref.as_fd(),
+                };
                 let started = Instant::now();
                 let result = kprobes.attach(program, &sites[i].point, i as u64);
                 (i, result, started.elapsed())

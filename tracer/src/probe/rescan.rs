@@ -112,12 +112,18 @@ impl ModuleRescan {
         self.profile.keep_host_check_calls(&mut calls, &text);
         // A module's global locks moved with it: named from kallsyms as it is now.
         let _ = globals::name_locks_now(&mut calls, &self.btf);
+        self.profile.classify_xarrays(&mut calls);
+        let not_dports = callsites::other_xarray_calls(&calls);
+        calls.retain(|c| callsites::probed(c, &self.callees));
         let mut plan = Plan::build(symbols, &calls, &uses);
         plan.add_profile_sites(symbols, &self.profile);
         if self.derefs {
             loaders.extend(self.vmlinux_loaders.iter().cloned());
             let all_uses: Vec<DportFunction> = self.vmlinux_uses.iter().chain(&uses).cloned().collect();
-            plan.add_derefs(symbols, &derefs::find(symbols, &text, &loaders, &all_uses, &self.profile.dport));
+            let lookups = callsites::lookups();
+            let sources =
+                derefs::Sources { loaders: &loaders, uses: &all_uses, lookups: &lookups, not_dports: &not_dports };
+            plan.add_derefs(symbols, &derefs::find(symbols, &text, &sources, &self.profile.dport));
         }
         plan.sites.retain(|s| s.module.as_deref() == Some(module));
         // One probe per place and role: a site found twice would double its events.

@@ -7,6 +7,7 @@ use crate::{
     coverage::{Coverage, SiteKind},
     engine::{Class, Finding, Group, HeldLock},
     event::{Access, Hex, Stack},
+    kernel::profile,
     summary::Summary,
 };
 
@@ -172,14 +173,38 @@ fn coverage_value(coverage: &Coverage) -> Value {
         let never: Vec<Value> = coverage
             .sites
             .iter()
-            .filter(|s| s.kind == kind && s.ran == 0)
+            .filter(|s| s.kind == kind && s.ran == 0 && s.is_dport_site())
             .map(|s| Value::String(s.place.to_string()))
+            .collect();
+        let functions: Vec<Value> = coverage
+            .never_ran(kind)
+            .iter()
+            .map(|n| {
+                let mut v = json!({ "function": &*n.function, "sites": n.sites });
+                let map = v.as_object_mut().expect("object");
+                if let Some(file) = &n.file {
+                    map.insert("file".into(), (**file).into());
+                }
+                if let Some(why) = profile::unreachable(&n.function) {
+                    map.insert("unreachable".into(), why.into());
+                }
+                v
+            })
             .collect();
         out.insert(
             kind.name().to_owned(),
-            json!({ "sites": t.sites, "ran": t.ran, "reported": t.reported, "judged": t.judged, "never_ran": never }),
+            json!({
+                "sites": t.sites,
+                "ran": t.ran,
+                "reported": t.reported,
+                "judged": t.judged,
+                "never_ran": never,
+                "never_ran_functions": functions,
+            }),
         );
     }
+    let (unknown, ran) = coverage.unknown_loads();
+    out.insert("unknown_xarray_loads".into(), json!({ "sites": unknown, "ran": ran }));
     Value::Object(out)
 }
 

@@ -2,9 +2,10 @@
 use std::io::{self, Write};
 
 use crate::{
-    coverage::{Coverage, SiteKind},
+    coverage::{Coverage, SiteKind, XaTarget},
     engine::{Class, Group},
     event::{Access, Hex, Stack},
+    kernel::profile,
     summary::Summary,
 };
 
@@ -92,7 +93,7 @@ pub fn write_group(out: &mut impl Write, group: &Group, known: Option<&str>) -> 
     write_stack(out, &format!("{what} stack:"), f.stack.as_ref())?;
     if let Some(load) = &f.load {
         let held = if load.free_lock_held { "free lock held" } else { "free lock not held" };
-        write_stack(out, &format!("loaded by xa_load at {}s ({held}):", secs(load.ts)), load.stack.as_ref())?;
+        write_stack(out, &format!("loaded from port->dports at {}s ({held}):", secs(load.ts)), load.stack.as_ref())?;
     }
     if let Some(lock) = &f.lock {
         match &lock.stack {
@@ -134,17 +135,27 @@ fn describe_access(class: Class, access: &Access) -> String {
     )
 }
 
-/// The coverage lines of the summary: per kind, how many sites ran, and the functions whose
-/// load and use sites never ran (a gate is only as good as what its workload reached).
+/// The coverage lines of the summary: per kind, how many dport sites ran, and the functions
+/// whose dport sites never ran, with their source file and, for a reader no guest here can
+/// run, why (a gate is only as good as what its workload reached).
 pub fn write_coverage(out: &mut impl Write, coverage: &Coverage, prefix: &str) -> io::Result<()> {
     let parts: Vec<String> = SiteKind::ALL
         .into_iter()
         .map(|kind| {
             let t = coverage.totals(kind);
-            format!("{} of {} {} sites ran ({} reports, {} judged)", t.ran, t.sites, kind.name(), t.reported, t.judged)
+            format!("{} of {} ran ({} reports, {} judged)", t.ran, t.sites, t.reported, t.judged)
         })
+        .zip(SiteKind::ALL)
+        .map(|(counts, kind)| format!("dport {} sites: {counts}", kind.name()))
         .collect();
     writeln!(out, "{prefix}coverage: {}", parts.join("; "))?;
+    let (unknown, ran) = coverage.unknown_loads();
+    if unknown > 0 {
+        writeln!(
+            out,
+            "{prefix}  load sites on an xarray not known statically that never returned a dport: {unknown} ({ran} ran)"
+        )?;
+    }
     for kind in SiteKind::ALL {
         let never = coverage.never_ran(kind);
         if never.is_empty() {
@@ -152,19 +163,48 @@ pub fn write_coverage(out: &mut impl Write, coverage: &Coverage, prefix: &str) -
         }
         let list: Vec<String> = never
             .iter()
-            .map(|(function, n)| if *n == 1 { function.to_string() } else { format!("{function} ({n})") })
+            .map(|n| {
+                let mut what = n.file.as_deref().map(str::to_owned).into_iter().collect::<Vec<_>>();
+                if n.sites > 1 {
+                    what.push(format!("{} sites", n.sites));
+                }
+                if let Some(why) = profile::unreachable(&n.function) {
+                    what.push(format!("unreachable here: {why}"));
+                }
+                match what.is_empty() {
+                    true => n.function.to_string(),
+                    false => format!("{} ({})", n.function, what.join("; ")),
+                }
+            })
             .collect();
-        writeln!(out, "{prefix}  {} sites that never ran, by function: {}", kind.name(), list.join(", "))?;
+        writeln!(out, "{prefix}  dport {} sites that never ran, by function: {}", kind.name(), list.join(", "))?;
     }
     Ok(())
 }
 
 /// `analyze --coverage`: every site, one per line.
 pub fn write_coverage_table(out: &mut impl Write, coverage: &Coverage) -> io::Result<()> {
-    writeln!(out, "{:<6} {:>8} {:>8} {:>8}  site", "kind", "ran", "reported", "judged")?;
+    writeln!(out, "{:<6} {:>8} {:>8} {:>8}  {:<8} site", "kind", "ran", "reported", "judged", "xarray")?;
     for s in &coverage.sites {
-        writeln!(out, "{:<6} {:>8} {:>8} {:>8}  {}", s.kind.name(), s.ran, s.reported, s.judged, s.place)?;
+        let xarray = match (s.kind, s.xarray) {
+            (SiteKind::Load, XaTarget::Dports) => "dports",
+            (SiteKind::Load, _) if s.reported > 0 => "dports*",
+            (SiteKind::Load, XaTarget::Unknown) => "unknown",
+            (SiteKind::Load, XaTarget::Other) => "other",
+            _ => "-",
+        };
+        let file = s.file.as_deref().map_or(String::new(), |f| format!("  ({f})"));
+        writeln!(
+            out,
+            "{:<6} {:>8} {:>8} {:>8}  {xarray:<8} {}{file}",
+            s.kind.name(),
+            s.ran,
+            s.reported,
+            s.judged,
+            s.place
+        )?;
     }
+    writeln!(out, "xarray: dports = &port->dports in its code, dports* = proven by a dport it returned")?;
     Ok(())
 }
 
