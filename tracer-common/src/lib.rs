@@ -417,7 +417,45 @@ pub enum SiteRole {
     RegisterReturn = 18,
 }
 
+/// The kprobe program a site's role is handled by. One dispatcher for every role passed
+/// 6.1's verifier limit of a million processed instructions, so they are split by family.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum SiteProgram {
+    /// `site`: lookups, xarray writes, uses and inline accesses.
+    Site,
+    /// `lock_site`: lock and unlock calls.
+    Lock,
+    /// `lifetime_site`: a dport's registration (its devres host, the registration's return)
+    /// and its free.
+    Lifetime,
+}
+
+impl SiteProgram {
+    pub const ALL: [SiteProgram; 3] = [SiteProgram::Site, SiteProgram::Lock, SiteProgram::Lifetime];
+
+    /// The program's name in the eBPF object.
+    pub const fn name(self) -> &'static str {
+        match self {
+            SiteProgram::Site => "site",
+            SiteProgram::Lock => "lock_site",
+            SiteProgram::Lifetime => "lifetime_site",
+        }
+    }
+}
+
 impl SiteRole {
+    /// The program that handles it.
+    pub const fn program(self) -> SiteProgram {
+        use SiteRole::*;
+        match self {
+            Use | LoadCall | LoadReturn | EraseCall | EraseReturn | StoreCall | Deref => SiteProgram::Site,
+            LockCall | LockReturn | LockReturnIfZero | LockReturnIfOne | UnlockCall => SiteProgram::Lock,
+            HostAllocCall | HostAllocReturn | HostActionCall | FreeCall | FreeEntry | RegisterReturn => {
+                SiteProgram::Lifetime
+            }
+        }
+    }
+
     pub const fn from_u32(value: u32) -> Option<SiteRole> {
         Some(match value {
             1 => SiteRole::Use,

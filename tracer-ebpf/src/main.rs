@@ -98,18 +98,27 @@ fn offsets() -> Offsets {
     unsafe { core::ptr::read_volatile(&OFFSETS) }
 }
 
-/// Every call-site and use-site kprobe: dispatches on the site its cookie names.
+/// Lookups, xarray writes, uses and inline accesses (`SiteProgram::Site`): dispatches on the
+/// site its cookie names.
 #[kprobe]
 pub fn site(ctx: ProbeContext) -> u32 {
     sites::on_site(&ctx);
     0
 }
 
-/// Every lock and unlock call site and lock return site: a program of its own, so that
-/// `site` stays within the verifier's instruction limit of older kernels (6.1: a million).
+/// Every lock and unlock call site and lock return site (`SiteProgram::Lock`): a program of
+/// its own, so that `site` stays within the verifier's instruction limit of older kernels
+/// (6.1: a million).
 #[kprobe]
 pub fn lock_site(ctx: ProbeContext) -> u32 {
     sites::on_lock_site(&ctx);
+    0
+}
+
+/// The sites of a dport's registration and free (`SiteProgram::Lifetime`).
+#[kprobe]
+pub fn lifetime_site(ctx: ProbeContext) -> u32 {
+    sites::on_lifetime_site(&ctx);
     0
 }
 

@@ -71,47 +71,52 @@ fn reg(ctx: &ProbeContext, reg: u32) -> u64 {
     }
 }
 
-pub fn on_site(ctx: &ProbeContext) {
+/// The site the current kprobe is (its attach cookie indexes `SITES`), counted as run.
+fn this_site(ctx: &ProbeContext) -> Option<(u64, SiteInfo, SiteRole)> {
     // SAFETY: the context of a kprobe attached through a perf link.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    let Some(site) = SITES.get(cookie as u32).copied() else { return };
+    let site = SITES.get(cookie as u32).copied()?;
     site_hit(cookie);
-    match SiteRole::from_u32(site.role) {
-        Some(SiteRole::Use) => on_use(ctx, &site, cookie),
-        Some(SiteRole::LoadCall | SiteRole::EraseCall) => xarray::on_call(ctx, site.arg),
-        Some(SiteRole::LoadReturn) => xarray::on_load_return(ctx, site.arg == SITE_UNPAIRED_OK, cookie),
-        Some(SiteRole::EraseReturn) => xarray::on_erase_return(ctx, site.arg == SITE_UNPAIRED_OK),
-        Some(SiteRole::StoreCall) => xarray::on_store_call(ctx),
-        // Lock sites have their own program (`lock_site`).
-        Some(
-            SiteRole::LockCall
-            | SiteRole::LockReturn
-            | SiteRole::LockReturnIfZero
-            | SiteRole::LockReturnIfOne
-            | SiteRole::UnlockCall,
-        ) => {}
-        Some(SiteRole::HostAllocCall) => on_host_alloc_call(ctx),
-        Some(SiteRole::HostAllocReturn) => on_host_alloc_return(ctx, site.arg == SITE_UNPAIRED_OK),
-        Some(SiteRole::HostActionCall) => on_host_action_call(ctx),
-        Some(SiteRole::Deref) => on_deref(ctx, &site, cookie),
-        Some(SiteRole::FreeCall) => cxl::on_free(ctx, regs(ctx).rdi),
-        Some(SiteRole::FreeEntry) => cxl::on_free(ctx, arg(&regs(ctx), site.arg)),
-        Some(SiteRole::RegisterReturn) => cxl::on_dport_returned(ctx, regs(ctx).rax),
-        None => {}
+    Some((cookie, site, SiteRole::from_u32(site.role)?))
+}
+
+/// `SiteProgram::Site`: lookups, xarray writes, uses, inline accesses.
+pub fn on_site(ctx: &ProbeContext) {
+    let Some((cookie, site, role)) = this_site(ctx) else { return };
+    match role {
+        SiteRole::Use => on_use(ctx, &site, cookie),
+        SiteRole::LoadCall | SiteRole::EraseCall => xarray::on_call(ctx, site.arg),
+        SiteRole::LoadReturn => xarray::on_load_return(ctx, site.arg == SITE_UNPAIRED_OK, cookie),
+        SiteRole::EraseReturn => xarray::on_erase_return(ctx, site.arg == SITE_UNPAIRED_OK),
+        SiteRole::StoreCall => xarray::on_store_call(ctx),
+        SiteRole::Deref => on_deref(ctx, &site, cookie),
+        _ => {}
     }
 }
 
+/// `SiteProgram::Lock`: lock and unlock calls.
 pub fn on_lock_site(ctx: &ProbeContext) {
-    // SAFETY: the context of a kprobe attached through a perf link.
-    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    let Some(site) = SITES.get(cookie as u32).copied() else { return };
-    site_hit(cookie);
-    match SiteRole::from_u32(site.role) {
-        Some(SiteRole::LockCall) => on_lock_call(ctx, &site),
-        Some(role @ (SiteRole::LockReturn | SiteRole::LockReturnIfZero | SiteRole::LockReturnIfOne)) => {
+    let Some((cookie, site, role)) = this_site(ctx) else { return };
+    match role {
+        SiteRole::LockCall => on_lock_call(ctx, &site),
+        SiteRole::LockReturn | SiteRole::LockReturnIfZero | SiteRole::LockReturnIfOne => {
             on_lock_return(ctx, role, cookie)
         }
-        Some(SiteRole::UnlockCall) => mutex::emit_unlock(ctx, regs(ctx).rdi, cookie as u32, site.arg),
+        SiteRole::UnlockCall => mutex::emit_unlock(ctx, regs(ctx).rdi, cookie as u32, site.arg),
+        _ => {}
+    }
+}
+
+/// `SiteProgram::Lifetime`: a dport's registration and its free.
+pub fn on_lifetime_site(ctx: &ProbeContext) {
+    let Some((_, site, role)) = this_site(ctx) else { return };
+    match role {
+        SiteRole::HostAllocCall => on_host_alloc_call(ctx),
+        SiteRole::HostAllocReturn => on_host_alloc_return(ctx, site.arg == SITE_UNPAIRED_OK),
+        SiteRole::HostActionCall => on_host_action_call(ctx),
+        SiteRole::FreeCall => cxl::on_free(ctx, regs(ctx).rdi),
+        SiteRole::FreeEntry => cxl::on_free(ctx, arg(&regs(ctx), site.arg)),
+        SiteRole::RegisterReturn => cxl::on_dport_returned(ctx, regs(ctx).rax),
         _ => {}
     }
 }

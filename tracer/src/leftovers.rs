@@ -10,6 +10,7 @@ use crate::{Outcome, probe::kprobe};
 const PROGRAMS: &[&str] = &[
     "site",
     "lock_site",
+    "lifetime_site",
     "shared_deref",
     "dport_add_exit",
     "free_dport_entry",

@@ -19,7 +19,7 @@ use tracer::{
     plan::{Plan, PlannedSite, ProbePoint, probe_groups},
     resolve::SiteName,
 };
-use tracer_common::{COUNTERS, Counter, MAX_SITES, SiteInfo, SiteRole};
+use tracer_common::{COUNTERS, Counter, MAX_SITES, SiteInfo, SiteProgram, SiteRole};
 
 use super::kprobe::{AttachError, Kprobes};
 use crate::{discover::Discovery, preflight};
@@ -99,13 +99,12 @@ impl Attached {
     }
 }
 
-/// The kprobe programs of the sites: `lock_site` for lock sites, `site` for every other, and
+/// The kprobe programs of the sites: the one of each role's `SiteProgram`, and
 /// `shared_deref` for a deref site at the instruction of another (`probe_groups`), linked
-/// after it on the same kprobe. One dispatcher for every role would pass 6.1's verifier
-/// limit of a million instructions.
+/// after it on the same kprobe.
 pub(super) struct SitePrograms {
-    site: aya::programs::ProgramFd,
-    lock_site: aya::programs::ProgramFd,
+    /// In `SiteProgram::ALL` order.
+    programs: Vec<aya::programs::ProgramFd>,
     shared_deref: aya::programs::ProgramFd,
 }
 
@@ -119,7 +118,14 @@ impl SitePrograms {
             })?;
             Ok(program.fd()?.try_clone()?)
         };
-        Ok(SitePrograms { site: load("site")?, lock_site: load("lock_site")?, shared_deref: load("shared_deref")? })
+        let programs = SiteProgram::ALL.iter().map(|p| load(p.name())).collect::<anyhow::Result<_>>()?;
+        Ok(SitePrograms { programs, shared_deref: load("shared_deref")? })
+    }
+
+    /// The program of sites of `role`.
+    pub(super) fn of(&self, role: SiteRole) -> std::os::fd::BorrowedFd<'_> {
+        let index = SiteProgram::ALL.iter().position(|p| *p == role.program()).expect("every program is in ALL");
+        self.programs[index].as_fd()
     }
 
     /// Attaches a group of `probe_groups` on one kprobe, its head first; each site's result.
@@ -142,14 +148,7 @@ impl SitePrograms {
             .iter()
             .enumerate()
             .map(|(k, &i)| {
-                let program = match (k, sites[i].role) {
-                    (0, SiteRole::LockCall | SiteRole::UnlockCall) => self.lock_site.as_fd(),
-                    (0, SiteRole::LockReturn | SiteRole::LockReturnIfZero | SiteRole::LockReturnIfOne) => {
-                        self.lock_site.as_fd()
-                    }
-                    (0, _) => self.site.as_fd(),
-                    _ => self.shared_deref.as_fd(),
-                };
+                let program = if k == 0 { self.of(sites[i].role) } else { self.shared_deref.as_fd() };
                 let started = Instant::now();
                 let result = kprobes.attach(program, &sites[i].point, i as u64);
                 (i, result, started.elapsed())
@@ -245,7 +244,8 @@ pub fn load(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached> 
         ),
     }
     let free_sites = attached_roles.iter().filter(|r| matches!(r, SiteRole::FreeCall | SiteRole::FreeEntry)).count();
-    attach_free_path(&mut ebpf, &btf, discovery, free_sites, &mut kprobes, programs.site.as_fd(), &mut warnings)?;
+    let lifetime = programs.of(SiteRole::FreeEntry);
+    attach_free_path(&mut ebpf, &btf, discovery, free_sites, &mut kprobes, lifetime, &mut warnings)?;
     let sites_attached = attached_roles.len();
     Ok(Attached { kprobes, programs, ebpf, warnings, took: start.elapsed(), deref_took, sites_attached })
 }
