@@ -57,10 +57,20 @@ pub struct SiteRun {
 }
 
 impl SiteRun {
-    /// Whether it is a dport site: every use and deref site, a load site whose code passes
-    /// `&port->dports` or that returned a dport.
+    /// Whether it is a dport site: every use site; a load site whose code passes
+    /// `&port->dports`, or whose xarray is not known; a deref site a dport lookup reaches;
+    /// and any site that reported a dport.
     pub fn is_dport_site(&self) -> bool {
-        self.kind != SiteKind::Load || self.xarray == XaTarget::Dports || self.reported > 0
+        match self.kind {
+            SiteKind::Use => true,
+            SiteKind::Load | SiteKind::Deref => self.xarray == XaTarget::Dports || self.reported > 0,
+        }
+    }
+
+    /// A site read as being about another xarray that reported a dport: the reading was
+    /// wrong (the site was probed all the same, so nothing was missed).
+    pub fn misread(&self) -> bool {
+        self.xarray == XaTarget::Other && self.reported > 0
     }
 }
 
@@ -117,8 +127,21 @@ impl Coverage {
     /// Load sites whose xarray is not known statically and that never returned a dport:
     /// (sites, of which ran).
     pub fn unknown_loads(&self) -> (usize, usize) {
-        let unknown = self.sites.iter().filter(|s| s.kind == SiteKind::Load && !s.is_dport_site());
+        let unknown =
+            self.sites.iter().filter(|s| s.kind == SiteKind::Load && s.xarray == XaTarget::Unknown && s.reported == 0);
         unknown.fold((0, 0), |(n, ran), s| (n + 1, ran + usize::from(s.ran > 0)))
+    }
+
+    /// Sites about another xarray, as their code reads (not dport sites unless they reported
+    /// one): (load sites, deref sites).
+    pub fn other_sites(&self) -> (usize, usize) {
+        let other = |kind| self.sites.iter().filter(|s| s.kind == kind && !s.is_dport_site()).count();
+        (other(SiteKind::Load) - self.unknown_loads().0, other(SiteKind::Deref))
+    }
+
+    /// The places of the sites `misread`.
+    pub fn misread(&self) -> Vec<Arc<str>> {
+        self.sites.iter().filter(|s| s.misread()).map(|s| s.place.clone()).collect()
     }
 
     /// Fills in `judged` from the engine's counts by place (uses and derefs), and for loads

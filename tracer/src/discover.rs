@@ -11,7 +11,7 @@ use rustc_hash::FxHashSet;
 use tracer::{
     kernel::{
         btf::{DportFunction, KernelBtf},
-        callsites::{self, CallSite, CxlText},
+        callsites::{self, CallSite, CxlText, XaTarget},
         derefs, globals,
         kcore::Kcore,
         modules,
@@ -69,6 +69,9 @@ pub struct Discovery {
 pub struct DerefScan {
     pub functions: usize,
     pub sites: usize,
+    /// Of the sites, those a dport lookup reaches (the others only follow lookups of other
+    /// xarrays).
+    pub dport_sites: usize,
 }
 
 /// A user-added use site: `FUNCTION:ARG` or `MODULE:FUNCTION:ARG`.
@@ -129,7 +132,7 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
     profile.classify_xarrays(&mut calls);
     let direct_xa_load = profile.probe_xa_load_directly(config.direct_xa_load, &calls)?;
     let callees = profile.callees(config.global_lock_hook, direct_xa_load);
-    let probed: Vec<CallSite> = calls.iter().filter(|c| callsites::probed(c, &callees)).cloned().collect();
+    let probed: Vec<CallSite> = calls.iter().filter(|c| callees.contains(&c.callee)).cloned().collect();
     let mut plan = Plan::build(&symbols, &probed, &uses);
     plan.add_profile_sites(&symbols, &profile);
     let asked_sites = asked_sites(&plan, &config.extra_uses)?;
@@ -138,10 +141,11 @@ pub fn discover(config: &ProbeConfig, strict_cxl: bool) -> anyhow::Result<Discov
         let not_dports = callsites::other_xarray_calls(&calls);
         let sources =
             derefs::Sources { loaders: &loaders, uses: &uses, lookups: &callsites::lookups(), not_dports: &not_dports };
-        let sites = derefs::find(&symbols, &text, &sources, &profile.dport);
+        let sites = derefs::find_classified(&symbols, &text, &sources, &profile.dport);
         plan.add_derefs(&symbols, &sites);
-        let functions: FxHashSet<u64> = sites.iter().map(|s| s.function_addr).collect();
-        DerefScan { functions: functions.len(), sites: sites.len() }
+        let functions: FxHashSet<u64> = sites.iter().map(|(s, _)| s.function_addr).collect();
+        let dport_sites = sites.iter().filter(|(_, target)| *target == XaTarget::Dports).count();
+        DerefScan { functions: functions.len(), sites: sites.len(), dport_sites }
     } else {
         DerefScan::default()
     };

@@ -95,7 +95,7 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
         if matches!(call.callee.call, SiteRole::LoadCall | SiteRole::EraseCall | SiteRole::StoreCall) {
             line.push_str(match call.xarray {
                 XaTarget::Dports => ": port->dports",
-                XaTarget::Other => ": another xarray (not probed)",
+                XaTarget::Other => ": another xarray (probed; not counted as a dport site)",
                 XaTarget::Unknown => ": xarray not known statically (a dports xarray if a load there returns a dport)",
             });
         }

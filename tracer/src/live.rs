@@ -428,13 +428,14 @@ fn report_discovery(d: &Discovery) {
         _ => 0,
     };
     eprintln!(
-        "tracer: {} call sites in CXL code ({} modules: {}), {} use sites, {} deref sites in {} functions, {} devres kfree sites; planned {} sites in {:.1?}",
+        "tracer: {} call sites in CXL code ({} modules: {}), {} use sites, {} deref sites in {} functions ({} after a dport lookup), {} devres kfree sites; planned {} sites in {:.1?}",
         d.calls.len(),
         d.cxl_modules.len(),
         d.cxl_modules.join(" "),
         d.plan.uses.iter().filter(|u| u.probed.is_some()).count(),
         d.derefs.sites,
         d.derefs.functions,
+        d.derefs.dport_sites,
         frees,
         d.plan.sites.len(),
         d.took

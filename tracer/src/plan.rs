@@ -316,9 +316,10 @@ impl Plan {
         true
     }
 
-    /// A kprobe on each deref site's instruction; its argument names the base register.
-    pub fn add_derefs(&mut self, symbols: &Symbols, derefs: &[DerefSite]) {
-        for d in derefs {
+    /// A kprobe on each deref site's instruction; its argument names the base register. The
+    /// target says whether a dport lookup reaches it (coverage counts only those).
+    pub fn add_derefs(&mut self, symbols: &Symbols, derefs: &[(DerefSite, XaTarget)]) {
+        for (d, target) in derefs {
             let function =
                 Symbol { addr: d.function_addr, name: d.function.clone(), module: d.module.clone(), text: true };
             let access = Access {
@@ -340,7 +341,7 @@ impl Plan {
                 what: "deref",
                 access: Some(Arc::new(access)),
                 lock: None,
-                xarray: XaTarget::Dports,
+                xarray: *target,
             });
         }
     }

@@ -253,14 +253,8 @@ pub fn scan(function: &Symbol, code: &[u8], targets: &FxHashMap<u64, Callee>, ou
     }
 }
 
-/// Whether a call site found is probed: its callee is, and it is not an xarray call known
-/// to be on another xarray than `port->dports` (nothing there concerns a dport).
-pub fn probed(call: &CallSite, callees: &[Callee]) -> bool {
-    callees.contains(&call.callee) && call.xarray != XaTarget::Other
-}
-
-/// The lookup calls (instruction addresses) known to read another xarray: what they return
-/// is never a dport.
+/// The lookup calls (instruction addresses) that read another xarray as their code reads:
+/// the inline accesses only their results reach are not counted as dport sites.
 pub fn other_xarray_calls(calls: &[CallSite]) -> FxHashSet<u64> {
     calls.iter().filter(|c| c.xarray == XaTarget::Other).map(|c| c.function_addr + c.offset).collect()
 }
@@ -312,7 +306,8 @@ pub enum XaTarget {
     Unknown,
     /// `&port->dports`: the address is a register plus that member's offset.
     Dports,
-    /// Another member's address: not probed.
+    /// Another member's address, by the same reading: still probed, but not counted as a
+    /// dport site (and a dport it returns says the reading was wrong).
     Other,
 }
 
@@ -325,7 +320,8 @@ pub enum ArgValue {
     /// `lea X(%rip),%reg` or `mov $X,%reg`: an address (a global, a function).
     Const(u64),
     /// Some register plus a displacement: `lea 0x318(%rbx),%rdi` (`&port->dports` when 0x318
-    /// is that member's offset), `mov %rbx,%rdi` (0), or either then `add $X,%rdi`.
+    /// is that member's offset), or that then `add $X,%rdi`. A plain register copy is
+    /// `Unknown`: the register may already point into the struct.
     Offset(i64),
 }
 
@@ -382,9 +378,6 @@ fn written_value(
             ArgValue::Offset(insn.memory_displacement64() as i64)
         }
         Mnemonic::Mov if to_reg && imm => ArgValue::Const(insn.immediate(1)),
-        Mnemonic::Mov if to_reg && insn.op1_kind() == OpKind::Register && insn.op1_register().is_gpr64() => {
-            ArgValue::Offset(0)
-        }
         Mnemonic::Add if to_reg && imm => match before {
             ArgValue::Offset(d) => ArgValue::Offset(d.wrapping_add(insn.immediate(1) as i64)),
             _ => ArgValue::Unknown,

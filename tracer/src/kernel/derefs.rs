@@ -21,7 +21,7 @@ use tracer_common::Reg;
 
 use super::{
     btf::{DportFunction, RETURNS},
-    callsites::CxlText,
+    callsites::{CxlText, XaTarget},
     layout::Layout,
 };
 use crate::symbolize::{Symbol, Symbols};
@@ -423,6 +423,7 @@ pub fn scan(
 }
 
 /// Where dports come from, for `find`.
+#[derive(Clone, Copy)]
 pub struct Sources<'a> {
     /// Functions that hand a dport to their caller (BTF).
     pub loaders: &'a [DportFunction],
@@ -435,9 +436,29 @@ pub struct Sources<'a> {
     pub not_dports: &'a FxHashSet<u64>,
 }
 
-/// Every deref site in CXL code. The lookups are loaders too, but for the calls known to
-/// read another xarray (the kernel side judges only loads from dports xarrays, so a lookup
-/// of an unknown xarray costs at most a probe that never reports).
+/// Every deref site in CXL code, and which can hold a dport: found once with every lookup
+/// as a loader (all are probed: the kernel side judges only dports, and a misread of which
+/// xarray a lookup reads must not blind it), once without the lookups of other xarrays
+/// (`Sources::not_dports`); a site only the first finds is `Other` (counted apart).
+pub fn find_classified(
+    symbols: &Symbols,
+    text: &CxlText,
+    sources: &Sources,
+    layout: &Layout,
+) -> Vec<(DerefSite, XaTarget)> {
+    let all = find(symbols, text, &Sources { not_dports: &FxHashSet::default(), ..*sources }, layout);
+    let reached: FxHashSet<(u64, u64)> =
+        find(symbols, text, sources, layout).into_iter().map(|s| (s.function_addr, s.insn)).collect();
+    all.into_iter()
+        .map(|s| {
+            let target = if reached.contains(&(s.function_addr, s.insn)) { XaTarget::Dports } else { XaTarget::Other };
+            (s, target)
+        })
+        .collect()
+}
+
+/// Every deref site in CXL code. The lookups are loaders too, but for the calls in
+/// `not_dports`.
 pub fn find(symbols: &Symbols, text: &CxlText, sources: &Sources, layout: &Layout) -> Vec<DerefSite> {
     let Sources { loaders, uses, lookups, not_dports } = *sources;
     let addrs = |f: &DportFunction| -> Vec<u64> {

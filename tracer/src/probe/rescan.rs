@@ -114,7 +114,6 @@ impl ModuleRescan {
         let _ = globals::name_locks_now(&mut calls, &self.btf);
         self.profile.classify_xarrays(&mut calls);
         let not_dports = callsites::other_xarray_calls(&calls);
-        calls.retain(|c| callsites::probed(c, &self.callees));
         let mut plan = Plan::build(symbols, &calls, &uses);
         plan.add_profile_sites(symbols, &self.profile);
         if self.derefs {
@@ -123,7 +122,7 @@ impl ModuleRescan {
             let lookups = callsites::lookups();
             let sources =
                 derefs::Sources { loaders: &loaders, uses: &all_uses, lookups: &lookups, not_dports: &not_dports };
-            plan.add_derefs(symbols, &derefs::find(symbols, &text, &sources, &self.profile.dport));
+            plan.add_derefs(symbols, &derefs::find_classified(symbols, &text, &sources, &self.profile.dport));
         }
         plan.sites.retain(|s| s.module.as_deref() == Some(module));
         // One probe per place and role: a site found twice would double its events.

@@ -205,6 +205,10 @@ fn coverage_value(coverage: &Coverage) -> Value {
     }
     let (unknown, ran) = coverage.unknown_loads();
     out.insert("unknown_xarray_loads".into(), json!({ "sites": unknown, "ran": ran }));
+    let (loads, derefs) = coverage.other_sites();
+    out.insert("other_xarray_sites".into(), json!({ "load": loads, "deref": derefs }));
+    let misread: Vec<Value> = coverage.misread().iter().map(|p| Value::String(p.to_string())).collect();
+    out.insert("misread".into(), misread.into());
     Value::Object(out)
 }
 

@@ -156,6 +156,18 @@ pub fn write_coverage(out: &mut impl Write, coverage: &Coverage, prefix: &str) -
             "{prefix}  load sites on an xarray not known statically that never returned a dport: {unknown} ({ran} ran)"
         )?;
     }
+    let (loads, derefs) = coverage.other_sites();
+    if loads + derefs > 0 {
+        writeln!(out, "{prefix}  sites about other xarrays, not counted: {loads} load, {derefs} deref")?;
+    }
+    let misread = coverage.misread();
+    if !misread.is_empty() {
+        writeln!(
+            out,
+            "{prefix}  WARNING: sites read as being about another xarray reported a dport (counted as dport sites; the kernel profile's reading is wrong there): {}",
+            misread.join(", ")
+        )?;
+    }
     for kind in SiteKind::ALL {
         let never = coverage.never_ran(kind);
         if never.is_empty() {
