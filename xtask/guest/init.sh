@@ -60,9 +60,10 @@ if [ "$TRACER" = manual ]; then
 	say "running the workload without the tracer; /bin/tracer is there for the script (--manual-tracer)"
 	/vm/workload
 elif [ "$TRACER" = 1 ]; then
-	say "running the workload under: tracer run --format json --record /share/out/trace.bin"
-	/bin/tracer run --format json --record /share/out/trace.bin -- /vm/workload \
-		> /share/out/findings.jsonl 2> /share/out/tracer.log
+	set -- --format json --record /share/out/trace.bin
+	[ -z "$TRACER_KNOWN" ] || set -- "$@" --known "$TRACER_KNOWN"
+	say "running the workload under: tracer run $*"
+	/bin/tracer run "$@" -- /vm/workload > /share/out/findings.jsonl 2> /share/out/tracer.log
 	t=$?
 	say "tracer exit=$t"
 else

@@ -54,7 +54,7 @@ pub fn boot(options: &RunOptions, prepared: &Prepared) -> anyhow::Result<Booted>
 
     results::copy(&prepared.share.join("out"), &out)?;
     if let Some(tracer) = &prepared.tracer {
-        results::write_ktap(tracer, &out);
+        results::write_ktap(tracer, &out, options.known.as_deref());
     }
     Ok(Booted { session, out, accel, accel_reason, timeout })
 }

@@ -51,6 +51,8 @@ pub struct GuestConfig<'a> {
     /// Modules to load at boot, in order (the CXL drivers, then the user's extra modules).
     pub load_modules: &'a [String],
     pub settle_secs: u32,
+    /// Where the known-findings file is in the guest (`--known`), if given.
+    pub known: Option<&'a str>,
 }
 
 impl GuestConfig<'_> {
@@ -77,6 +79,7 @@ impl GuestConfig<'_> {
             ("USER_CMD", self.user_command.clone()),
             ("LOAD_MODULES", self.load_modules.join(" ")),
             ("SETTLE_SECS", self.settle_secs.to_string()),
+            ("TRACER_KNOWN", self.known.map_or(String::new(), str::to_owned)),
         ];
         for (name, value) in vars {
             writeln!(s, "{name}={}", shell_quote(&value)).expect("writing to a String cannot fail");
@@ -115,6 +118,7 @@ mod tests {
             user_command: "'/vm/script' 'a b'".to_owned(),
             load_modules: &["cxl_acpi".to_owned()],
             settle_secs: 30,
+            known: Some("/vm/known"),
         }
         .render()
     }

@@ -160,6 +160,11 @@ pub struct RunOptions {
     /// Do not echo the guest console (it is still saved to console.log).
     #[arg(long)]
     pub quiet: bool,
+    /// Known findings (`tracer run --known`): a file of finding titles, each with why it is
+    /// known (the repository's `known/` has one per stock kernel). Known findings are still
+    /// reported, apart; only the others fail the run. results.ktap shows them skipped.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_tracer")]
+    pub known: Option<PathBuf>,
     /// A script to run in the guest after the workloads, and its arguments: a host file
     /// (copied into the guest) or else a command of the guest's busybox.
     #[arg(last = true, value_name = "SCRIPT ARGS")]
@@ -193,6 +198,7 @@ impl RunOptions {
             cpus: None,
             cmdline: None,
             quiet: false,
+            known: None,
             script: Vec::new(),
             extra_files: Vec::new(),
         }

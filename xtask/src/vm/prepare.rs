@@ -4,6 +4,7 @@
 use std::{
     fs,
     path::{Path, PathBuf},
+    process::Command,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -12,7 +13,7 @@ use anyhow::{Context as _, bail};
 use super::{
     RunOptions, Workload, basics,
     guest::{self, GuestConfig},
-    initramfs,
+    initramfs::{self, GuestFile},
     kernel::{self, Kernel, ModuleIndex, UserModule},
     kernel_arg, tracer, workload,
 };
@@ -92,6 +93,15 @@ pub fn prepare(options: &RunOptions) -> anyhow::Result<Prepared> {
     fs::create_dir_all(&cxl_dir)?;
 
     let (script_file, user_command) = user_command(&options.script)?;
+    let mut extra_files = options.extra_files.clone();
+    if let Some(known) = &options.known {
+        check_known(tracer.as_deref(), known)?;
+        extra_files.push(GuestFile {
+            path: KNOWN_IN_GUEST.trim_start_matches('/').to_owned(),
+            source: known.clone(),
+            mode: 0o644,
+        });
+    }
     let config = GuestConfig {
         nonce: &nonce,
         expect_memdevs: options.topology.memdevs(),
@@ -105,6 +115,7 @@ pub fn prepare(options: &RunOptions) -> anyhow::Result<Prepared> {
         user_command,
         load_modules: &load,
         settle_secs: SETTLE_SECS,
+        known: options.known.as_ref().map(|_| KNOWN_IN_GUEST),
     };
     let base = initramfs::base(&kernel, &index, &modules)?;
     let initrd = tmp.0.join("initrd.cpio");
@@ -117,7 +128,7 @@ pub fn prepare(options: &RunOptions) -> anyhow::Result<Prepared> {
             user_modules: &user_modules,
             tracer: tracer.as_deref(),
             script: script_file.as_deref(),
-            extra_files: &options.extra_files,
+            extra_files: &extra_files,
         },
         &initrd,
     )?;
@@ -192,6 +203,24 @@ fn load_order(
         }
     }
     load
+}
+
+/// Where `--known`'s file goes in the guest.
+const KNOWN_IN_GUEST: &str = "/vm/known";
+
+/// A known-findings file the guest's tracer would refuse fails the run before it boots: the
+/// host runs the same tracer on it (an empty input to analyze, the file to check).
+fn check_known(tracer: Option<&Path>, known: &Path) -> anyhow::Result<()> {
+    let tracer = tracer.context("--known is for the tracer in the guest: it cannot go with --no-tracer")?;
+    let empty = std::env::temp_dir().join(format!("tracer-vm-known-check-{}.jsonl", std::process::id()));
+    fs::write(&empty, "").with_context(|| format!("writing {}", empty.display()))?;
+    let out = Command::new(tracer).args(["analyze", "--known"]).arg(known).arg(&empty).output();
+    let _ = fs::remove_file(&empty);
+    let out = out.with_context(|| format!("cannot run {}", tracer.display()))?;
+    if out.status.code() == Some(2) {
+        bail!("--known {}: {}", known.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
 }
 
 /// The user's script as the guest runs it: a host file is copied to /vm/script, anything

@@ -60,12 +60,17 @@ pub fn copy(from: &Path, to: &Path) -> anyhow::Result<()> {
 /// `results.ktap` next to `findings.jsonl`, for CI systems that read KTAP: the recorded trace
 /// analyzed by the same (static) tracer build on the host. A run without a trace has none;
 /// a failure to write it is said, not fatal (findings.jsonl is the run's verdict).
-pub fn write_ktap(tracer: &Path, out: &Path) {
+pub fn write_ktap(tracer: &Path, out: &Path, known: Option<&Path>) {
     let trace = out.join("trace.bin");
     if !trace.exists() {
         return;
     }
-    match std::process::Command::new(tracer).args(["analyze", "--format", "ktap", "--strict"]).arg(&trace).output() {
+    let mut analyze = std::process::Command::new(tracer);
+    analyze.args(["analyze", "--format", "ktap", "--strict"]);
+    if let Some(known) = known {
+        analyze.arg("--known").arg(known);
+    }
+    match analyze.arg(&trace).output() {
         Ok(result) if matches!(result.status.code(), Some(0..=2)) && !result.stdout.is_empty() => {
             if let Err(err) = fs::write(out.join("results.ktap"), &result.stdout) {
                 println!("vm: warning: writing results.ktap: {err}");
