@@ -7,10 +7,10 @@
 //! (the read-side fix of the seed thread: as written for 7.2, adapted to 6.12 and 6.1),
 //! `cxl-mem-stock` unmodified, as the control. The stock rebuild is compared function by
 //! function with the distro's module to show that the rebuild itself changes nothing.
-mod chroot;
+pub(crate) mod chroot;
 mod code;
 mod distro;
-mod source;
+pub(crate) mod source;
 mod toolchain;
 
 use std::{

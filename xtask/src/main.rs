@@ -4,6 +4,7 @@ mod debian;
 mod demo;
 mod fixture;
 mod setup;
+mod source_kernel;
 mod test;
 mod util;
 mod vm;
@@ -36,6 +37,12 @@ enum Command {
     /// tracer (an A/A pair: the noise floor) and bpftrace, its memory on a long churn, and the
     /// engine's replay speed; print a table per kernel (README, Performance; docs/bench.md).
     Bench(Box<bench::Options>),
+    /// Kernels built from source: `kernel build [--patch FILE|seed]` builds (or finds cached)
+    /// the 7.2.13 kernel with the CXL core as modules and cxl_test (docs/source-kernel.md).
+    Kernel {
+        #[command(subcommand)]
+        command: source_kernel::KernelCommand,
+    },
     /// The QEMU CXL guest: boot it, run hotplug workloads, collect results (docs/vm.md).
     Vm {
         #[command(subcommand)]
@@ -48,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         Command::Setup => setup::run(),
         Command::Test(options) => test::run(&options),
         Command::Vm { command } => vm::command(command),
+        Command::Kernel { command } => source_kernel::command(command),
         Command::Fixture(options) => fixture::run(&options),
         Command::Demo(options) => demo::run(&options),
         Command::Bench(options) => bench::run(&options),

@@ -52,6 +52,11 @@ pub fn fixture_packages(kernel: &StockKernel) -> Vec<&'static str> {
     packages
 }
 
+/// What `--kernel 7.2-src` needs on the host (docs/source-kernel.md): debootstrap for the sid
+/// chroot it builds in, patch for `--patch`, xz to extract the source, kmod's depmod for the
+/// installed modules. The chroot's own build packages are installed inside it on first use.
+pub const SOURCE_KERNEL_PACKAGES: &[&str] = &["debootstrap", "patch", "xz-utils", "kmod"];
+
 /// bpf-linker release the eBPF build is known to work with (DESIGN §5).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -60,6 +65,7 @@ pub fn run() -> anyhow::Result<()> {
     for kernel in STOCK_KERNELS {
         packages.extend(fixture_packages(kernel));
     }
+    packages.extend(SOURCE_KERNEL_PACKAGES);
     packages.sort_unstable();
     packages.dedup();
     ensure_packages(&packages)?;

@@ -1,5 +1,6 @@
 //! The guest kernel: a stock Debian kernel of the matrix fetched into the cache, a user's
-//! .deb, or a user's own image and modules tree; and the modules the initramfs takes from it.
+//! .deb, a user's own image and modules tree, or a kernel built here from source; and the
+//! modules the initramfs takes from it.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -11,6 +12,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     debian::{self, StockKernel},
+    source_kernel,
     util::{self, cache_dir},
 };
 
@@ -23,6 +25,9 @@ pub enum Source {
     Deb(PathBuf),
     /// A bzImage and its installed modules directory (`lib/modules/RELEASE`).
     Tree { image: PathBuf, modules: PathBuf },
+    /// A kernel built here from source (`--kernel 7.2-src`), built on first use and cached
+    /// (docs/source-kernel.md).
+    Built(source_kernel::Request),
 }
 
 /// A kernel ready to boot: the image and its modules tree with `modules.dep`.
@@ -56,6 +61,10 @@ impl Kernel {
                 unpacked(&[deb])
             }
             Source::Tree { image, modules } => from_tree(image, modules),
+            Source::Built(request) => {
+                let built = source_kernel::build(request.kernel, &request.patches)?;
+                from_tree(&built.image, &built.modules)
+            }
         }
     }
 

@@ -1,17 +1,23 @@
-//! `--kernel`: a stock kernel of the matrix by name, or the path of the user's own image;
-//! and which kernel a run boots once `--kernel-deb` and `--modules` are taken into account.
+//! `--kernel`: a stock kernel of the matrix by name, a kernel built here from source by name
+//! (`7.2-src`), or the path of the user's own image; and which kernel a run boots once
+//! `--kernel-deb`, `--modules` and `--patch` are taken into account.
 use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 
 use super::kernel::Source;
-use crate::debian::{self, StockKernel};
+use crate::{
+    debian::{self, StockKernel},
+    source_kernel::{self, PatchOptions, SourceKernel},
+};
 
 /// What `--kernel` names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KernelArg {
     /// A stock Debian kernel of the matrix (`6.1`, `6.12`, `7.2`).
     Stock(&'static StockKernel),
+    /// A kernel of the matrix built here from source (`7.2-src`, docs/source-kernel.md).
+    Built(&'static SourceKernel),
     /// The user's kernel image (bzImage); its modules come with `--modules`.
     Image(PathBuf),
 }
@@ -35,6 +41,9 @@ impl KernelArg {
         if let Some(stock) = debian::STOCK_KERNELS.iter().find(|k| k.name == arg) {
             return Ok(Self::Stock(stock));
         }
+        if let Some(built) = source_kernel::source_kernel(arg) {
+            return Ok(Self::Built(built));
+        }
         let path = Path::new(arg);
         if arg.contains('/') || is_file(path) {
             return Ok(Self::Image(path.to_owned()));
@@ -44,16 +53,19 @@ impl KernelArg {
 }
 
 fn names() -> String {
-    debian::STOCK_KERNELS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+    let stock = debian::STOCK_KERNELS.iter().map(|k| k.name);
+    stock.chain(source_kernel::SOURCE_KERNELS.iter().map(|k| k.name)).collect::<Vec<_>>().join(", ")
 }
 
 /// `--kernel` help: the matrix and the default.
 pub fn help() -> String {
     format!(
-        "The kernel to boot: a stock Debian kernel by name, default {} ({}); or the path of \
-         your own kernel image (bzImage), with --modules",
+        "The kernel to boot: a stock Debian kernel by name, default {} ({}); a kernel built \
+         here from source by name ({}; with --patch); or the path of your own kernel image \
+         (bzImage), with --modules",
         debian::DEFAULT_KERNEL,
-        debian::matrix_help()
+        debian::matrix_help(),
+        source_kernel::matrix_help()
     )
 }
 
@@ -74,6 +86,14 @@ pub fn source(kernel: Option<&KernelArg>, deb: Option<&Path>, modules: Option<&P
             stock.name
         ),
         (Some(KernelArg::Stock(stock)), None, None) => Source::Stock(stock),
+        (Some(KernelArg::Built(built)), None, Some(_)) => bail!(
+            "--kernel {} is built here with its own modules: --modules goes only with --kernel \
+             IMAGE (a path)",
+            built.name
+        ),
+        (Some(KernelArg::Built(built)), None, None) => {
+            Source::Built(source_kernel::Request { kernel: built, patches: Vec::new() })
+        }
         (Some(KernelArg::Image(image)), None, Some(modules)) => {
             Source::Tree { image: image.clone(), modules: modules.to_owned() }
         }
@@ -88,6 +108,28 @@ pub fn source(kernel: Option<&KernelArg>, deb: Option<&Path>, modules: Option<&P
             return source(Some(&KernelArg::stock(debian::DEFAULT_KERNEL)?), None, None);
         }
     })
+}
+
+/// `source()` with the user's `--patch`es, which only a kernel built from source takes.
+#[cfg_attr(
+    not(test),
+    expect(dead_code, reason = "vm run calls it once RunOptions flattens PatchOptions (docs/source-kernel.md)")
+)]
+pub fn source_with_patches(
+    kernel: Option<&KernelArg>,
+    deb: Option<&Path>,
+    modules: Option<&Path>,
+    patches: &PatchOptions,
+) -> anyhow::Result<Source> {
+    let patches = patches.load()?;
+    match source(kernel, deb, modules)? {
+        Source::Built(request) => Ok(Source::Built(source_kernel::Request { patches, ..request })),
+        other if patches.is_empty() => Ok(other),
+        _ => bail!(
+            "--patch changes the kernel's source, so it needs a kernel built from source: --kernel {}",
+            source_kernel::SOURCE_KERNELS.iter().map(|k| k.name).collect::<Vec<_>>().join(" or --kernel ")
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -113,7 +155,29 @@ mod tests {
     #[test]
     fn an_unknown_name_lists_the_matrix() {
         let err = parse("6.6", &[]).unwrap_err();
-        assert!(err.contains("6.1, 6.12, 7.2"), "{err}");
+        assert!(err.contains("6.1, 6.12, 7.2, 7.2-src"), "{err}");
+    }
+
+    #[test]
+    fn a_source_built_kernel_is_named_and_takes_patches() {
+        let built = source_kernel::source_kernel("7.2-src").unwrap();
+        assert_eq!(parse("7.2-src", &[]).unwrap(), KernelArg::Built(built));
+        assert!(help().contains("7.2-src"), "--help lists it");
+        let seed = PatchOptions { patches: vec!["seed".into()] };
+        let patched = source_with_patches(Some(&KernelArg::Built(built)), None, None, &seed).unwrap();
+        let Source::Built(request) = patched else { panic!("not a source build: {patched:?}") };
+        assert_eq!(request.kernel, built);
+        assert_eq!(request.patches.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["seed"]);
+        // No patches: the same as source().
+        assert_eq!(
+            source_with_patches(Some(&KernelArg::Built(built)), None, None, &PatchOptions::default()).unwrap(),
+            source(Some(&KernelArg::Built(built)), None, None).unwrap()
+        );
+        // A stock kernel cannot take a patch; a built one takes no --modules.
+        let err = source_with_patches(Some(&KernelArg::stock("7.2").unwrap()), None, None, &seed).unwrap_err();
+        assert!(err.to_string().contains("--kernel 7.2-src"), "{err}");
+        let err = source(Some(&KernelArg::Built(built)), None, Some(Path::new("/k"))).unwrap_err();
+        assert!(err.to_string().contains("own modules"), "{err}");
     }
 
     #[test]
