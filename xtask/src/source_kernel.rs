@@ -12,6 +12,7 @@ mod build;
 mod config;
 mod patches;
 mod progress;
+mod steps;
 mod tree;
 
 pub use build::build;
