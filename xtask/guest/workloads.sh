@@ -193,6 +193,62 @@ cycle_port_unbind() {
 	bind_unbound_memdevs
 }
 
+# The root decoders that can hold a pmem region (a CFMWS window with the pmem flag).
+pmem_root_decoders() {
+	for d in "$CXL"/devices/root*/decoder*; do [ -e "$d/create_pmem_region" ] && echo "$d"; done
+}
+
+# The first decoder of each endpoint: the memdev's own, which a region takes as a target.
+endpoint_decoders() {
+	for e in "$CXL"/devices/endpoint*; do
+		for d in "$e"/decoder*.0; do [ -e "$d" ] && echo "$d"; done
+	done
+}
+
+# A manual pmem region on the first pmem root decoder, one endpoint decoder per way, as
+# `cxl create-region` builds one through sysfs: the attach of each target is
+# cxl_region_attach(), which looks the root port's dport up for the target's host bridge.
+# It is committed only where the kernel can (REGION_COMMIT: a kernel built with
+# CXL_REGION_INVALIDATION_TEST; a stock kernel in a VM WARNs and fails the commit); then
+# everything is taken down again, so the next cycle starts from the same topology.
+cycle_region_attach() {
+	# Its own names: run_workload counts cycles in the global i.
+	local root targets ways region r size i d
+	root=$(pmem_root_decoders | head -n 1)
+	[ -n "$root" ] || fail "no root decoder with create_pmem_region (no pmem CFMWS window?)"
+	targets=$(endpoint_decoders)
+	[ -n "$targets" ] || fail "no endpoint decoder to attach"
+	ways=$(echo "$targets" | wc -l)
+	region=$(cat "$root/create_pmem_region")
+	sysw "$root/create_pmem_region" "$region"
+	r=$CXL/devices/$region
+	[ -d "$r" ] || fail "$region was not created under ${root##*/}"
+	sysw "$r/interleave_granularity" "$(cat "$root/interleave_granularity")"
+	sysw "$r/interleave_ways" "$ways"
+	sysw "$r/uuid" "$(cat /proc/sys/kernel/random/uuid)"
+	size=$((256 * 1024 * 1024))
+	sysw "$r/size" $((size * ways))
+	i=0
+	for d in $targets; do
+		sysw "$d/mode" pmem
+		sysw "$d/dpa_size" $size
+		sysw "$r/target$i" "${d##*/}"
+		i=$((i + 1))
+	done
+	if [ "$REGION_COMMIT" = 1 ]; then
+		sysw "$r/commit" 1
+		sysw "$r/commit" 0
+	fi
+	i=0
+	for d in $targets; do
+		sysw "$r/target$i" ""
+		sysw "$d/dpa_size" 0
+		i=$((i + 1))
+	done
+	sysw "$root/delete_region" "$region"
+	[ ! -e "$r" ] || fail "$region still there after delete_region"
+}
+
 # The racing loops of `mix`: the same operations, errors only counted.
 race_memdev_bind() {
 	i=0

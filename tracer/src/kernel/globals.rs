@@ -41,12 +41,10 @@ fn containing(symbols: &[DataSymbol], addr: u64) -> Option<(&DataSymbol, u64)> {
     Some((&symbols[i], addr - symbols[i].addr))
 }
 
-/// The name of `offset` into global `symbol`: the symbol alone at 0, `symbol.member` where
-/// a struct named like it has a member there, else `symbol+0xOFF`.
+/// The name of `offset` into global `symbol`: `symbol.member` where a struct named like it
+/// has a member there (7.2's `cxl_rwsem.region` is at offset 0), else the symbol alone at 0
+/// (6.12's `cxl_region_rwsem`), else `symbol+0xOFF`.
 fn name(btf: &KernelBtf, symbol: &str, offset: u64) -> String {
-    if offset == 0 {
-        return symbol.to_owned();
-    }
     let member = btf.all().find_map(|btf| {
         let types = btf.resolve_types_by_name(symbol).ok()?;
         types.into_iter().find_map(|t| {
@@ -60,6 +58,7 @@ fn name(btf: &KernelBtf, symbol: &str, offset: u64) -> String {
     });
     match member {
         Some(member) => format!("{symbol}.{member}"),
+        None if offset == 0 => symbol.to_owned(),
         None => format!("{symbol}+{offset:#x}"),
     }
 }
@@ -116,7 +115,9 @@ mod tests {
         let (vmlinux, def) = btf.find_struct("mutex").unwrap();
         let bits = member_bit_offset(vmlinux, &def, "wait_lock").unwrap().unwrap();
         assert_eq!(name(&btf, "mutex", u64::from(bits) / 8), "mutex.wait_lock");
-        assert_eq!(name(&btf, "mutex", 0), "mutex");
+        // At 0, the first member (mutex.owner): a struct global names its member there.
+        assert_eq!(name(&btf, "mutex", 0), "mutex.owner");
+        assert_eq!(name(&btf, "no_such_global_xyz", 0), "no_such_global_xyz");
         assert_eq!(name(&btf, "no_such_global_xyz", 0x48), "no_such_global_xyz+0x48");
     }
 }

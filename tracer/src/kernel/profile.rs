@@ -96,9 +96,11 @@ pub const UNREACHABLE: [(&str, &str); 2] = [
     ),
 ];
 
-/// Why no guest here can run `function`, if that is so.
+/// Why no guest here can run `function` (or a part of it the compiler split off:
+/// `rcd_pcie_cap_emit.isra.0`, `.cold`), if that is so.
 pub fn unreachable(function: &str) -> Option<&'static str> {
-    UNREACHABLE.iter().find(|(f, _)| *f == function).map(|(_, why)| *why)
+    let base = function.split('.').next().unwrap_or(function);
+    UNREACHABLE.iter().find(|(f, _)| *f == base).map(|(_, why)| *why)
 }
 
 /// The module the CXL core is when it is not built into vmlinux (`CONFIG_CXL_BUS=m`).

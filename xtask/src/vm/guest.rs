@@ -53,6 +53,8 @@ pub struct GuestConfig<'a> {
     pub settle_secs: u32,
     /// Where the known-findings file is in the guest (`--known`), if given.
     pub known: Option<&'a str>,
+    /// The kernel can commit a region in a VM (`CONFIG_CXL_REGION_INVALIDATION_TEST`).
+    pub region_commit: bool,
 }
 
 impl GuestConfig<'_> {
@@ -80,6 +82,7 @@ impl GuestConfig<'_> {
             ("LOAD_MODULES", self.load_modules.join(" ")),
             ("SETTLE_SECS", self.settle_secs.to_string()),
             ("TRACER_KNOWN", self.known.map_or(String::new(), str::to_owned)),
+            ("REGION_COMMIT", u8::from(self.region_commit).to_string()),
         ];
         for (name, value) in vars {
             writeln!(s, "{name}={}", shell_quote(&value)).expect("writing to a String cannot fail");
@@ -119,6 +122,7 @@ mod tests {
             load_modules: &["cxl_acpi".to_owned()],
             settle_secs: 30,
             known: Some("/vm/known"),
+            region_commit: false,
         }
         .render()
     }

@@ -116,6 +116,7 @@ pub fn prepare(options: &RunOptions) -> anyhow::Result<Prepared> {
         load_modules: &load,
         settle_secs: SETTLE_SECS,
         known: options.known.as_ref().map(|_| KNOWN_IN_GUEST),
+        region_commit: kernel_config(&kernel).is_some_and(|c| c.lines().any(|l| l == REGION_COMMIT_OPTION)),
     };
     let base = initramfs::base(&kernel, &index, &modules)?;
     let initrd = tmp.0.join("initrd.cpio");
@@ -203,6 +204,21 @@ fn load_order(
         }
     }
     load
+}
+
+/// What lets a kernel commit a region in a VM: without it, a commit WARNs and fails (the
+/// commit checks for a way to invalidate CPU caches that a VM does not offer).
+const REGION_COMMIT_OPTION: &str = "CONFIG_CXL_REGION_INVALIDATION_TEST=y";
+
+/// The kernel's build configuration, where its tree has one: `config` in its modules
+/// directory (merged-/usr packages, a tree `make modules_install` wrote with the config
+/// copied), or `boot/config-RELEASE` above it (Debian 12's packages).
+fn kernel_config(kernel: &Kernel) -> Option<String> {
+    let boot = format!("boot/config-{}", kernel.release);
+    let candidates = [kernel.modules.join("config")]
+        .into_iter()
+        .chain(kernel.modules.ancestors().skip(1).take(4).map(|dir| dir.join(&boot)));
+    candidates.into_iter().find_map(|path| fs::read_to_string(path).ok())
 }
 
 /// Where `--known`'s file goes in the guest.

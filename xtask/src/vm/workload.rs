@@ -29,6 +29,11 @@ pub enum Workload {
     /// Unbind the ports above the endpoints from `cxl_port`, bind them again if they still
     /// exist (a switch port goes away with its last endpoint), then bind the memdevs again.
     PortUnbind,
+    /// A manual pmem region through sysfs, as `cxl create-region` makes one: created on a
+    /// root decoder, its ways, granularity, uuid and size set, each endpoint decoder given
+    /// pmem DPA and attached as a target (`cxl_region_attach()`, a root-port dport lookup);
+    /// committed and reset where the kernel can commit in a VM; then detached and deleted.
+    RegionAttach,
     /// `memdev-bind` and `acpi-unbind` racing in two parallel loops, then a restore.
     Mix,
     /// `memdev-bind` and `cxl-mem-reload` racing in two parallel loops, then a restore: every
@@ -37,7 +42,7 @@ pub enum Workload {
 }
 
 impl Workload {
-    pub const ALL: [Workload; 9] = [
+    pub const ALL: [Workload; 10] = [
         Workload::MemdevBind,
         Workload::CxlMemReload,
         Workload::CxlPciReload,
@@ -45,6 +50,7 @@ impl Workload {
         Workload::UpstreamRescan,
         Workload::AcpiUnbind,
         Workload::PortUnbind,
+        Workload::RegionAttach,
         Workload::Mix,
         Workload::ReloadMix,
     ];
@@ -58,6 +64,7 @@ impl Workload {
             Workload::UpstreamRescan => "upstream-rescan",
             Workload::AcpiUnbind => "acpi-unbind",
             Workload::PortUnbind => "port-unbind",
+            Workload::RegionAttach => "region-attach",
             Workload::Mix => "mix",
             Workload::ReloadMix => "reload-mix",
         }
