@@ -52,6 +52,7 @@ const SCENARIOS: &[(&str, &[Expected])] = &[
     ("unjudged-pointer", &[]),
     ("load-after-free", &[("use-after-free", "match_port_by_dport", 1)]),
     ("unlocked-insert", &[("unlocked-erase", "__devm_cxl_add_dport", 1)]),
+    ("region-attach-7.2.13", &[("unlocked-use", "cxl_region_attach_position", 1)]),
     ("walk-under-lock", &[]),
     ("walk-unlocked", &[("unlocked-use", "del_dports", 2)]),
     (

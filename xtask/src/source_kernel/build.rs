@@ -213,6 +213,12 @@ pub fn build(kernel: &'static SourceKernel, patches: &[Patch]) -> anyhow::Result
         work_dir.display(),
         log.path.display()
     );
+    if !work_dir.join("obj/vmlinux").is_file() {
+        println!(
+            "kernel: nothing of this kernel and config is built yet: a cold build, about 20 minutes on 2 \
+             cores; later builds and other --patch sets reuse it"
+        );
+    }
     let steps = (|| {
         let pristine = tree::pristine(base, &versions.source, &cache().join("source"))?;
         let work = WorkTree::ensure(&work_dir, &pristine)?;

@@ -14,6 +14,9 @@ pub enum Per {
     /// Once per `cxl_acpi` unbind per dport of the CXL root (the root's teardown erases each
     /// root dport without the root port's lock).
     RootDportTeardown,
+    /// Once per target a manual region attaches (`region-attach`: `store_targetN` ->
+    /// `cxl_region_attach()`).
+    RegionTarget,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -29,6 +32,8 @@ pub struct Expected {
     pub per: Per,
     /// One line on where it comes from.
     pub why: &'static str,
+    /// Locks its reports must list as held, by name.
+    pub held: &'static [&'static str],
 }
 
 /// The kernel's core (cxl_core, built in) on every kernel: `devm_cxl_enumerate_ports()` gets
@@ -42,6 +47,7 @@ const CORE_ADD_EP: Expected = Expected {
     fixed_by_cxl_mem: false,
     per: Per::MemdevProbe,
     why: "devm_cxl_enumerate_ports() passes a lockless dport to cxl_add_ep() (core, not fixed by the cxl_mem patch)",
+    held: &[],
 };
 
 /// `cxl_acpi` unbind: the root's devres runs `cxl_dport_remove()`, which erases the root
@@ -54,6 +60,7 @@ const ROOT_ERASE: Expected = Expected {
     fixed_by_cxl_mem: false,
     per: Per::RootDportTeardown,
     why: "cxl_dport_remove() erases a root dport without the root port's lock (the patch's write-side hunk, in cxl_core)",
+    held: &[],
 };
 
 pub const KERNEL_6_1: &[Expected] = &[
@@ -66,6 +73,7 @@ pub const KERNEL_6_1: &[Expected] = &[
         fixed_by_cxl_mem: true,
         per: Per::MemdevProbe,
         why: "cxl_mem_probe() loads the dport before device_lock(&parent_port->dev); the inlined devm_cxl_add_endpoint() reads parent_dport->port and passes it to devm_cxl_add_port() under that lock",
+        held: &[],
     },
     ROOT_ERASE,
 ];
@@ -80,6 +88,7 @@ pub const KERNEL_6_12: &[Expected] = &[
         fixed_by_cxl_mem: true,
         per: Per::MemdevProbe,
         why: "cxl_mem_probe() reads dport->rch and calls cxl_dport_init_ras_reporting(dport) before taking any lock",
+        held: &[],
     },
     Expected {
         class: "stale-use",
@@ -89,6 +98,7 @@ pub const KERNEL_6_12: &[Expected] = &[
         fixed_by_cxl_mem: true,
         per: Per::MemdevProbe,
         why: "under the endpoint parent's lock, the inlined devm_cxl_add_endpoint() reads parent_dport->port and passes the pointer loaded before the lock to devm_cxl_add_port()",
+        held: &[],
     },
     ROOT_ERASE,
 ];
@@ -103,6 +113,7 @@ pub const KERNEL_7_2: &[Expected] = &[
         fixed_by_cxl_mem: true,
         per: Per::MemdevProbe,
         why: "cxl_mem_probe() reads dport->rch (cmpb $0x0,0x90(%rax) at +0x19a) before taking any lock: the seed's first unlocked dereference",
+        held: &[],
     },
     Expected {
         class: "stale-use",
@@ -112,9 +123,59 @@ pub const KERNEL_7_2: &[Expected] = &[
         fixed_by_cxl_mem: true,
         per: Per::MemdevProbe,
         why: "cxl_mem_probe() passes the pointer loaded before scoped_guard(device, endpoint_parent) to devm_cxl_add_endpoint(), which hands it to devm_cxl_add_port()",
+        held: &[],
     },
     ROOT_ERASE,
 ];
+
+/// A manual region attach (`region-attach`): `cxl_region_attach()` looks the root port's
+/// dport up for the target's host bridge and passes it to `cxl_region_attach_position()`
+/// holding the region and DPA rw_semaphores, not the root dport's free lock
+/// (`uport_dev->mutex`). Safe by ordering, docs/kernels.md says why; known in `known/`.
+const fn region_attach(held: &'static [&'static str]) -> Expected {
+    Expected {
+        class: "unlocked-use",
+        site: "cxl_region_attach_position",
+        member: None,
+        also: &[],
+        fixed_by_cxl_mem: false,
+        per: Per::RegionTarget,
+        why: "cxl_region_attach() passes a root dport it looked up under cxl_rwsem.region, not the free lock, to cxl_region_attach_position() (region.c; safe by teardown order)",
+        held,
+    }
+}
+
+/// The region finding of each kernel, with the rw_semaphores it holds by their names there.
+/// None on 6.1, whose `cxl_region_attach()` only compares the dport with the root decoder's
+/// target for the position (region.c `cxl_region_validate_position()`): no dereference.
+pub fn region(kernel: &str) -> Option<Expected> {
+    match kernel {
+        "6.12" => Some(region_attach(&["cxl_region_rwsem", "cxl_dpa_rwsem"])),
+        "7.2" => Some(region_attach(&["cxl_rwsem.region", "cxl_rwsem.dpa"])),
+        _ => None,
+    }
+}
+
+/// Dport sites (load, use, deref) a run must reach, at least.
+#[derive(Copy, Clone, Debug)]
+pub struct CoverageFloor {
+    pub load: u64,
+    pub uses: u64,
+    pub deref: u64,
+}
+
+/// What the region case (`region-attach` then `acpi-unbind`) reached on each kernel when it
+/// was written: a run below it lost reach (a workload step that no longer runs, a site no
+/// longer probed), which fails the case.
+pub fn region_coverage_floor(kernel: &str) -> Option<CoverageFloor> {
+    match kernel {
+        // Measured 2026-12-06 (region-traced, 2 cycles).
+        "6.1" => Some(CoverageFloor { load: 5, uses: 2, deref: 12 }),
+        "6.12" => Some(CoverageFloor { load: 4, uses: 4, deref: 36 }),
+        "7.2" => Some(CoverageFloor { load: 6, uses: 8, deref: 35 }),
+        _ => None,
+    }
+}
 
 /// The expectations of a stock kernel of the matrix.
 pub fn stock(kernel: &str) -> Option<&'static [Expected]> {

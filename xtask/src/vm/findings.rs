@@ -1,6 +1,6 @@
 //! The tracer's JSON report (`findings.jsonl`: one finding group per line, then a summary
 //! line), read back on the host, and what the suite and the demo ask of it.
-use std::{collections::BTreeMap, fs, path::Path, process::Command};
+use std::{collections::BTreeMap, ffi::OsStr, fs, path::Path, process::Command};
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
@@ -29,6 +29,12 @@ pub struct Finding {
     pub also: Vec<String>,
     /// Where the dport was freed, for a use-after-free.
     pub free_stack: Option<Vec<String>>,
+    /// The tracer's stable title (`unlocked-use in cxl_add_ep`).
+    pub stable_title: Option<String>,
+    /// Why it is known, when the run was given known findings.
+    pub known: Option<String>,
+    /// The held locks as the report names them: a dport's role, a global's name, or the kind.
+    pub held_names: Vec<String>,
     /// The line as printed, for exact comparisons (live against replay).
     pub line: String,
 }
@@ -233,6 +239,19 @@ fn finding(v: &Value, line: &str) -> anyhow::Result<Finding> {
             .map(|a| a.iter().filter_map(|x| x.get("site").and_then(Value::as_str).map(str::to_owned)).collect())
             .unwrap_or_default(),
         free_stack: stack("free_stack"),
+        stable_title: v.get("title").and_then(Value::as_str).map(str::to_owned),
+        known: v.get("known").and_then(Value::as_str).map(str::to_owned),
+        held_names: v
+            .get("held")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|h| {
+                        ["role", "name", "kind"].iter().find_map(|k| h.get(*k)?.as_str()).map(str::to_owned)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
         line: line.to_owned(),
     })
 }
@@ -240,8 +259,14 @@ fn finding(v: &Value, line: &str) -> anyhow::Result<Finding> {
 /// `tracer analyze FILE --format json` on the host. Exit 0 or 1 (findings) is a report;
 /// anything else is an error with the tracer's stderr.
 pub fn analyze(tracer: &Path, trace: &Path) -> anyhow::Result<(Report, String)> {
+    analyze_with(tracer, trace, &[]).map(|(report, stderr, _)| (report, stderr))
+}
+
+/// `analyze` with more arguments (`--known FILE`); also its exit status.
+pub fn analyze_with(tracer: &Path, trace: &Path, args: &[&OsStr]) -> anyhow::Result<(Report, String, i32)> {
     let out = Command::new(tracer)
         .args(["analyze", "--format", "json"])
+        .args(args)
         .arg(trace)
         .output()
         .with_context(|| format!("cannot run {}", tracer.display()))?;
@@ -251,7 +276,7 @@ pub fn analyze(tracer: &Path, trace: &Path) -> anyhow::Result<(Report, String)> 
         _ => bail!("tracer analyze {} failed ({}): {}", trace.display(), out.status, stderr.trim()),
     }
     let text = String::from_utf8(out.stdout).context("tracer analyze printed non-UTF-8")?;
-    Ok((Report::parse(&text)?, stderr))
+    Ok((Report::parse(&text)?, stderr, out.status.code().unwrap_or(-1)))
 }
 
 /// `tracer print FILE --format json` on the host: the events as JSON values.

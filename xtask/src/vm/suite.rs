@@ -27,6 +27,8 @@ use crate::{
 const TRACED_CYCLES: u32 = 3;
 /// Cycles of each workload in the traced switch case.
 const SWITCH_CYCLES: u32 = 5;
+/// Cycles of region-attach (each then a cxl_acpi unbind) in the traced region case.
+const REGION_CYCLES: u32 = 2;
 
 /// Where a case runs.
 #[derive(Clone, Copy, Debug)]
@@ -105,6 +107,7 @@ pub const CASES: &[Case] = &[
         })
     },
     traced("switch-traced", &["6.12", "7.2"], |e| traced::switch(e.out, e.tracer()?, e.kernel, SWITCH_CYCLES)),
+    traced("region-traced", MATRIX, |e| traced::region(e.out, e.tracer()?, e.kernel, REGION_CYCLES)),
     traced("tracer-lifecycle", &["7.2"], |e| reliability::lifecycle(e.out, e.tracer()?, e.kernel)),
     traced("bad-environments", &["7.2"], |e| reliability::environment(e.out, e.tracer()?, e.kernel)),
     Case {

@@ -7,6 +7,7 @@
 //! every return, its value and its caller. The tracer's counts must equal them exactly.
 use std::{
     collections::{BTreeSet, HashMap},
+    ffi::OsStr,
     fs,
     path::Path,
 };
@@ -21,9 +22,9 @@ use super::{
     calls::Calls,
     checks::{check_cycled, script},
     expect::{self, Expected, Per},
-    findings::{self, Report, frame_function},
+    findings::{self, Finding, Report, frame_function},
 };
-use crate::debian::StockKernel;
+use crate::{debian::StockKernel, util};
 
 /// What the counts are checked against: successful memdev probes and the ports they add.
 pub const COUNTED: [&str; 2] = ["cxl_mem:cxl_mem_probe", "devm_cxl_add_port"];
@@ -226,9 +227,10 @@ pub fn rp_stock(out: &Path, tracer: &Path, kernel: &'static StockKernel, cycles:
     );
     let report = Report::read(&out.join("findings.jsonl"))?;
     check_common(&report)?;
-    check_expected(&report, expected, &g, u64::from(cycles), out)?;
+    check_expected(&report, expected, &Causes { ground: &g, unbinds: u64::from(cycles), region_targets: 0 }, out)?;
     check_replay(tracer, out, &report)?;
-    check_ktap(out, &report)
+    check_ktap(out, &report)?;
+    check_known_gate(tracer, out, kernel, Gate::Fails)
 }
 
 /// The seed-fixed `cxl_mem` on `kernel`: no read-side finding in `cxl_mem_probe` (only the
@@ -257,7 +259,7 @@ pub fn rp_fixed(
     let g = ground(out)?;
     let report = Report::read(&out.join("findings.jsonl"))?;
     check_common(&report)?;
-    check_expected(&report, &expected, &g, u64::from(cycles), out)?;
+    check_expected(&report, &expected, &Causes { ground: &g, unbinds: u64::from(cycles), region_targets: 0 }, out)?;
     ensure!(
         !report
             .findings
@@ -277,11 +279,79 @@ pub fn rp_fixed(
     ensure!(uses >= g.probes, "{uses} uses of re-fetched dports in cxl_mem_probe, fewer than its {} probes", g.probes);
     println!("test: guest:   {uses} uses and accesses in cxl_mem_probe, each of the dport its task re-fetched");
     check_replay(tracer, out, &report)?;
-    check_ktap(out, &report)
+    check_ktap(out, &report)?;
+    check_known_gate(tracer, out, kernel, Gate::Passes)
+}
+
+/// What the shipped known list of a kernel must make of a run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// The seed-fixed `cxl_mem`: nothing new, exit 0.
+    Passes,
+    /// The stock one: exit 1, and every new finding `cxl_mem_probe`'s own.
+    Fails,
+}
+
+/// The gate a user runs on a stock kernel (`--known known/K.known`), on this run's trace:
+/// the core's findings known, only `cxl_mem`'s new (docs/kernels.md).
+fn check_known_gate(tracer: &Path, out: &Path, kernel: &StockKernel, gate: Gate) -> anyhow::Result<()> {
+    let list = util::workspace_root().join("known").join(format!("{}.known", kernel.name));
+    let args = [OsStr::new("--known"), list.as_os_str()];
+    let (report, stderr, exit) = findings::analyze_with(tracer, &out.join("trace.bin"), &args)?;
+    let new: Vec<&Finding> = report.findings.iter().filter(|f| f.known.is_none()).collect();
+    let known = report.findings.len() - new.len();
+    ensure!(known > 0, "--known {}: no finding of the run was known: {stderr}", list.display());
+    match gate {
+        Gate::Passes => {
+            ensure!(
+                exit == 0,
+                "--known {}: exit {exit} for the fixed cxl_mem (new: {:?})",
+                list.display(),
+                titles(&new)
+            );
+        }
+        Gate::Fails => {
+            ensure!(exit == 1, "--known {}: exit {exit} for the stock cxl_mem, not 1", list.display());
+            let foreign: Vec<&&Finding> = new
+                .iter()
+                .filter(|f| !f.stack.iter().take(2).any(|fr| frame_function(fr) == "cxl_mem_probe"))
+                .collect();
+            ensure!(
+                foreign.is_empty(),
+                "--known {}: new findings not cxl_mem_probe's: {:?}",
+                list.display(),
+                titles(&new)
+            );
+        }
+    }
+    println!(
+        "test: guest:   --known {}: exit {exit}, {known} finding group(s) known, new: {}",
+        list.file_name().unwrap_or_default().to_string_lossy(),
+        if new.is_empty() { "none".to_owned() } else { titles(&new).join(", ") }
+    );
+    Ok(())
+}
+
+fn titles(findings: &[&Finding]) -> Vec<String> {
+    let mut titles: Vec<String> =
+        findings.iter().map(|f| f.stable_title.clone().unwrap_or_else(|| f.title())).collect();
+    titles.sort();
+    titles.dedup();
+    titles
+}
+
+/// What a run's causes were counted as, for `check_expected`.
+struct Causes<'a> {
+    ground: &'a Ground,
+    /// `cxl_acpi` unbinds.
+    unbinds: u64,
+    /// Targets attached to manual regions.
+    region_targets: u64,
 }
 
 /// The findings are exactly `expected`'s classes and sites, each as often as its cause.
-fn check_expected(report: &Report, expected: &[Expected], g: &Ground, unbinds: u64, out: &Path) -> anyhow::Result<()> {
+fn check_expected(report: &Report, expected: &[Expected], causes: &Causes, out: &Path) -> anyhow::Result<()> {
+    let (g, unbinds) = (causes.ground, causes.unbinds);
     let want: Vec<(&str, &str)> = expected.iter().map(|e| (e.class, e.site)).collect();
     check_sites(report, &want)?;
     let root = if expected.iter().any(|e| e.per == Per::RootDportTeardown) { root_dports(out)? } else { 0 };
@@ -289,6 +359,7 @@ fn check_expected(report: &Report, expected: &[Expected], g: &Ground, unbinds: u
         let (count, truth) = match e.per {
             Per::MemdevProbe => (g.probes, "the kretprobe count of cxl_mem_probe".to_owned()),
             Per::RootDportTeardown => (unbinds * root, format!("{unbinds} cxl_acpi unbinds x {root} root dport(s)")),
+            Per::RegionTarget => (causes.region_targets, "the targets the region-attach cycles attached".to_owned()),
         };
         check_count(&format!("{} at {}", e.class, e.site), report.occurrences(e.class, e.site), count, &truth)?;
         for f in report.matching(e.class, e.site) {
@@ -298,6 +369,14 @@ fn check_expected(report: &Report, expected: &[Expected], g: &Ground, unbinds: u
                     "{}: the access is of {:?}, not dport->{member}",
                     f.title(),
                     f.member
+                );
+            }
+            for held in e.held {
+                ensure!(
+                    f.held_names.iter().any(|h| h == held),
+                    "{}: {held} is not among its held locks ({:?})",
+                    f.title(),
+                    f.held_names
                 );
             }
             for also in e.also {
@@ -441,4 +520,55 @@ pub fn switch(out: &Path, tracer: &Path, kernel: &'static StockKernel, cycles: u
     let accounted = own.len() as u64 * g.probes + 2 * g.probes + 2 * g.switch_port_adds;
     ensure!(total == accounted, "{total} occurrences, {accounted} accounted for by the counts above");
     check_replay(tracer, out, &report)
+}
+
+/// The region-attach workload on the stock `kernel`, each cycle followed by a `cxl_acpi`
+/// unbind (the root's teardown, which is what could free the root dport the attach looks
+/// up, and re-registers the dports so the devres host cross-check runs): the stock findings
+/// of the teardown and re-probes, and (6.12, 7.2) one `unlocked-use` in
+/// `cxl_region_attach_position` per attached target, listing the region and DPA
+/// rw_semaphores as held; the recorded
+/// trace replays the same; and at least the dport sites a run of this case reached when it
+/// was written ran again (the floor of `expect::REGION_COVERAGE_FLOOR`).
+pub fn region(out: &Path, tracer: &Path, kernel: &'static StockKernel, cycles: u32) -> anyhow::Result<()> {
+    let workloads = [Workload::RegionAttach, Workload::AcpiUnbind];
+    let mut expected: Vec<Expected> =
+        expect::stock(kernel.name).with_context(|| format!("no expectations for kernel {}", kernel.name))?.to_vec();
+    // 6.1 only compares the looked-up dport with the root decoder's target: no dereference.
+    expected.extend(expect::region(kernel.name));
+    let mut o = options(Topology::Rp, out, tracer);
+    o.kernel = Some(KernelArg::Stock(kernel));
+    o.workloads = workloads.to_vec();
+    o.cycles = cycles;
+    o.script = script(out, ROOT_DPORTS)?;
+    let run = completed(&o)?;
+    check_cycled(&run, &workloads, cycles)?;
+    let g = ground(out)?;
+    let report = Report::read(&out.join("findings.jsonl"))?;
+    check_common(&report)?;
+    let causes = Causes {
+        ground: &g,
+        unbinds: u64::from(cycles),
+        region_targets: u64::from(cycles) * Topology::Rp.memdevs() as u64,
+    };
+    check_expected(&report, &expected, &causes, out)?;
+    check_coverage_floor(&report, kernel)?;
+    check_replay(tracer, out, &report)
+}
+
+/// The dport sites that ran are at least the floor measured for this kernel's case.
+fn check_coverage_floor(report: &Report, kernel: &StockKernel) -> anyhow::Result<()> {
+    let floor =
+        expect::region_coverage_floor(kernel.name).with_context(|| format!("no coverage floor for {}", kernel.name))?;
+    for (kind, min) in [("load", floor.load), ("use", floor.uses), ("deref", floor.deref)] {
+        let ran = report.summary_u64(&["coverage", kind, "ran"])?;
+        let sites = report.summary_u64(&["coverage", kind, "sites"])?;
+        ensure!(
+            ran >= min,
+            "dport {kind} sites: {ran} of {sites} ran, below the floor of {min} measured for {}",
+            kernel.name
+        );
+        println!("test: guest:   dport {kind} sites: {ran} of {sites} ran (floor {min})");
+    }
+    Ok(())
 }
