@@ -44,7 +44,7 @@ pub const SOURCE_KERNELS: &[SourceKernel] = &[SourceKernel {
         include_str!("../patches/cxl-test-type2-param.patch"),
     )],
     what: "Debian's 7.2.13 source built here: the CXL core as modules, cxl_test, region commits; \
-           built on first use (about 15 minutes), then cached",
+           built on first use (15 to 20 minutes on 2 cores), then cached",
 }];
 
 /// The source-built kernel called `name`.
@@ -82,7 +82,7 @@ impl PatchOptions {
 
 #[derive(clap::Subcommand)]
 pub enum KernelCommand {
-    /// Build a kernel from source (cached; the first build takes about 15 minutes) and print
+    /// Build a kernel from source (cached; the first build takes 15 to 20 minutes on 2 cores) and print
     /// where its image, modules and cxl_test modules are.
     Build(BuildOptions),
 }

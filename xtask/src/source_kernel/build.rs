@@ -215,7 +215,7 @@ pub fn build(kernel: &'static SourceKernel, patches: &[Patch]) -> anyhow::Result
     );
     if !work_dir.join("obj/vmlinux").is_file() {
         println!(
-            "kernel: nothing of this kernel and config is built yet: a cold build, about 20 minutes on 2 \
+            "kernel: nothing of this kernel and config is built yet: a cold build, 15 to 20 minutes on 2 \
              cores; later builds and other --patch sets reuse it"
         );
     }
