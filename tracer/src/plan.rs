@@ -127,23 +127,26 @@ pub struct Plan {
     pub unprobed_tail_calls: Vec<CallSite>,
 }
 
-/// Where a probe inside `function` at `offset` goes. Module sites are named
-/// `module:function+off` (re-armed when the module is reloaded); vmlinux sites by name when
-/// the name is unique, else by address.
-fn point(symbols: &Symbols, function: &Symbol, offset: u64) -> ProbePoint {
-    match &function.module {
-        Some(module) => {
-            ProbePoint::Symbol { module: Some(module.to_string()), symbol: function.name.to_string(), offset }
-        }
-        None if unique_in_vmlinux(symbols, function) => {
-            ProbePoint::Symbol { module: None, symbol: function.name.to_string(), offset }
-        }
-        None => ProbePoint::Address(function.addr + offset),
-    }
+/// Whether kprobe_events can name `function`: no other symbol of its module (or of vmlinux)
+/// has its name.
+fn unique(symbols: &Symbols, function: &Symbol) -> bool {
+    symbols.lookup(&function.name).filter(|s| s.module == function.module).count() == 1
 }
 
-fn unique_in_vmlinux(symbols: &Symbols, function: &Symbol) -> bool {
-    symbols.lookup(&function.name).filter(|s| s.module.is_none()).count() == 1
+/// Where a probe inside `function` at `offset` goes: by name where the name is unique in
+/// its module or in vmlinux, else by address (kprobe_events refuses a name that is not, as
+/// for the several static `size_show` of a cxl_core built as a module). A module site by
+/// name (`module:function+off`) is re-armed by the kernel when the module is loaded again;
+/// one by address is attached again by the module's rescan.
+fn point(symbols: &Symbols, function: &Symbol, offset: u64) -> ProbePoint {
+    if !unique(symbols, function) {
+        return ProbePoint::Address(function.addr + offset);
+    }
+    ProbePoint::Symbol {
+        module: function.module.as_deref().map(str::to_owned),
+        symbol: function.name.to_string(),
+        offset,
+    }
 }
 
 impl Plan {
@@ -185,13 +188,11 @@ impl Plan {
                 // A tail call returns from the calling function: its callee's result is that
                 // function's return value, seen by a kretprobe on it.
                 (Some(ret), true) => {
-                    let point = match (&function.module, unique_in_vmlinux(symbols, &function)) {
-                        (Some(m), _) => {
-                            Some(ProbePoint::Return { module: Some(m.to_string()), symbol: function.name.to_string() })
-                        }
-                        (None, true) => Some(ProbePoint::Return { module: None, symbol: function.name.to_string() }),
-                        (None, false) => None,
-                    };
+                    // A kretprobe takes a name only.
+                    let point = unique(symbols, &function).then(|| ProbePoint::Return {
+                        module: function.module.as_deref().map(str::to_owned),
+                        symbol: function.name.to_string(),
+                    });
                     match point {
                         Some(point) => plan.sites.push(PlannedSite {
                             role: ret,
@@ -422,7 +423,10 @@ mod tests {
              ffffffff81001200 t dup\n\
              ffffffff81001300 T cxl_dport_init_ras_reporting\n\
              ffffffffc0001000 t cxl_mem_probe\t[cxl_mem]\n\
-             ffffffffc0001400 t cxl_mem_remove\t[cxl_mem]\n"
+             ffffffffc0001400 t cxl_mem_remove\t[cxl_mem]\n\
+             ffffffffc0002000 t size_show\t[cxl_core]\n\
+             ffffffffc0002100 t size_show\t[cxl_core]\n\
+             ffffffffc0003000 t size_show\t[cxl_pmem]\n"
                 .as_bytes(),
         )
         .unwrap();
@@ -453,6 +457,18 @@ mod tests {
         ];
         let plan = Plan::build(&symbols, &calls, &uses);
         let specs: Vec<(SiteRole, String)> = plan.sites.iter().map(|s| (s.role, s.point.spec())).collect();
+        // A name twice in one module goes by address (kprobe_events refuses it); once in a
+        // module is unique there, whatever other modules have.
+        let down_read = CALLEES.iter().find(|c| c.name == "down_read").unwrap();
+        let shows = [
+            call("size_show", 0xffffffffc0002100, Some("cxl_core"), 0x28, *down_read, false),
+            call("size_show", 0xffffffffc0003000, Some("cxl_pmem"), 0x28, *down_read, false),
+        ];
+        let show_specs: Vec<String> = Plan::build(&symbols, &shows, &[]).sites.iter().map(|s| s.point.spec()).collect();
+        assert_eq!(
+            show_specs,
+            ["0xffffffffc0002128", "0xffffffffc000212d", "cxl_pmem:size_show+0x28", "cxl_pmem:size_show+0x2d"]
+        );
         assert_eq!(
             specs,
             [

@@ -148,13 +148,20 @@ cycle_upstream_rescan() {
 	sysw /sys/bus/pci/rescan 1
 }
 
-acpi0017() {
-	for d in /sys/bus/platform/devices/ACPI0017:*; do [ -e "$d" ] && echo "${d##*/}"; done
+# The platform device cxl_acpi binds to make the CXL root: ACPI0017:00 from the firmware
+# tables of QEMU's CXL host bridge, cxl_acpi.0 made by cxl_test's mocks.
+cxl_root_device() {
+	for d in /sys/bus/platform/devices/ACPI0017:* /sys/bus/platform/devices/cxl_acpi.*; do
+		[ -e "$d" ] && echo "${d##*/}"
+	done
 }
 
+NO_ROOT_DEVICE="no CXL root platform device (ACPI0017 of an emulated CXL host bridge, or cxl_test's cxl_acpi.0)"
+
+
 cycle_acpi_unbind() {
-	dev=$(acpi0017)
-	[ -n "$dev" ] || fail "no ACPI0017 platform device (is the CXL host bridge emulated?)"
+	dev=$(cxl_root_device)
+	[ -n "$dev" ] || fail "$NO_ROOT_DEVICE"
 	sysw /sys/bus/platform/drivers/cxl_acpi/unbind "$dev"
 	left=$(ls -d "$CXL"/devices/root* "$CXL"/devices/port* 2> /dev/null)
 	[ -z "$left" ] || fail "CXL ports left after unbinding $dev from cxl_acpi: $left"
@@ -193,15 +200,45 @@ cycle_port_unbind() {
 	bind_unbound_memdevs
 }
 
-# The root decoders that can hold a pmem region (a CFMWS window with the pmem flag).
-pmem_root_decoders() {
-	for d in "$CXL"/devices/root*/decoder*; do [ -e "$d/create_pmem_region" ] && echo "$d"; done
+# The first root decoder that can hold a pmem region (a CFMWS window with the pmem flag)
+# over a single host bridge.
+pmem_root_decoder() {
+	for d in "$CXL"/devices/root*/decoder*; do
+		[ -e "$d/create_pmem_region" ] && [ "$(cat "$d/interleave_ways")" = 1 ] && echo "$d" && return
+	done
 }
 
 # The first decoder of each endpoint: the memdev's own, which a region takes as a target.
 endpoint_decoders() {
 	for e in "$CXL"/devices/endpoint*; do
 		for d in "$e"/decoder*.0; do [ -e "$d" ] && echo "$d"; done
+	done
+}
+
+# region_targets ROOT_DECODER: the endpoint decoders a region on it takes. QEMU's one host
+# bridge has every endpoint below it: all of them, one way each. cxl_test's windows each
+# route to their own host bridges, below which its boot-time auto region holds some
+# decoders: one free endpoint decoder below the window's host bridge (the port whose uport
+# is the root's dport the window targets).
+region_targets() {
+	local id hb p e d
+	if [ "$TOPOLOGY" != cxl-test ]; then
+		endpoint_decoders
+		return
+	fi
+	id=$(cut -d, -f1 < "$1/target_list")
+	hb=$(readlink -f "${1%/*}/dport$id")
+	for p in "$CXL"/devices/port*; do
+		[ "$(readlink -f "$p/uport")" = "$hb" ] || continue
+		for e in "$CXL"/devices/endpoint*; do
+			case "$(readlink -f "$e")" in
+			*/"${p##*/}"/*) ;;
+			*) continue ;;
+			esac
+			for d in "$e"/decoder*.0; do
+				[ -e "$d" ] && [ "$(cat "$d/dpa_size")" = 0 ] && echo "$d" && return
+			done
+		done
 	done
 }
 
@@ -214,10 +251,10 @@ endpoint_decoders() {
 cycle_region_attach() {
 	# Its own names: run_workload counts cycles in the global i.
 	local root targets ways region r size i d
-	root=$(pmem_root_decoders | head -n 1)
-	[ -n "$root" ] || fail "no root decoder with create_pmem_region (no pmem CFMWS window?)"
-	targets=$(endpoint_decoders)
-	[ -n "$targets" ] || fail "no endpoint decoder to attach"
+	root=$(pmem_root_decoder)
+	[ -n "$root" ] || fail "no root decoder over one host bridge with create_pmem_region (no pmem CFMWS window?)"
+	targets=$(region_targets "$root")
+	[ -n "$targets" ] || fail "no free endpoint decoder below ${root##*/} to attach"
 	ways=$(echo "$targets" | wc -l)
 	region=$(cat "$root/create_pmem_region")
 	sysw "$root/create_pmem_region" "$region"
@@ -261,7 +298,7 @@ race_memdev_bind() {
 }
 
 race_acpi_unbind() {
-	dev=$(acpi0017)
+	dev=$(cxl_root_device)
 	i=0
 	while [ $i -lt "$1" ]; do
 		tryw /sys/bus/platform/drivers/cxl_acpi/unbind "$dev"
@@ -297,7 +334,7 @@ run_race() {
 	wait $a
 	wait $b
 	say "$1: $(wc -l < /tmp/race.errors) writes failed while racing (expected: the loops undo each other)"
-	dev=$(acpi0017)
+	dev=$(cxl_root_device)
 	[ -e "/sys/bus/platform/drivers/cxl_acpi/$dev" ] || sysw /sys/bus/platform/drivers/cxl_acpi/bind "$dev"
 	for m in $LOAD_MODULES; do
 		[ -e "/sys/module/$m" ] || modprobe "$m" 2> /tmp/modprobe.err || fail "modprobe $m failed after $1: $(cat /tmp/modprobe.err)"
@@ -314,7 +351,7 @@ run_race() {
 }
 
 run_mix() {
-	[ -n "$(acpi0017)" ] || fail "no ACPI0017 platform device (is the CXL host bridge emulated?)"
+	[ -n "$(cxl_root_device)" ] || fail "$NO_ROOT_DEVICE"
 	run_race mix race_memdev_bind race_acpi_unbind "$1"
 }
 

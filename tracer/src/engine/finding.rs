@@ -188,18 +188,21 @@ impl Finding {
 }
 
 /// Identical findings share a class and a use stack, or a class and a site when there is
-/// no stack (syzbot-style titles).
+/// no stack (syzbot-style titles), and the lock rule their dport falls under: a root
+/// dport's (the root's uport_dev mutex) or another port's (its port's own mutex). One code
+/// path can meet both, as `cxl_mem_probe()` does below a virtual host (a switch or host
+/// bridge port's dport) and below an RCH (a dport of the root): two facts, two fixes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum GroupKey {
-    Stack(Class, Stack),
-    Site(Class, Arc<str>),
+    Stack(Class, Stack, bool),
+    Site(Class, Arc<str>, bool),
 }
 
 impl GroupKey {
     fn of(finding: &Finding) -> GroupKey {
         match &finding.stack {
-            Some(stack) if !stack.is_empty() => GroupKey::Stack(finding.class, stack.clone()),
-            _ => GroupKey::Site(finding.class, finding.site.clone()),
+            Some(stack) if !stack.is_empty() => GroupKey::Stack(finding.class, stack.clone(), finding.root),
+            _ => GroupKey::Site(finding.class, finding.site.clone(), finding.root),
         }
     }
 }

@@ -15,7 +15,7 @@ use tracer::{
         modules,
         profile::Profile,
     },
-    plan::{Plan, PlannedSite, probe_groups},
+    plan::{Plan, PlannedSite, ProbePoint, probe_groups},
     symbolize::Symbols,
 };
 use tracer_common::SiteInfo;
@@ -167,7 +167,15 @@ impl Attached {
         module: &str,
         rescan: impl FnOnce() -> anyhow::Result<Vec<PlannedSite>>,
     ) -> anyhow::Result<Replaced> {
-        let key = |s: &PlannedSite| (s.role as u32, s.arg, s.function.clone(), s.offset, s.point.spec());
+        // A site by address is the same site at another address after a reload: its
+        // function and offset say which.
+        let key = |s: &PlannedSite| {
+            let spec = match s.point {
+                ProbePoint::Address(_) => String::new(),
+                _ => s.point.spec(),
+            };
+            (s.role as u32, s.arg, s.function.clone(), s.offset, spec)
+        };
         let old: Vec<usize> = (0..plan.sites.len())
             .filter(|&i| plan.sites[i].module.as_deref() == Some(module) && !plan.retired.contains(&i))
             .collect();
@@ -192,6 +200,14 @@ impl Attached {
         new_keys.sort();
         if old_keys == new_keys {
             replaced.same = true;
+            // Addresses move with the module's text.
+            let moved: FxHashMap<_, _> = new.iter().map(|s| (key(s), (s.point.clone(), s.addr))).collect();
+            for &i in &old {
+                if let Some((point, addr)) = moved.get(&key(&plan.sites[i])) {
+                    plan.sites[i].point = point.clone();
+                    plan.sites[i].addr = *addr;
+                }
+            }
             for group in probe_groups(&plan.sites, old.iter().copied()) {
                 replaced.attached(&plan.sites, self.programs.attach(&mut self.kprobes, &plan.sites, &group));
             }
@@ -254,6 +270,9 @@ pub fn rescan_module(
 ) -> Rescanned {
     // The common case: the same build again, whose probes the kernel re-armed at load.
     let outcome = match rescan.same_code(symbols, module, plan) {
+        // Probes by address (a function whose name the module has twice) are not re-armed:
+        // their address went with the old text. The sites are found and attached again.
+        Ok(true) if has_address_sites(plan, module) => replace_sites(attached, plan, rescan, symbols, module),
         Ok(true) => {
             eprintln!("tracer: {module} loaded again: same code, its probes re-armed by the kernel");
             Rescanned::Kept
@@ -276,6 +295,12 @@ pub fn rescan_module(
         );
     }
     outcome
+}
+
+fn has_address_sites(plan: &Plan, module: &str) -> bool {
+    plan.sites.iter().enumerate().any(|(i, s)| {
+        !plan.retired.contains(&i) && s.module.as_deref() == Some(module) && matches!(s.point, ProbePoint::Address(_))
+    })
 }
 
 fn replace_sites(

@@ -16,7 +16,7 @@ use std::{
     time::Instant,
 };
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 
 use super::{
     SourceKernel,
@@ -87,6 +87,48 @@ impl Built {
             .collect();
         names.sort();
         names
+    }
+
+    /// The modules tree a cxl_test guest boots with (`--topology cxl-test`): the installed
+    /// modules with cxl_test's in `updates/`, which depmod prefers, so that `modprobe
+    /// cxl_core` loads cxl_test's build of it (the mock's `--wrap`ped calls), as on a
+    /// developer's machine after `make M=tools/testing/cxl modules_install`. Made on first
+    /// use beside the build (`DIR/cxl-test-modules/lib/modules/RELEASE`), a plain copy of
+    /// the build's 20 MB so that depmod never writes through a link into the build.
+    pub fn cxl_test_tree(&self) -> anyhow::Result<PathBuf> {
+        let out = self.dir.join("cxl-test-modules");
+        let modules = out.join("lib/modules").join(&self.release);
+        if modules.join("modules.dep").is_file() {
+            return Ok(modules);
+        }
+        let _lock = lock(&beside(&out, "lock"))?;
+        if modules.join("modules.dep").is_file() {
+            return Ok(modules);
+        }
+        let partial = beside(&out, "partial");
+        remove_dir(&partial)?;
+        let tree = partial.join("lib/modules");
+        fs::create_dir_all(&tree).with_context(|| format!("creating {}", tree.display()))?;
+        crate::util::output(std::process::Command::new("cp").arg("-a").arg(&self.modules).arg(&tree))
+            .with_context(|| format!("copying {} to {}", self.modules.display(), tree.display()))?;
+        let updates = tree.join(&self.release).join("updates");
+        fs::create_dir_all(&updates).with_context(|| format!("creating {}", updates.display()))?;
+        let names = self.cxl_test_modules();
+        if !names.iter().any(|n| n == "cxl_test.ko") {
+            bail!("{} holds no cxl_test.ko: delete {} to build it again", self.cxl_test.display(), self.dir.display());
+        }
+        for name in &names {
+            fs::copy(self.cxl_test.join(name), updates.join(name))
+                .with_context(|| format!("copying {name} to {}", updates.display()))?;
+        }
+        depmod(&partial, &self.release)?;
+        let dep = fs::read_to_string(tree.join(&self.release).join("modules.dep"))?;
+        if !dep.lines().any(|l| l.starts_with("updates/cxl_core.ko:")) {
+            bail!("depmod did not prefer cxl_test's cxl_core in {}: its modules.dep names another", partial.display());
+        }
+        remove_dir(&out)?;
+        fs::rename(&partial, &out).with_context(|| format!("renaming {} to {}", partial.display(), out.display()))?;
+        Ok(modules)
     }
 
     pub fn print(&self) {

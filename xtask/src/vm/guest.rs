@@ -34,6 +34,8 @@ pub const KVM_PROBE_INIT: &str = include_str!("../../guest/kvm-probe-init.sh");
 /// (`xtask/guest/config.example` shows one).
 pub struct GuestConfig<'a> {
     pub nonce: &'a str,
+    /// The topology's name (`--topology`): the workloads pick devices by it.
+    pub topology: &'static str,
     pub expect_memdevs: usize,
     pub tracer: bool,
     /// The tracer is in the guest but the workloads run without it: the script runs it.
@@ -63,6 +65,7 @@ impl GuestConfig<'_> {
         let names: Vec<&str> = self.workloads.iter().map(|w| w.name()).collect();
         let vars = [
             ("NONCE", self.nonce.to_owned()),
+            ("TOPOLOGY", self.topology.to_owned()),
             ("EXPECT_MEMDEVS", self.expect_memdevs.to_string()),
             (
                 "TRACER",
@@ -110,6 +113,7 @@ mod tests {
     fn config(tracer: bool, manual_tracer: bool, load_cxl: bool) -> String {
         GuestConfig {
             nonce: "n",
+            topology: "switch",
             expect_memdevs: 2,
             tracer,
             manual_tracer,

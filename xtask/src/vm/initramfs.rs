@@ -27,6 +27,10 @@ const BASE_FORMAT: u32 = 1;
 /// them all, in this order, except cxl_pmem unless asked (`--pmem`).
 pub const CXL_MODULES: &[&str] = &["cxl_acpi", "cxl_pci", "cxl_mem", "cxl_pmem"];
 pub const PMEM_MODULE: &str = "cxl_pmem";
+/// What `--topology cxl-test` loads, in order: cxl_test's builds of the CXL drivers (from
+/// `updates/`; cxl_core and cxl_mock come as their dependencies), its memdev driver, and
+/// cxl_test itself last, whose init makes the mock devices for drivers already there.
+pub const CXL_TEST_MODULES: &[&str] = &["cxl_acpi", "cxl_port", "cxl_mem", "cxl_pmem", "cxl_mock_mem", "cxl_test"];
 
 /// The static busybox the guest's userland is made of.
 fn busybox() -> anyhow::Result<PathBuf> {

@@ -68,6 +68,36 @@ impl Kernel {
         }
     }
 
+    /// The kernel of a cxl_test guest (`--topology cxl-test`): a source-built kernel boots
+    /// with its cxl_test tree (source_kernel::Built::cxl_test_tree); a user's tree must hold
+    /// cxl_test already (`make M=tools/testing/cxl modules_install` into it). A stock kernel
+    /// cannot: cxl_test refuses a CXL core built into vmlinux.
+    pub fn resolve_cxl_test(source: &Source) -> anyhow::Result<Self> {
+        let kernel = match source {
+            Source::Built(request) => {
+                let built = source_kernel::build(request.kernel, &request.patches)?;
+                from_tree(&built.image, &built.cxl_test_tree()?)?
+            }
+            Source::Tree { .. } | Source::Deb(_) => Self::resolve(source)?,
+            Source::Stock(stock) => bail!(
+                "--topology cxl-test needs a kernel with the CXL core as modules and tools/testing/cxl built \
+                 against it; stock kernel {} builds the core in (CONFIG_CXL_BUS=y), which cxl_test refuses: use \
+                 --kernel {} or your own --kernel IMAGE --modules DIR",
+                stock.name,
+                source_kernel::SOURCE_KERNELS.iter().map(|k| k.name).collect::<Vec<_>>().join(" or --kernel ")
+            ),
+        };
+        let index = kernel.module_index()?;
+        if !index.modules.contains_key("cxl_test") {
+            bail!(
+                "{} has no cxl_test module: install tools/testing/cxl's modules into it \
+                 (`make M=tools/testing/cxl modules_install INSTALL_MOD_PATH=DIR`, docs/source-kernel.md)",
+                kernel.modules.display()
+            );
+        }
+        Ok(kernel)
+    }
+
     pub fn module_index(&self) -> anyhow::Result<ModuleIndex> {
         ModuleIndex::read(&self.modules)
     }

@@ -111,10 +111,6 @@ pub fn source(kernel: Option<&KernelArg>, deb: Option<&Path>, modules: Option<&P
 }
 
 /// `source()` with the user's `--patch`es, which only a kernel built from source takes.
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "vm run calls it once RunOptions flattens PatchOptions (docs/source-kernel.md)")
-)]
 pub fn source_with_patches(
     kernel: Option<&KernelArg>,
     deb: Option<&Path>,

@@ -68,6 +68,10 @@ pub enum Topology {
     Rp,
     /// A host bridge, one root port, a switch (upstream port, two downstream ports), two memdevs.
     Switch,
+    /// No emulated CXL device: the kernel's mock topology, tools/testing/cxl (cxl_test),
+    /// loaded as modules (a kernel with the CXL core as modules: --kernel 7.2-src). Four host
+    /// bridges (one of them an RCH with its RCD), switches, eleven memdevs.
+    CxlTest,
 }
 
 impl Topology {
@@ -75,13 +79,22 @@ impl Topology {
         match self {
             Topology::Rp => 1,
             Topology::Switch => 2,
+            // tools/testing/cxl/test/cxl.c: 8 below the two multi-port host bridges, 2 below
+            // the single-port one, 1 RCD.
+            Topology::CxlTest => 11,
         }
     }
 
-    fn name(self) -> &'static str {
+    /// QEMU emulates its CXL devices (else they are the kernel's own mocks).
+    pub fn emulated(self) -> bool {
+        self != Topology::CxlTest
+    }
+
+    pub fn name(self) -> &'static str {
         match self {
             Topology::Rp => "rp",
             Topology::Switch => "switch",
+            Topology::CxlTest => "cxl-test",
         }
     }
 }
@@ -139,6 +152,8 @@ pub struct RunOptions {
     /// `make modules_install INSTALL_MOD_PATH=DIR`.
     #[arg(long = "modules", value_name = "DIR", requires = "kernel")]
     pub modules_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub kernel_patches: crate::source_kernel::PatchOptions,
     /// Where the results go (default: target/vm/<UTC time>).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -192,6 +207,7 @@ impl RunOptions {
             kernel: None,
             kernel_deb: None,
             modules_dir: None,
+            kernel_patches: Default::default(),
             out: None,
             timeout: None,
             accel: Accel::Auto,

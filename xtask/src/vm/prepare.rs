@@ -54,9 +54,14 @@ pub fn prepare(options: &RunOptions) -> anyhow::Result<Prepared> {
     let workloads = check(options)?;
     setup::ensure_packages(VM_PACKAGES)?;
 
-    let source =
-        kernel_arg::source(options.kernel.as_ref(), options.kernel_deb.as_deref(), options.modules_dir.as_deref())?;
-    let kernel = Kernel::resolve(&source)?;
+    let source = kernel_arg::source_with_patches(
+        options.kernel.as_ref(),
+        options.kernel_deb.as_deref(),
+        options.modules_dir.as_deref(),
+        &options.kernel_patches,
+    )?;
+    let emulated = options.topology.emulated();
+    let kernel = if emulated { Kernel::resolve(&source)? } else { Kernel::resolve_cxl_test(&source)? };
     let index = kernel.module_index()?;
     let user_modules: Vec<UserModule> =
         options.modules.iter().map(|m| UserModule::inspect(m)).collect::<anyhow::Result<_>>()?;
@@ -75,13 +80,17 @@ pub fn prepare(options: &RunOptions) -> anyhow::Result<Prepared> {
     // The modules the base archive holds: what /init needs for the share, the CXL drivers,
     // and whatever the user's modules need.
     let basic_modules = basics::modules(&index, &kernel.release)?;
+    let cxl_modules = if emulated { initramfs::CXL_MODULES } else { initramfs::CXL_TEST_MODULES };
     let wanted = basic_modules
         .iter()
         .map(String::as_str)
-        .chain(initramfs::CXL_MODULES.iter().copied())
+        .chain(cxl_modules.iter().copied())
         .chain(user_modules.iter().flat_map(|u| u.depends.iter().map(String::as_str)));
     let modules = index.closure(wanted)?;
-    let load = load_order(options.pmem, &index, &modules, &user_modules, &kernel.release);
+    // cxl_test's topology has its nvdimm bridge and pmem windows: its cxl_pmem always loads
+    // (its mailbox is a function call, not the emulated one that makes QEMU's probes slow).
+    let pmem = options.pmem || !emulated;
+    let load = load_order(cxl_modules, pmem, &index, &modules, &user_modules, &kernel.release);
 
     let tracer = if options.no_tracer { None } else { Some(tracer::given_or_built(options.tracer_binary.as_deref())?) };
 
@@ -104,6 +113,7 @@ pub fn prepare(options: &RunOptions) -> anyhow::Result<Prepared> {
     }
     let config = GuestConfig {
         nonce: &nonce,
+        topology: options.topology.name(),
         expect_memdevs: options.topology.memdevs(),
         tracer: tracer.is_some(),
         manual_tracer: options.manual_tracer,
@@ -169,13 +179,14 @@ fn check(options: &RunOptions) -> anyhow::Result<Vec<Workload>> {
 /// The modules the guest loads at boot, in order: the CXL drivers the initramfs holds
 /// (cxl_pmem only with `--pmem`), then the user's modules that replace none of them.
 fn load_order(
+    cxl_modules: &[&str],
     pmem: bool,
     index: &ModuleIndex,
     modules: &[String],
     user_modules: &[UserModule],
     release: &str,
 ) -> Vec<String> {
-    let mut load: Vec<String> = initramfs::CXL_MODULES
+    let mut load: Vec<String> = cxl_modules
         .iter()
         .filter(|m| modules.iter().any(|x| x == *m))
         .filter(|m| pmem || **m != initramfs::PMEM_MODULE)

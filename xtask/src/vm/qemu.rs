@@ -75,7 +75,7 @@ impl Machine<'_> {
             _ => cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"]),
         };
         let cpus = self.cpus.to_string();
-        let machine = if self.cxl.is_some() { "q35,cxl=on" } else { "q35" };
+        let machine = if self.cxl.is_some_and(|(t, _)| t.emulated()) { "q35,cxl=on" } else { "q35" };
         cmd.args(["-machine", machine, "-smp", cpus.as_str(), "-m", "2G,maxmem=4G,slots=4"]);
         cmd.args(["-nodefaults", "-nographic", "-serial", "stdio", "-monitor", "none", "-nic", "none"]);
         cmd.arg("-no-reboot");
@@ -94,10 +94,30 @@ impl Machine<'_> {
     }
 }
 
-/// The CXL devices of `topology` (DESIGN §6): a CXL host bridge with one root port, and
-/// below it either one type3 device or a switch with two. Each type3 has a 256 MiB volatile
-/// memory backend and a label storage area, both sparse files in `dir`.
+/// The CXL side of the machine for `topology`.
 fn cxl_args(cmd: &mut Command, topology: Topology, dir: &Path) {
+    match topology {
+        Topology::Rp => emulated_cxl(cmd, 1, None, dir),
+        Topology::Switch => emulated_cxl(cmd, 2, Some("us0"), dir),
+        Topology::CxlTest => {
+            // No CXL device: cxl_test mocks them all. It puts its memdevs on NUMA nodes 0 and
+            // 1 alternately (set_dev_node(dev, i % 2)) and allocates their state there: a
+            // guest with one node oopses in the page allocator on the first memdev of node 1.
+            cmd.args([
+                "-object",
+                "memory-backend-ram,id=node0,size=1G",
+                "-object",
+                "memory-backend-ram,id=node1,size=1G",
+            ]);
+            cmd.args(["-numa", "node,nodeid=0,memdev=node0", "-numa", "node,nodeid=1,memdev=node1"]);
+        }
+    }
+}
+
+/// QEMU's CXL devices: a CXL host bridge with one root port, and below it either one type3
+/// device or a switch (upstream port `switch`) with `memdevs` of them. Each type3 has a
+/// 256 MiB volatile memory backend and a label storage area, both sparse files in `dir`.
+fn emulated_cxl(cmd: &mut Command, memdevs: usize, switch: Option<&str>, dir: &Path) {
     let backend = |cmd: &mut Command, id: &str| {
         let mut arg = std::ffi::OsString::from(format!("memory-backend-file,id={id},share=on,size=256M,mem-path="));
         arg.push(dir.join(format!("{id}.raw")));
@@ -105,20 +125,20 @@ fn cxl_args(cmd: &mut Command, topology: Topology, dir: &Path) {
     };
     cmd.args(["-device", "pxb-cxl,bus_nr=12,bus=pcie.0,id=cxl.1"]);
     cmd.args(["-device", "cxl-rp,port=0,bus=cxl.1,id=root_port13,chassis=0,slot=2"]);
-    match topology {
-        Topology::Rp => {
+    match switch {
+        None => {
             backend(cmd, "cxl-mem0");
             backend(cmd, "cxl-lsa0");
             cmd.args(["-device", "cxl-type3,bus=root_port13,memdev=cxl-mem0,lsa=cxl-lsa0,id=cxl-pmem0"]);
         }
-        Topology::Switch => {
-            cmd.args(["-device", "cxl-upstream,bus=root_port13,id=us0"]);
-            for i in 0..2 {
+        Some(us) => {
+            cmd.args(["-device".to_owned(), format!("cxl-upstream,bus=root_port13,id={us}")]);
+            for i in 0..memdevs {
                 backend(cmd, &format!("cxl-mem{i}"));
                 backend(cmd, &format!("cxl-lsa{i}"));
                 cmd.args([
                     "-device".to_owned(),
-                    format!("cxl-downstream,port={i},bus=us0,id=swport{i},chassis=0,slot={}", 4 + i),
+                    format!("cxl-downstream,port={i},bus={us},id=swport{i},chassis=0,slot={}", 4 + i),
                 ]);
                 cmd.args([
                     "-device".to_owned(),

@@ -24,7 +24,8 @@ pub enum Workload {
     Type3Rescan,
     /// PCI remove of the switch upstream port (the whole switch), then a rescan (switch only).
     UpstreamRescan,
-    /// Unbind ACPI0017 from `cxl_acpi` (tears down the root and every port) and bind it again.
+    /// Unbind the CXL root's platform device from `cxl_acpi` (tears down the root and every
+    /// port) and bind it again: ACPI0017:00 on QEMU, cxl_test's cxl_acpi.0.
     AcpiUnbind,
     /// Unbind the ports above the endpoints from `cxl_port`, bind them again if they still
     /// exist (a switch port goes away with its last endpoint), then bind the memdevs again.
@@ -76,15 +77,30 @@ impl Workload {
     }
 
     pub fn runs_on(self, topology: Topology) -> bool {
-        self != Workload::UpstreamRescan || topology == Topology::Switch
+        self.unfit(topology).is_none()
+    }
+
+    /// Why the workload cannot run on the topology, if it cannot.
+    fn unfit(self, topology: Topology) -> Option<&'static str> {
+        match self {
+            Workload::UpstreamRescan if topology != Topology::Switch => {
+                Some("needs a CXL switch of PCI functions: use --topology switch")
+            }
+            // cxl_test's memdevs and ports are platform devices of its mocks: no PCI function
+            // to remove, and cxl_pci drives none of them.
+            Workload::CxlPciReload | Workload::Type3Rescan if topology == Topology::CxlTest => {
+                Some("needs CXL PCI functions, which cxl_test does not make: use --topology rp or switch")
+            }
+            _ => None,
+        }
     }
 }
 
 /// Fails before booting when a workload cannot run on the topology.
 pub fn check(workloads: &[Workload], topology: Topology) -> anyhow::Result<()> {
     for w in workloads {
-        if !w.runs_on(topology) {
-            bail!("workload {} needs a CXL switch: use --topology switch", w.name());
+        if let Some(why) = w.unfit(topology) {
+            bail!("workload {} {why}", w.name());
         }
     }
     Ok(())
