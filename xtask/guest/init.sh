@@ -47,6 +47,31 @@ done
 mount -t 9p -o trans=virtio,version=9p2000.L share /share || setup_failed "cannot mount the 9p results share"
 mkdir -p /share/out || setup_failed "the results share is not writable"
 
+# The Debian userland (vm/userland.rs), for /vm/debian: the host's sid root, read-only over
+# 9p (cache=loose: it never changes under a run), with the guest's own /proc, /sys, /dev,
+# /tmp, /share, /vm and kernel modules bound in. kmod reads only its binary module index,
+# which depmod makes from the guest's modules; the harness's text modules.dep, which
+# busybox's modprobe reads, is kept as the harness wrote it.
+mount_debian() {
+	t0=$(now_ms)
+	mkdir -p /debian
+	mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=262144 debian /debian 2> /tmp/mount.err \
+		|| setup_failed "cannot mount the Debian userland share: $(cat /tmp/mount.err)"
+	for d in proc sys dev tmp share vm; do
+		mount -o rbind "/$d" "/debian/$d" 2> /tmp/mount.err \
+			|| setup_failed "cannot bind /$d into the Debian userland: $(cat /tmp/mount.err)"
+	done
+	mount -o bind /lib/modules /debian/usr/lib/modules 2> /tmp/mount.err \
+		|| setup_failed "cannot bind /lib/modules into the Debian userland: $(cat /tmp/mount.err)"
+	release=$(uname -r)
+	cp "/lib/modules/$release/modules.dep" /tmp/modules.dep.harness
+	chroot /debian /usr/sbin/depmod -a "$release" 2> /tmp/depmod.err \
+		|| setup_failed "depmod in the Debian userland failed: $(cat /tmp/depmod.err)"
+	cp /tmp/modules.dep.harness "/lib/modules/$release/modules.dep"
+	say "debian userland mounted at /debian, modules indexed for kmod: ms=$(( $(now_ms) - t0 ))"
+}
+[ "$DEBIAN" != 1 ] || mount_debian
+
 if [ "$LOAD_CXL" = 1 ]; then
 	load_modules || setup_failed "$LOAD_ERROR"
 	topology_ready 60 || setup_failed "CXL topology not ready after 60 s: expected $EXPECT_MEMDEVS memdevs bound to cxl_mem with endpoints, have $(topology)"

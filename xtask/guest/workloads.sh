@@ -286,6 +286,12 @@ cycle_region_attach() {
 	[ ! -e "$r" ] || fail "$region still there after delete_region"
 }
 
+# ndctl's cxl tool through the maintainers' flows, in the Debian userland (cxl-cli.sh): each
+# flow prints its own result line and restores the topology; a failed flow fails the cycle.
+cycle_cxl_cli() {
+	/vm/debian /vm/cxl-cli || fail "cxl-cli: a flow failed (its flow line above says why)"
+}
+
 # The racing loops of `mix`: the same operations, errors only counted.
 race_memdev_bind() {
 	i=0

@@ -31,6 +31,7 @@ pub fn boot(options: &RunOptions, prepared: &Prepared) -> anyhow::Result<Booted>
         initrd: &prepared.initrd,
         cmdline: &cmdline,
         share: Some(&prepared.share),
+        userland: prepared.debian_root.as_deref(),
         cxl: Some((options.topology, &prepared.cxl_dir)),
     };
     println!(

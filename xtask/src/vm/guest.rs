@@ -25,6 +25,8 @@ pub const RUN_FILES: &[RunFile] = &[
     RunFile { path: "vm/workload", mode: 0o755, text: include_str!("../../guest/workload.sh") },
     RunFile { path: "vm/run-workloads", mode: 0o755, text: include_str!("../../guest/run-workloads.sh") },
     RunFile { path: "vm/run-workload", mode: 0o755, text: include_str!("../../guest/run-workload.sh") },
+    RunFile { path: "vm/debian", mode: 0o755, text: include_str!("../../guest/debian.sh") },
+    RunFile { path: "vm/cxl-cli", mode: 0o755, text: include_str!("../../guest/cxl-cli.sh") },
 ];
 
 /// `/init` of the KVM probe's guest (qemu.rs, `kvm_works`).
@@ -57,6 +59,10 @@ pub struct GuestConfig<'a> {
     pub known: Option<&'a str>,
     /// The kernel can commit a region in a VM (`CONFIG_CXL_REGION_INVALIDATION_TEST`).
     pub region_commit: bool,
+    /// The Debian userland is shared to the guest (vm/userland.rs): /init mounts it.
+    pub debian: bool,
+    /// Where the script runs (`--userland`): `busybox` or `debian`.
+    pub userland: &'static str,
 }
 
 impl GuestConfig<'_> {
@@ -86,6 +92,8 @@ impl GuestConfig<'_> {
             ("SETTLE_SECS", self.settle_secs.to_string()),
             ("TRACER_KNOWN", self.known.map_or(String::new(), str::to_owned)),
             ("REGION_COMMIT", u8::from(self.region_commit).to_string()),
+            ("DEBIAN", u8::from(self.debian).to_string()),
+            ("USERLAND", self.userland.to_owned()),
         ];
         for (name, value) in vars {
             writeln!(s, "{name}={}", shell_quote(&value)).expect("writing to a String cannot fail");
@@ -127,6 +135,8 @@ mod tests {
             settle_secs: 30,
             known: Some("/vm/known"),
             region_commit: false,
+            debian: true,
+            userland: "debian",
         }
         .render()
     }
@@ -213,23 +223,32 @@ mod tests {
     fn guest_shell_passes_shellcheck() {
         let scripts = files(&guest_dir(), ".sh");
         assert!(scripts.len() >= 10, "only {} .sh files in {}", scripts.len(), guest_dir().display());
-        // Busybox ash is closest to dash among shellcheck's dialects (it has `local`). The
-        // scripts name what they source (`source=` directives) next to the guest paths.
-        let output = match Command::new("shellcheck")
-            .args(["--shell=dash", "--external-sources", "--source-path=SCRIPTDIR", "--format=gcc"])
-            .args(&scripts)
-            .output()
-        {
-            Ok(output) => output,
-            Err(err) => panic!("install shellcheck (cargo xtask setup): cannot run shellcheck: {err}"),
-        };
-        assert!(
-            output.status.success(),
-            "shellcheck finds problems in the guest shell (fix them, or disable the rule on that line \
-             with a comment saying why):\n{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        // Busybox ash is closest to dash among shellcheck's dialects (it has `local`); the
+        // scripts that run in the Debian userland say `#!/bin/bash` and are checked as bash.
+        // The scripts name what they source (`source=` directives) next to the guest paths.
+        let is_bash = |p: &PathBuf| fs::read_to_string(p).is_ok_and(|t| t.starts_with("#!/bin/bash\n"));
+        let (bash, ash): (Vec<PathBuf>, Vec<PathBuf>) = scripts.into_iter().partition(is_bash);
+        for (dialect, scripts) in [("dash", ash), ("bash", bash)] {
+            if scripts.is_empty() {
+                continue;
+            }
+            let output = match Command::new("shellcheck")
+                .arg(format!("--shell={dialect}"))
+                .args(["--external-sources", "--source-path=SCRIPTDIR", "--format=gcc"])
+                .args(&scripts)
+                .output()
+            {
+                Ok(output) => output,
+                Err(err) => panic!("install shellcheck (cargo xtask setup): cannot run shellcheck: {err}"),
+            };
+            assert!(
+                output.status.success(),
+                "shellcheck --shell={dialect} finds problems in the guest shell (fix them, or disable the \
+                 rule on that line with a comment saying why):\n{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
     }
 
     #[test]

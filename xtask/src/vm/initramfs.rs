@@ -20,7 +20,7 @@ use super::{
 use crate::util::{self, cache_dir};
 
 /// Bumped when the base archive's layout changes, so stale cached bases are not reused.
-const BASE_FORMAT: u32 = 1;
+const BASE_FORMAT: u32 = 2;
 
 /// The CXL drivers the workloads exercise, besides what /init needs for the results share
 /// (basics.rs); `cxl_core` and `cxl_port` are built into Debian's kernels. The guest loads
@@ -117,6 +117,13 @@ pub fn base(kernel: &Kernel, index: &ModuleIndex, modules: &[String]) -> anyhow:
         let module = &index.modules[name];
         let data = kernel::read_decompressed(&kernel.modules.join(&module.path))?;
         w.file(&format!("{root}/{}", plain_ko(&module.path)), 0o644, &data)?;
+    }
+    // What kmod's depmod needs besides the modules to say what is built in (the Debian
+    // userland indexes the guest's modules with it, init.sh).
+    for list in ["modules.builtin", "modules.builtin.modinfo", "modules.order"] {
+        if let Ok(data) = fs::read(kernel.modules.join(list)) {
+            w.file(&format!("{root}/{list}"), 0o644, &data)?;
+        }
     }
     w.finish()?;
     fs::rename(&tmp, &path).with_context(|| format!("moving {} to {}", tmp.display(), path.display()))?;

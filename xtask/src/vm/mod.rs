@@ -32,6 +32,7 @@ pub mod soak;
 mod suite;
 pub mod traced;
 mod tracer;
+mod userland;
 mod workload;
 
 use std::{fmt, fs, path::PathBuf, time::Duration};
@@ -44,6 +45,7 @@ pub use results::utc_stamp;
 pub use run::execute;
 pub use suite::suite;
 pub use tracer::tracer_binary;
+pub use userland::Userland;
 pub use workload::Workload;
 
 #[derive(clap::Subcommand)]
@@ -180,6 +182,11 @@ pub struct RunOptions {
     /// reported, apart; only the others fail the run. results.ktap shows them skipped.
     #[arg(long, value_name = "FILE", conflicts_with = "no_tracer")]
     pub known: Option<PathBuf>,
+    /// Where the script runs: busybox (the initramfs's ash), or debian, a Debian sid root
+    /// with ndctl's tools (`$CXL`, `$NDCTL`, `$DAXCTL`), bash, jq and kmod, made on first use
+    /// (docs/vm.md). The cxl-cli workload runs there whatever this says.
+    #[arg(long, value_enum, default_value = "busybox")]
+    pub userland: Userland,
     /// A script to run in the guest after the workloads, and its arguments: a host file
     /// (copied into the guest) or else a command of the guest's busybox.
     #[arg(last = true, value_name = "SCRIPT ARGS")]
@@ -215,6 +222,7 @@ impl RunOptions {
             cmdline: None,
             quiet: false,
             known: None,
+            userland: Userland::Busybox,
             script: Vec::new(),
             extra_files: Vec::new(),
         }

@@ -15,7 +15,9 @@ use super::{
     guest::{self, GuestConfig},
     initramfs::{self, GuestFile},
     kernel::{self, Kernel, ModuleIndex, UserModule},
-    kernel_arg, tracer, workload,
+    kernel_arg, tracer,
+    userland::{self, Userland},
+    workload,
 };
 use crate::setup;
 
@@ -32,6 +34,8 @@ pub struct Prepared {
     pub workloads: Vec<Workload>,
     /// The checked static tracer, unless `--no-tracer`.
     pub tracer: Option<PathBuf>,
+    /// The Debian userland the guest mounts read-only (`--userland debian`, `cxl-cli`).
+    pub debian_root: Option<PathBuf>,
     /// In the result line, so that no earlier run's output passes for this one's.
     pub nonce: String,
     pub initrd: PathBuf,
@@ -101,7 +105,9 @@ pub fn prepare(options: &RunOptions) -> anyhow::Result<Prepared> {
     fs::create_dir_all(&share)?;
     fs::create_dir_all(&cxl_dir)?;
 
-    let (script_file, user_command) = user_command(&options.script)?;
+    let debian = options.userland == Userland::Debian || workloads.iter().any(|w| w.needs_debian());
+    let debian_root = if debian { Some(userland::ensure()?) } else { None };
+    let (script_file, user_command) = user_command(&options.script, options.userland)?;
     let mut extra_files = options.extra_files.clone();
     if let Some(known) = &options.known {
         check_known(tracer.as_deref(), known)?;
@@ -127,6 +133,8 @@ pub fn prepare(options: &RunOptions) -> anyhow::Result<Prepared> {
         settle_secs: SETTLE_SECS,
         known: options.known.as_ref().map(|_| KNOWN_IN_GUEST),
         region_commit: kernel_config(&kernel).is_some_and(|c| c.lines().any(|l| l == REGION_COMMIT_OPTION)),
+        debian,
+        userland: options.userland.name(),
     };
     let base = initramfs::base(&kernel, &index, &modules)?;
     let initrd = tmp.0.join("initrd.cpio");
@@ -143,7 +151,7 @@ pub fn prepare(options: &RunOptions) -> anyhow::Result<Prepared> {
         },
         &initrd,
     )?;
-    Ok(Prepared { kernel, workloads, tracer, nonce, initrd, share, cxl_dir, tmp })
+    Ok(Prepared { kernel, workloads, tracer, debian_root, nonce, initrd, share, cxl_dir, tmp })
 }
 
 /// Checks the options that go together, and returns the workloads to run.
@@ -251,21 +259,41 @@ fn check_known(tracer: Option<&Path>, known: &Path) -> anyhow::Result<()> {
 }
 
 /// The user's script as the guest runs it: a host file is copied to /vm/script, anything
-/// else is a guest command. Returns the file to copy and the shell-quoted command line.
-fn user_command(script: &[String]) -> anyhow::Result<(Option<PathBuf>, String)> {
+/// else is a guest command; in the Debian userland, through its wrapper `/vm/debian`.
+/// Returns the file to copy and the shell-quoted command line.
+fn user_command(script: &[String], userland: Userland) -> anyhow::Result<(Option<PathBuf>, String)> {
     let Some((first, args)) = script.split_first() else {
         return Ok((None, String::new()));
     };
     let host = Path::new(first);
     let (file, command) = if host.is_file() {
         let file = fs::canonicalize(host).with_context(|| format!("reading {first}"))?;
+        if userland == Userland::Busybox && wants_bash(&file) {
+            bail!(
+                "{first} is a bash script, and the guest's busybox has no bash: run it in the Debian userland \
+                 with --userland debian (bash, jq, kmod and ndctl's tools; docs/vm.md)"
+            );
+        }
         (Some(file), "/vm/script".to_owned())
     } else {
         (None, first.clone())
     };
-    let words: Vec<String> =
-        std::iter::once(command.as_str()).chain(args.iter().map(String::as_str)).map(guest::shell_quote).collect();
+    let wrapper = (userland == Userland::Debian).then_some("/vm/debian");
+    let words: Vec<String> = wrapper
+        .into_iter()
+        .chain(std::iter::once(command.as_str()))
+        .chain(args.iter().map(String::as_str))
+        .map(guest::shell_quote)
+        .collect();
     Ok((file, words.join(" ")))
+}
+
+/// Whether a script's `#!` line asks for bash.
+fn wants_bash(script: &Path) -> bool {
+    let text = fs::read(script).unwrap_or_default();
+    let first = text.split(|&b| b == b'\n').next().unwrap_or_default();
+    let first = String::from_utf8_lossy(first);
+    first.starts_with("#!") && first.split(['/', ' ']).any(|w| w.trim() == "bash")
 }
 
 /// `--count-calls` takes `FUNCTION` or `MODULE:FUNCTION`, both C identifiers (the function
@@ -324,8 +352,11 @@ mod tests {
 
     #[test]
     fn guest_commands_are_quoted() {
-        let (file, cmd) = user_command(&["sh".to_owned(), "-c".to_owned(), "echo 'c' > /x".to_owned()]).unwrap();
+        let (file, cmd) =
+            user_command(&["sh".to_owned(), "-c".to_owned(), "echo 'c' > /x".to_owned()], Userland::Busybox).unwrap();
         assert!(file.is_none());
         assert_eq!(cmd, r#"'sh' '-c' 'echo '\''c'\'' > /x'"#);
+        let (_, cmd) = user_command(&["jq".to_owned(), ".".to_owned()], Userland::Debian).unwrap();
+        assert_eq!(cmd, "'/vm/debian' 'jq' '.'");
     }
 }

@@ -63,6 +63,8 @@ pub struct Machine<'a> {
     pub cmdline: &'a str,
     /// The host directory the guest mounts at /share; `None` for no share.
     pub share: Option<&'a Path>,
+    /// The Debian userland (vm/userland.rs), shared read-only with the mount tag `debian`.
+    pub userland: Option<&'a Path>,
     /// Where CXL backing files go; `None` for a machine without CXL (the KVM probe).
     pub cxl: Option<(Topology, &'a Path)>,
 }
@@ -86,6 +88,13 @@ impl Machine<'_> {
             fsdev.push(share);
             cmd.arg("-fsdev").arg(fsdev);
             cmd.args(["-device", "virtio-9p-pci,fsdev=fs0,mount_tag=share"]);
+        }
+        if let Some(root) = self.userland {
+            // Read-only: every run of every kernel shares the one cached root.
+            let mut fsdev = std::ffi::OsString::from("local,id=fs1,security_model=none,readonly=on,path=");
+            fsdev.push(root);
+            cmd.arg("-fsdev").arg(fsdev);
+            cmd.args(["-device", "virtio-9p-pci,fsdev=fs1,mount_tag=debian"]);
         }
         if let Some((topology, dir)) = self.cxl {
             cxl_args(&mut cmd, topology, dir);
@@ -451,6 +460,7 @@ pub fn kvm_works(
         initrd: &initrd,
         cmdline: "console=ttyS0 quiet panic=-1",
         share: None,
+        userland: None,
         cxl: None,
     }
     .command();

@@ -35,6 +35,11 @@ pub enum Workload {
     /// pmem DPA and attached as a target (`cxl_region_attach()`, a root-port dport lookup);
     /// committed and reset where the kernel can commit in a VM; then detached and deleted.
     RegionAttach,
+    /// ndctl's `cxl` tool driving the flows of the maintainers' `test/cxl-*.sh`: topology
+    /// listing checked against sysfs, memdev and port disable/enable, region create, disable
+    /// and destroy (where the kernel can commit one), bus teardown and bring-up. Runs in the
+    /// Debian userland (xtask/guest/cxl-cli.sh); each flow prints its result line.
+    CxlCli,
     /// `memdev-bind` and `acpi-unbind` racing in two parallel loops, then a restore.
     Mix,
     /// `memdev-bind` and `cxl-mem-reload` racing in two parallel loops, then a restore: every
@@ -43,7 +48,7 @@ pub enum Workload {
 }
 
 impl Workload {
-    pub const ALL: [Workload; 10] = [
+    pub const ALL: [Workload; 11] = [
         Workload::MemdevBind,
         Workload::CxlMemReload,
         Workload::CxlPciReload,
@@ -52,6 +57,7 @@ impl Workload {
         Workload::AcpiUnbind,
         Workload::PortUnbind,
         Workload::RegionAttach,
+        Workload::CxlCli,
         Workload::Mix,
         Workload::ReloadMix,
     ];
@@ -66,6 +72,7 @@ impl Workload {
             Workload::AcpiUnbind => "acpi-unbind",
             Workload::PortUnbind => "port-unbind",
             Workload::RegionAttach => "region-attach",
+            Workload::CxlCli => "cxl-cli",
             Workload::Mix => "mix",
             Workload::ReloadMix => "reload-mix",
         }
@@ -74,6 +81,11 @@ impl Workload {
     /// Two loops racing: the cycles are iterations of each loop, with no per-cycle line.
     pub fn is_race(self) -> bool {
         matches!(self, Workload::Mix | Workload::ReloadMix)
+    }
+
+    /// It runs in the Debian userland (vm/userland.rs), which the guest then mounts.
+    pub fn needs_debian(self) -> bool {
+        self == Workload::CxlCli
     }
 
     pub fn runs_on(self, topology: Topology) -> bool {
