@@ -277,7 +277,7 @@ flow_region_create() {
 	local m dec tried=()
 	REGION=
 	if [ "$REGION_COMMIT" != 1 ]; then
-		REGION_WHY="this kernel cannot commit a region in a VM (CONFIG_CXL_REGION_INVALIDATION_TEST is off, REGION_COMMIT=0); region-attach covers the attach without a commit"
+		REGION_WHY="this kernel cannot commit a region in a VM (CONFIG_CXL_REGION_INVALIDATION_TEST off)"
 		WHY=$REGION_WHY
 		return 77
 	fi

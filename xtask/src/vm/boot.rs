@@ -5,7 +5,7 @@ use std::{
     time::Duration,
 };
 
-use super::{Accel, RunOptions, initramfs, prepare::Prepared, qemu, results};
+use super::{Accel, RunOptions, cxl_cli, initramfs, prepare::Prepared, qemu, results};
 
 /// A boot that is over: QEMU is gone and the results are copied.
 pub struct Booted {
@@ -56,6 +56,9 @@ pub fn boot(options: &RunOptions, prepared: &Prepared) -> anyhow::Result<Booted>
     results::copy(&prepared.share.join("out"), &out)?;
     if let Some(tracer) = &prepared.tracer {
         results::write_ktap(tracer, &out, options.known.as_deref());
+    }
+    if let Err(err) = cxl_cli::add_to_ktap(&session.lines, &out) {
+        println!("vm: warning: {err:#}");
     }
     Ok(Booted { session, out, accel, accel_reason, timeout })
 }

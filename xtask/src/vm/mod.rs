@@ -15,6 +15,7 @@ mod boot;
 mod calls;
 mod checks;
 mod cpio;
+mod cxl_cli;
 pub mod expect;
 pub mod findings;
 mod guest;
@@ -359,6 +360,7 @@ impl Run {
         if let Some(exit) = self.tracer_exit {
             println!("vm: tracer exit status {exit}");
         }
+        cxl_cli::print_summary(&self.console, &self.out);
         let mut files: Vec<String> = fs::read_dir(&self.out)
             .map(|d| d.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default();

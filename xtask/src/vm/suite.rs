@@ -108,6 +108,7 @@ pub const CASES: &[Case] = &[
     },
     traced("switch-traced", &["6.12", "7.2"], |e| traced::switch(e.out, e.tracer()?, e.kernel, SWITCH_CYCLES)),
     traced("region-traced", MATRIX, |e| traced::region(e.out, e.tracer()?, e.kernel, REGION_CYCLES)),
+    traced("cxl-cli", &["7.2"], |e| super::cxl_cli::suite_case(e.out, e.tracer()?, e.kernel, 2)),
     traced("tracer-lifecycle", &["7.2"], |e| reliability::lifecycle(e.out, e.tracer()?, e.kernel)),
     traced("bad-environments", &["7.2"], |e| reliability::environment(e.out, e.tracer()?, e.kernel)),
     Case {
