@@ -231,12 +231,15 @@ const REGION_COMMIT_OPTION: &str = "CONFIG_CXL_REGION_INVALIDATION_TEST=y";
 
 /// The kernel's build configuration, where its tree has one: `config` in its modules
 /// directory (merged-/usr packages, a tree `make modules_install` wrote with the config
-/// copied), or `boot/config-RELEASE` above it (Debian 12's packages).
+/// copied), `boot/config-RELEASE` above it (Debian 12's packages), or `config` above it (a
+/// `--kernel 7.2-src` build keeps it beside `lib/` and `cxl-test-modules/`).
 fn kernel_config(kernel: &Kernel) -> Option<String> {
     let boot = format!("boot/config-{}", kernel.release);
+    let above = || kernel.modules.ancestors().skip(1).take(4);
     let candidates = [kernel.modules.join("config")]
         .into_iter()
-        .chain(kernel.modules.ancestors().skip(1).take(4).map(|dir| dir.join(&boot)));
+        .chain(above().map(|dir| dir.join(&boot)))
+        .chain(above().map(|dir| dir.join("config")));
     candidates.into_iter().find_map(|path| fs::read_to_string(path).ok())
 }
 
