@@ -2,6 +2,7 @@
 mod bench;
 mod debian;
 mod demo;
+mod dist;
 mod fixture;
 mod setup;
 mod source_kernel;
@@ -43,6 +44,9 @@ enum Command {
         #[command(subcommand)]
         command: source_kernel::KernelCommand,
     },
+    /// Build the static tracer the guest runs, for a test machine of your own, and print its
+    /// path and size (README, "On your own test machine").
+    Dist(dist::Options),
     /// The QEMU CXL guest: boot it, run hotplug workloads, collect results (docs/vm.md).
     Vm {
         #[command(subcommand)]
@@ -59,5 +63,6 @@ fn main() -> anyhow::Result<()> {
         Command::Fixture(options) => fixture::run(&options),
         Command::Demo(options) => demo::run(&options),
         Command::Bench(options) => bench::run(&options),
+        Command::Dist(options) => dist::run(&options),
     }
 }
