@@ -63,6 +63,12 @@ mount_debian() {
 	done
 	mount -o bind /lib/modules /debian/usr/lib/modules 2> /tmp/mount.err \
 		|| setup_failed "cannot bind /lib/modules into the Debian userland: $(cat /tmp/mount.err)"
+	# /usr/local/bin there: the guest's tracer, when it has one, and busybox's usleep, which
+	# /vm/lib.sh uses (Debian has none), so that scripts there have both.
+	mount -t tmpfs -o mode=755 tmpfs /debian/usr/local/bin 2> /tmp/mount.err \
+		|| setup_failed "cannot mount a tmpfs at /usr/local/bin in the Debian userland: $(cat /tmp/mount.err)"
+	[ ! -x /bin/tracer ] || cp /bin/tracer /debian/usr/local/bin/tracer
+	cp /bin/busybox /debian/usr/local/bin/busybox && ln -s busybox /debian/usr/local/bin/usleep
 	release=$(uname -r)
 	cp "/lib/modules/$release/modules.dep" /tmp/modules.dep.harness
 	chroot /debian /usr/sbin/depmod -a "$release" 2> /tmp/depmod.err \

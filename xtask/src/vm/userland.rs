@@ -49,10 +49,10 @@ pub const TOOLS: &[(&str, &str)] = &[("CXL", "usr/bin/cxl"), ("NDCTL", "usr/bin/
 /// Bumped when what the build leaves in the root changes (its mount points, say).
 const FORMAT: u32 = 1;
 
-/// Folders the guest binds its own into (the root is read-only in the guest, so they must
-/// exist): its results share, its scripts, and its kernel's modules (`/lib` is a link to
-/// `usr/lib` in sid).
-const MOUNT_POINTS: &[&str] = &["share", "vm", "usr/lib/modules"];
+/// Folders the guest mounts its own over (the root is read-only in the guest, so they must
+/// exist): its results share, its scripts, its kernel's modules (`/lib` is a link to
+/// `usr/lib` in sid), and a tmpfs for its tracer and busybox (init.sh).
+const MOUNT_POINTS: &[&str] = &["share", "vm", "usr/lib/modules", "usr/local/bin"];
 
 /// Marks a finished root; holds `stamp()`.
 const STAMP: &str = ".tracer-userland";
