@@ -145,6 +145,8 @@ impl SidApt {
     /// Writes the sources list (the Debian mirror the host already uses, suite sid) and
     /// refreshes the lists when they are missing or older than a day.
     pub fn prepare(&self) -> anyhow::Result<()> {
+        // One apt-get update at a time: apt's own lock on the lists fails, it does not wait.
+        let _lock = util::lock_file(&self.root.join("prepare.lock"), "debian: another update of the sid lists")?;
         for dir in ["lists/partial", "cache/archives/partial"] {
             let dir = self.root.join(dir);
             fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

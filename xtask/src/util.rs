@@ -1,5 +1,7 @@
 //! Small process helpers shared by the tasks.
 use std::{
+    fs::{self, File},
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -9,6 +11,25 @@ use anyhow::{Context as _, bail};
 /// The workspace root (xtask lives one level below it).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is inside the workspace").to_path_buf()
+}
+
+/// An exclusive lock on `path` (created if missing) for as long as the returned file is
+/// open: two xtask processes, or two tests of one, that share a cache take turns. Says
+/// what it waits for when another holder has it.
+pub fn lock_file(path: &Path, waiting_for: &str) -> anyhow::Result<File> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        println!("waiting for {waiting_for} ({})", path.display());
+        // SAFETY: as above.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    Ok(file)
 }
 
 /// Runs `cmd`, failing with its command line when it does not exit 0.

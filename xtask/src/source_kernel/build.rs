@@ -10,8 +10,7 @@
 //!   `cxl_test/*.ko`, `config`, `build-info`), made in `NAME-KEY.partial` and renamed when
 //!   complete; `builds/NAME-KEY.log` is its whole build log.
 use std::{
-    fs::{self, File},
-    os::fd::AsRawFd as _,
+    fs,
     path::{Path, PathBuf},
     time::Instant,
 };
@@ -101,7 +100,7 @@ impl Built {
         if modules.join("modules.dep").is_file() {
             return Ok(modules);
         }
-        let _lock = lock(&beside(&out, "lock"))?;
+        let _lock = crate::util::lock_file(&beside(&out, "lock"), "kernel: another build of the same kernel")?;
         if modules.join("modules.dep").is_file() {
             return Ok(modules);
         }
@@ -240,7 +239,7 @@ pub fn build(kernel: &'static SourceKernel, patches: &[Patch]) -> anyhow::Result
     let (tree_key, key) = (key_of(&tree_text), key_of(&build_inputs(&tree_text, &patches)));
     let out = out_dir(&versions);
     let work_dir = cache().join("work").join(format!("{}-{tree_key}", kernel.name));
-    let _lock = lock(&beside(&work_dir, "lock"))?;
+    let _lock = crate::util::lock_file(&beside(&work_dir, "lock"), "kernel: another build in the same work tree")?;
     if let Some(built) = Built::read(&out)? {
         println!("kernel: {label}: built meanwhile by another run, in {}", built.dir.display());
         return Ok(built);
@@ -304,23 +303,6 @@ pub fn build(kernel: &'static SourceKernel, patches: &[Patch]) -> anyhow::Result
 fn beside(path: &Path, suffix: &str) -> PathBuf {
     let name = path.file_name().expect("a cache path has a name").to_string_lossy();
     path.with_file_name(format!("{name}.{suffix}"))
-}
-
-/// An exclusive lock on `path` for as long as the file is open; says when it waits.
-fn lock(path: &Path) -> anyhow::Result<File> {
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    // SAFETY: flock on a descriptor this function owns.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        println!("kernel: waiting for another build in the same work tree ({})", path.display());
-        // SAFETY: as above.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", path.display()));
-        }
-    }
-    Ok(file)
 }
 
 fn remove_dir(dir: &Path) -> anyhow::Result<()> {
