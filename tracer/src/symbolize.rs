@@ -38,6 +38,15 @@ pub struct Symbols {
     unloaded: Arc<Table>,
 }
 
+/// The kernel's page size on x86_64: module text is allocated in whole pages.
+const PAGE: u64 = 4096;
+
+/// `init_module` and `cleanup_module`: the names module_init() and module_exit() give a
+/// module's init and exit functions besides their own, at the same address.
+pub fn is_loader_alias(name: &str) -> bool {
+    matches!(name, "init_module" | "cleanup_module")
+}
+
 /// Symbols of unloaded modules kept, at most (the newest unloads win).
 const MAX_UNLOADED: usize = 16_384;
 
@@ -50,7 +59,10 @@ struct Table {
 
 impl Table {
     fn new(mut symbols: Vec<Symbol>) -> Table {
-        symbols.sort_by_key(|s| s.addr);
+        // A module's `init_module` and `cleanup_module` are aliases of its init and exit
+        // functions (module_init()/module_exit()): sorted before them, so that an address
+        // reads as `cxl_test_exit+0x2e`, never one or the other by kallsyms' order.
+        symbols.sort_by_key(|s| (s.addr, !is_loader_alias(&s.name)));
         let mut by_name: FxHashMap<Arc<str>, Vec<usize>> = FxHashMap::default();
         for (i, s) in symbols.iter().enumerate() {
             by_name.entry(s.name.clone()).or_default().push(i);
@@ -80,18 +92,29 @@ impl Table {
         Some((sym.addr, next.addr))
     }
 
+    /// The symbol holding `addr`, the offset, and the symbol's size (0 when unknown: a
+    /// module's last function).
     fn resolve(&self, addr: u64) -> Option<(&Symbol, u64, u64)> {
         let i = self.index_of(addr)?;
         let sym = &self.symbols[i];
-        let size = match self.symbols.get(i + 1) {
-            Some(next) if next.module == sym.module => next.addr - sym.addr,
-            _ => 0,
-        };
-        // Past the end of a module's last function, or far past vmlinux text: unknown.
-        if size == 0 || addr - sym.addr >= size {
-            return None;
+        let next = self.symbols.get(i + 1);
+        match next {
+            Some(next) if next.module == sym.module => {
+                let size = next.addr - sym.addr;
+                (addr - sym.addr < size).then_some((sym, addr - sym.addr, size))
+            }
+            // A module's last function (its __exit, say: cxl_test_exit calling
+            // platform_device_unregister on rmmod) has no successor in kallsyms. A module's
+            // text is whole pages and nothing follows its last function there, so an
+            // address in the rest of the page it starts in is in it; its size stays unknown.
+            _ if sym.module.is_some() => {
+                let page_end = (sym.addr | (PAGE - 1)) + 1;
+                let end = next.map_or(page_end, |n| n.addr.min(page_end));
+                (addr < end).then_some((sym, addr - sym.addr, 0))
+            }
+            // Far past vmlinux text: unknown.
+            _ => None,
         }
-        Some((sym, addr - sym.addr, size))
     }
 }
 
@@ -224,6 +247,10 @@ impl Symbols {
     /// "function+0xoff/0xsize [module]", or the raw address when it is in no known symbol.
     pub fn format(&self, addr: u64) -> String {
         match self.resolve(addr) {
+            Some((sym, off, 0)) => match &sym.module {
+                Some(module) => format!("{}+{off:#x} [{module}]", sym.name),
+                None => format!("{}+{off:#x}", sym.name),
+            },
             Some((sym, off, size)) => match &sym.module {
                 Some(module) => format!("{}+{off:#x}/{size:#x} [{module}]", sym.name),
                 None => format!("{}+{off:#x}/{size:#x}", sym.name),
@@ -282,6 +309,7 @@ ffffffffb2395ac0 t find_cxl_port
 ffffffffb2400000 D some_data
 ffffffffc0732000 t cxl_mem_probe\t[cxl_mem]
 ffffffffc07323f0 t cxl_mem_remove\t[cxl_mem]
+ffffffffc0732500 t cleanup_module\t[cxl_mem]
 ffffffffc0732500 t cxl_mem_exit\t[cxl_mem]
 ";
 
@@ -291,8 +319,20 @@ ffffffffc0732500 t cxl_mem_exit\t[cxl_mem]
         assert_eq!(symbols.format(0xffffffffb2395a30 + 0x47), "match_port_by_dport+0x47/0x80");
         assert_eq!(symbols.format(0xffffffffc0732000 + 0xe6), "cxl_mem_probe+0xe6/0x3f0 [cxl_mem]");
         assert_eq!(symbols.format(0x1234), "0x1234");
-        // The module's last symbol has no known end.
-        assert_eq!(symbols.format(0xffffffffc0732510), "0xffffffffc0732510");
+        // The module's last symbol has no known end: the rest of its page is its, size unknown.
+        assert_eq!(symbols.format(0xffffffffc0732510), "cxl_mem_exit+0x10 [cxl_mem]");
+        assert_eq!(symbols.format(0xffffffffc0732fff), "cxl_mem_exit+0xaff [cxl_mem]");
+        assert_eq!(symbols.format(0xffffffffc0733000), "0xffffffffc0733000");
+        // The loader's alias never names an address, whichever kallsyms lists first.
+        let swapped = SAMPLE.replace(
+            "t cleanup_module\t[cxl_mem]\nffffffffc0732500 t cxl_mem_exit",
+            "t cxl_mem_exit\t[cxl_mem]\nffffffffc0732500 t cleanup_module",
+        );
+        assert_ne!(swapped, SAMPLE);
+        assert_eq!(
+            Symbols::parse(swapped.as_bytes()).unwrap().format(0xffffffffc0732510),
+            "cxl_mem_exit+0x10 [cxl_mem]"
+        );
         let probe = symbols.lookup("cxl_mem_probe").next().unwrap();
         assert_eq!(probe.module.as_deref(), Some("cxl_mem"));
         assert_eq!(symbols.extent(probe), Some((0xffffffffc0732000, 0xffffffffc07323f0)));

@@ -165,7 +165,7 @@ pub fn module_functions<'a>(symbols: &'a Symbols, module: &str, core: &std::ops:
         .iter()
         .filter(|s| is_function(s) && s.module.as_deref() == Some(module) && core.contains(&s.addr))
         .filter(|s| symbols.extent(s).is_some_and(|(_, end)| end <= core.end))
-        .filter(|s| seen.insert(s.addr))
+        .filter(|s| !crate::symbolize::is_loader_alias(&s.name) && seen.insert(s.addr))
         .collect()
 }
 
