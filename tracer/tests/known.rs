@@ -123,7 +123,13 @@ fn a_starting_file_comes_from_a_json_report_as_from_the_trace() {
 
 #[test]
 fn every_shipped_list_reads() {
-    for kernel in ["6.1", "6.12", "7.2"] {
+    let mut kernels: Vec<String> = std::fs::read_dir(shipped("").parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_str()?.strip_suffix(".known").map(str::to_owned))
+        .collect();
+    kernels.sort();
+    assert_eq!(kernels, ["6.1", "6.12", "7.2", "7.2-src"], "a list for each kernel of the matrix");
+    for kernel in &kernels {
         let (code, _, stderr) = tracer(&["analyze", "--known", shipped(kernel).to_str().unwrap()], &data(STOCK_7_2));
         assert!(matches!(code, Some(0 | 1)), "{kernel}: {stderr}");
     }

@@ -15,11 +15,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{reliability, selftest, soak, traced, tracer};
+use super::{cxl_test, reliability, selftest, soak, traced, tracer};
 use crate::{
     debian::{self, STOCK_KERNELS, StockKernel},
     fixture::{self, Fixture},
-    util,
+    source_kernel, util,
 };
 
 /// Cycles of each workload in the traced rp cases (every sequential workload: each cycle is
@@ -30,6 +30,9 @@ const SWITCH_CYCLES: u32 = 5;
 /// Cycles of region-attach (each then a cxl_acpi unbind) in the traced region case.
 const REGION_CYCLES: u32 = 2;
 
+/// Cycles of each workload in the cxl_test cases.
+const CXL_TEST_CYCLES: u32 = 2;
+
 /// Where a case runs.
 #[derive(Clone, Copy, Debug)]
 pub enum Kernels {
@@ -37,6 +40,9 @@ pub enum Kernels {
     Default,
     /// Each of these kernels of the matrix, as `KERNEL/NAME`.
     Each(&'static [&'static str]),
+    /// A kernel built from source (source_kernel.rs), as `KERNEL/NAME`; the case picks its
+    /// patches and topology itself (its `Env::kernel` is the stock kernel it is built from).
+    Source(&'static str),
 }
 
 /// One case of the suite.
@@ -109,6 +115,14 @@ pub const CASES: &[Case] = &[
     traced("switch-traced", &["6.12", "7.2"], |e| traced::switch(e.out, e.tracer()?, e.kernel, SWITCH_CYCLES)),
     traced("region-traced", MATRIX, |e| traced::region(e.out, e.tracer()?, e.kernel, REGION_CYCLES)),
     traced("cxl-cli", &["7.2"], |e| super::cxl_cli::suite_case(e.out, e.tracer()?, e.kernel, 2)),
+    Case {
+        kernels: Kernels::Source(cxl_test::KERNEL),
+        ..traced("cxl-test-stock", &[], |e| cxl_test::suite_case(e.out, e.tracer()?, false, CXL_TEST_CYCLES))
+    },
+    Case {
+        kernels: Kernels::Source(cxl_test::KERNEL),
+        ..traced("cxl-test-seed", &[], |e| cxl_test::suite_case(e.out, e.tracer()?, true, CXL_TEST_CYCLES))
+    },
     traced("tracer-lifecycle", &["7.2"], |e| reliability::lifecycle(e.out, e.tracer()?, e.kernel)),
     traced("bad-environments", &["7.2"], |e| reliability::environment(e.out, e.tracer()?, e.kernel)),
     Case {
@@ -124,6 +138,8 @@ pub const CASES: &[Case] = &[
 struct Instance {
     case: &'static Case,
     kernel: &'static StockKernel,
+    /// The kernel its time counts in: a stock kernel's name or a source kernel's.
+    label: &'static str,
     /// `NAME`, or `KERNEL/NAME` for a case on several kernels.
     name: String,
     /// Its time counts in its kernel's.
@@ -136,12 +152,25 @@ fn instances() -> anyhow::Result<Vec<Instance>> {
     let mut out = Vec::new();
     let mut rest = CASES;
     while let Some(first) = rest.first() {
-        if let Kernels::Default = first.kernels {
-            out.push(Instance { case: first, kernel: default, name: first.name.to_owned(), per_kernel: false });
-            rest = &rest[1..];
-            continue;
+        match first.kernels {
+            Kernels::Default => {
+                let name = first.name.to_owned();
+                out.push(Instance { case: first, kernel: default, label: default.name, name, per_kernel: false });
+                rest = &rest[1..];
+                continue;
+            }
+            Kernels::Source(label) => {
+                let built = source_kernel::source_kernel(label)
+                    .with_context(|| format!("{}: no kernel built from source is named {label}", first.name))?;
+                let kernel = debian::stock_kernel(built.base)?;
+                let name = format!("{label}/{}", first.name);
+                out.push(Instance { case: first, kernel, label, name, per_kernel: true });
+                rest = &rest[1..];
+                continue;
+            }
+            Kernels::Each(_) => {}
         }
-        let block = rest.iter().position(|c| matches!(c.kernels, Kernels::Default)).unwrap_or(rest.len());
+        let block = rest.iter().position(|c| !matches!(c.kernels, Kernels::Each(_))).unwrap_or(rest.len());
         for kernel in STOCK_KERNELS {
             for case in &rest[..block] {
                 if let Kernels::Each(names) = case.kernels
@@ -150,6 +179,7 @@ fn instances() -> anyhow::Result<Vec<Instance>> {
                     out.push(Instance {
                         case,
                         kernel,
+                        label: kernel.name,
                         name: format!("{}/{}", kernel.name, case.name),
                         per_kernel: true,
                     });
@@ -207,9 +237,9 @@ pub fn run(only: &[String]) -> anyhow::Result<()> {
         println!("test: guest: {name} ok ({seconds:.1} s)");
         times.push((name, seconds));
         if instance.per_kernel {
-            match kernel_times.iter_mut().find(|(k, _)| *k == kernel.name) {
+            match kernel_times.iter_mut().find(|(k, _)| *k == instance.label) {
                 Some((_, total)) => *total += started.elapsed().as_secs_f64(),
-                None => kernel_times.push((kernel.name, started.elapsed().as_secs_f64())),
+                None => kernel_times.push((instance.label, started.elapsed().as_secs_f64())),
             }
         }
     }
@@ -217,7 +247,7 @@ pub fn run(only: &[String]) -> anyhow::Result<()> {
         println!("test: guest: {name:<26} {seconds:6.1} s");
     }
     for (kernel, seconds) in &kernel_times {
-        println!("test: guest: kernel {kernel:<6} traced cases {seconds:6.1} s (with its fixture build)");
+        println!("test: guest: kernel {kernel:<7} traced cases {seconds:6.1} s (with its fixture or kernel build)");
     }
     println!("test: guest suite took {:.1} s", start.elapsed().as_secs_f64());
     println!("guest: {} passed, 0 failed", times.len());
@@ -238,6 +268,7 @@ mod tests {
             .map(|c| match c.kernels {
                 Kernels::Default => 1,
                 Kernels::Each(k) => k.len(),
+                Kernels::Source(_) => 1,
             })
             .sum();
         assert_eq!(all.len(), expected);
@@ -245,7 +276,8 @@ mod tests {
         let kernel_at = |i: &Instance| STOCK_KERNELS.iter().position(|k| k.name == i.kernel.name).unwrap();
         for pair in all.windows(2) {
             let (a, b) = (&pair[0], &pair[1]);
-            if a.per_kernel && b.per_kernel {
+            let each = |i: &Instance| matches!(i.case.kernels, Kernels::Each(_));
+            if each(a) && each(b) {
                 // Within a run of cases on several kernels: kernel by kernel, each in table order.
                 assert!((kernel_at(a), case_at(a)) < (kernel_at(b), case_at(b)), "{} before {}", a.name, b.name);
             } else {
@@ -254,10 +286,12 @@ mod tests {
             let name = |i: &Instance| match i.case.kernels {
                 Kernels::Default => i.case.name.to_owned(),
                 Kernels::Each(_) => format!("{}/{}", i.kernel.name, i.case.name),
+                Kernels::Source(k) => format!("{k}/{}", i.case.name),
             };
             assert_eq!(a.name, name(a));
         }
         assert!(all.iter().any(|i| i.name == "7.2/rp-stock-traced"), "the --only names are KERNEL/CASE");
+        assert!(all.iter().any(|i| i.name == "7.2-src/cxl-test-seed"), "and SOURCE-KERNEL/CASE");
     }
 
     #[test]
@@ -271,6 +305,9 @@ mod tests {
                 for k in kernels {
                     debian::stock_kernel(k).unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
                 }
+            }
+            if let Kernels::Source(k) = case.kernels {
+                assert!(source_kernel::source_kernel(k).is_some(), "{}: no source kernel {k}", case.name);
             }
         }
     }
