@@ -136,16 +136,26 @@ fn ensure_rust() -> anyhow::Result<()> {
     }
     let components =
         output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
-    if !components.lines().any(|l| l.starts_with("rust-src")) {
-        step("rust: adding rust-src to nightly (the eBPF build compiles core)");
-        util::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    for (component, why) in [
+        ("rust-src", "the eBPF build compiles core"),
+        ("rustfmt", "`cargo xtask test` checks the layout with rustfmt.toml's unstable import options"),
+    ] {
+        if !components.lines().any(|l| l.starts_with(component)) {
+            step(&format!("rust: adding {component} to nightly ({why})"));
+            util::run(Command::new("rustup").args(["component", "add", component, "--toolchain", "nightly"]))?;
+        }
+    }
+    let stable = output(Command::new("rustup").args(["component", "list", "--installed"]))?;
+    if !stable.lines().any(|l| l.starts_with("clippy")) {
+        step("rust: adding clippy (`cargo xtask test` runs it)");
+        util::run(Command::new("rustup").args(["component", "add", "clippy"]))?;
     }
     let targets = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
     if !targets.lines().any(|l| l == "x86_64-unknown-linux-musl") {
         step("rust: adding the x86_64-unknown-linux-musl target (static tracer for the guest)");
         util::run(Command::new("rustup").args(["target", "add", "x86_64-unknown-linux-musl"]))?;
     }
-    step("rust: nightly with rust-src and the musl target present");
+    step("rust: nightly with rust-src and rustfmt, clippy, the musl target present");
     Ok(())
 }
 
