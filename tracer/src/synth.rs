@@ -8,7 +8,7 @@ use crate::{
     intern::Interner,
 };
 
-/// Offsets of the 6.12.117 guest (DESIGN §6), to make addresses look real.
+/// Offsets of the 6.12.117 guest (read from its BTF), to make addresses look real.
 const DEVICE_MUTEX: u64 = 144;
 const PORT_DPORTS: u64 = 792;
 

@@ -1,4 +1,4 @@
-//! The stock Debian kernels of the matrix (DESIGN §7) and where their packages come from.
+//! The stock Debian kernels of the matrix (README, "The kernel matrix") and where their packages come from.
 //!
 //! Two of them are in the host's own suite (bookworm): `apt-get download` fetches them with
 //! the host's apt configuration. 7.2 is only in `sid`, which this machine reaches through a
@@ -55,7 +55,7 @@ pub struct StockKernel {
     pub what: &'static str,
 }
 
-/// The kernel matrix, oldest first (DESIGN §7).
+/// The kernel matrix, oldest first (README, "The kernel matrix").
 pub const STOCK_KERNELS: &[StockKernel] = &[
     StockKernel {
         name: "6.1",

@@ -1,5 +1,5 @@
 //! `cargo xtask fixture NAME [--kernel K]`: out-of-tree rebuilds of the CXL memdev driver for
-//! a kernel of the matrix (DESIGN §7).
+//! a kernel of the matrix (docs/fixtures.md).
 //!
 //! Both fixtures compile `drivers/cxl/mem.c` from Debian's source of the kernel against its
 //! headers package, with the compiler Debian built it with, so the result loads in place of

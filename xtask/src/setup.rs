@@ -57,7 +57,7 @@ pub fn fixture_packages(kernel: &StockKernel) -> Vec<&'static str> {
 /// installed modules. The chroot's own build packages are installed inside it on first use.
 pub const SOURCE_KERNEL_PACKAGES: &[&str] = &["debootstrap", "patch", "xz-utils", "kmod"];
 
-/// bpf-linker release the eBPF build is known to work with (DESIGN §5).
+/// bpf-linker release the eBPF build is known to work with (docs/design.md, section 6).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run() -> anyhow::Result<()> {
@@ -160,7 +160,7 @@ fn ensure_rust() -> anyhow::Result<()> {
 }
 
 /// bpf-linker must link against the same LLVM as the nightly rustc that emits the bitcode,
-/// so it is built from source against the nightly's own libLLVM (DESIGN §5).
+/// so it is built from source against the nightly's own libLLVM (docs/design.md, section 6).
 fn ensure_bpf_linker() -> anyhow::Result<()> {
     let linker = cargo_home().join("bin/bpf-linker");
     if let Ok(version) = output(Command::new(&linker).arg("--version"))

@@ -5,7 +5,7 @@ use rustc_hash::FxHashMap;
 
 use crate::event::{Access, LockMode, Stack, frame_function};
 
-/// The finding classes of DESIGN §2; their names are part of the CLI contract.
+/// The finding classes of docs/design.md section 2; their names are part of the CLI contract.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Class {
     UnlockedUse,

@@ -3,7 +3,7 @@
 //! It rebuilds, from events alone, which tracked mutexes each thread holds (and since when),
 //! which dport pointers each thread loaded from `port->dports` and under which hold of the
 //! free lock, and the life of every dport (registration, generations, free). The rules are
-//! those of DESIGN §2, from the CXL dport lifetime rules in drivers/cxl/core/port.c (v6.12):
+//! those of docs/design.md section 2, from the CXL dport lifetime rules in drivers/cxl/core/port.c (v6.12):
 //! a dport is freed by devres on its host device, under the host's `dev->mutex` (the free
 //! lock), and `port->dports` is written under `port->dev.mutex` (the port lock).
 pub mod finding;

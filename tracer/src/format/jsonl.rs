@@ -1,4 +1,4 @@
-//! The JSON-lines event interchange (DESIGN §4): one event per line,
+//! The JSON-lines event interchange (README, "Trace files and the event interchange"): one event per line,
 //! `{"ts":NS,"cpu":N,"tid":N,"comm":"...","kind":K, ...}` with addresses and xarray indexes
 //! as hex strings, and optional `stack` (["symbol+0xoff", ...]) and `free_lock_held`.
 //! `port_lock_held` (optional, on `xa_erase`/`xa_insert`) is this tool's one extension: the

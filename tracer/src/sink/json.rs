@@ -1,4 +1,4 @@
-//! Findings as JSON lines (DESIGN §4): one finding per line, then one summary line.
+//! Findings as JSON lines (README, "Three output forms"): one finding per line, then one summary line.
 use std::io::{self, Write};
 
 use serde_json::{Map, Value, json};

@@ -830,7 +830,7 @@ impl Report {
         self.render_derefs(s, g)
     }
 
-    /// The deref sites (issue 10): how many the tracer attached, and what they add to
+    /// The deref sites: how many the tracer attached, and what they add to
     /// attaching and to the hotplug workloads (the tracer against the tracer with
     /// `--no-derefs`, in the first repetition).
     fn render_derefs(&self, s: &mut String, g: &Guest) -> anyhow::Result<()> {

@@ -23,7 +23,7 @@ pub const BPFTRACE: &str = "bpftrace";
 /// The hot-path loops, as the guest names them.
 pub const LOOPS: [&str; 2] = ["pipe", "select"];
 
-/// Slowdown the tracer may add to a hot-path loop (issue 11).
+/// Slowdown the tracer may add to a hot-path loop (docs/bench.md).
 pub const SLOWDOWN_TARGET: f64 = 0.02;
 /// How many times cheaper than bpftrace the tracer must be.
 pub const CHEAPER_FACTOR: f64 = 3.0;

@@ -19,7 +19,7 @@ use crate::{
 /// Where the kernel comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
-    /// A stock Debian kernel of the matrix (DESIGN §7): its packages, fetched with apt.
+    /// A stock Debian kernel of the matrix (README, "The kernel matrix"): its packages, fetched with apt.
     Stock(&'static StockKernel),
     /// A kernel image .deb the user built or downloaded.
     Deb(PathBuf),
