@@ -14,7 +14,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::util::{self, cache_dir};
+use crate::{
+    util::{self, cache_dir},
+    vm::expect::{self, CoverageFloor, Expected},
+};
 
 /// Where a package is fetched from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +56,17 @@ pub struct StockKernel {
     pub compiler: &'static str,
     /// What it is, for `--help` and messages.
     pub what: &'static str,
+    /// The seed's read-side fix for its `drivers/cxl/mem.c`: a header that explains it, then
+    /// a `-p1` diff (docs/fixtures.md).
+    pub fixed_cxl_mem: &'static str,
+    /// What the tracer reports on it under the hotplug workloads (vm/expect.rs says why,
+    /// row by row; docs/kernels.md from the source).
+    pub expected: &'static [Expected],
+    /// The rw_semaphores a region attach holds, by their names on this kernel; None where
+    /// `cxl_region_attach()` never dereferences the root dport (6.1).
+    pub region_rwsems: Option<&'static [&'static str]>,
+    /// What the region case reached when it was written: a run below it lost reach.
+    pub region_floor: CoverageFloor,
 }
 
 /// The kernel matrix, oldest first (README, "The kernel matrix").
@@ -67,6 +81,11 @@ pub const STOCK_KERNELS: &[StockKernel] = &[
         source_package: "linux-source-6.1",
         compiler: "gcc-12",
         what: "Debian 12's default kernel",
+        fixed_cxl_mem: include_str!("../fixtures/cxl-mem-fixed-6.1.patch"),
+        expected: expect::KERNEL_6_1,
+        region_rwsems: None,
+        // Measured 2026-12-06 (region-traced, 2 cycles), as the two below.
+        region_floor: CoverageFloor { load: 5, uses: 2, deref: 12 },
     },
     StockKernel {
         name: "6.12",
@@ -78,6 +97,10 @@ pub const STOCK_KERNELS: &[StockKernel] = &[
         source_package: "linux-source-6.12",
         compiler: "gcc-12",
         what: "Debian 12's backported kernel",
+        fixed_cxl_mem: include_str!("../fixtures/cxl-mem-fixed-6.12.patch"),
+        expected: expect::KERNEL_6_12,
+        region_rwsems: Some(&["cxl_region_rwsem", "cxl_dpa_rwsem"]),
+        region_floor: CoverageFloor { load: 4, uses: 4, deref: 36 },
     },
     StockKernel {
         name: "7.2",
@@ -93,6 +116,10 @@ pub const STOCK_KERNELS: &[StockKernel] = &[
         source_package: "linux-source-7.2",
         compiler: "gcc-16",
         what: "Debian sid's kernel, the one the seed thread's patch is written against",
+        fixed_cxl_mem: include_str!("../fixtures/cxl-mem-fixed-7.2.patch"),
+        expected: expect::KERNEL_7_2,
+        region_rwsems: Some(&["cxl_rwsem.region", "cxl_rwsem.dpa"]),
+        region_floor: CoverageFloor { load: 6, uses: 8, deref: 35 },
     },
 ];
 
@@ -289,6 +316,16 @@ pub fn cached_deb(suite: Suite, package: &str, dir: &Path) -> anyhow::Result<Pat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_kernel_of_the_matrix_has_expectations_and_the_fix_removes_cxl_mem_probes_own() {
+        for k in STOCK_KERNELS {
+            let fixed = expect::fixed(k.expected);
+            assert!(k.expected.iter().any(|e| e.fixed_by_cxl_mem), "{}: the fix must remove something", k.name);
+            assert!(fixed.iter().all(|e| !e.fixed_by_cxl_mem));
+            assert!(fixed.contains(&expect::ROOT_ERASE) && fixed.contains(&expect::CORE_ADD_EP));
+        }
+    }
 
     #[test]
     fn mirror_from_either_sources_format() {

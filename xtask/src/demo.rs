@@ -19,7 +19,7 @@ use crate::{
     setup, util,
     vm::{
         self, KernelArg, Topology,
-        expect::{self, Expected},
+        expect::Expected,
         findings::Report,
         traced::{self, Ground},
     },
@@ -121,8 +121,7 @@ fn traced_run(
     let wrong = ["use-after-free", "rule-mismatch"].iter().find(|c| report.check_none(c).is_err());
     // cxl_mem_probe's own findings (docs/kernels.md says why each is expected on this
     // kernel), each once per memdev probe; the fix must remove them all.
-    let own: Vec<Expected> =
-        expect::stock(kernel.name).unwrap_or_default().iter().filter(|e| e.fixed_by_cxl_mem).copied().collect();
+    let own: Vec<Expected> = kernel.expected.iter().filter(|e| e.fixed_by_cxl_mem).copied().collect();
     let probes = ground.probes;
     let counts: Vec<(Expected, u64)> = own.iter().map(|e| (*e, report.occurrences(e.class, e.site))).collect();
     let list = |counts: &[(Expected, u64)]| {

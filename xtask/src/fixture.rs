@@ -28,14 +28,6 @@ use crate::{
     util::{cache_dir, workspace_root},
 };
 
-/// The read-side fix for `cxl_mem_probe()` of each kernel: a header that explains it, then a
-/// `-p1` diff of `drivers/cxl/mem.c`.
-const FIXED_PATCHES: &[(&str, &str)] = &[
-    ("6.1", include_str!("../fixtures/cxl-mem-fixed-6.1.patch")),
-    ("6.12", include_str!("../fixtures/cxl-mem-fixed-6.12.patch")),
-    ("7.2", include_str!("../fixtures/cxl-mem-fixed-7.2.patch")),
-];
-
 /// The source file a fixture compiles, relative to `drivers/cxl`.
 const MAIN_SOURCE: &str = "mem.c";
 /// Kbuild for the out-of-tree module: the same object list as `drivers/cxl/Makefile`.
@@ -74,21 +66,13 @@ impl Fixture {
         }
     }
 
-    fn patch(self, kernel: &StockKernel) -> anyhow::Result<Option<&'static str>> {
+    /// The patch it applies to the kernel's `drivers/cxl/mem.c`: the kernel's own fix, or none.
+    fn patch(self, kernel: &StockKernel) -> Option<&'static str> {
         match self {
-            Self::CxlMemFixed => fixed_patch(kernel).map(Some),
-            Self::CxlMemStock => Ok(None),
+            Self::CxlMemFixed => Some(kernel.fixed_cxl_mem),
+            Self::CxlMemStock => None,
         }
     }
-}
-
-fn fixed_patch(kernel: &StockKernel) -> anyhow::Result<&'static str> {
-    FIXED_PATCHES.iter().find(|(name, _)| *name == kernel.name).map(|(_, patch)| *patch).with_context(|| {
-        format!(
-            "there is no cxl-mem-fixed patch for {}: write xtask/fixtures/cxl-mem-fixed-{}.patch",
-            kernel.release, kernel.name
-        )
-    })
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
@@ -188,7 +172,7 @@ impl Versions {
             self.headers,
             kernel.compiler,
             self.compiler,
-            fixture.patch(kernel)?.unwrap_or("none\n"),
+            fixture.patch(kernel).unwrap_or("none\n"),
         ))
     }
 }
@@ -206,7 +190,7 @@ fn prepare(kernel: &StockKernel, cxl_dir: &Path, build_dir: &Path, fixture: Fixt
         fs::copy(cxl_dir.join(&file), &to)
             .with_context(|| format!("copying {} to {}", file.display(), to.display()))?;
     }
-    if let Some(patch) = fixture.patch(kernel)? {
+    if let Some(patch) = fixture.patch(kernel) {
         apply_patch(kernel, build_dir, patch)
             .with_context(|| format!("applying the {} patch for {} failed", fixture.name(), kernel.name))?;
     }
@@ -315,7 +299,7 @@ mod tests {
     #[test]
     fn every_kernel_has_a_fixed_patch_and_setup_installs_what_it_builds_with() {
         for kernel in STOCK_KERNELS {
-            assert!(fixed_patch(kernel).unwrap().contains("\n--- a/drivers/cxl/mem.c\n"), "{}", kernel.name);
+            assert!(kernel.fixed_cxl_mem.contains("\n--- a/drivers/cxl/mem.c\n"), "{}", kernel.name);
             let packages = setup::fixture_packages(kernel);
             let needed: &[&str] = match kernel.suite {
                 Suite::Host => &[kernel.headers_package, kernel.compiler, "make", "patch", "xz-utils"],
@@ -334,7 +318,7 @@ mod tests {
         let fixed = versions.inputs(kernel, Fixture::CxlMemFixed).unwrap();
         let stock = versions.inputs(kernel, Fixture::CxlMemStock).unwrap();
         assert_ne!(fixed, stock);
-        assert!(fixed.contains(fixed_patch(kernel).unwrap()));
+        assert!(fixed.contains(kernel.fixed_cxl_mem));
         let other = debian::stock_kernel("7.2").unwrap();
         assert_ne!(versions.inputs(other, Fixture::CxlMemStock).unwrap(), stock);
         let newer = Versions { compiler: "12.1".into(), ..versions };

@@ -18,6 +18,11 @@ mod tree;
 pub use build::build;
 pub use patches::Patch;
 
+/// Everything the source-kernel builds keep (docs/source-kernel.md, "What is built").
+fn cache() -> std::path::PathBuf {
+    crate::util::cache_dir().join("source-kernels")
+}
+
 /// A kernel of the matrix built from source.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SourceKernel {

@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
-    SourceKernel,
+    SourceKernel, cache,
     patches::Patch,
     progress::{BuildLog, minutes},
     steps::{INSIDE, Make, check_module_btf, depmod},
@@ -28,7 +28,6 @@ use crate::{
     debian::{self, StockKernel},
     fixture::chroot::Chroot,
     setup,
-    util::cache_dir,
 };
 
 /// Bumped when the build's steps change what they make: every cached build is then stale.
@@ -40,10 +39,6 @@ pub const CHROOT_PACKAGES: &[&str] =
     &["bc", "bison", "flex", "libelf-dev", "libssl-dev", "dwarves", "python3", "cpio", "rsync"];
 /// Marks a finished build and says what went into it.
 const INFO_FILE: &str = "build-info";
-
-pub(super) fn cache() -> PathBuf {
-    cache_dir().join("source-kernels")
-}
 
 /// A finished build.
 pub struct Built {

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{SourceKernel, build::cache, config, progress::BuildLog, tree::WorkTree};
+use super::{SourceKernel, cache, config, progress::BuildLog, tree::WorkTree};
 use crate::{debian::StockKernel, fixture::chroot::Session, util};
 
 /// Where the source-kernels cache is bound inside the chroot.

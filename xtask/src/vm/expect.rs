@@ -5,6 +5,7 @@
 //!
 //! Sites are those of the root cause after folding (the outermost use of one loaded pointer
 //! in one call of the function holding it); `also` lists uses that must be folded into it.
+//! Each kernel's rows are named by its entry in the matrix (`debian::STOCK_KERNELS`).
 
 /// How often a finding must occur in a run.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -39,7 +40,7 @@ pub struct Expected {
 /// The kernel's core (cxl_core, built in) on every kernel: `devm_cxl_enumerate_ports()` gets
 /// the dport of the port above the endpoint with a lockless lookup and passes it to
 /// `cxl_add_ep()` with no lock held.
-const CORE_ADD_EP: Expected = Expected {
+pub const CORE_ADD_EP: Expected = Expected {
     class: "unlocked-use",
     site: "cxl_add_ep",
     member: None,
@@ -52,7 +53,7 @@ const CORE_ADD_EP: Expected = Expected {
 
 /// `cxl_acpi` unbind: the root's devres runs `cxl_dport_remove()`, which erases the root
 /// dport from `port->dports` without the root port's lock (the thread's first hunk).
-const ROOT_ERASE: Expected = Expected {
+pub const ROOT_ERASE: Expected = Expected {
     class: "unlocked-erase",
     site: "cxl_dport_remove",
     member: None,
@@ -145,65 +146,24 @@ const fn region_attach(held: &'static [&'static str]) -> Expected {
     }
 }
 
-/// The region finding of each kernel, with the rw_semaphores it holds by their names there.
+/// The region finding of a kernel, with the rw_semaphores it holds by their names there.
 /// None on 6.1, whose `cxl_region_attach()` only compares the dport with the root decoder's
 /// target for the position (region.c `cxl_region_validate_position()`): no dereference.
-pub fn region(kernel: &str) -> Option<Expected> {
-    match kernel {
-        "6.12" => Some(region_attach(&["cxl_region_rwsem", "cxl_dpa_rwsem"])),
-        "7.2" => Some(region_attach(&["cxl_rwsem.region", "cxl_rwsem.dpa"])),
-        _ => None,
-    }
+/// `rwsems` is the kernel's `region_rwsems`.
+pub fn region(rwsems: Option<&'static [&'static str]>) -> Option<Expected> {
+    rwsems.map(region_attach)
 }
 
 /// Dport sites (load, use, deref) a run must reach, at least.
-#[derive(Copy, Clone, Debug)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct CoverageFloor {
     pub load: u64,
     pub uses: u64,
     pub deref: u64,
 }
 
-/// What the region case (`region-attach` then `acpi-unbind`) reached on each kernel when it
-/// was written: a run below it lost reach (a workload step that no longer runs, a site no
-/// longer probed), which fails the case.
-pub fn region_coverage_floor(kernel: &str) -> Option<CoverageFloor> {
-    match kernel {
-        // Measured 2026-12-06 (region-traced, 2 cycles).
-        "6.1" => Some(CoverageFloor { load: 5, uses: 2, deref: 12 }),
-        "6.12" => Some(CoverageFloor { load: 4, uses: 4, deref: 36 }),
-        "7.2" => Some(CoverageFloor { load: 6, uses: 8, deref: 35 }),
-        _ => None,
-    }
-}
-
-/// The expectations of a stock kernel of the matrix.
-pub fn stock(kernel: &str) -> Option<&'static [Expected]> {
-    match kernel {
-        "6.1" => Some(KERNEL_6_1),
-        "6.12" => Some(KERNEL_6_12),
-        "7.2" => Some(KERNEL_7_2),
-        _ => None,
-    }
-}
-
-/// What remains with the seed-fixed `cxl_mem`: the core's findings.
-pub fn fixed(kernel: &str) -> Option<Vec<Expected>> {
-    stock(kernel).map(|all| all.iter().filter(|e| !e.fixed_by_cxl_mem).copied().collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_kernel_of_the_matrix_has_expectations_and_the_fix_removes_cxl_mem_probes_own() {
-        for k in crate::debian::STOCK_KERNELS {
-            let stock = stock(k.name).unwrap_or_else(|| panic!("no expectations for {}", k.name));
-            let fixed = fixed(k.name).unwrap();
-            assert!(stock.iter().any(|e| e.fixed_by_cxl_mem), "{}: the fix must remove something", k.name);
-            assert!(fixed.iter().all(|e| !e.fixed_by_cxl_mem));
-            assert!(fixed.contains(&ROOT_ERASE) && fixed.contains(&CORE_ADD_EP));
-        }
-    }
+/// What remains with the seed-fixed `cxl_mem` of the kernel whose rows are `stock`: the
+/// core's findings.
+pub fn fixed(stock: &[Expected]) -> Vec<Expected> {
+    stock.iter().filter(|e| !e.fixed_by_cxl_mem).copied().collect()
 }

@@ -15,7 +15,6 @@ use anyhow::{Context as _, bail, ensure};
 use super::{
     KernelArg, RunOptions, Topology,
     checks::{passing, script},
-    expect,
     findings::{self, Report},
 };
 use crate::debian::StockKernel;
@@ -173,8 +172,7 @@ pub fn environment(out: &Path, tracer: &Path, kernel: &'static StockKernel) -> a
     expect(&r, "wait exit", "1", "it traced the memdev-bind cycles after the modules came: findings")?;
     let wait = Report::read(&out.join("wait.jsonl"))?;
     // Every finding of cxl_mem_probe's own, once per memdev-bind cycle.
-    let per_probe =
-        expect::stock(kernel.name).with_context(|| format!("no expectations for kernel {}", kernel.name))?;
+    let per_probe = kernel.expected;
     for e in per_probe.iter().filter(|e| e.fixed_by_cxl_mem) {
         let n = wait.occurrences(e.class, e.site);
         ensure!(

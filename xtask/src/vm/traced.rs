@@ -198,7 +198,7 @@ pub const RP_WORKLOADS: [Workload; 6] = [
 /// teardowns (per cxl_acpi unbind and root dport); nothing lost, no use-after-free, no
 /// rule-mismatch; the recorded trace replays to the same report; results.ktap parses.
 pub fn rp_stock(out: &Path, tracer: &Path, kernel: &'static StockKernel, cycles: u32) -> anyhow::Result<()> {
-    let expected = expect::stock(kernel.name).with_context(|| format!("no expectations for kernel {}", kernel.name))?;
+    let expected = kernel.expected;
     let mut o = options(Topology::Rp, out, tracer);
     o.kernel = Some(KernelArg::Stock(kernel));
     o.workloads = RP_WORKLOADS.to_vec();
@@ -243,7 +243,7 @@ pub fn rp_fixed(
     module: &Path,
     cycles: u32,
 ) -> anyhow::Result<()> {
-    let expected = expect::fixed(kernel.name).with_context(|| format!("no expectations for kernel {}", kernel.name))?;
+    let expected = expect::fixed(kernel.expected);
     let mut o = options(Topology::Rp, out, tracer);
     o.kernel = Some(KernelArg::Stock(kernel));
     o.workloads = RP_WORKLOADS.to_vec();
@@ -470,12 +470,7 @@ fn refetched_uses(events: &[Value]) -> anyhow::Result<(u64, u64)> {
 /// (`unlocked-use`), once per switch port added.
 pub fn switch(out: &Path, tracer: &Path, kernel: &'static StockKernel, cycles: u32) -> anyhow::Result<()> {
     let workloads = [Workload::MemdevBind, Workload::UpstreamRescan, Workload::PortUnbind];
-    let own: Vec<Expected> = expect::stock(kernel.name)
-        .with_context(|| format!("no expectations for kernel {}", kernel.name))?
-        .iter()
-        .filter(|e| e.fixed_by_cxl_mem)
-        .copied()
-        .collect();
+    let own: Vec<Expected> = kernel.expected.iter().filter(|e| e.fixed_by_cxl_mem).copied().collect();
     let mut o = options(Topology::Switch, out, tracer);
     o.kernel = Some(KernelArg::Stock(kernel));
     o.workloads = workloads.to_vec();
@@ -532,10 +527,9 @@ pub fn switch(out: &Path, tracer: &Path, kernel: &'static StockKernel, cycles: u
 /// was written ran again (the floor of `expect::REGION_COVERAGE_FLOOR`).
 pub fn region(out: &Path, tracer: &Path, kernel: &'static StockKernel, cycles: u32) -> anyhow::Result<()> {
     let workloads = [Workload::RegionAttach, Workload::AcpiUnbind];
-    let mut expected: Vec<Expected> =
-        expect::stock(kernel.name).with_context(|| format!("no expectations for kernel {}", kernel.name))?.to_vec();
+    let mut expected: Vec<Expected> = kernel.expected.to_vec();
     // 6.1 only compares the looked-up dport with the root decoder's target: no dereference.
-    expected.extend(expect::region(kernel.name));
+    expected.extend(expect::region(kernel.region_rwsems));
     let mut o = options(Topology::Rp, out, tracer);
     o.kernel = Some(KernelArg::Stock(kernel));
     o.workloads = workloads.to_vec();
@@ -558,8 +552,7 @@ pub fn region(out: &Path, tracer: &Path, kernel: &'static StockKernel, cycles: u
 
 /// The dport sites that ran are at least the floor measured for this kernel's case.
 fn check_coverage_floor(report: &Report, kernel: &StockKernel) -> anyhow::Result<()> {
-    let floor =
-        expect::region_coverage_floor(kernel.name).with_context(|| format!("no coverage floor for {}", kernel.name))?;
+    let floor = kernel.region_floor;
     for (kind, min) in [("load", floor.load), ("use", floor.uses), ("deref", floor.deref)] {
         let ran = report.summary_u64(&["coverage", kind, "ran"])?;
         let sites = report.summary_u64(&["coverage", kind, "sites"])?;
