@@ -32,8 +32,9 @@ pub enum Command {
         #[arg(long)]
         strict: bool,
         /// Print the full site coverage table (every probed load, use and deref site: how
-        /// often it ran, reported a dport, was judged) on stderr; the trace must be one
-        /// `tracer run --record` wrote.
+        /// often it ran, reported a dport, was judged) after the report, on stdout (on stderr
+        /// with --format json or ktap, which keep stdout machine-readable); the trace must be
+        /// one `tracer run --record` wrote.
         #[arg(long)]
         coverage: bool,
     },

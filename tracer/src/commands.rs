@@ -163,10 +163,20 @@ fn analyze(path: &std::path::Path, format: Format, limits: Limits, options: Anal
 
 impl KnownArgs {
     fn load(&self) -> anyhow::Result<Known> {
-        Ok(match &self.known {
+        let known = match &self.known {
             Some(path) => Known::load(path)?,
-            None => Known::default(),
-        })
+            None => return Ok(Known::default()),
+        };
+        // Accepted, so that a starting file gates at once, but never silently.
+        for e in known.placeholders() {
+            eprintln!(
+                "tracer: warning: {}:{}: {:?} is still known for the reason `tracer known` wrote: replace it with why",
+                known.path.display(),
+                e.line,
+                e.title
+            );
+        }
+        Ok(known)
     }
 }
 

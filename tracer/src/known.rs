@@ -86,6 +86,11 @@ impl Known {
         self.entries.is_empty()
     }
 
+    /// The entries whose reason is still the one `tracer known` wrote to be replaced.
+    pub fn placeholders(&self) -> Vec<&Entry> {
+        self.entries.iter().filter(|e| e.reason.ends_with(PLACEHOLDER)).collect()
+    }
+
     /// Why `group` is known, if it is.
     pub fn reason(&self, group: &Group) -> Option<&str> {
         let title = group.finding.title();
@@ -105,6 +110,9 @@ fn is_title(title: &str) -> bool {
     class.parse::<Class>().is_ok() && !rest.trim().is_empty()
 }
 
+/// How the reasons of a starting file end: what the user must replace.
+const PLACEHOLDER: &str = ": say why it is known";
+
 /// A starting known-findings file for these (title, occurrences): each title once, with
 /// how often it was seen and a reason to replace (`source` names where they come from).
 pub fn starting_file(titles: impl IntoIterator<Item = (String, u64)>, source: &str) -> String {
@@ -118,7 +126,7 @@ pub fn starting_file(titles: impl IntoIterator<Item = (String, u64)>, source: &s
          # the fix it waits for). `tracer run/analyze --known FILE` fail only on findings not listed.\n"
     );
     for (title, count) in counted {
-        let _ = writeln!(out, "{title}  # seen {count} time(s) in {source}: say why it is known");
+        let _ = writeln!(out, "{title}  # seen {count} time(s) in {source}{PLACEHOLDER}");
     }
     out
 }

@@ -74,6 +74,10 @@ fn all_findings_known_is_a_clean_exit_and_stale_entries_are_listed() {
     assert!(out.contains("known findings (") && out.contains("\nknown: seen "), "{out}");
     assert!(out.contains("  new findings: 0\n"), "{out}");
     assert!(out.contains("known but not seen (line 8): stale-use in no_such_function  # gone since 7.3"), "{out}");
+    // The starting file's reasons are accepted, never silently: each is named on stderr.
+    let warned = |title: &str| stderr.lines().any(|l| l.contains("warning") && l.contains(&format!("{title:?}")));
+    assert!(warned("unlocked-use in cxl_add_ep"), "{stderr}");
+    assert!(!warned("stale-use in no_such_function"), "{stderr}");
     // Without the list the same trace fails.
     assert_eq!(tracer(&["analyze"], &data(STOCK_7_2)).0, Some(1));
 }
