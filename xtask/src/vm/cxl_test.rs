@@ -21,7 +21,7 @@ use crate::{source_kernel, util};
 pub const KERNEL: &str = "7.2-src";
 
 /// Every hotplug workload cxl_test's topology supports, the region one committing.
-const WORKLOADS: [Workload; 5] =
+pub const WORKLOADS: [Workload; 5] =
     [Workload::MemdevBind, Workload::AcpiUnbind, Workload::RegionAttach, Workload::PortUnbind, Workload::CxlMemReload];
 
 /// A tester's own bash script, run after the stock case's workloads in the Debian userland:
@@ -134,12 +134,23 @@ pub fn suite_case(out: &Path, tracer: &Path, seed: bool, cycles: u32) -> anyhow:
     }
     let probes = traced::ground(out)?.probes;
     let report = Report::read(&out.join("findings.jsonl"))?;
+    for line in judge(tracer, out, &report, probes, seed)? {
+        println!("test: guest:   {line}");
+    }
+    Ok(())
+}
+
+/// Checks a run on cxl_test's topology (every workload of `WORKLOADS`) against what the
+/// source says the stock build, or the seed-patched one, must report; returns what it
+/// found, one line per check. `probes` is the kretprobe count of `cxl_mem_probe`.
+pub fn judge(tracer: &Path, out: &Path, report: &Report, probes: u64, seed: bool) -> anyhow::Result<Vec<String>> {
+    let mut said = Vec::new();
     report.check_nothing_lost()?;
     report.check_none("use-after-free")?;
     report.check_none("rule-mismatch")?;
     report.check_stacks()?;
 
-    let groups = by_title(&report);
+    let groups = by_title(report);
     let want: Vec<&Expected> = STOCK.iter().filter(|e| !(seed && e.fixed_by_seed)).collect();
     let got: Vec<&str> = groups.keys().copied().collect();
     let mut wanted: Vec<&str> = want.iter().map(|e| e.title).collect();
@@ -166,18 +177,19 @@ pub fn suite_case(out: &Path, tracer: &Path, seed: bool, cycles: u32) -> anyhow:
             ),
             _ => ensure!(total > 0, "{}: no occurrence", e.title),
         }
-        println!("test: guest:   {}: {total} ({dports:?} dports)", e.title);
+        said.push(format!("{}: {total} ({dports:?} dports)", e.title));
     }
     if seed {
-        check_rch_gap(&groups[RCH_GAP], probes)?;
+        said.push(check_rch_gap(&groups[RCH_GAP], probes)?);
     }
     let mock = &groups["unlocked-use in cxl_port_update_decoder_targets"];
     ensure!(
         mock.iter().all(|f| f.stack.iter().any(|fr| frame_function(fr) == "__mock_cxl_decoders_setup")),
         "cxl_port_update_decoder_targets reported from outside cxl_test's mock decoder setup"
     );
-    traced::check_replay(tracer, out, &report)?;
-    check_known(tracer, out, seed)
+    traced::check_replay(tracer, out, report)?;
+    said.push(check_known(tracer, out, seed)?);
+    Ok(said)
 }
 
 fn by_title(report: &Report) -> BTreeMap<&str, Vec<&Finding>> {
@@ -193,7 +205,7 @@ fn by_title(report: &Report) -> BTreeMap<&str, Vec<&Finding>> {
 /// occurrence is of a root dport, expects `&port->uport_dev->mutex`, holds the root port's
 /// own lock instead (the patch's first `scoped_guard(device, &parent_port->dev)`), and they
 /// are fewer than the probes (the VH memdevs' reads are gone).
-fn check_rch_gap(found: &[&Finding], probes: u64) -> anyhow::Result<()> {
+fn check_rch_gap(found: &[&Finding], probes: u64) -> anyhow::Result<String> {
     let total: u64 = found.iter().map(|f| f.count).sum();
     ensure!(total < probes, "{RCH_GAP}: {total} occurrence(s) with the seed patch, not fewer than {probes} probes");
     for f in found {
@@ -206,15 +218,14 @@ fn check_rch_gap(found: &[&Finding], probes: u64) -> anyhow::Result<()> {
             f.held_names
         );
     }
-    println!(
-        "test: guest:   the v2 patch's RCH gap: {total} read(s) of an RCH dport's rch holding the root port's lock, not uport_dev's"
-    );
-    Ok(())
+    Ok(format!(
+        "the v2 patch's RCH gap: {total} read(s) of an RCH dport's rch holding the root port's lock, not uport_dev's"
+    ))
 }
 
 /// The shipped known list: the stock build's new findings are exactly what the seed patch
 /// removes and the RCD read; the seed build's only new one is the RCD read.
-fn check_known(tracer: &Path, out: &Path, seed: bool) -> anyhow::Result<()> {
+fn check_known(tracer: &Path, out: &Path, seed: bool) -> anyhow::Result<String> {
     let list = known_list();
     let args = [OsStr::new("--known"), list.as_os_str()];
     let (report, stderr, exit) = findings::analyze_with(tracer, &out.join("trace.bin"), &args)?;
@@ -229,6 +240,5 @@ fn check_known(tracer: &Path, out: &Path, seed: bool) -> anyhow::Result<()> {
     want.sort_unstable();
     ensure!(exit == 1, "--known {}: exit {exit}, not 1: {stderr}", list.display());
     ensure!(new == want, "--known {}: new findings {new:?}, expected {want:?}", list.display());
-    println!("test: guest:   --known {}: exit 1, new: {}", list.display(), new.join(", "));
-    Ok(())
+    Ok(format!("--known {}: exit 1, new: {}", list.display(), new.join(", ")))
 }

@@ -16,7 +16,7 @@ mod calls;
 mod checks;
 mod cpio;
 mod cxl_cli;
-mod cxl_test;
+pub mod cxl_test;
 pub mod expect;
 pub mod findings;
 mod guest;
