@@ -18,7 +18,8 @@ pub struct Booted {
 }
 
 pub fn boot(options: &RunOptions, prepared: &Prepared) -> anyhow::Result<Booted> {
-    let timeout = options.timeout.unwrap_or(180 + 15 * u64::from(options.cycles) * prepared.workloads.len() as u64);
+    let per_cycle: u64 = prepared.workloads.iter().map(|w| w.cycle_bound_secs(options.topology)).sum();
+    let timeout = options.timeout.unwrap_or(180 + u64::from(options.cycles) * per_cycle);
     let kernel = &prepared.kernel;
     let (accel, accel_reason) = choose_accel(options.accel, &kernel.image, prepared.tmp_dir())?;
     let out = results::directory(options.out.as_deref())?;

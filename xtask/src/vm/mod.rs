@@ -162,7 +162,7 @@ pub struct RunOptions {
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Wall-clock bound for the whole boot, in seconds; QEMU is killed after it. Default:
-    /// 180 s plus 15 s per workload cycle.
+    /// 180 s plus 15 s per workload cycle (cxl-cli: 45 s, 150 s on cxl-test).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
     /// How QEMU runs the guest: auto probes KVM once per host boot and falls back to TCG.

@@ -10,7 +10,6 @@
 //! on the guest's kernel: the guest binds its own modules into it.
 use std::{
     fs::{self, File},
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Instant,
@@ -176,17 +175,7 @@ pub fn package_version(root: &Path, package: &str) -> anyhow::Result<String> {
 
 /// An exclusive lock on `path` for as long as the file is open; says when it waits.
 fn lock(path: &Path) -> anyhow::Result<File> {
-    fs::create_dir_all(dir()).with_context(|| format!("creating {}", dir().display()))?;
-    let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    // SAFETY: flock on a descriptor this function owns.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        println!("vm: waiting for another run that makes the Debian userland ({})", path.display());
-        // SAFETY: as above.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", path.display()));
-        }
-    }
-    Ok(file)
+    crate::util::lock_file(path, "vm: another run that makes the Debian userland")
 }
 
 /// Removes a root, after unmounting what a killed debootstrap left mounted inside it (its

@@ -92,6 +92,18 @@ impl Workload {
         self.unfit(topology).is_none()
     }
 
+    /// What one cycle may take on the topology, for the run's default wall-clock bound.
+    /// cxl-cli's flows are many `cxl` commands, each a process in the Debian userland:
+    /// measured under the tracer, 14.7 s a cycle on the rp topology (6.12), 90 s on
+    /// cxl_test's eleven memdevs and eight ports (7.2-src); the rest take seconds.
+    pub fn cycle_bound_secs(self, topology: Topology) -> u64 {
+        match (self, topology) {
+            (Workload::CxlCli, Topology::CxlTest) => 150,
+            (Workload::CxlCli, _) => 45,
+            _ => 15,
+        }
+    }
+
     /// Why the workload cannot run on the topology, if it cannot.
     fn unfit(self, topology: Topology) -> Option<&'static str> {
         match self {
