@@ -122,8 +122,15 @@ pub struct CodeOf {
     pub name: fn(&str) -> bool,
 }
 
+/// A function's own symbol: not the padding or CFI stubs before it, nor the loader's
+/// `init_module`/`cleanup_module` alias of it. Every list of a module's functions names
+/// them the same way, so that its code read at start and read again after a reload
+/// compare function by function.
 fn is_function(s: &Symbol) -> bool {
-    s.text && !s.name.starts_with("__pfx_") && !s.name.starts_with("__cfi_")
+    s.text
+        && !s.name.starts_with("__pfx_")
+        && !s.name.starts_with("__cfi_")
+        && !crate::symbolize::is_loader_alias(&s.name)
 }
 
 /// The functions of a subsystem's code: every function of its modules, and the stretches
@@ -165,7 +172,7 @@ pub fn module_functions<'a>(symbols: &'a Symbols, module: &str, core: &std::ops:
         .iter()
         .filter(|s| is_function(s) && s.module.as_deref() == Some(module) && core.contains(&s.addr))
         .filter(|s| symbols.extent(s).is_some_and(|(_, end)| end <= core.end))
-        .filter(|s| !crate::symbolize::is_loader_alias(&s.name) && seen.insert(s.addr))
+        .filter(|s| seen.insert(s.addr))
         .collect()
 }
 
@@ -470,6 +477,33 @@ mod tests {
 
     fn symbol(addr: u64, name: &str) -> Symbol {
         Symbol { addr, name: Arc::from(name), module: None, text: true }
+    }
+
+    #[test]
+    fn a_module_is_named_alike_at_start_and_after_a_reload() {
+        // kallsyms lists the exit function and its loader alias in either order; the list
+        // read at start (code_functions) and the one read after a reload (module_functions)
+        // must name it alike, or the reloaded module reads as other code.
+        let modules = "cxl_mem 16384 0 - Live 0xffffffffc04c9000\n";
+        let core = crate::kernel::modules::core_in(modules, "cxl_mem").unwrap();
+        for (first, second) in [("cxl_mem_driver_exit", "cleanup_module"), ("cleanup_module", "cxl_mem_driver_exit")] {
+            let text = format!(
+                "ffffffffc04c9000 t enable_suspend\t[cxl_mem]
+ffffffffc04c9040 t cxl_mem_probe\t[cxl_mem]
+ffffffffc04c926b t {first}\t[cxl_mem]
+ffffffffc04c926b t {second}\t[cxl_mem]
+ffffffffc04c9277 t cxl_mem_probe.cold\t[cxl_mem]
+ffffffffc04c9300 t cxl_mem_last\t[cxl_mem]
+"
+            );
+            let symbols = Symbols::parse(text.as_bytes()).unwrap();
+            let names = |list: Vec<&Symbol>| list.iter().map(|s| s.name.to_string()).collect::<Vec<_>>();
+            let at_start = names(code_functions(&symbols, &crate::kernel::profile::CXL_CODE));
+            let reloaded = names(module_functions(&symbols, "cxl_mem", &core));
+            assert!(at_start.contains(&"cxl_mem_driver_exit".to_owned()), "{at_start:?}");
+            assert!(!at_start.contains(&"cleanup_module".to_owned()), "{at_start:?}");
+            assert!(reloaded.iter().all(|n| at_start.contains(n)), "{reloaded:?} against {at_start:?}");
+        }
     }
 
     #[test]
