@@ -214,7 +214,7 @@ impl Symbols {
         let kept: Vec<Symbol> = gone
             .into_iter()
             .chain(self.unloaded.symbols.iter())
-            .filter(|s| !in_a_live_module(s.addr) && seen.insert(s.addr))
+            .filter(|s| !in_a_live_module(s.addr) && !is_loader_alias(&s.name) && seen.insert(s.addr))
             .take(MAX_UNLOADED)
             .cloned()
             .collect();
