@@ -91,22 +91,42 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let stock = traced_run("stock", &root.join("stock"), &tracer, kernel, None, options.cycles)?;
     let fixed = traced_run("fixed", &root.join("fixed"), &tracer, kernel, Some(&fixed), options.cycles)?;
 
-    table(&stock, &fixed);
-    for o in [&stock, &fixed] {
+    finish(&stock, &fixed, start, &root)
+}
+
+/// The two runs side by side, their verdicts, and the demo's own: it fails unless both
+/// runs reported what the source says they must.
+fn finish(stock: &Outcome, other: &Outcome, start: Instant, root: &Path) -> anyhow::Result<()> {
+    table(stock, other);
+    for o in [stock, other] {
         println!("{}", o.verdict);
     }
+    let ok = stock.expected && other.expected;
     println!(
-        "demo: {} in {:.0} s (stock run {:.0} s, fixed run {:.0} s); results in {}",
-        if stock.expected && fixed.expected { "done" } else { "FAILED" },
+        "demo: {} in {:.0} s (stock run {:.0} s, {} run {:.0} s); results in {}",
+        if ok { "done" } else { "FAILED" },
         start.elapsed().as_secs_f64(),
         stock.seconds,
-        fixed.seconds,
+        other.name,
+        other.seconds,
         root.display()
     );
-    if !(stock.expected && fixed.expected) {
+    if !ok {
         bail!("the tracer did not report what the demo expects: see the verdicts above");
     }
     Ok(())
+}
+
+/// What makes a run's report untrustworthy or wrong whatever the kernel: lost events, or a
+/// class no sequential workload can cause.
+fn trace_problem(report: &Report) -> Option<String> {
+    if let Err(lost) = report.check_nothing_lost() {
+        return Some(format!("events were lost ({lost}): findings may be incomplete"));
+    }
+    ["use-after-free", "rule-mismatch"]
+        .iter()
+        .find(|c| report.check_none(c).is_err())
+        .map(|class| format!("unexpected {class} findings (see the report)"))
 }
 
 fn traced_run(
@@ -134,8 +154,7 @@ fn traced_run(
 
     print_report(name, tracer, out)?;
 
-    let lost = report.check_nothing_lost().err();
-    let wrong = ["use-after-free", "rule-mismatch"].iter().find(|c| report.check_none(c).is_err());
+    let problem = trace_problem(&report);
     // cxl_mem_probe's own findings (docs/kernels.md says why each is expected on this
     // kernel), each once per memdev probe; the fix must remove them all.
     let own: Vec<Expected> = kernel.expected.iter().filter(|e| e.fixed_by_cxl_mem).copied().collect();
@@ -144,21 +163,20 @@ fn traced_run(
     let list = |counts: &[(Expected, u64)]| {
         counts.iter().map(|(e, n)| format!("{} at {} {n}x", e.class, e.site)).collect::<Vec<_>>().join(", ")
     };
-    let (expected, verdict) = match (module, lost, wrong) {
-        (_, Some(lost), _) => (false, format!("{name}: events were lost ({lost}): findings may be incomplete")),
-        (_, _, Some(class)) => (false, format!("{name}: unexpected {class} findings (see the report)")),
-        (None, None, None) if probes > 0 && counts.iter().all(|(_, n)| *n == probes) => (
+    let (expected, verdict) = match (module, problem) {
+        (_, Some(problem)) => (false, format!("{name}: {problem}")),
+        (None, None) if probes > 0 && counts.iter().all(|(_, n)| *n == probes) => (
             true,
             format!(
                 "stock: on each of the {probes} memdev probes, cxl_mem_probe's own read-side findings ({}), as expected",
                 list(&counts)
             ),
         ),
-        (None, None, None) => (
+        (None, None) => (
             false,
             format!("stock: expected each of {} once per memdev probe ({probes}), got {}", own.len(), list(&counts)),
         ),
-        (Some(_), None, None) => {
+        (Some(_), None) => {
             let read_side: u64 = report
                 .findings
                 .iter()
@@ -203,23 +221,7 @@ fn source_demo(options: &Options, built: &'static SourceKernel, start: Instant) 
     let stock = source_run("stock", &root.join("stock"), &tracer, built, &[], options.cycles, false)?;
     let patched = source_run("patched", &root.join("patched"), &tracer, built, &patches, options.cycles, seed)?;
 
-    table(&stock, &patched);
-    for o in [&stock, &patched] {
-        println!("{}", o.verdict);
-    }
-    let ok = stock.expected && patched.expected;
-    println!(
-        "demo: {} in {:.0} s (stock run {:.0} s, patched run {:.0} s, builds included); results in {}",
-        if ok { "done" } else { "FAILED" },
-        start.elapsed().as_secs_f64(),
-        stock.seconds,
-        patched.seconds,
-        root.display()
-    );
-    if !ok {
-        bail!("the tracer did not report what the demo expects: see the verdicts above");
-    }
-    Ok(())
+    finish(&stock, &patched, start, &root)
 }
 
 fn source_run(
@@ -256,12 +258,9 @@ fn source_run(
         }
     } else {
         // The user's own patches: nothing to expect but a clean, complete trace.
-        let lost = report.check_nothing_lost().err();
-        let wrong = ["use-after-free", "rule-mismatch"].iter().find(|c| report.check_none(c).is_err());
-        match (lost, wrong) {
-            (Some(lost), _) => Err(format!("events were lost ({lost}): findings may be incomplete")),
-            (_, Some(class)) => Err(format!("unexpected {class} findings (see the report)")),
-            (None, None) => Ok("your patches: compare the side by side with the stock run".to_owned()),
+        match trace_problem(&report) {
+            Some(problem) => Err(problem),
+            None => Ok("your patches: compare the side by side with the stock run".to_owned()),
         }
     };
     let (expected, verdict) = match verdict {

@@ -155,12 +155,7 @@ pub fn print_summary(console: &[String], out: &Path) {
 
 /// The report's findings by stable title (`class in function`), with their occurrences.
 fn finding_titles(report: &Report) -> BTreeMap<String, u64> {
-    let mut titles = BTreeMap::new();
-    for f in &report.findings {
-        let title = f.stable_title.clone().unwrap_or_else(|| format!("{} in {}", f.class, f.site));
-        *titles.entry(title).or_insert(0) += f.count;
-    }
-    titles
+    report.by_title().into_iter().map(|(title, groups)| (title, groups.iter().map(|f| f.count).sum())).collect()
 }
 
 /// Adds the flows to `results.ktap` in `out` as one more top-level test, `cxl-cli`, with a
@@ -267,10 +262,7 @@ pub fn suite_case(out: &Path, tracer: &Path, kernel: &'static StockKernel, cycle
     let probes = traced::ground(&traced_out)?.probes;
     ensure!(probes >= 3 * u64::from(cycles), "{probes} memdev probes counted, fewer than 3 a cycle");
     let report = Report::read(&traced_out.join("findings.jsonl"))?;
-    report.check_nothing_lost()?;
-    report.check_none("use-after-free")?;
-    report.check_none("rule-mismatch")?;
-    report.check_stacks()?;
+    report.check_clean()?;
     let titles = finding_titles(&report);
     let got: Vec<&str> = titles.keys().map(String::as_str).collect();
     let mut want: Vec<&str> = EXPECTED_7_2.iter().map(|(t, _)| *t).collect();

@@ -4,7 +4,7 @@
 //! what no QEMU topology has: an RCH with its RCD, switches, regions that commit. The stock
 //! build's findings and the seed-patched build's are each checked by title, exactly, with
 //! the counts that have an independent truth (the kretprobe count of `cxl_mem_probe`).
-use std::{collections::BTreeMap, ffi::OsStr, path::Path};
+use std::{ffi::OsStr, path::Path};
 
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
@@ -145,14 +145,11 @@ pub fn suite_case(out: &Path, tracer: &Path, seed: bool, cycles: u32) -> anyhow:
 /// found, one line per check. `probes` is the kretprobe count of `cxl_mem_probe`.
 pub fn judge(tracer: &Path, out: &Path, report: &Report, probes: u64, seed: bool) -> anyhow::Result<Vec<String>> {
     let mut said = Vec::new();
-    report.check_nothing_lost()?;
-    report.check_none("use-after-free")?;
-    report.check_none("rule-mismatch")?;
-    report.check_stacks()?;
+    report.check_clean()?;
 
-    let groups = by_title(report);
+    let groups = report.by_title();
     let want: Vec<&Expected> = STOCK.iter().filter(|e| !(seed && e.fixed_by_seed)).collect();
-    let got: Vec<&str> = groups.keys().copied().collect();
+    let got: Vec<&str> = groups.keys().map(String::as_str).collect();
     let mut wanted: Vec<&str> = want.iter().map(|e| e.title).collect();
     wanted.sort_unstable();
     ensure!(got == wanted, "the tracer reported {got:?}, expected {wanted:?} (cxl_test.rs)");
@@ -192,15 +189,6 @@ pub fn judge(tracer: &Path, out: &Path, report: &Report, probes: u64, seed: bool
     Ok(said)
 }
 
-fn by_title(report: &Report) -> BTreeMap<&str, Vec<&Finding>> {
-    let mut groups: BTreeMap<&str, Vec<&Finding>> = BTreeMap::new();
-    for f in &report.findings {
-        let title = f.stable_title.as_deref().unwrap_or(f.class.as_str());
-        groups.entry(title).or_default().push(f);
-    }
-    groups
-}
-
 /// With the v2 patch the RCD's probe still reads `dport->rch` without its free lock: every
 /// occurrence is of a root dport, expects `&port->uport_dev->mutex`, holds the root port's
 /// own lock instead (the patch's first `scoped_guard(device, &parent_port->dev)`), and they
@@ -229,8 +217,7 @@ fn check_known(tracer: &Path, out: &Path, seed: bool) -> anyhow::Result<String> 
     let list = known_list();
     let args = [OsStr::new("--known"), list.as_os_str()];
     let (report, stderr, exit) = findings::analyze_with(tracer, &out.join("trace.bin"), &args)?;
-    let mut new: Vec<String> =
-        report.findings.iter().filter(|f| f.known.is_none()).filter_map(|f| f.stable_title.clone()).collect();
+    let mut new: Vec<String> = report.findings.iter().filter(|f| f.known.is_none()).map(Finding::title_key).collect();
     new.sort();
     new.dedup();
     let mut want: Vec<&str> = STOCK.iter().filter(|e| e.fixed_by_seed || e.title == RCH_GAP).map(|e| e.title).collect();

@@ -44,6 +44,12 @@ impl Finding {
         matches!(self.class.as_str(), "unlocked-use" | "stale-use" | "use-after-free")
     }
 
+    /// Its stable title (`class in function`, as the tracer writes it), or one made from its
+    /// class and site for a report of a tracer before titles.
+    pub fn title_key(&self) -> String {
+        self.stable_title.clone().unwrap_or_else(|| format!("{} in {}", self.class, self.site))
+    }
+
     /// `class at site (N, comm)`, for messages.
     pub fn title(&self) -> String {
         format!("{} at {} ({} occurrence(s), {})", self.class, self.site, self.count, self.comm)
@@ -108,6 +114,25 @@ impl Report {
             *m.entry((f.class.clone(), f.site.clone())).or_insert(0) += f.count;
         }
         m
+    }
+
+    /// The findings by stable title: one title has a group per process context.
+    pub fn by_title(&self) -> BTreeMap<String, Vec<&Finding>> {
+        let mut groups: BTreeMap<String, Vec<&Finding>> = BTreeMap::new();
+        for f in &self.findings {
+            groups.entry(f.title_key()).or_default().push(f);
+        }
+        groups
+    }
+
+    /// What every judged run must be, whatever it is expected to find: nothing lost, no
+    /// use-after-free or rule-mismatch (no sequential workload can cause one), and the
+    /// stacks each finding's class implies.
+    pub fn check_clean(&self) -> anyhow::Result<()> {
+        self.check_nothing_lost()?;
+        self.check_none("use-after-free")?;
+        self.check_none("rule-mismatch")?;
+        self.check_stacks()
     }
 
     /// Fails unless nothing was lost: no kernel drop, nothing undecodable or cut off, no
