@@ -43,7 +43,7 @@ const PAGE: u64 = 4096;
 
 /// `init_module` and `cleanup_module`: the names module_init() and module_exit() give a
 /// module's init and exit functions besides their own, at the same address.
-pub fn is_loader_alias(name: &str) -> bool {
+fn is_loader_alias(name: &str) -> bool {
     matches!(name, "init_module" | "cleanup_module")
 }
 
@@ -59,10 +59,19 @@ struct Table {
 
 impl Table {
     fn new(mut symbols: Vec<Symbol>) -> Table {
+        symbols.sort_by_key(|s| s.addr);
         // A module's `init_module` and `cleanup_module` are aliases of its init and exit
-        // functions (module_init()/module_exit()): sorted before them, so that an address
-        // reads as `cxl_test_exit+0x2e`, never one or the other by kallsyms' order.
-        symbols.sort_by_key(|s| (s.addr, !is_loader_alias(&s.name)));
+        // functions (module_init()/module_exit()): kept out wherever the real name is at the
+        // same address, so that an address reads as `cxl_test_exit+0x2e`, and every list of
+        // a module's functions (at start, after a reload) names it alike, whatever kallsyms'
+        // order.
+        let symbols: Vec<Symbol> = symbols
+            .chunk_by(|a, b| a.addr == b.addr)
+            .flat_map(|at_one_address| {
+                let named = at_one_address.iter().any(|s| !is_loader_alias(&s.name));
+                at_one_address.iter().filter(move |s| !(named && is_loader_alias(&s.name))).cloned()
+            })
+            .collect();
         let mut by_name: FxHashMap<Arc<str>, Vec<usize>> = FxHashMap::default();
         for (i, s) in symbols.iter().enumerate() {
             by_name.entry(s.name.clone()).or_default().push(i);
@@ -214,7 +223,7 @@ impl Symbols {
         let kept: Vec<Symbol> = gone
             .into_iter()
             .chain(self.unloaded.symbols.iter())
-            .filter(|s| !in_a_live_module(s.addr) && !is_loader_alias(&s.name) && seen.insert(s.addr))
+            .filter(|s| !in_a_live_module(s.addr) && seen.insert(s.addr))
             .take(MAX_UNLOADED)
             .cloned()
             .collect();

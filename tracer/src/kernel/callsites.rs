@@ -122,15 +122,8 @@ pub struct CodeOf {
     pub name: fn(&str) -> bool,
 }
 
-/// A function's own symbol: not the padding or CFI stubs before it, nor the loader's
-/// `init_module`/`cleanup_module` alias of it. Every list of a module's functions names
-/// them the same way, so that its code read at start and read again after a reload
-/// compare function by function.
 fn is_function(s: &Symbol) -> bool {
-    s.text
-        && !s.name.starts_with("__pfx_")
-        && !s.name.starts_with("__cfi_")
-        && !crate::symbolize::is_loader_alias(&s.name)
+    s.text && !s.name.starts_with("__pfx_") && !s.name.starts_with("__cfi_")
 }
 
 /// The functions of a subsystem's code: every function of its modules, and the stretches
