@@ -14,20 +14,22 @@ use tracer_common::{
 
 use crate::{
     ALLOC_HOST, BLOCKS, CONTAINERS, DPORTS, LOCKS, NOT_CONTAINERS,
+    diag::{self, Map, Read},
     emit::{Stack, count, emit},
     mutex, offsets,
 };
 
-fn read_u64(addr: u64) -> Option<u64> {
+fn read_u64(addr: u64) -> Result<u64, i64> {
     // SAFETY: bpf_probe_read_kernel checks the address.
-    unsafe { bpf_probe_read_kernel(addr as *const u64) }.ok()
+    unsafe { bpf_probe_read_kernel(addr as *const u64) }.map_err(i64::from)
 }
 
 /// Everything the rules need about a dport of `port`.
 fn describe(off: &Offsets, dport: u64, port: u64) -> Option<DportInfo> {
     let dev = port + off.get(Member::PortDev);
-    let uport_dev = read_u64(port + off.get(Member::PortUportDev))?;
-    let parent = read_u64(dev + off.get(Member::DeviceParent))?;
+    let read = |addr| read_u64(addr).inspect_err(|&err| diag::read_failed(Read::PortDevices, port, err)).ok();
+    let uport_dev = read(port + off.get(Member::PortUportDev))?;
+    let parent = read(dev + off.get(Member::DeviceParent))?;
     // is_cxl_root(): the root port's uport_dev is its parent (drivers/cxl/core/port.c).
     let root = uport_dev != 0 && uport_dev == parent;
     let host = if root { uport_dev } else { dev };
@@ -43,9 +45,9 @@ fn describe(off: &Offsets, dport: u64, port: u64) -> Option<DportInfo> {
     })
 }
 
-fn insert<K, V>(map: &aya_ebpf::maps::LruHashMap<K, V>, key: &K, value: &V) {
-    if map.insert(key, value, 0).is_err() {
-        count(Counter::DropMapFull);
+fn insert<V>(map: &aya_ebpf::maps::LruHashMap<u64, V>, which: Map, key: u64, value: &V) {
+    if map.insert(&key, value, 0).is_err() {
+        diag::map_full(which, key);
     }
 }
 
@@ -53,12 +55,12 @@ fn insert<K, V>(map: &aya_ebpf::maps::LruHashMap<K, V>, key: &K, value: &V) {
 /// call chain (lookup, discovery, track, emit) pass the verifier's 512 bytes on 6.1.
 #[inline(always)]
 fn track<C: EbpfContext>(ctx: &C, dport: u64, info: &DportInfo, origin: DportOrigin) {
-    insert(&DPORTS, &dport, info);
-    insert(&CONTAINERS, &info.xa, &info.port_lock);
-    insert(&LOCKS, &info.port_lock, &1);
-    insert(&LOCKS, &info.free_lock, &1);
-    insert(&BLOCKS, &info.block, &dport);
-    insert(&BLOCKS, &dport, &dport);
+    insert(&DPORTS, Map::Dports, dport, info);
+    insert(&CONTAINERS, Map::Containers, info.xa, &info.port_lock);
+    insert(&LOCKS, Map::Locks, info.port_lock, &1);
+    insert(&LOCKS, Map::Locks, info.free_lock, &1);
+    insert(&BLOCKS, Map::Blocks, info.block, &dport);
+    insert(&BLOCKS, Map::Blocks, dport, &dport);
     let payload = Payload {
         dport_add: DportAdd {
             dport,
@@ -88,11 +90,12 @@ pub fn lookup_or_discover<C: EbpfContext>(ctx: &C, xa: u64, index: u64, entry: u
         return None;
     }
     let off = offsets();
-    let port = read_u64(entry + off.get(Member::DportPort))?;
-    let dport_dev = read_u64(entry + off.get(Member::DportDev))?;
+    // Not a dport, when these fail: nothing to tell.
+    let port = read_u64(entry + off.get(Member::DportPort)).ok()?;
+    let dport_dev = read_u64(entry + off.get(Member::DportDev)).ok()?;
     if port == 0 || port + off.get(Member::PortDports) != xa || dport_dev != index {
         if unsafe { CONTAINERS.get(&xa) }.is_none() {
-            insert(&NOT_CONTAINERS, &xa, &1);
+            insert(&NOT_CONTAINERS, Map::NotContainers, xa, &1);
         }
         // A freed dport still in the xarray is reported as it was tracked.
         return unsafe { DPORTS.get(&entry) }.filter(|info| info.xa == xa).copied();
@@ -114,7 +117,9 @@ pub fn on_dport_added(ctx: &FExitContext) {
     let port: u64 = ctx.arg(0);
     let mut dport: u64 = 0;
     // SAFETY: the context of an fexit program; the helper writes one u64.
-    if unsafe { bpf_get_func_ret(ctx.as_ptr(), &mut dport) } != 0 {
+    let err = unsafe { bpf_get_func_ret(ctx.as_ptr(), &mut dport) };
+    if err != 0 {
+        diag::read_failed(Read::FuncRet, 0, err);
         return;
     }
     registered(ctx, port, dport);
@@ -123,10 +128,12 @@ pub fn on_dport_added(ctx: &FExitContext) {
 /// The kretprobe of the registration function in a module: only the dport is at hand, and
 /// its `port` member says whose it is (set before it is returned).
 pub fn on_dport_returned<C: EbpfContext>(ctx: &C, dport: u64) {
-    if is_dport(dport)
-        && let Some(port) = read_u64(dport + offsets().get(Member::DportPort))
-    {
-        registered(ctx, port, dport);
+    if !is_dport(dport) {
+        return;
+    }
+    match read_u64(dport + offsets().get(Member::DportPort)) {
+        Ok(port) => registered(ctx, port, dport),
+        Err(err) => diag::read_failed(Read::DportPort, dport, err),
     }
 }
 
@@ -170,6 +177,6 @@ pub fn on_free<C: EbpfContext>(ctx: &C, ptr: u64) {
     let _ = BLOCKS.remove(&dport);
     let flags = free_lock_stamp(&info);
     let freed = DportInfo { flags: info.flags | DPORT_FREED, ..info };
-    insert(&DPORTS, &dport, &freed);
+    insert(&DPORTS, Map::Dports, dport, &freed);
     emit(ctx, EventKind::Free, flags, Stack::With, Payload { free: DportFree { dport, block: ptr } });
 }

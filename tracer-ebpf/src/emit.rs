@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use tracer_common::{Counter, EventHeader, EventKind, FLAG_STACK_LOST, MAX_STACK_FRAMES, Payload, Record, ShortRecord};
 
-use crate::{COUNTS, EVENTS, SITE_HITS, SITE_REPORTS};
+use crate::{COUNTS, EVENTS, SITE_HITS, SITE_REPORTS, diag};
 
 pub fn count(counter: Counter) {
     if let Some(slot) = COUNTS.get_ptr_mut(counter as u32) {
@@ -42,8 +42,8 @@ pub fn site_report(index: u64) {
 /// once although the ring has room. Trying again rides that out.
 const RESERVE_TRIES: u32 = 64;
 
-/// A ring-buffer entry for a `T`, or the loss counted by its reason.
-fn reserve<T: 'static>() -> Option<RingBufEntry<T>> {
+/// A ring-buffer entry for a `T`, or the loss of an event of `kind` counted by its reason.
+fn reserve<T: 'static>(kind: EventKind) -> Option<RingBufEntry<T>> {
     for _ in 0..RESERVE_TRIES {
         if let Some(entry) = EVENTS.reserve::<T>(0) {
             return Some(entry);
@@ -52,8 +52,7 @@ fn reserve<T: 'static>() -> Option<RingBufEntry<T>> {
     // Full when the record (and its 8-byte header) no longer fits behind the unread data.
     let unread = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
     let size = EVENTS.query(BPF_RB_RING_SIZE as u64);
-    let full = unread + size_of::<T>() as u64 + 8 > size;
-    count(if full { Counter::DropRingFull } else { Counter::DropRingBusy });
+    diag::event_lost(kind, unread + size_of::<T>() as u64 + 8 > size);
     None
 }
 
@@ -92,22 +91,37 @@ unsafe fn fill_header(header: *mut EventHeader, kind: EventKind, flags: u32, sta
 
 /// Sends one event. `payload` is the kind's payload, written through the matching member.
 /// Events without a stack take a `ShortRecord` of the ring buffer, the others a `Record`.
+/// Two functions behind it, not one branching on `stack`: which of the two paths the
+/// compiler laid out first varied as unrelated code changed (the diagnostics), and a hit
+/// then ran a jump more (`cargo xtask bench --hit-path-only`).
+#[inline(always)]
 pub fn emit<C: EbpfContext>(ctx: &C, kind: EventKind, flags: u32, stack: Stack, payload: Payload) {
-    if stack == Stack::Without {
-        let Some(mut entry) = reserve::<ShortRecord>() else {
-            return;
-        };
-        let record = entry.as_mut_ptr();
-        // SAFETY: `record` points to reserved ring-buffer memory of a ShortRecord.
-        unsafe {
-            fill_header(&raw mut (*record).header, kind, flags, 0);
-            (&raw mut (*record).payload).write(payload);
-        }
-        entry.submit(0);
-        count(Counter::Emitted);
-        return;
+    match stack {
+        Stack::With => emit_with_stack(ctx, kind, flags, payload),
+        Stack::Without => emit_short(kind, flags, payload),
     }
-    let Some(mut entry) = reserve::<Record>() else {
+}
+
+/// An event without a stack.
+#[inline(never)]
+fn emit_short(kind: EventKind, flags: u32, payload: Payload) {
+    let Some(mut entry) = reserve::<ShortRecord>(kind) else {
+        return;
+    };
+    let record = entry.as_mut_ptr();
+    // SAFETY: `record` points to reserved ring-buffer memory of a ShortRecord.
+    unsafe {
+        fill_header(&raw mut (*record).header, kind, flags, 0);
+        (&raw mut (*record).payload).write(payload);
+    }
+    entry.submit(0);
+    count(Counter::Emitted);
+}
+
+/// An event with the kernel stack of `ctx`.
+#[inline(never)]
+fn emit_with_stack<C: EbpfContext>(ctx: &C, kind: EventKind, flags: u32, payload: Payload) {
+    let Some(mut entry) = reserve::<Record>(kind) else {
         return;
     };
     let record = entry.as_mut_ptr();
@@ -117,7 +131,7 @@ pub fn emit<C: EbpfContext>(ctx: &C, kind: EventKind, flags: u32, stack: Stack, 
     let (stack_bytes, flags) = match written {
         0.. => (written as u32 & !7, flags),
         _ => {
-            count(Counter::StackLost);
+            diag::stack_lost(kind, written);
             (0, flags | FLAG_STACK_LOST)
         }
     };

@@ -5,6 +5,7 @@
 #![no_main]
 
 mod cxl;
+mod diag;
 mod emit;
 mod mutex;
 mod sites;

@@ -9,6 +9,7 @@ use tracer_common::{EventKind, LockMode, LockOp, MUTEX_OWNER_FLAGS, Member, NO_S
 
 use crate::{
     LOCKS,
+    diag::{self, Read},
     emit::{Stack, emit},
 };
 
@@ -16,8 +17,15 @@ pub fn owned_by_current(off: &Offsets, lock: u64) -> Option<bool> {
     if lock == 0 {
         return None;
     }
+    let at = lock + off.get(Member::MutexOwner);
     // SAFETY: bpf_probe_read_kernel checks the address.
-    let owner = unsafe { bpf_probe_read_kernel((lock + off.get(Member::MutexOwner)) as *const u64) }.ok()?;
+    let owner = match unsafe { bpf_probe_read_kernel(at as *const u64) } {
+        Ok(owner) => owner,
+        Err(err) => {
+            diag::read_failed(Read::MutexOwner, lock, err.into());
+            return None;
+        }
+    };
     // SAFETY: no preconditions.
     let current = unsafe { bpf_get_current_task() };
     Some(owner & !MUTEX_OWNER_FLAGS == current)
@@ -36,8 +44,16 @@ pub fn stamp(off: &Offsets, lock: u64, known: u32, held: u32) -> u32 {
 /// mutex, says where a finding's lock was taken; other locks are only listed as held, where
 /// their site says enough.
 pub fn emit_lock<C: EbpfContext>(ctx: &C, lock: u64, site: u32, mode: u32) {
-    let stack = if unsafe { LOCKS.get(&lock) }.is_some() { Stack::With } else { Stack::Without };
-    emit(ctx, EventKind::Lock, 0, stack, Payload { lock: LockOp { lock, site, mode } });
+    let payload = Payload { lock: LockOp { lock, site, mode } };
+    if unsafe { LOCKS.get(&lock) }.is_some() {
+        emit(ctx, EventKind::Lock, 0, Stack::With, payload);
+    } else {
+        // The colder path (no stack to take), told to the compiler: without a hint it laid
+        // the two out one way or the other as unrelated code changed, and a hit on one of
+        // them ran a jump more (`cargo xtask bench --hit-path-only`).
+        core::hint::cold_path();
+        emit(ctx, EventKind::Lock, 0, Stack::Without, payload);
+    }
 }
 
 /// A lock was released at `site`.

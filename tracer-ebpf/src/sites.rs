@@ -11,6 +11,7 @@ use tracer_common::{Counter, DportUse, EventKind, LoadedKey, Payload, SITE_UNPAI
 use crate::{
     ALLOC_HOST, DPORTS, LOADED, PENDING_HOST, PENDING_LOCK, SITES,
     cxl::{self, free_lock_stamp},
+    diag::{self, Map},
     emit::{Stack, count, emit, site_hit, site_report},
     free_action, mutex, xarray,
 };
@@ -181,8 +182,9 @@ fn on_lock_call(ctx: &ProbeContext, site: &SiteInfo) {
         return;
     }
     let pending = lock | u64::from(site.arg & LOCK_MODE_BITS as u32);
-    if PENDING_LOCK.insert(&tid(), &pending, 0).is_err() {
-        count(Counter::DropMapFull);
+    let tid = tid();
+    if PENDING_LOCK.insert(&tid, &pending, 0).is_err() {
+        diag::map_full(Map::PendingLock, u64::from(tid));
     }
 }
 
@@ -208,8 +210,9 @@ fn on_lock_return(ctx: &ProbeContext, role: SiteRole, site: u64) {
 
 /// `devm_kmalloc(dev, ...)` called by dport registration: remember the host device.
 fn on_host_alloc_call(ctx: &ProbeContext) {
-    if PENDING_HOST.insert(&tid(), &regs(ctx).rdi, 0).is_err() {
-        count(Counter::DropMapFull);
+    let tid = tid();
+    if PENDING_HOST.insert(&tid, &regs(ctx).rdi, 0).is_err() {
+        diag::map_full(Map::PendingHost, u64::from(tid));
     }
 }
 
@@ -223,7 +226,7 @@ fn on_host_action_call(ctx: &ProbeContext) {
         return;
     }
     if ALLOC_HOST.insert(&r.rdx, &r.rdi, 0).is_err() {
-        count(Counter::DropMapFull);
+        diag::map_full(Map::AllocHost, r.rdx);
     }
 }
 
@@ -239,6 +242,6 @@ fn on_host_alloc_return(ctx: &ProbeContext, tail: bool) {
     let _ = PENDING_HOST.remove(&tid);
     let allocation = regs(ctx).rax;
     if allocation != 0 && ALLOC_HOST.insert(&allocation, &host, 0).is_err() {
-        count(Counter::DropMapFull);
+        diag::map_full(Map::AllocHost, allocation);
     }
 }

@@ -12,6 +12,7 @@ use tracer_common::{
 use crate::{
     CONTAINERS, LOADED, NOT_CONTAINERS, PENDING_XA,
     cxl::{free_lock_stamp, lookup_or_discover},
+    diag::{self, Map, Read},
     emit::{Stack, count, emit, site_report},
     mutex, offsets,
     sites::regs,
@@ -31,8 +32,9 @@ pub fn on_call(ctx: &ProbeContext, flags: u32) {
     }
     let by_ref = u64::from(flags & SITE_INDEX_BY_REF != 0);
     let pending = PendingXa { xa: r.rdi, index: r.rsi, by_ref };
-    if PENDING_XA.insert(&tid(), &pending, 0).is_err() {
-        count(Counter::DropMapFull);
+    let tid = tid();
+    if PENDING_XA.insert(&tid, &pending, 0).is_err() {
+        diag::map_full(Map::PendingXa, u64::from(tid));
     }
 }
 
@@ -60,12 +62,17 @@ pub fn on_load_return(ctx: &ProbeContext, tail: bool, index: u64) {
     if call.by_ref != 0 {
         // xa_find() wrote the found entry's index where rsi pointed.
         // SAFETY: bpf_probe_read_kernel checks the address.
-        let Ok(index) = (unsafe { bpf_probe_read_kernel(call.index as *const u64) }) else { return };
-        call.index = index;
+        match unsafe { bpf_probe_read_kernel(call.index as *const u64) } {
+            Ok(index) => call.index = index,
+            Err(err) => {
+                diag::read_failed(Read::XaFindIndex, call.index, err.into());
+                return;
+            }
+        }
     }
     let Some(info) = lookup_or_discover(ctx, call.xa, call.index, entry) else { return };
     if LOADED.insert(&LoadedKey { tid: tid(), pad: 0, dport: entry }, &1, 0).is_err() {
-        count(Counter::DropMapFull);
+        diag::map_full(Map::Loaded, entry);
     }
     let flags = free_lock_stamp(&info);
     site_report(index);

@@ -219,4 +219,10 @@ pub struct ProbeArgs {
     /// are uses then. Fewer kprobes, a faster attach, and a blind spot.
     #[arg(long)]
     pub no_derefs: bool,
+    /// Show the kernel side's diagnostics as they happen: which tracking map was full,
+    /// which kernel read failed, which event the ring buffer could not take (each is also
+    /// counted in the summary either way). For `doctor`: load the programs with their
+    /// logging on, as `run -v` does.
+    #[arg(short, long)]
+    pub verbose: bool,
 }

@@ -93,6 +93,7 @@ impl TryFrom<ProbeArgs> for ProbeConfig {
             direct_xa_load: args.xa_load == XaLoadProbe::Direct,
             wait_for_cxl: args.wait_for_cxl.map(std::time::Duration::from_secs),
             derefs: !args.no_derefs,
+            diagnostics: args.verbose,
         })
     }
 }

@@ -42,6 +42,8 @@ pub struct ProbeConfig {
     pub wait_for_cxl: Option<Duration>,
     /// Probe inline dereferences of dports (deref sites).
     pub derefs: bool,
+    /// Turn on the kernel side's diagnostics (`-v`), shown through aya-log.
+    pub diagnostics: bool,
 }
 
 /// Everything learnt about this kernel before attaching.

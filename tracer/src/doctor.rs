@@ -204,7 +204,7 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
     println!("plan: {} sites (discovery took {:.1?})", d.plan.sites.len(), d.took);
 
     if !options.no_attach {
-        match programs::load(&d, options.probe.ring_bytes) {
+        match programs::load(&d, options.probe.ring_bytes, options.probe.diagnostics) {
             Ok(attached) => {
                 println!(
                     "attach check: {} kprobes ({} sites), fexit and tracepoint attached in {:.1?}",
@@ -214,6 +214,19 @@ pub fn run(options: DoctorOptions) -> anyhow::Result<Outcome> {
                 );
                 if d.derefs.sites > 0 {
                     println!("  of which the {} deref sites took {:.1?}", d.derefs.sites, attached.deref_took);
+                }
+                // What each program cost the verifier, against its limit (a million on 6.1).
+                let mut verified: Vec<String> = attached
+                    .ebpf
+                    .programs()
+                    .filter_map(|(name, program)| {
+                        Some(format!("{name} {}", program.info().ok()?.verified_instruction_count()?))
+                    })
+                    .collect();
+                verified.sort();
+                if !verified.is_empty() {
+                    let logging = if options.probe.diagnostics { "with" } else { "without" };
+                    println!("  verifier, instructions processed ({logging} -v's logging): {}", verified.join(", "));
                 }
                 for warning in &attached.warnings {
                     println!("  problem: {warning}");

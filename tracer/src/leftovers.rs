@@ -39,6 +39,8 @@ const MAPS: &[&str] = &[
     "ALLOC_HOST",
     "FREE_ACTION",
 ];
+/// The map aya-log-ebpf adds for the kernel side's diagnostics.
+const LOG_MAP: &str = "AYA_LOGS";
 
 /// How long programs and maps of an instance that just exited may take to go: the kernel
 /// frees a program's maps a grace period after the program (measured under TCG on 7.2:
@@ -63,7 +65,7 @@ fn bpf_objects() -> anyhow::Result<Vec<String>> {
     for map in aya::maps::loaded_maps() {
         let map = map?;
         if let Some(name) = map.name_as_str()
-            && MAPS.iter().any(|m| truncated(m) == name)
+            && MAPS.iter().chain([&LOG_MAP]).any(|m| truncated(m) == name)
         {
             left.push(format!("bpf map {name} (id {})", map.id()));
         }

@@ -36,6 +36,7 @@ use tracer_common::{COUNTERS, Counter};
 use crate::{
     Outcome,
     discover::{self, Discovery, ProbeConfig, discover},
+    kernel_log::KernelLog,
     preflight,
     probe::{
         programs::{self, Attached, site_names},
@@ -166,6 +167,8 @@ impl Pipeline {
 struct Session {
     attached: Attached,
     ring: AsyncFd<RingBuf<MapData>>,
+    /// The kernel side's diagnostics, with `-v`.
+    kernel_log: Option<KernelLog>,
     pipeline: Pipeline,
     plan: Plan,
     rescan: ModuleRescan,
@@ -201,7 +204,7 @@ fn start(options: &LiveOptions) -> anyhow::Result<Session> {
         }
         None => None,
     };
-    let mut attached = programs::load(&discovery, options.probe.ring_bytes)?;
+    let mut attached = programs::load(&discovery, options.probe.ring_bytes, options.probe.diagnostics)?;
     for warning in &attached.warnings {
         eprintln!("tracer: warning: {warning}");
     }
@@ -219,6 +222,7 @@ fn start(options: &LiveOptions) -> anyhow::Result<Session> {
     // AsyncFd (and the RingBuf inside it) is dropped.
     let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .context("polling the ring buffer")?;
+    let kernel_log = if options.probe.diagnostics { Some(KernelLog::open(&mut attached.ebpf)?) } else { None };
     let Discovery { symbols, plan, rescan, .. } = discovery;
     let pipeline = Pipeline {
         resolver: Resolver::new(symbols, site_names(&plan)).with_reload(Box::new(ProcSymbols)),
@@ -240,6 +244,7 @@ fn start(options: &LiveOptions) -> anyhow::Result<Session> {
     Ok(Session {
         attached,
         ring,
+        kernel_log,
         pipeline,
         plan,
         rescan,
@@ -292,6 +297,9 @@ impl Session {
                         return Ok(());
                     }
                 }
+                printed = async { self.kernel_log.as_mut().expect("guarded").print_next().await }, if self.kernel_log.is_some() => {
+                    printed?;
+                }
                 status = async { self.child.as_mut().expect("guarded").wait().await }, if self.child.is_some() => {
                     self.child_status = Some(status?);
                     return Ok(());
@@ -338,6 +346,9 @@ impl Session {
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
             self.pipeline.handle(&item);
+        }
+        if let Some(log) = &mut self.kernel_log {
+            log.drain();
         }
         if let Some(child) = &mut self.child
             && self.child_status.is_none()

@@ -2,6 +2,7 @@ mod cli;
 mod commands;
 mod discover;
 mod doctor;
+mod kernel_log;
 mod leftovers;
 mod live;
 mod preflight;

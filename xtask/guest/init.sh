@@ -91,7 +91,9 @@ if [ "$TRACER" = manual ]; then
 	say "running the workload without the tracer; /bin/tracer is there for the script (--manual-tracer)"
 	/vm/workload
 elif [ "$TRACER" = 1 ]; then
-	set -- --format json --record /share/out/trace.bin
+	# -v: the kernel side's diagnostics, if any, in tracer.log (and the programs with their
+	# logging are what every kernel's verifier checks).
+	set -- --format json --record /share/out/trace.bin -v
 	[ -z "$TRACER_KNOWN" ] || set -- "$@" --known "$TRACER_KNOWN"
 	say "running the workload under: tracer run $*"
 	/bin/tracer run "$@" -- /vm/workload > /share/out/findings.jsonl 2> /share/out/tracer.log

@@ -157,8 +157,12 @@ impl SitePrograms {
     }
 }
 
-/// Loads the eBPF object with this kernel's offsets and attaches every planned probe.
-pub fn load(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached> {
+/// aya-log's level global in the eBPF object: the kernel side logs nothing at 0.
+const LOG_LEVEL: &str = "AYA_LOG_LEVEL";
+
+/// Loads the eBPF object with this kernel's offsets and attaches every planned probe. With
+/// `diagnostics`, the kernel side logs its failures (`KernelLog` shows them).
+pub fn load(discovery: &Discovery, ring_bytes: u32, diagnostics: bool) -> anyhow::Result<Attached> {
     let start = Instant::now();
     preflight::raise_memlock();
     preflight::raise_open_files();
@@ -167,8 +171,10 @@ pub fn load(discovery: &Discovery, ring_bytes: u32) -> anyhow::Result<Attached> 
     if plan.sites.len() >= FREE_FALLBACK_SITE as usize {
         bail!("{} probe sites planned, the kernel side holds at most {FREE_FALLBACK_SITE}", plan.sites.len());
     }
+    let log_level = if diagnostics { aya_log::Level::Warn as u8 } else { 0 };
     let mut ebpf = EbpfLoader::new()
         .override_global("OFFSETS", &discovery.profile.offsets, true)
+        .override_global(LOG_LEVEL, &log_level, true)
         .map_max_entries("EVENTS", ring_bytes)
         .load(EBPF_OBJECT)
         .context("loading the eBPF programs (run `tracer doctor` for what this kernel supports)")?;

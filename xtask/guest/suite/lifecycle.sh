@@ -12,6 +12,8 @@
 . /vm/config
 # shellcheck source=../lib.sh
 . /vm/lib.sh
+# shellcheck source=../workloads.sh
+. /vm/workloads.sh
 T=/bin/tracer
 out=/share/out
 res=$out/lifecycle.txt
@@ -57,4 +59,15 @@ $T run --format json -- sh -c 'kill -SEGV $$' > $out/run-crash.jsonl 2> $out/run
 note "run-crash exit=$?"
 $T leftovers > $out/leftovers-after-crash.txt 2>&1
 note "leftovers-after-crash exit=$?"
+
+# The kernel side's diagnostics (-v): the traced command stops the tracer (its parent) and
+# unbinds and binds every memdev while a 4 KiB ring buffer fills up; the events it cannot
+# take are counted and told, as kernel diagnostics, once the tracer runs again.
+# shellcheck disable=SC2016 # $PPID is the inner shell's: the tracer
+$T run -v --ring-kib 4 --format json -- sh -c '
+	kill -STOP $PPID
+	. /vm/config; . /vm/lib.sh; . /vm/workloads.sh
+	cycle_memdev_bind
+	kill -CONT $PPID' > $out/run-diag.jsonl 2> $out/run-diag.log
+note "run-diag exit=$?"
 exit 0

@@ -127,6 +127,31 @@ pub fn lifecycle(out: &Path, tracer: &Path, kernel: &'static StockKernel) -> any
     println!(
         "test: guest:   crashing command: exit 0, SIGSEGV reported; the dead instance's kprobe events removed; nothing left"
     );
+    diagnostics(out, &r)
+}
+
+/// The ring buffer filled while the tracer was stopped: `-v` tells each lost event as a
+/// kernel diagnostic, and the summary counts as many.
+fn diagnostics(out: &Path, r: &HashMap<String, String>) -> anyhow::Result<()> {
+    let exit = r.get("run-diag exit").map(String::as_str);
+    ensure!(matches!(exit, Some("0" | "1")), "run-diag exit: got {exit:?}, expected 0 or 1 (see run-diag.log)");
+    let log = read(out, "run-diag.log")?;
+    let told = log.lines().filter(|l| l.starts_with("tracer: kernel: warn: ring buffer full")).count();
+    let report = read(out, "run-diag.jsonl")?;
+    let summary: serde_json::Value = report
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("summary").is_some())
+        .with_context(|| format!("run-diag.jsonl has no summary:\n{report}"))?;
+    let counted = summary.pointer("/summary/kernel_counters/ring_buffer_full").and_then(|v| v.as_u64()).unwrap_or(0);
+    ensure!(
+        counted > 0 && told > 0,
+        "a 4 KiB ring buffer filled while the tracer was stopped should lose events, counted and told: \
+         {counted} counted (ring_buffer_full), {told} told by -v:\n{log}"
+    );
+    // The log's own ring buffer (128 KiB) can lose lines too, never more than were counted.
+    ensure!(told as u64 <= counted, "{told} ring-full diagnostics told for {counted} events counted:\n{log}");
+    println!("test: guest:   -v: {counted} events lost to a full 4 KiB ring buffer, {told} told as kernel diagnostics");
     Ok(())
 }
 
