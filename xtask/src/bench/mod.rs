@@ -16,8 +16,11 @@
 //!
 //! Benchmarks print figures; nothing here asserts on time. The targets of issues 5 and 11
 //! are reported as met, not met or not resolved at this noise, with the figures.
+mod bpfvm;
 mod churn;
 mod frees;
+mod hitpath;
+mod hits;
 mod hostbpf;
 mod report;
 mod stats;
@@ -116,6 +119,10 @@ pub struct Options {
     /// Where the results go (default: target/bench/<UTC time>).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Only compare the eBPF programs built with and without the kernel side's diagnostics
+    /// (host only, a minute or two), then print the table.
+    #[arg(long)]
+    pub hit_path_only: bool,
     /// Measure nothing: print the table of an earlier bench's results directory again.
     #[arg(long, value_name = "DIR")]
     pub report: Option<PathBuf>,
@@ -137,6 +144,11 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     };
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let started = Instant::now();
+    println!("bench: the eBPF programs built with and without the kernel side's diagnostics (aya-log)");
+    hitpath::measure(&out)?;
+    if options.hit_path_only {
+        return report(&out);
+    }
     let machine = report::Machine::describe();
     let load_start = report::Load::sample();
     println!("bench: {}", machine.line());
@@ -260,7 +272,13 @@ const TABLE: &str = "bench.md";
 
 /// Renders the table of a results directory, prints it and writes it to `bench.md` there.
 pub fn report(out: &Path) -> anyhow::Result<()> {
-    let text = report::Report::load(out)?.render()?;
+    let mut text = match fs::read_to_string(out.join(hitpath::RESULTS)) {
+        Ok(results) => hitpath::render(&results),
+        Err(_) => String::new(),
+    };
+    if out.join(META).exists() {
+        text.push_str(&report::Report::load(out)?.render()?);
+    }
     print!("{text}");
     fs::write(out.join(TABLE), &text).with_context(|| format!("writing {}", out.join(TABLE).display()))?;
     println!("bench: results in {}", out.display());
