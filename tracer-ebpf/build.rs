@@ -7,7 +7,9 @@ fn main() {
     }
     // The diagnostics are global functions (src/diag.rs): bpf-linker keeps exported symbols
     // global, and the verifier then checks each once.
-    println!(
-        "cargo:rustc-link-arg-bins=--export=tracer_diag_map_full,tracer_diag_read_failed,tracer_diag_event_lost,tracer_diag_stack_lost"
-    );
+    if std::env::var_os("CARGO_FEATURE_DIAGNOSTICS").is_some() {
+        println!(
+            "cargo:rustc-link-arg-bins=--export=tracer_diag_map_full,tracer_diag_read_failed,tracer_diag_event_lost,tracer_diag_stack_lost"
+        );
+    }
 }

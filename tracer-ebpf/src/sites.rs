@@ -182,9 +182,9 @@ fn on_lock_call(ctx: &ProbeContext, site: &SiteInfo) {
         return;
     }
     let pending = lock | u64::from(site.arg & LOCK_MODE_BITS as u32);
-    let tid = tid();
-    if PENDING_LOCK.insert(&tid, &pending, 0).is_err() {
-        diag::map_full(Map::PendingLock, u64::from(tid));
+    if PENDING_LOCK.insert(&tid(), &pending, 0).is_err() {
+        // The thread id again, not kept: keeping it cost the hit path an instruction.
+        diag::map_full(Map::PendingLock, u64::from(tid()));
     }
 }
 
@@ -210,9 +210,8 @@ fn on_lock_return(ctx: &ProbeContext, role: SiteRole, site: u64) {
 
 /// `devm_kmalloc(dev, ...)` called by dport registration: remember the host device.
 fn on_host_alloc_call(ctx: &ProbeContext) {
-    let tid = tid();
-    if PENDING_HOST.insert(&tid, &regs(ctx).rdi, 0).is_err() {
-        diag::map_full(Map::PendingHost, u64::from(tid));
+    if PENDING_HOST.insert(&tid(), &regs(ctx).rdi, 0).is_err() {
+        diag::map_full(Map::PendingHost, u64::from(tid()));
     }
 }
 

@@ -32,9 +32,9 @@ pub fn on_call(ctx: &ProbeContext, flags: u32) {
     }
     let by_ref = u64::from(flags & SITE_INDEX_BY_REF != 0);
     let pending = PendingXa { xa: r.rdi, index: r.rsi, by_ref };
-    let tid = tid();
-    if PENDING_XA.insert(&tid, &pending, 0).is_err() {
-        diag::map_full(Map::PendingXa, u64::from(tid));
+    if PENDING_XA.insert(&tid(), &pending, 0).is_err() {
+        // The thread id again, not kept: keeping it cost the hit path an instruction.
+        diag::map_full(Map::PendingXa, u64::from(tid()));
     }
 }
 
