@@ -137,13 +137,7 @@ fn diagnostics(out: &Path, r: &HashMap<String, String>) -> anyhow::Result<()> {
     ensure!(matches!(exit, Some("0" | "1")), "run-diag exit: got {exit:?}, expected 0 or 1 (see run-diag.log)");
     let log = read(out, "run-diag.log")?;
     let told = log.lines().filter(|l| l.starts_with("tracer: kernel: warn: ring buffer full")).count();
-    let report = read(out, "run-diag.jsonl")?;
-    let summary: serde_json::Value = report
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v.get("summary").is_some())
-        .with_context(|| format!("run-diag.jsonl has no summary:\n{report}"))?;
-    let counted = summary.pointer("/summary/kernel_counters/ring_buffer_full").and_then(|v| v.as_u64()).unwrap_or(0);
+    let counted = Report::read(&out.join("run-diag.jsonl"))?.summary_u64(&["kernel_counters", "ring_buffer_full"])?;
     ensure!(
         counted > 0 && told > 0,
         "a 4 KiB ring buffer filled while the tracer was stopped should lose events, counted and told: \
